@@ -1,0 +1,50 @@
+# lamc: the first two commands on a fresh machine are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.lamc-installed
+# The CPU build of torch, installed before the project so nothing pulls a CUDA build.
+TORCH  := torch==2.13.0
+
+.PHONY: install demo test lint typecheck pytest bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip>=23.2"
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# The stubs declare tensorrt as a dependency, which cannot be built without NVIDIA's index.
+	$(BIN)/pip install --quiet --no-deps "tensorrt-stubs>=10"
+	@$(BIN)/python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else f'torch {v} was installed instead of $(TORCH)')"
+	touch $(STAMP)
+
+demo: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/demo.sh
+
+test: install lint pytest
+
+lint: install
+	$(BIN)/ruff check lamc passes backends models tests benchmarks examples
+	$(BIN)/ruff format --check lamc passes backends models tests benchmarks examples
+	$(MAKE) --no-print-directory typecheck
+
+# mypy cannot follow setuptools' package-dir mapping through an editable install, so it
+# checks a tree of symlinks laid out the way the package installs.
+typecheck: install
+	@rm -rf build/typecheck && mkdir -p build/typecheck/lamc
+	@for f in lamc/*; do ln -s "$(CURDIR)/$$f" build/typecheck/lamc/; done
+	@ln -s "$(CURDIR)/passes" build/typecheck/lamc/passes
+	@ln -s "$(CURDIR)/backends" build/typecheck/lamc/backends
+	@ln -s "$(CURDIR)/models" build/typecheck/lamc/models
+	cd build/typecheck && "$(CURDIR)/$(BIN)/mypy" --config-file "$(CURDIR)/pyproject.toml" -p lamc
+
+pytest: install
+	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/capture.py
+
+clean:
+	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""The `lamc` command line."""

@@ -1,0 +1,57 @@
+"""Options shared by the commands that capture a model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lamc.cli.options import parse_ranges, parse_sizes
+
+
+def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--dynamic, --dims, --trust-pickle, --dump-ir."""
+    fn = click.option(
+        "--dump-ir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Write the IR after each pass into this directory.",
+    )(fn)
+    fn = click.option(
+        "--trust-pickle",
+        is_flag=True,
+        help="Allow pickle weights (.bin, .pt2); they can run code when loaded.",
+    )(fn)
+    fn = click.option(
+        "--dims",
+        "dims",
+        metavar="NAME=SIZE,...",
+        help="Shape to analyse and plan for, e.g. batch=1,seq=128.",
+    )(fn)
+    fn = click.option(
+        "--dynamic",
+        "dynamic",
+        metavar="NAME=MIN:MAX,...",
+        help="Ranges of the dynamic dims, e.g. batch=1:8,seq=1:2048.",
+    )(fn)
+    return fn
+
+
+def capture_options(dynamic: str | None, dims: str | None, trust_pickle: bool) -> Any:
+    from lamc.frontend import CaptureOptions
+
+    return CaptureOptions(
+        dynamic=parse_ranges(dynamic), dims=parse_sizes(dims), trust_pickle=trust_pickle
+    )
+
+
+def require_compile_extra() -> None:
+    """The compile side needs torch, onnx and networkx (`lamc[compile]`)."""
+    from lamc.errors import missing_extra
+
+    for module, package in (("onnx", "onnx"), ("onnx_ir", "onnx-ir"), ("networkx", "networkx")):
+        try:
+            __import__(module)
+        except ImportError:
+            raise missing_extra(package, "compile") from None

@@ -1,0 +1,117 @@
+"""`lamc`: the command group, and the error handling every command shares.
+
+Exit codes: 0 ok, 1 internal error, 2 usage, 3 bad topology or config, 4 model capture
+failed, 5 op unsupported by the backend, 6 does not fit the devices (memory,
+constraints or budgets), 7 accuracy check failed, 8 engine build failed, 9 integrity
+check failed, 10 environment (missing runtime/provider), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from lamc import __version__
+from lamc.cli.ui import final_line
+from lamc.errors import ExitCode, LamcError
+
+F = TypeVar("F", bound=Callable[..., Any])
+BUG_URL = "https://github.com/lamc-project/lamc/issues"
+
+
+class CommandOutcome(Exception):
+    """Raised by a command to end with a FAILED line and an exit code without a traceback."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+def lamc_command(name: str) -> Callable[[F], F]:
+    """Wrap a command body: its return value is the PASSED text; errors map to exit codes."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> None:
+            to_stderr = bool(kwargs.get("as_json"))
+            try:
+                text = fn(*args, **kwargs)
+            except LamcError as exc:
+                if exc.hint:
+                    print(f"hint: {exc.hint}", file=sys.stderr if to_stderr else sys.stdout)
+                final_line(False, f"{name}: {exc.message}", to_stderr=to_stderr)
+                sys.exit(int(exc.exit_code))
+            except CommandOutcome as outcome:
+                final_line(False, f"{name}: {outcome.text}", to_stderr=to_stderr)
+                sys.exit(outcome.code)
+            except KeyboardInterrupt:
+                final_line(False, f"{name}: interrupted", to_stderr=to_stderr)
+                sys.exit(int(ExitCode.INTERRUPTED))
+            except (click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+                raise
+            except click.ClickException:
+                raise
+            except Exception as exc:
+                traceback.print_exc()
+                print(
+                    f"This is a bug in lamc {__version__}; please report it with the traceback above: {BUG_URL}",
+                    file=sys.stderr,
+                )
+                final_line(
+                    False,
+                    f"{name}: internal error: {type(exc).__name__}: {exc}",
+                    to_stderr=to_stderr,
+                )
+                sys.exit(int(ExitCode.INTERNAL))
+            final_line(True, f"{name} {text}".rstrip(), to_stderr=to_stderr)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+class LamcGroup(click.Group):
+    """Usage errors also end with a FAILED line (exit 2)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+            sys.exit(int(ExitCode.USAGE))
+        except click.UsageError as exc:
+            exc.show()
+            final_line(False, f"usage: {exc.format_message()}")
+            sys.exit(int(ExitCode.USAGE))
+        except click.ClickException as exc:
+            exc.show()
+            final_line(False, exc.format_message())
+            sys.exit(int(ExitCode.USAGE))
+        except click.exceptions.Abort:
+            final_line(False, "interrupted")
+            sys.exit(int(ExitCode.INTERRUPTED))
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=LamcGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lamc")
+def cli() -> None:
+    """lamc: compile a large model into a pipeline of per-device engines and run it."""
+
+
+def main() -> None:
+    from lamc.cli import commands  # noqa: F401  (registers the commands on `cli`)
+
+    cli.main(prog_name="lamc")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Console output shared by all commands: tables on stdout, progress on a terminal only,
+and one final `PASSED …` / `FAILED …` line.
+
+Progress is shown when stderr is a terminal and `CI` is not set; in CI and in pipes lamc
+prints results only. With `--json` the JSON is all of stdout and the final line goes to
+stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterator
+
+from rich.console import Console
+
+
+def interactive() -> bool:
+    ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    return sys.stderr.isatty() and not ci
+
+
+def stdout_console() -> Console:
+    if sys.stdout.isatty():
+        return Console(highlight=False)
+    return Console(width=160, highlight=False, no_color=True, soft_wrap=True)
+
+
+def stderr_console() -> Console:
+    if sys.stderr.isatty():
+        return Console(stderr=True, highlight=False)
+    return Console(stderr=True, width=160, highlight=False, no_color=True, soft_wrap=True)
+
+
+class Steps:
+    """Named steps of a long command, timed; a spinner on a terminal, silence elsewhere."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._console = stderr_console()
+        self._live = interactive()
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        if self._live:
+            with self._console.status(f"{name} …"):
+                yield
+        else:
+            yield
+        elapsed = time.perf_counter() - started
+        self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+        if self._live:
+            self._console.print(f"[green]✓[/green] {name} [dim]{elapsed:.1f} s[/dim]")
+
+
+def final_line(ok: bool, text: str, *, to_stderr: bool = False) -> None:
+    """The last line of every command."""
+    line = f"{'PASSED' if ok else 'FAILED'} {text}"
+    stream = sys.stderr if to_stderr else sys.stdout
+    stream.flush()
+    print(line, file=stream, flush=True)

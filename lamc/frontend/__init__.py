@@ -1,0 +1,231 @@
+"""Frontends: turn what the user names as MODEL into the IR.
+
+MODEL is one of
+  zoo:NAME[:CONFIG]          a model from lamc's zoo (`zoo:gpt2`, `zoo:gpt2:test,kv=1`)
+  path/to/file.py:factory    a factory function in a Python file
+  pkg.module:factory         a factory function in an importable module
+  DIR                        a Hugging Face checkpoint directory (config.json + safetensors)
+  file.onnx                  an ONNX model, with or without external data
+  file.pt2                   a saved torch.export program (pickle: needs --trust-pickle)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lamc.errors import CaptureError, UsageError, missing_extra
+from lamc.frontend.capture import Captured, random_inputs
+
+__all__ = ["CaptureOptions", "Captured", "capture", "random_inputs"]
+
+
+@dataclass
+class CaptureOptions:
+    # --dynamic batch=1:8,seq=1:2048
+    dynamic: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # --dims batch=1,seq=128 (the operating point to analyse and plan for)
+    dims: dict[str, int] = field(default_factory=dict)
+    trust_pickle: bool = False
+
+
+def capture(ref: str, options: CaptureOptions | None = None) -> Captured:
+    """Capture MODEL `ref` into the IR; raises a LamcError naming what went wrong."""
+    options = options or CaptureOptions()
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        if not ref.endswith(".onnx"):
+            raise missing_extra("torch", "compile") from None
+    captured = _capture(ref, options)
+    for name, size in options.dims.items():
+        if name not in captured.dims:
+            raise UsageError(
+                f"--dims names {name!r}, which is not a dynamic dim of {ref}",
+                hint=f"its dynamic dims are: {', '.join(sorted(captured.dims)) or 'none'}",
+            )
+        low, high = captured.dims[name]
+        if not low <= size <= high:
+            raise UsageError(f"--dims {name}={size} is outside its range {low}:{high}")
+        captured.operating_point[name] = size
+    return captured
+
+
+def _capture(ref: str, options: CaptureOptions) -> Captured:
+    if ref.startswith("zoo:"):
+        return _capture_zoo(ref, options)
+    path = Path(ref)
+    if ref.endswith(".onnx"):
+        from lamc.frontend.onnx import capture_onnx
+
+        return capture_onnx(path, dynamic_overrides=options.dynamic, operating_point=options.dims)
+    if ref.endswith(".pt2"):
+        return _capture_pt2(path, options)
+    if path.is_dir():
+        return _capture_hf(path, options)
+    if ":" in ref:
+        return _capture_factory(ref, options)
+    if not path.exists():
+        raise UsageError(
+            f"model {ref!r} not found",
+            hint="MODEL is zoo:NAME, file.py:factory, pkg.module:factory, a checkpoint directory or a .onnx file",
+        )
+    raise UsageError(
+        f"cannot tell what kind of model {ref!r} is",
+        hint="MODEL is zoo:NAME, file.py:factory, pkg.module:factory, a checkpoint directory or a .onnx file",
+    )
+
+
+def _capture_zoo(ref: str, options: CaptureOptions) -> Captured:
+    from lamc import models
+    from lamc.frontend.torch import capture_spec
+
+    _, name, *rest = ref.split(":", 2)
+    config = rest[0] if rest else None
+    if name not in models.ZOO:
+        raise UsageError(
+            f"unknown zoo model {name!r}", hint=f"the zoo has: {', '.join(sorted(models.ZOO))}"
+        )
+    try:
+        spec = models.build(name, config)
+    except ValueError as exc:
+        raise UsageError(f"{ref}: {exc}") from exc
+    return capture_spec(spec, source=ref, dynamic_overrides=options.dynamic)
+
+
+def _capture_factory(ref: str, options: CaptureOptions) -> Captured:
+    from lamc.frontend.torch import capture_spec, user_source_line
+
+    target, _, attr = ref.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise UsageError(f"model file {path} does not exist")
+        module_name = "lamc_user_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise UsageError(f"cannot import {path}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            where = user_source_line(exc)
+            raise CaptureError(
+                f"importing {path} raised {type(exc).__name__}: {exc}"
+                + (f" (at {where})" if where else "")
+            ) from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise UsageError(f"cannot import module {target!r}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UsageError(f"{target} has no callable {attr!r}")
+    try:
+        result = factory(None) if _takes_argument(factory) else factory()
+    except Exception as exc:
+        where = user_source_line(exc)
+        raise CaptureError(
+            f"factory {ref} raised {type(exc).__name__}: {exc}"
+            + (f" (at {where})" if where else "")
+        ) from exc
+    spec = _as_spec(result, ref)
+    return capture_spec(spec, source=ref, dynamic_overrides=options.dynamic)
+
+
+def _capture_hf(path: Path, options: CaptureOptions) -> Captured:
+    from lamc.frontend.hf import spec_from_checkpoint
+    from lamc.frontend.torch import capture_spec
+
+    spec = spec_from_checkpoint(path, trust_pickle=options.trust_pickle)
+    captured = capture_spec(spec, source=str(path), dynamic_overrides=options.dynamic)
+    digest = hashlib.sha256()
+    for weights in sorted([*path.glob("*.safetensors"), path / "config.json"]):
+        digest.update(weights.name.encode())
+        with weights.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    captured.source_sha256 = digest.hexdigest()
+    return captured
+
+
+def _capture_pt2(path: Path, options: CaptureOptions) -> Captured:
+    if not path.is_file():
+        raise UsageError(f"model file {path} does not exist")
+    if not options.trust_pickle:
+        raise CaptureError(
+            f"{path} is a pickled torch.export program, which can run code when loaded",
+            hint="pass --trust-pickle if you trust this file",
+        )
+    import torch
+
+    from lamc.models.spec import ModelSpec
+
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise CaptureError(
+            f"{path} is not a loadable torch.export program: {type(exc).__name__}: {exc}"
+        ) from exc
+    args, kwargs = program.example_inputs or ((), {})
+    inputs = {f"input_{i}": t for i, t in enumerate(args)} | dict(kwargs)
+    spec = ModelSpec(module=program.module(), example_inputs=inputs, name=path.stem)
+    return __import__("lamc.frontend.torch", fromlist=["capture_spec"]).capture_spec(
+        spec, source=str(path)
+    )
+
+
+def _takes_argument(factory: Any) -> bool:
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+def _as_spec(result: Any, ref: str) -> Any:
+    """Accept a ModelSpec or the tuple (module, example_inputs, dynamic)."""
+    import torch
+
+    from lamc.models.spec import Dim, ModelSpec
+
+    if isinstance(result, ModelSpec):
+        return result
+    if not (
+        isinstance(result, tuple)
+        and len(result) in (2, 3)
+        and isinstance(result[0], torch.nn.Module)
+    ):
+        raise CaptureError(
+            f"factory {ref} returned {type(result).__name__}",
+            hint="a factory returns lamc.models.ModelSpec or (module, example_inputs, dynamic)",
+        )
+    module, inputs = result[0], result[1]
+    dynamic_raw: Mapping[str, Mapping[int, Any]] = result[2] if len(result) == 3 else {}
+    if isinstance(inputs, (tuple, list)):
+        names = [p for p in inspect.signature(module.forward).parameters][: len(inputs)]
+        inputs = dict(zip(names, inputs))
+    dynamic: dict[str, dict[int, Dim]] = {}
+    for name, axes in (dynamic_raw or {}).items():
+        dynamic[name] = {}
+        for axis, dim in axes.items():
+            if isinstance(dim, Dim):
+                dynamic[name][int(axis)] = dim
+            elif isinstance(dim, (tuple, list)) and len(dim) == 3:
+                dynamic[name][int(axis)] = Dim(str(dim[0]), int(dim[1]), int(dim[2]))
+            else:
+                raise CaptureError(
+                    f"factory {ref}: dynamic dim {name}[{axis}] must be Dim(name, min, max) or (name, min, max)"
+                )
+    return ModelSpec(
+        module=module, example_inputs=dict(inputs), dynamic=dynamic, name=module.__class__.__name__
+    )

@@ -1,0 +1,171 @@
+"""An ONNX file (with or without external data) -> IR."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from lamc.errors import CaptureError, UsageError
+from lamc.frontend.capture import Captured
+
+
+def capture_onnx(
+    path: Path,
+    *,
+    dynamic_overrides: Mapping[str, tuple[int, int]] | None = None,
+    operating_point: Mapping[str, int] | None = None,
+) -> Captured:
+    if not path.is_file():
+        raise UsageError(f"model file {path} does not exist")
+    started = time.perf_counter()
+    try:
+        model = ir.load(path)
+    except Exception as exc:
+        raise CaptureError(
+            f"{path} is not a valid ONNX model: {type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
+    _check_external_data(model, path)
+    capture_s = time.perf_counter() - started
+
+    symbols = _input_symbols(model)
+    overrides = dict(dynamic_overrides or {})
+    unknown = sorted(set(overrides) - set(symbols))
+    if unknown:
+        raise CaptureError(
+            f"--dynamic names dim(s) {', '.join(unknown)} that {path} does not have",
+            hint=f"its inputs' symbolic dims are: {', '.join(symbols) or 'none'}",
+        )
+    point = dict(operating_point or {})
+    warnings: list[str] = []
+    dims: dict[str, tuple[int, int]] = {}
+    for name in symbols:
+        low, high = overrides.get(name, (1, 1 << 31))
+        dims[name] = (low, high)
+        if name not in point:
+            point[name] = max(low, 1)
+            warnings.append(
+                f"dim {name!r} has no example size; using {point[name]} (pass --dims {name}=N)"
+            )
+    int_ranges = _int_ranges(model)
+    example: dict[str, np.ndarray] = {}
+    rng = np.random.default_rng(0)
+    from lamc.ir import UnresolvedDim, eval_shape
+
+    for value in model.graph.inputs:
+        name = value.name or ""
+        try:
+            shape = eval_shape(value.shape, point)
+        except UnresolvedDim as exc:
+            raise CaptureError(
+                f"input {name!r} of {path} has a dimension lamc cannot size: {exc}"
+            ) from exc
+        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        if "mask" in name.lower() and np.issubdtype(dtype, np.integer):
+            example[name] = np.ones(shape, dtype=dtype)
+        elif np.issubdtype(dtype, np.integer):
+            low, high = int_ranges.get(name, (0, 2))
+            example[name] = rng.integers(low, high, size=shape).astype(dtype)
+        else:
+            example[name] = rng.standard_normal(shape).astype(dtype)
+    return Captured(
+        model=model,
+        name=path.stem,
+        source=str(path),
+        dims=dims,
+        operating_point=point,
+        example_inputs=example,
+        int_ranges=int_ranges,
+        reference=OnnxReference(path),
+        capture_s=capture_s,
+        warnings=warnings,
+        source_sha256=_sha256(path),
+    )
+
+
+class OnnxReference:
+    """The original ONNX file run by ONNX Runtime on the CPU."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._session: object | None = None
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import onnxruntime as ort
+
+        if self._session is None:
+            self._session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        session: ort.InferenceSession = self._session
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(None, dict(feeds))))
+
+
+def _input_symbols(model: ir.Model) -> list[str]:
+    found: list[str] = []
+    for value in model.graph.inputs:
+        for dim in value.shape.dims if value.shape is not None else ():
+            if isinstance(dim, ir.SymbolicDim) and dim.value and dim.value not in found:
+                found.append(dim.value)
+    return found
+
+
+def _int_ranges(model: ir.Model) -> dict[str, tuple[int, int]]:
+    """Token-id style inputs: bounded by the table they index (Gather on an initializer)."""
+    ranges: dict[str, tuple[int, int]] = {}
+    for value in model.graph.inputs:
+        for use in value.uses():
+            node = use.node
+            if node.op_type == "Gather" and use.idx == 1:
+                table = node.inputs[0]
+                if table is not None and table.const_value is not None:
+                    axis = node.attributes.get_int("axis", 0)
+                    ranges[value.name or ""] = (0, int(table.const_value.shape.numpy()[axis]))
+    return ranges
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    """External data must stay beside the model: no absolute paths, no `..`, no symlinks."""
+    base = path.parent.resolve()
+    for init in model.graph.initializers.values():
+        tensor = init.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        location = tensor.location
+        target = (base / location).resolve()
+        if (
+            os.path.isabs(location)
+            or ".." in Path(location).parts
+            or not target.is_relative_to(base)
+        ):
+            raise CaptureError(
+                f"{path}: initializer {init.name!r} points outside the model directory ({location})"
+            )
+        if (base / location).is_symlink():
+            raise CaptureError(f"{path}: external data {location} is a symlink")
+        if not target.is_file():
+            raise CaptureError(
+                f"{path}: external data file {location} of initializer {init.name!r} is missing"
+            )
+        end = (tensor.offset or 0) + (tensor.length or 0)
+        if end > target.stat().st_size:
+            raise CaptureError(
+                f"{path}: external data {location} is truncated ({init.name!r} needs bytes up to {end})"
+            )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""

@@ -1,0 +1,132 @@
+"""The factory contract: what a model factory hands to lamc.
+
+A factory is a callable `factory()` or `factory(config)` returning a `ModelSpec` (or the
+tuple `(module, example_inputs, dynamic)`). `example_inputs` are the keyword arguments of
+`module.forward`, in order; `dynamic` names the dynamic axes of each input with their
+ranges. Dims that share a name are the same symbol (batch on every input, say).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Dim:
+    """A dynamic dimension with its inclusive range."""
+
+    name: str
+    min: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"dim name {self.name!r} is not an identifier")
+        if not 0 <= self.min <= self.max:
+            raise ValueError(f"dim {self.name}: need 0 <= min <= max, got {self.min}:{self.max}")
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """How a decoder exposes its cache: per layer, past key/value inputs and present outputs.
+
+    `past_inputs[i]` and `present_outputs[i]` are the (key, value) tensor names of layer i.
+    `layer_scopes[i]` is the module path of layer i (e.g. `transformer.h.3`). Cache tensors
+    are laid out [batch, kv_heads, past, head_dim].
+    """
+
+    past_inputs: tuple[tuple[str, str], ...]
+    present_outputs: tuple[tuple[str, str], ...]
+    layer_scopes: tuple[str, ...]
+    kv_heads: int
+    head_dim: int
+    past_dim: str = "past"
+    max_context: int = 1024
+
+
+@dataclass
+class ModelSpec:
+    """A model ready to capture: module, example inputs and dynamic dimensions."""
+
+    module: torch.nn.Module
+    example_inputs: dict[str, torch.Tensor]
+    dynamic: dict[str, dict[int, Dim]] = field(default_factory=dict)
+    output_names: list[str] | None = None
+    # Value range [low, high) of integer inputs (token ids), used to draw valid random inputs.
+    int_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    name: str = "model"
+    kv_cache: KVCacheSpec | None = None
+    # The shape to analyse and plan for (dim name -> size); defaults to the example inputs'.
+    # Examples are traced at sizes >= 2 so torch.export does not specialise a dim to 1,
+    # while the operating point can be batch 1.
+    operating_point: dict[str, int] = field(default_factory=dict)
+
+    def dims(self) -> dict[str, Dim]:
+        """Every dynamic dim by name; a name used with two ranges is an error."""
+        found: dict[str, Dim] = {}
+        for axes in self.dynamic.values():
+            for dim in axes.values():
+                if dim.name in found and found[dim.name] != dim:
+                    raise ValueError(f"dim {dim.name!r} is declared with two ranges")
+                found[dim.name] = dim
+        return found
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    """Zoo weights are random but fixed: the same config gives the same model."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def parse_config(
+    text: str | None, configs: Mapping[str, object], default: str
+) -> tuple[str, dict[str, str]]:
+    """Split `NAME[,key=value,...]` into a base config name and overrides.
+
+    `zoo:gpt2:test,kv=1,layers=6` reaches a factory as `test,kv=1,layers=6`.
+    """
+    if not text:
+        return default, {}
+    head, *rest = text.split(",")
+    base = head.strip() or default
+    if base not in configs:
+        raise ValueError(f"unknown config {base!r}; choose one of {', '.join(sorted(configs))}")
+    overrides: dict[str, str] = {}
+    for item in rest:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"config override {item!r} is not key=value")
+        overrides[key.strip()] = value.strip()
+    return base, overrides
+
+
+def override_int(overrides: dict[str, str], key: str, default: int) -> int:
+    """Pop an integer override (`layers=6`)."""
+    if key not in overrides:
+        return default
+    value = overrides.pop(key)
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ValueError(f"config override {key}={value!r} is not an integer") from exc
+
+
+def override_bool(overrides: dict[str, str], key: str, default: bool) -> bool:
+    """Pop a boolean override (`kv=1`, `kv=true`)."""
+    if key not in overrides:
+        return default
+    value = overrides.pop(key).lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"config override {key}={value!r} is not a boolean")
+
+
+def reject_leftovers(overrides: dict[str, str]) -> None:
+    """Unknown overrides are an error, never silently ignored."""
+    if overrides:
+        raise ValueError(f"unknown config override(s): {', '.join(sorted(overrides))}")

@@ -1,0 +1,1 @@
+"""Optimisation passes over the IR. Each pass is listed explicitly where it is used."""

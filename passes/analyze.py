@@ -1,0 +1,270 @@
+"""Analysis: shapes, dtypes, FLOPs, bytes and module scope of every node.
+
+Shapes stay symbolic on the IR (`batch`, `seq`, `past + seq`); costs are numbers at one
+binding of the symbols (the operating point), because costs are what the partitioner
+compares. Re-run the pass with another binding to plan for another shape.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import onnx
+import onnx_ir as ir
+
+from lamc.errors import CaptureError, InternalError
+from lamc.ir import (
+    COST,
+    SCOPE,
+    UnresolvedDim,
+    annotate,
+    annotation,
+    eval_shape,
+    itemsize,
+    module_scope,
+    numel,
+)
+from lamc.passes import op_costs
+from lamc.passes.base import Pass, PassResult
+
+# Initializers above this many elements are replaced by typed inputs before ONNX shape
+# inference runs, so that it never copies the weights.
+_INLINE_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    op_class: str
+    flops: float
+    matrix_flops: float
+    param_bytes: int
+    output_bytes: int
+    # Bytes read and written by the op (weights included): the memory-bound side of the roofline.
+    moved_bytes: int
+    resolved: bool = True
+
+
+@dataclass(frozen=True)
+class AnalysisSummary:
+    binding: dict[str, int]
+    nodes: int
+    flops: float
+    matrix_flops: float
+    param_bytes: int
+    unresolved: tuple[str, ...]
+
+
+class Analyze(Pass):
+    """Annotates every node with `lamc.scope` and `lamc.cost` at `binding`."""
+
+    def __init__(self, binding: Mapping[str, int]) -> None:
+        super().__init__()
+        self.binding = dict(binding)
+
+    def requires(self, model: ir.Model) -> None:
+        for value in model.graph.inputs:
+            if value.shape is None or value.dtype is None:
+                raise CaptureError(
+                    f"graph input {value.name!r} has no shape or dtype; lamc needs typed inputs"
+                )
+
+    def call(self, model: ir.Model) -> PassResult:
+        fill_shapes(model)
+        concrete = concrete_shapes(model, self.binding)
+        model.meta["lamc.concrete_shapes"] = concrete
+        graph = model.graph
+        unresolved: list[str] = []
+        total_flops = total_matrix = 0.0
+        for node in graph:
+            scope = module_scope(node)
+            annotate(node, SCOPE, list(scope.paths))
+            node.meta["lamc.scope_classes"] = scope.classes
+            cost = node_cost(node, self.binding, concrete)
+            if not cost.resolved:
+                unresolved.append(node.name or node.op_type)
+            annotate(node, COST, cost)
+            total_flops += cost.flops
+            total_matrix += cost.matrix_flops
+        params = sum(
+            int(v.const_value.nbytes)
+            for v in graph.initializers.values()
+            if v.const_value is not None
+        )
+        summary = AnalysisSummary(
+            binding=dict(self.binding),
+            nodes=len(graph),
+            flops=total_flops,
+            matrix_flops=total_matrix,
+            param_bytes=params,
+            unresolved=tuple(unresolved),
+        )
+        model.meta["lamc.analysis"] = summary
+        model.metadata_props["lamc.binding"] = json.dumps(self.binding, sort_keys=True)
+        return PassResult(model, modified=True)
+
+    def ensures(self, model: ir.Model) -> None:
+        for node in model.graph:
+            if annotation(node, COST) is None:
+                raise InternalError(f"node {node.name} has no cost after Analyze")
+
+
+def node_cost(
+    node: ir.Node, binding: Mapping[str, int], concrete: Mapping[str, tuple[int, ...]] | None = None
+) -> NodeCost:
+    """The cost of one node at `binding`; `resolved=False` when a shape is unknown.
+
+    `concrete` holds shapes inferred at the binding, for values whose symbolic shape
+    cannot be evaluated (a Reshape to `4*batch` that ONNX inference leaves unnamed).
+    """
+    cls = op_costs.op_class(node)
+    resolved = True
+
+    def shape_of(value: ir.Value | None) -> tuple[int, ...] | None:
+        nonlocal resolved
+        if value is None:
+            return None
+        if value.const_value is not None:
+            return tuple(value.const_value.shape.numpy())
+        try:
+            return eval_shape(value.shape, binding)
+        except UnresolvedDim:
+            if concrete is not None and value.name and value.name in concrete:
+                return concrete[value.name]
+            resolved = False
+            return None
+
+    ins = [shape_of(v) for v in node.inputs]
+    outs = [shape_of(v) for v in node.outputs]
+    try:
+        flops, matrix = op_costs.flops(node, ins, outs)
+    except ValueError:
+        flops, matrix, resolved = 0.0, 0.0, False
+    param_bytes = sum(
+        int(v.const_value.nbytes)
+        for v in node.inputs
+        if v is not None and v.is_initializer() and v.const_value is not None
+    )
+    out_bytes = 0
+    for value, shape in zip(node.outputs, outs):
+        if shape is not None:
+            out_bytes += int(numel(shape) * itemsize(value.dtype))
+    moved = 0
+    if op_costs.moves_bytes(node):
+        moved = out_bytes
+        for inp, shape in zip(node.inputs, ins):
+            if inp is not None and shape is not None:
+                moved += int(numel(shape) * itemsize(inp.dtype))
+    return NodeCost(cls, flops, matrix, param_bytes, out_bytes, moved, resolved)
+
+
+def _skeleton(model: ir.Model) -> onnx.ModelProto:
+    """The model as a proto whose large initializers are typed inputs (no weight bytes)."""
+    graph = model.graph
+    large = [
+        v
+        for v in graph.initializers.values()
+        if v.const_value is not None and v.const_value.size > _INLINE_LIMIT
+    ]
+    large_ids = {id(v) for v in large}
+    small = [v for v in graph.initializers.values() if id(v) not in large_ids]
+    view = ir.GraphView(
+        inputs=[*graph.inputs, *large],
+        outputs=list(graph.outputs),
+        nodes=list(graph),
+        initializers=small,
+        opset_imports=dict(graph.opset_imports),
+        name=graph.name or "main",
+    )
+    proto = onnx.ModelProto(ir_version=model.ir_version or 10, graph=ir.serde.serialize_graph(view))  # type: ignore[arg-type]
+    for domain, version in graph.opset_imports.items():
+        proto.opset_import.add(domain=domain, version=version)
+    for function in model.functions.values():
+        proto.functions.append(ir.serde.serialize_function(function))
+    return proto
+
+
+def _infer(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    try:
+        return onnx.shape_inference.infer_shapes(
+            proto, check_type=False, strict_mode=False, data_prop=True
+        )
+    except Exception:
+        return None
+
+
+def concrete_shapes(model: ir.Model, binding: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+    """Every value's concrete shape at `binding`, by ONNX inference from concrete inputs."""
+    proto = _skeleton(model)
+    n_inputs = len(model.graph.inputs)
+    for value, info in zip(model.graph.inputs, proto.graph.input[:n_inputs]):
+        try:
+            shape = eval_shape(value.shape, binding)
+        except UnresolvedDim:
+            return {}
+        dims = info.type.tensor_type.shape.dim
+        for d, size in zip(dims, shape):
+            d.Clear()
+            d.dim_value = size
+    inferred = _infer(proto)
+    if inferred is None:
+        return {}
+    found: dict[str, tuple[int, ...]] = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.output]:
+        tt = info.type.tensor_type
+        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            found[info.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
+    return found
+
+
+def fill_shapes(model: ir.Model) -> int:
+    """Fill unknown dims of intermediate values by ONNX shape inference (data propagation on).
+
+    Known dims are kept as they are, so the exporter's symbol names survive. Returns how
+    many values gained information.
+    """
+    graph = model.graph
+    values = {v.name: v for node in graph for v in node.outputs if v.name}
+    if not any(_incomplete(v) for v in values.values()):
+        return 0
+    inferred = _infer(_skeleton(model))
+    if inferred is None:
+        return 0
+    gained = 0
+    for info in [*inferred.graph.value_info, *inferred.graph.output]:
+        value = values.get(info.name)
+        if value is None or not _incomplete(value) or not info.type.HasField("tensor_type"):
+            continue
+        tensor_type = info.type.tensor_type
+        if value.dtype is None and tensor_type.elem_type:
+            value.dtype = ir.DataType(tensor_type.elem_type)
+        if not tensor_type.HasField("shape"):
+            continue
+        dims: list[int | str | None] = []
+        for d in tensor_type.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param") and not d.dim_param.startswith("unk__"):
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        if value.shape is None or len(value.shape) != len(dims):
+            value.shape = ir.Shape(dims)
+        else:
+            merged = [
+                old
+                if isinstance(old, int)
+                or (isinstance(old, ir.SymbolicDim) and old.value is not None)
+                else new
+                for old, new in zip(value.shape.dims, dims)
+            ]
+            value.shape = ir.Shape(merged)
+        gained += 1
+    return gained
+
+
+def _incomplete(value: ir.Value) -> bool:
+    if value.shape is None or value.dtype is None:
+        return True
+    return any(isinstance(d, ir.SymbolicDim) and d.value is None for d in value.shape.dims)

@@ -1,0 +1,1 @@
+"""The partitioner: exact pipeline partitioning under a cost model, baselines and bounds."""
