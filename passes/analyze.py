@@ -165,7 +165,8 @@ def _skeleton(model: ir.Model) -> onnx.ModelProto:
     large = [
         v
         for v in graph.initializers.values()
-        if v.const_value is not None and v.const_value.size > _INLINE_LIMIT
+        if v.const_value is not None
+        and (v.const_value.size > _INLINE_LIMIT or not has_data(v.const_value))
     ]
     large_ids = {id(v) for v in large}
     small = [v for v in graph.initializers.values() if id(v) not in large_ids]
@@ -183,6 +184,13 @@ def _skeleton(model: ir.Model) -> onnx.ModelProto:
     for function in model.functions.values():
         proto.functions.append(ir.serde.serialize_function(function))
     return proto
+
+
+def has_data(tensor: ir.TensorProtocol) -> bool:
+    """False for a tensor on PyTorch's meta device (a shapes-only capture)."""
+    raw = getattr(tensor, "raw", None)
+    device = getattr(raw, "device", None)
+    return getattr(device, "type", None) != "meta"
 
 
 def _infer(proto: onnx.ModelProto) -> onnx.ModelProto | None:

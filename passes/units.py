@@ -25,11 +25,6 @@ from lamc.ir import COST, UNIT, UnresolvedDim, annotate, annotation, eval_shape,
 from lamc.passes.base import Pass, PassResult
 from lamc.workload import Cut, CutTensor, OpWork, Unit, Workload
 
-_CONTAINERS = {
-    "torch.nn.modules.container.Sequential",
-    "torch.nn.modules.container.ModuleList",
-    "torch.nn.modules.container.ModuleDict",
-}
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 CONST = "lamc.rematerialize"
 
@@ -227,7 +222,7 @@ def _constant_nodes(nodes: list[ir.Node]) -> set[int]:
 
 def _class_key(path: str, cls: str | None) -> str | None:
     if cls is not None:
-        return None if cls in _CONTAINERS else cls
+        return cls
     m = _INDEXED.match(path)
     return f"{m.group(1)}.*" if m else None
 
@@ -257,19 +252,28 @@ def _group_by_blocks(active: list[ir.Node]) -> list[list[ir.Node]] | None:
     chosen: list[str] = []
     chosen_paths: set[str] = set()
     covered: set[int] = set()
-    candidates = sorted(coverage, key=lambda k: (-len(coverage[k]), len(instances[k]), k))
-    for key in candidates:
+
+    def valid(key: str) -> bool:
         paths = instances[key]
         if len(paths) < 2 or any(_is_within(a, b) for a in paths for b in paths if a != b):
-            continue
-        if any(_is_within(a, b) or _is_within(b, a) for a in paths for b in chosen_paths):
-            continue
-        gain = len(coverage[key] - covered)
-        threshold = 0.10 if not chosen else 0.05
-        if gain < threshold * total:
-            continue
+            return False
+        return not any(_is_within(a, b) or _is_within(b, a) for a in paths for b in chosen_paths)
+
+    while True:
+        gains = {k: len(coverage[k] - covered) for k in coverage if k not in chosen and valid(k)}
+        threshold = (0.10 if not chosen else 0.05) * total
+        gains = {k: g for k, g in gains.items() if g >= threshold}
+        if not gains:
+            break
+        # Among classes covering nearly as much as the best, the one with the most
+        # instances gives the partitioner the most cut points (Bottleneck, not layer1..4).
+        best = max(gains.values())
+        key = max(
+            (k for k, g in gains.items() if g >= 0.9 * best),
+            key=lambda k: (len(instances[k]), gains[k], k),
+        )
         chosen.append(key)
-        chosen_paths |= paths
+        chosen_paths |= instances[key]
         covered |= coverage[key]
     if not chosen:
         return None

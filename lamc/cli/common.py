@@ -12,7 +12,12 @@ from lamc.cli.options import parse_ranges, parse_sizes
 
 
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--dynamic, --dims, --trust-pickle, --dump-ir."""
+    """--dynamic, --dims, --trust-pickle, --no-weights, --dump-ir."""
+    fn = click.option(
+        "--no-weights",
+        is_flag=True,
+        help="Capture shapes only (zoo and factory models built on PyTorch's meta device): plan a model larger than this machine's memory.",
+    )(fn)
     fn = click.option(
         "--dump-ir",
         type=click.Path(file_okay=False, path_type=Path),
@@ -38,11 +43,16 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def capture_options(dynamic: str | None, dims: str | None, trust_pickle: bool) -> Any:
+def capture_options(
+    dynamic: str | None, dims: str | None, trust_pickle: bool, no_weights: bool = False
+) -> Any:
     from lamc.frontend import CaptureOptions
 
     return CaptureOptions(
-        dynamic=parse_ranges(dynamic), dims=parse_sizes(dims), trust_pickle=trust_pickle
+        dynamic=parse_ranges(dynamic),
+        dims=parse_sizes(dims),
+        trust_pickle=trust_pickle,
+        weights=not no_weights,
     )
 
 

@@ -24,6 +24,7 @@ def inspect_command(
     dynamic: str | None,
     dims: str | None,
     trust_pickle: bool,
+    no_weights: bool,
     dump_ir: Path | None,
     as_json: bool,
 ) -> str:
@@ -37,7 +38,9 @@ def inspect_command(
 
     steps = Steps()
     with steps.step("capture and analyse"):
-        result = analyse(model, capture_options(dynamic, dims, trust_pickle), dump_ir=dump_ir)
+        result = analyse(
+            model, capture_options(dynamic, dims, trust_pickle, no_weights), dump_ir=dump_ir
+        )
     workload = result.workload
     summary = workload.summary()
     summary["source"] = model

@@ -34,6 +34,9 @@ class CaptureOptions:
     # --dims batch=1,seq=128 (the operating point to analyse and plan for)
     dims: dict[str, int] = field(default_factory=dict)
     trust_pickle: bool = False
+    # False: build the model on PyTorch's meta device and capture shapes only (no weights
+    # are allocated). Enough to inspect and plan a model larger than this machine's memory.
+    weights: bool = True
 
 
 def capture(ref: str, options: CaptureOptions | None = None) -> Captured:
@@ -94,7 +97,14 @@ def _capture_zoo(ref: str, options: CaptureOptions) -> Captured:
             f"unknown zoo model {name!r}", hint=f"the zoo has: {', '.join(sorted(models.ZOO))}"
         )
     try:
-        spec = models.build(name, config)
+        if options.weights:
+            spec = models.build(name, config)
+        else:
+            import torch
+
+            with torch.device("meta"):
+                spec = models.build(name, config)
+            spec.example_inputs = {k: v.to("meta") for k, v in spec.example_inputs.items()}
     except ValueError as exc:
         raise UsageError(f"{ref}: {exc}") from exc
     return capture_spec(spec, source=ref, dynamic_overrides=options.dynamic)
@@ -130,8 +140,14 @@ def _capture_factory(ref: str, options: CaptureOptions) -> Captured:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UsageError(f"{target} has no callable {attr!r}")
+    import contextlib
+
+    import torch
+
+    placement = contextlib.nullcontext() if options.weights else torch.device("meta")
     try:
-        result = factory(None) if _takes_argument(factory) else factory()
+        with placement:
+            result = factory(None) if _takes_argument(factory) else factory()
     except Exception as exc:
         where = user_source_line(exc)
         raise CaptureError(
@@ -139,6 +155,8 @@ def _capture_factory(ref: str, options: CaptureOptions) -> Captured:
             + (f" (at {where})" if where else "")
         ) from exc
     spec = _as_spec(result, ref)
+    if not options.weights:
+        spec.example_inputs = {k: v.to("meta") for k, v in spec.example_inputs.items()}
     return capture_spec(spec, source=ref, dynamic_overrides=options.dynamic)
 
 

@@ -35,6 +35,8 @@ class Captured:
     warnings: list[str] = field(default_factory=list)
     # sha256 of the source files when the model came from files (ONNX, checkpoint dir).
     source_sha256: str | None = None
+    # False for a shapes-only capture (--no-weights): fine to plan, not to compile.
+    has_weights: bool = True
 
     @property
     def input_names(self) -> list[str]:

@@ -20,6 +20,9 @@ from lamc.errors import CaptureError
 from lamc.frontend.capture import Captured
 from lamc.models.spec import Dim, ModelSpec
 
+# torch.onnx logs a warning per missing torchvision operator at import; not lamc's concern.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _USER_CALL = re.compile(
     r'The following call raised this error:\s*\n\s*File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)'
@@ -44,14 +47,16 @@ def capture_spec(
     """Export `spec.module` at its example inputs with its dynamic dims into the IR."""
     module = spec.module.eval()
     dims = _apply_overrides(spec.dims(), dynamic_overrides or {}, source)
+    weightless = any(p.device.type == "meta" for p in module.parameters())
     started = time.perf_counter()
     exported = _torch_export(module, spec, dims)
-    onnx_program = _to_onnx(exported, spec)
+    # The exporter's optimiser folds constants, which reads weights: off without them.
+    onnx_program = _to_onnx(exported, spec, optimize=not weightless)
     capture_s = time.perf_counter() - started
     model = onnx_program.model
     model.producer_name = "lamc"
     _rename_dims(model, spec)
-    example = {name: t.detach().cpu().numpy() for name, t in spec.example_inputs.items()}
+    example = {name: _numpy(t) for name, t in spec.example_inputs.items()}
     operating_point = {name: int(size) for name, size in spec.operating_point.items()}
     for name in dims:
         operating_point.setdefault(name, _example_size(spec, name))
@@ -63,12 +68,23 @@ def capture_spec(
         operating_point=operating_point,
         example_inputs=example,
         int_ranges=dict(spec.int_ranges),
-        reference=TorchReference(
+        reference=None
+        if weightless
+        else TorchReference(
             module, list(spec.example_inputs), [v.name or "" for v in model.graph.outputs]
         ),
         capture_s=capture_s,
         kv_cache=spec.kv_cache,
+        has_weights=not weightless,
     )
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    if tensor.device.type == "meta":
+        return np.zeros(
+            tuple(tensor.shape), dtype=torch.empty((), dtype=tensor.dtype).numpy().dtype
+        )
+    return tensor.detach().cpu().numpy()
 
 
 def _rename_dims(model: Any, spec: ModelSpec) -> None:
@@ -209,7 +225,9 @@ def _torch_export(
         raise capture_failure(exc, f"torch.export could not capture {spec.name}") from exc
 
 
-def _to_onnx(exported: torch.export.ExportedProgram, spec: ModelSpec) -> Any:
+def _to_onnx(
+    exported: torch.export.ExportedProgram, spec: ModelSpec, *, optimize: bool = True
+) -> Any:
     try:
         with _quiet():
             return torch.onnx.export(
@@ -219,7 +237,7 @@ def _to_onnx(exported: torch.export.ExportedProgram, spec: ModelSpec) -> Any:
                 input_names=list(spec.example_inputs),
                 output_names=spec.output_names,
                 opset_version=OPSET,
-                optimize=True,
+                optimize=optimize,
                 verbose=False,
                 report=False,
             )

@@ -1,0 +1,1 @@
+"""The thin edge executor: numpy + onnxruntime (+ tensorrt) + grpcio; never torch."""

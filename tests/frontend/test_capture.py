@@ -1,0 +1,176 @@
+"""Capture: every kind of MODEL becomes IR that ONNX Runtime runs like the source model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from lamc.errors import CaptureError, ExitCode, UsageError
+from lamc.frontend import CaptureOptions, capture, random_inputs
+from tests.conftest import ZOO_TEST, analysed_model
+
+DATA = Path(__file__).parent.parent / "data"
+USER = DATA / "user_models.py"
+
+
+def _session(model: ir.Model, tmp_path: Path) -> ort.InferenceSession:
+    path = tmp_path / "model.onnx"
+    ir.save(model, path)
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("ref", ZOO_TEST)
+def test_zoo_ir_matches_torch(ref: str, tmp_path: Path) -> None:
+    """The captured IR, run by ONNX Runtime at a shape other than the traced one, matches torch."""
+    captured = analysed_model(ref).captured
+    session = _session(captured.model, tmp_path)
+    binding = {name: min(high, 3) for name, (low, high) in captured.dims.items()}
+    feeds = random_inputs(captured, binding, np.random.default_rng(7))
+    got = dict(zip(captured.output_names, session.run(None, feeds)))
+    assert captured.reference is not None
+    expected = captured.reference(feeds)
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def test_dims_are_named_and_ranged() -> None:
+    captured = analysed_model("zoo:gpt2:test").captured
+    assert captured.dims == {"batch": (1, 64), "seq": (1, 256)}
+    dims = captured.model.graph.inputs[0].shape.dims
+    assert [d.value for d in dims] == ["batch", "seq"]  # type: ignore[union-attr]
+
+
+def test_file_factory_and_dynamic_override() -> None:
+    captured = capture(
+        f"{USER}:spec_factory", CaptureOptions(dynamic={"batch": (1, 4)}, dims={"batch": 2})
+    )
+    assert captured.name == "two-layer"
+    assert captured.dims == {"batch": (1, 4)}
+    assert captured.operating_point == {"batch": 2}
+
+
+def test_module_factory_returning_tuple() -> None:
+    captured = capture("tests.data.user_models:tuple_factory")
+    assert captured.input_names == ["x"]
+    assert captured.dims == {"batch": (1, 32)}
+
+
+def test_onnx_file_with_external_data(tmp_path: Path) -> None:
+    captured = analysed_model("zoo:resnet:test").captured
+    path = tmp_path / "resnet.onnx"
+    ir.save(captured.model, path, external_data="resnet.onnx.data", size_threshold_bytes=1024)
+    assert (tmp_path / "resnet.onnx.data").stat().st_size > 0
+    loaded = capture(str(path), CaptureOptions(dims={"batch": 2}))
+    assert loaded.operating_point == {"batch": 2}
+    assert loaded.reference is not None
+    feeds = {
+        "pixel_values": np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    }
+    np.testing.assert_allclose(
+        loaded.reference(feeds)["logits"], captured.reference(feeds)["logits"], atol=1e-5
+    )  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- bad inputs: code + one line
+
+
+def _fails(ref: str, code: ExitCode, needle: str, options: CaptureOptions | None = None) -> str:
+    with pytest.raises((CaptureError, UsageError)) as info:
+        capture(ref, options)
+    assert info.value.exit_code == code
+    message = info.value.message
+    assert "\n" not in message
+    assert needle in message, message
+    return message
+
+
+def test_missing_file_is_usage() -> None:
+    _fails("does/not/exist.onnx", ExitCode.USAGE, "does not exist")
+    _fails("does/not/exist.py:factory", ExitCode.USAGE, "does not exist")
+
+
+def test_factory_that_raises() -> None:
+    message = _fails(f"{USER}:raising_factory", ExitCode.CAPTURE, "checkpoint shard 3 is missing")
+    assert "user_models.py:" in message  # points at the user's line
+
+
+def test_data_dependent_control_flow() -> None:
+    message = _fails(f"{USER}:data_dependent_factory", ExitCode.CAPTURE, "data-dependent")
+    assert "user_models.py:" in message and "if y.sum() > 0" in message
+
+
+def test_factory_returning_garbage() -> None:
+    _fails(f"{USER}:not_a_model", ExitCode.CAPTURE, "returned str")
+
+
+def test_truncated_onnx(tmp_path: Path) -> None:
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Relu", ["x"], ["y"])],
+            "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+            initializer=[onnx.numpy_helper.from_array(np.ones(1000, np.float32), "w")],
+        )
+    )
+    data = model.SerializeToString()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    _fails(str(path), ExitCode.CAPTURE, "is not a valid ONNX model")
+
+
+def test_external_data_outside_model_dir(tmp_path: Path) -> None:
+    captured = analysed_model("zoo:resnet:test").captured
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    ir.save(
+        captured.model, inner / "m.onnx", external_data="m.onnx.data", size_threshold_bytes=1024
+    )
+    proto = onnx.load(str(inner / "m.onnx"), load_external_data=False)
+    for init in proto.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = "../escape.data"
+    onnx.save(proto, str(inner / "m.onnx"))
+    _fails(str(inner / "m.onnx"), ExitCode.CAPTURE, "outside the model directory")
+
+
+def test_unknown_dynamic_dim() -> None:
+    _fails(
+        f"{USER}:spec_factory",
+        ExitCode.CAPTURE,
+        "does not have",
+        CaptureOptions(dynamic={"seq": (1, 4)}),
+    )
+
+
+def test_dims_out_of_range() -> None:
+    _fails(
+        f"{USER}:spec_factory",
+        ExitCode.USAGE,
+        "outside its range",
+        CaptureOptions(dims={"batch": 99}),
+    )
+
+
+def test_weightless_capture_plans_without_memory() -> None:
+    light = analysed_model("zoo:gpt2:test", weights=False)
+    full = analysed_model("zoo:gpt2:test")
+    assert not light.captured.has_weights and light.captured.reference is None
+    assert [u.name for u in light.workload.units] == [u.name for u in full.workload.units]
+    from lamc import models
+
+    module = models.build("gpt2", "test").module
+    torch_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    # Shapes-only capture counts every parameter; the optimised capture also folds
+    # bit-identical initializers (the all-ones LayerNorm weights of a fresh model).
+    assert light.workload.param_bytes == torch_bytes
+    assert full.workload.param_bytes <= torch_bytes
+    light_matrix = sum(u.matrix_flops for u in light.workload.units)
+    full_matrix = sum(u.matrix_flops for u in full.workload.units)
+    assert light_matrix == full_matrix

