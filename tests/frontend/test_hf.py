@@ -68,7 +68,7 @@ def test_pickle_checkpoint_needs_trust(tmp_path: Path) -> None:
 
 def test_directory_without_config(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(CaptureError, match="no config.json"):
+    with pytest.raises(CaptureError, match=r"no config\.json"):
         capture(str(tmp_path))
 
 
