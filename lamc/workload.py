@@ -20,6 +20,9 @@ class OpWork:
     op_class: str
     flops: float
     moved_bytes: float
+    dtype: str = "fp32"
+    # Of moved_bytes, the weights read (streamed from memory); the rest are activations.
+    weight_bytes: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,10 @@ class NodeCost:
     # Bytes read and written by the op (weights included): the memory-bound side of the roofline.
     moved_bytes: int
     resolved: bool = True
+    # The precision the op computes in (fp32, fp16, bf16, int8, int4): picks the device's peak.
+    dtype: str = "fp32"
+    # Of moved_bytes, how many are weights read from memory (the rest are activations).
+    weight_read_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ def node_cost(
     `concrete` holds shapes inferred at the binding, for values whose symbolic shape
     cannot be evaluated (a Reshape to `4*batch` that ONNX inference leaves unnamed).
     """
-    cls = op_costs.op_class(node)
+    cls = op_costs.FUSED if op_costs.is_fused_epilogue(node) else op_costs.op_class(node)
     resolved = True
 
     def shape_of(value: ir.Value | None) -> tuple[int, ...] | None:
@@ -150,13 +154,69 @@ def node_cost(
     for value, shape in zip(node.outputs, outs):
         if shape is not None:
             out_bytes += int(numel(shape) * itemsize(value.dtype))
-    moved = 0
+    moved = weight_read = 0
     if op_costs.moves_bytes(node):
         moved = out_bytes
-        for inp, shape in zip(node.inputs, ins):
-            if inp is not None and shape is not None:
-                moved += int(numel(shape) * itemsize(inp.dtype))
-    return NodeCost(cls, flops, matrix, param_bytes, out_bytes, moved, resolved)
+        gathers = node.op_type in op_costs.GATHERS
+        for position, (inp, shape) in enumerate(zip(node.inputs, ins)):
+            if inp is None or shape is None:
+                continue
+            size = int(numel(shape) * itemsize(inp.dtype))
+            if gathers and position == 0:
+                # A gather or slice reads only the elements it returns, not its whole input.
+                size = min(size, out_bytes)
+            moved += size
+            if inp.is_initializer():
+                weight_read += size
+    return NodeCost(
+        cls,
+        flops,
+        matrix,
+        param_bytes,
+        out_bytes,
+        moved,
+        resolved,
+        compute_dtype(node),
+        weight_read,
+    )
+
+
+_DTYPE_NAMES = {
+    ir.DataType.FLOAT: "fp32",
+    ir.DataType.DOUBLE: "fp32",
+    ir.DataType.FLOAT16: "fp16",
+    ir.DataType.BFLOAT16: "bf16",
+    ir.DataType.INT8: "int8",
+    ir.DataType.UINT8: "int8",
+    ir.DataType.INT4: "int4",
+    ir.DataType.UINT4: "int4",
+}
+
+
+def compute_dtype(node: ir.Node) -> str:
+    """The precision of a node's arithmetic: 4-bit for MatMulNBits, 8-bit for integer
+    matmuls and convs, else the dtype of its weight (matmul/conv) or of its output."""
+    if node.op_type == "MatMulNBits":
+        return "int4" if node.attributes.get_int("bits", 4) <= 4 else "int8"
+    if node.op_type in (
+        "MatMulInteger",
+        "ConvInteger",
+        "QLinearMatMul",
+        "QLinearConv",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+    ):
+        return "int8"
+    candidates = (
+        [v for v in node.inputs[1:2] if v is not None]
+        if op_costs.op_class(node) in (op_costs.MATRIX, op_costs.CONV)
+        else []
+    )
+    candidates += [v for v in node.outputs]
+    for value in candidates:
+        if value.dtype in _DTYPE_NAMES:
+            return _DTYPE_NAMES[value.dtype]
+    return "fp32"
 
 
 def _skeleton(model: ir.Model) -> onnx.ModelProto:

@@ -50,6 +50,8 @@ _DATA = {
     "NonZero",
     "OneHot",
 }
+# Ops that read only the elements they return from their first input.
+GATHERS = {"Gather", "GatherElements", "GatherND", "Slice"}
 # FLOPs per element of the output (or of the input for reductions), for non-matrix ops.
 _NORM_COST = {
     "LayerNormalization": 8,
@@ -83,6 +85,23 @@ _REDUCE = {
     "TopK",
     "LpNormalization",
 }
+
+
+FUSED = "fused"
+# Activations that runtimes (ONNX Runtime's FusedConv, TensorRT) fold into the conv before them.
+_CONV_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish"}
+
+
+def is_fused_epilogue(node: ir.Node) -> bool:
+    """An activation that is the only consumer of a convolution's output runs inside it."""
+    if node.op_type not in _CONV_ACTIVATIONS or not node.inputs or node.inputs[0] is None:
+        return False
+    producer = node.inputs[0].producer()
+    return (
+        producer is not None
+        and producer.op_type in ("Conv", "FusedConv")
+        and len(node.inputs[0].uses()) == 1
+    )
 
 
 def op_class(node: ir.Node) -> str:

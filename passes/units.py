@@ -149,16 +149,27 @@ def build_workload(model: ir.Model, name: str, max_segments: int = 32) -> Worklo
     param_users: dict[str, set[int]] = defaultdict(set)
     param_size: dict[str, int] = {}
     for index, members in enumerate(units_nodes):
-        costed = [n for n in nodes if unit_of[id(n)] == index]
+        # Constant-only nodes are folded when the runtime loads the model: they cost no
+        # time per run, and what they produce is stored like a weight.
+        costed = members
         params: set[str] = set()
         for node in costed:
             for inp in node.inputs:
-                if inp is not None and inp.is_initializer() and inp.const_value is not None:
+                if inp is None:
+                    continue
+                producer = inp.producer()
+                if inp.is_initializer() and inp.const_value is not None:
                     params.add(inp.name or "")
                     param_size[inp.name or ""] = int(inp.const_value.nbytes)
+                elif producer is not None and id(producer) in const:
+                    params.add(inp.name or "")
+                    param_size[inp.name or ""] = value_bytes(inp)
         for p in params:
             param_users[p].add(index)
         costs = [annotation(n, COST) for n in costed]
+        const_costs = [
+            annotation(n, COST) for n in nodes if id(n) in const and unit_of[id(n)] == index
+        ]
         span = [vpos[id(n)] for n in members]
         name_, kind, cls = _describe(members)
         units.append(
@@ -167,14 +178,25 @@ def build_workload(model: ir.Model, name: str, max_segments: int = 32) -> Worklo
                 name=name_,
                 kind=kind,
                 module_class=cls,
-                nodes=len(costed),
+                nodes=len(costed) + len(const_costs),
                 flops=float(sum(c.flops for c in costs)),
-                matrix_flops=float(sum(c.matrix_flops for c in costs)),
+                matrix_flops=float(
+                    sum(c.matrix_flops for c in costs) + sum(c.matrix_flops for c in const_costs)
+                ),
                 param_bytes=sum(param_size[p] for p in params),
                 peak_activation_bytes=max(
                     (live[i] for i in range(min(span), max(span) + 1)), default=0
                 ),
-                ops=tuple(OpWork(c.op_class, c.flops, float(c.moved_bytes)) for c in costs),
+                ops=tuple(
+                    OpWork(
+                        c.op_class,
+                        c.flops,
+                        float(c.moved_bytes),
+                        c.dtype,
+                        float(c.weight_read_bytes),
+                    )
+                    for c in costs
+                ),
                 params=tuple(sorted(params)),
             )
         )
