@@ -61,9 +61,11 @@ def load_yaml(path: Path) -> tuple[Any, Source]:
 
 
 def parse_yaml(text: str, source: Source) -> Any:
-    loader = _LinedLoader(text)
-    loader.source = source
+    loader: _LinedLoader | None = None
     try:
+        # Constructing the loader already reads the stream (and rejects control characters).
+        loader = _LinedLoader(text)
+        loader.source = source
         return loader.get_single_data()
     except ConfigError:
         raise
@@ -75,7 +77,8 @@ def parse_yaml(text: str, source: Source) -> Any:
     except (TypeError, ValueError, RecursionError) as exc:
         raise source.error(None, "(document)", f"invalid YAML: {exc}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 class _LinedLoader(yaml.SafeLoader):

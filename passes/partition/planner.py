@@ -331,7 +331,7 @@ def _to_plan(
                 memory_bytes=mem.total,
                 capacity_bytes=mem.capacity,
                 compute_ms=cost.compute_ms(seg.device, seg.start, seg.end),
-                transfer_ms=transfer,
+                transfer_ms=float(transfer),
                 transfer_bytes=nbytes,
                 route=hops,
             )
