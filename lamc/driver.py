@@ -5,7 +5,10 @@ Each step is one call you can see here; the CLI and the Python API both go throu
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,3 +48,139 @@ def analyse(
     seconds["analyse"] = time.perf_counter() - started
     workload: Workload = captured.model.meta["lamc.workload"]
     return Analysed(captured, workload, seconds)
+
+
+# ------------------------------------------------------------------------------ compile
+
+
+@dataclass
+class CompileOptions:
+    capture: CaptureOptions = field(default_factory=CaptureOptions)
+    request: object | None = None  # lamc.passes.partition.planner.PlanRequest
+    backend: str = "auto"  # onnxruntime | tensorrt | auto
+    check: bool = True  # run the ONNX checker and load every stage in ONNX Runtime
+    dump_ir: Path | None = None
+
+
+@dataclass
+class CompileResult:
+    out: Path
+    manifest: object  # lamc.manifest.Manifest
+    plan: object  # lamc.plan.Plan
+    seconds: dict[str, float]
+    checks: list[str]
+
+
+def compile_model(
+    ref: str,
+    topology_path: Path,
+    out: Path,
+    options: CompileOptions | None = None,
+    *,
+    analysed: Analysed | None = None,
+    steps: object | None = None,
+) -> CompileResult:
+    """capture -> passes -> plan -> tag -> slice -> build -> manifest, written atomically."""
+    from lamc.atomic import atomic_directory
+    from lamc.errors import UsageError
+    from lamc.passes.partition.planner import PlanRequest, plan
+    from lamc.passes.partition.tag import TagStages, unit_stages
+    from lamc.topology import load_topology
+
+    options = options or CompileOptions()
+    timer = _Timer(steps)
+    topology = load_topology(topology_path)
+    with timer.step("capture and analyse"):
+        if analysed is None:
+            analysed = analyse(ref, options.capture, dump_ir=options.dump_ir)
+    captured, workload = analysed.captured, analysed.workload
+    if not captured.has_weights:
+        raise UsageError("a shapes-only capture (--no-weights) cannot be compiled: the stages need the weights")
+    request = options.request if isinstance(options.request, PlanRequest) else PlanRequest()
+    with timer.step("partition"):
+        best, cost = plan(workload, topology, request)
+    if not best.budgets_ok:
+        from lamc.errors import DoesNotFitError
+
+        broken = "; ".join(f"{b.name} {b.value:.4g} vs limit {b.limit:g}" for b in best.budgets if not b.ok)
+        raise DoesNotFitError(f"the plan breaks a budget: {broken}")
+    stage_of_unit = unit_stages(best, len(workload.units))
+    TagStages(best, len(workload.units))(captured.model)
+    backends = _choose_backends(best, topology, options.backend)
+    _check_support(captured, best, backends)
+    with timer.step("slice"):
+        from lamc.backends.slice import slice_stages
+
+        graphs = slice_stages(captured.model, stage_of_unit, len(best.stages))
+    checks: list[str] = []
+    with atomic_directory(out) as tmp:
+        artifacts = []
+        with timer.step("build"):
+            for graph, stage in zip(graphs, best.stages):
+                builder: Any = backends[stage.index]
+                artifact = builder.build(graph, topology.device(stage.device), tmp, check=options.check)
+                artifacts.append(artifact)
+                if options.check:
+                    checks.append(f"stage {stage.index}: passes onnx.checker (full) and loads in ONNX Runtime")
+        with timer.step("manifest"):
+            from lamc.manifest_build import build_manifest
+
+            manifest = build_manifest(captured, workload, topology, best, graphs, artifacts, tmp)
+            (tmp / "manifest.json").write_text(manifest.to_json())
+    return CompileResult(out, manifest, best, timer.seconds, checks)
+
+
+def _choose_backends(best: object, topology: object, requested: str) -> dict[int, object]:
+    """The build module for each stage: the device's first backend lamc can build here."""
+    import importlib
+
+    from lamc.errors import RuntimeEnvironmentError, UsageError
+
+    chosen: dict[int, object] = {}
+    for stage in best.stages:  # type: ignore[attr-defined]
+        device = topology.device(stage.device)  # type: ignore[attr-defined]
+        if requested == "onnxruntime" or (requested == "auto" and any(b.startswith("onnxruntime") for b in device.backends)):
+            if not any(b.startswith("onnxruntime") for b in device.backends):
+                raise UsageError(f"--backend onnxruntime: device {device.name} lists no onnxruntime backend ({', '.join(device.backends)})")
+            chosen[stage.index] = importlib.import_module("lamc.backends.onnxruntime.build")
+        elif requested in ("tensorrt", "auto"):
+            module = importlib.import_module("lamc.backends.tensorrt.build")
+            if "tensorrt" not in device.backends:
+                raise UsageError(f"--backend tensorrt: device {device.name} does not list tensorrt")
+            if not module.is_available():
+                raise RuntimeEnvironmentError(f"stage {stage.index} ({device.name}) needs TensorRT, which is not installed here", hint="pip install 'lamc[tensorrt]' on a machine with an NVIDIA GPU, or choose --backend onnxruntime")
+            chosen[stage.index] = module
+        else:
+            raise UsageError(f"unknown backend {requested!r}")
+    return chosen
+
+
+def _check_support(captured: Captured, best: object, backends: dict[int, object]) -> None:
+    from lamc.errors import UnsupportedOpError
+    from lamc.ir import STAGE, annotation, user_frame
+
+    for node in captured.model.graph:
+        stage = annotation(node, STAGE)
+        reason = backends[stage].supports(node)  # type: ignore[attr-defined]
+        if reason is not None:
+            where = user_frame(node)
+            raise UnsupportedOpError(
+                f"stage {stage} ({best.stages[stage].device}): {reason}" + (f" (from {where})" if where else ""),  # type: ignore[attr-defined]
+                hint="pin this unit to a device whose backend supports it, or use another backend",
+            )
+
+
+class _Timer:
+    def __init__(self, steps: object | None) -> None:
+        self.steps = steps
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        if self.steps is not None:
+            with self.steps.step(name):  # type: ignore[attr-defined]
+                yield
+        else:
+            yield
+        self.seconds[name] = time.perf_counter() - started

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import ast
 import json
-import operator
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import onnx_ir as ir
+
+from lamc.dims import UnresolvedDim, eval_dim
+
+__all__ = ["UnresolvedDim", "eval_dim"]
 
 SCOPE = "lamc.scope"
 COST = "lamc.cost"
@@ -91,66 +94,6 @@ def _literal_list(text: str) -> list[Any]:
 
 
 # ----------------------------------------------------------------------------- shapes
-
-
-class UnresolvedDim(ValueError):
-    """A symbolic dimension that the binding cannot evaluate."""
-
-
-_BINOPS = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.FloorDiv: operator.floordiv,
-    ast.Mod: operator.mod,
-}
-_EXPR_CACHE: dict[str, ast.expr] = {}
-
-
-def eval_dim(dim: int | ir.SymbolicDim | str | None, binding: Mapping[str, int]) -> int:
-    """Evaluate one dimension (`seq`, `past + seq`, `2*seq`, `(s0//2)`) under `binding`."""
-    if isinstance(dim, int):
-        return dim
-    text = dim.value if isinstance(dim, ir.SymbolicDim) else dim
-    if text is None:
-        raise UnresolvedDim("unknown dimension")
-    if text in binding:
-        return int(binding[text])
-    expr = _EXPR_CACHE.get(text)
-    if expr is None:
-        try:
-            expr = ast.parse(
-                text.replace("CeilToInt", "").replace("IntTrueDiv", ""), mode="eval"
-            ).body
-        except SyntaxError as exc:
-            raise UnresolvedDim(f"cannot parse dimension {text!r}") from exc
-        _EXPR_CACHE[text] = expr
-    return _eval(expr, binding, text)
-
-
-def _eval(node: ast.expr, binding: Mapping[str, int], text: str) -> int:
-    if isinstance(node, ast.Constant) and isinstance(node.value, int):
-        return node.value
-    if isinstance(node, ast.Name):
-        if node.id not in binding:
-            raise UnresolvedDim(f"dimension {text!r} uses {node.id!r}, which has no value")
-        return int(binding[node.id])
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        return int(
-            _BINOPS[type(node.op)](
-                _eval(node.left, binding, text), _eval(node.right, binding, text)
-            )
-        )
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        return -_eval(node.operand, binding, text)
-    if (
-        isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Name)
-        and node.func.id in ("Max", "Min", "max", "min")
-    ):
-        args = [_eval(a, binding, text) for a in node.args]
-        return max(args) if node.func.id.lower() == "max" else min(args)
-    raise UnresolvedDim(f"cannot evaluate dimension {text!r}")
 
 
 def eval_shape(shape: ir.Shape | None, binding: Mapping[str, int]) -> tuple[int, ...]:

@@ -35,12 +35,21 @@ def available_providers() -> list[str]:
 
 
 def session_options(
-    *, threads: int = 0, optimization: str = "all", optimized_model_path: str | None = None
+    *,
+    threads: int = 0,
+    optimization: str = "all",
+    optimized_model_path: str | None = None,
+    spinning: bool = True,
 ) -> Any:
-    """Session options lamc uses everywhere (profile, compile-time checks, the executor)."""
+    """Session options lamc uses everywhere (profile, compile-time checks, the executor).
+
+    `spinning=False` stops idle pool threads from busy-waiting: several sessions taking
+    turns on one process's cores would otherwise steal each other's time."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[optimization])
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -85,11 +94,12 @@ def load(
     *,
     threads: int = 0,
     optimization: str = "all",
+    spinning: bool = True,
 ) -> Runner:
     import onnxruntime as ort
 
     chosen = check_providers(providers)
-    options = session_options(threads=threads, optimization=optimization)
+    options = session_options(threads=threads, optimization=optimization, spinning=spinning)
     path = os.fspath(model_path) if not isinstance(model_path, bytes) else model_path
     session = ort.InferenceSession(path, sess_options=options, providers=chosen)
     return Runner(

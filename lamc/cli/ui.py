@@ -23,9 +23,11 @@ def interactive() -> bool:
 
 
 def stdout_console() -> Console:
+    """Results go here. Markup is off: unit, tensor and file names are printed as they are
+    (`[batch, seq, 64]` is a shape, not a style)."""
     if sys.stdout.isatty():
-        return Console(highlight=False)
-    return Console(width=160, highlight=False, no_color=True, soft_wrap=True)
+        return Console(highlight=False, markup=False)
+    return Console(width=160, highlight=False, no_color=True, soft_wrap=True, markup=False)
 
 
 def stderr_console() -> Console:

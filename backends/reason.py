@@ -1,0 +1,25 @@
+"""Why a backend cannot take something: a reason object, never a bare False."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reason:
+    what: str  # the node or op the reason is about
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.what}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a backend built for one stage: files (relative to OUT) and how to load them."""
+
+    backend: str
+    model: str
+    files: tuple[str, ...]
+    providers: tuple[str, ...]
+    session: dict[str, object]

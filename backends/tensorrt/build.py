@@ -1,0 +1,89 @@
+"""TensorRT on the compile host: build a serialized engine for a stage, now (a GPU and
+the `tensorrt` package here) or later on the target with the same ONNX file.
+
+Engines are specific to a GPU model and TensorRT version, so the stage's ONNX model is
+always written beside the engine; the manifest records both.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import onnx_ir as ir
+
+from lamc.backends.reason import Artifact, Reason
+from lamc.backends.slice import StageGraph, save_stage
+from lamc.errors import EngineBuildError, RuntimeEnvironmentError
+from lamc.topology import Device
+
+NAME = "tensorrt"
+# Ops the ONNX parser of TensorRT 10 does not take (lamc's compression emits them for
+# ONNX Runtime); a stage holding one must use the onnxruntime backend.
+_UNSUPPORTED = {"MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear"}
+WORKSPACE_BYTES = 1 << 30
+
+
+def is_available() -> bool:
+    """True with the real `tensorrt` package (the stub package alone is a namespace
+    directory without an origin) and a CUDA device to build on."""
+    spec = importlib.util.find_spec("tensorrt")
+    if spec is None or spec.origin is None:
+        return False
+    try:
+        import tensorrt as trt
+
+        builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
+    except Exception:
+        return False
+    return builder is not None
+
+
+def supports(node: ir.Node) -> Reason | None:
+    if node.op_type in _UNSUPPORTED or (node.domain or "") not in ("", "ai.onnx"):
+        return Reason(node.name or node.op_type, f"TensorRT's ONNX parser has no {node.domain or 'ai.onnx'}::{node.op_type}")
+    return None
+
+
+def build(stage: StageGraph, device: Device, out_dir: Path, *, check: bool = True, fp16: bool = False) -> Artifact:
+    if not is_available():
+        raise RuntimeEnvironmentError("TensorRT is not installed here (or there is no GPU to build on)", hint="build the engines on the target: lamc build-engines OUT")
+    import tensorrt as trt
+
+    folder = f"stage-{stage.index}"
+    (out_dir / folder).mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / folder / "model.onnx"
+    written = save_stage(stage, str(onnx_path), external_data="model.onnx.data")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineBuildError(f"stage {stage.index}: TensorRT cannot parse its ONNX model: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shape = [tensor.shape[axis] for axis in range(len(tensor.shape))]
+        # Dynamic dims (-1) may take any size from 1 to 2048; static ones are fixed.
+        low = trt.Dims([1 if d < 0 else d for d in shape])
+        opt = trt.Dims([1 if d < 0 else d for d in shape])
+        high = trt.Dims([2048 if d < 0 else d for d in shape])
+        profile.set_shape(tensor.name, low, opt, high)
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(f"stage {stage.index}: TensorRT failed to build an engine for {device.name}")
+    engine_path = out_dir / folder / "model.engine"
+    engine_path.write_bytes(bytes(serialized))
+    return Artifact(
+        backend=NAME,
+        model=f"{folder}/model.engine",
+        files=(*(f"{folder}/{name}" for name in written), f"{folder}/model.engine"),
+        providers=(),
+        session={"fp16": fp16, "trt_version": trt.__version__},
+    )

@@ -1,0 +1,103 @@
+"""Atomic output directories: build beside OUT, then swap it into place.
+
+A compile writes into a hidden sibling (`.OUT.lamc-XXXX/`), puts the manifest in last,
+and only then replaces OUT: on Linux in one `renameat2(RENAME_EXCHANGE)`, so a reader sees
+either the old OUT or the new one, never a mix. A compile that fails or is interrupted
+removes its temporary directory and leaves the previous OUT as it was; one killed outright
+(SIGKILL) leaves the temporary directory behind, and the next compile beside it removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from lamc.errors import UsageError
+
+MARKER = ".lamc-building"
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path, *, owner_file: str = "manifest.json") -> Iterator[Path]:
+    """Yield a fresh directory; on success it replaces `out` atomically."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / owner_file).is_file():
+        raise UsageError(f"{out} exists, is not empty and holds no {owner_file}: refusing to replace it", hint="choose another -o OUT or remove it")
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(parent, out.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.lamc-", dir=parent))
+    # mkdtemp makes the directory private; OUT gets the usual permissions (umask applied).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    (tmp / MARKER).write_text(str(os.getpid()))
+    try:
+        yield tmp
+        (tmp / MARKER).unlink()
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def clean_stale(parent: Path, name: str) -> list[Path]:
+    """Remove temporary directories of compiles of `name` whose process is gone."""
+    removed = []
+    for candidate in parent.glob(f".{name}.lamc-*"):
+        marker = candidate / MARKER
+        try:
+            pid = int(marker.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous OUT
+        return
+    old = out.with_name(f".{out.name}.lamc-old-{os.getpid()}")
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2); False where not available."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(libc_name, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return bool(result == 0)

@@ -1,0 +1,288 @@
+"""The pipeline manifest (`manifest.json`, `"lamc_manifest": 1`): what the executor runs.
+
+It records provenance (versions, the sha256 of the model and the topology), every stage
+(device, host, backend, providers, precision, artifact files with sha256 and size, the
+tensors it consumes, produces, receives and sends), the edges between stages with their
+codecs, the tensor specs with symbolic dims and their ranges, and the plan's predicted
+costs. It is written deterministically: sorted keys, no timestamps, relative paths.
+
+The executor trusts nothing before `verify` passes: the JSON Schema shipped in
+`lamc/schemas`, the version, and for every artifact a safe relative path (no `..`, no
+absolute path, no symlink anywhere on it), its size and its sha256. This module imports
+only the standard library and jsonschema: it runs on the edge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from lamc.errors import IntegrityError, RuntimeEnvironmentError
+
+VERSION = 1
+FILENAME = "manifest.json"
+# Oldest onnxruntime that runs what lamc emits (opset 18 and its contrib ops).
+MIN_ONNXRUNTIME = (1, 17)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy name: float32, float16, int64, int32, int8, uint8, bool
+    shape: tuple[int | str, ...]  # ints, dim names, or expressions of them (past + seq)
+
+
+@dataclass(frozen=True)
+class DimRange:
+    min: int
+    max: int
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class EdgeTensor:
+    name: str
+    codec: str = "raw"  # raw | fp16 | int8
+
+
+@dataclass(frozen=True)
+class Edge:
+    source: int  # stage index; -1 is the client
+    target: int  # stage index; len(stages) is the client
+    tensors: tuple[EdgeTensor, ...]
+    bytes: int  # at the operating point
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """The KV cache a stage owns: its layers' cache tensors stay on the stage."""
+
+    layers: tuple[int, ...]
+    past_inputs: tuple[str, ...]
+    present_outputs: tuple[str, ...]
+    dtype: str
+    bytes_per_token: int  # per sequence, all of this stage's layers
+    max_context: int
+    past_dim: str = "past"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    index: int
+    device: str
+    host: str
+    kind: str
+    backend: str  # onnxruntime | tensorrt
+    providers: tuple[str, ...]
+    session: dict[str, Any]
+    precision: str
+    units: tuple[str, ...]
+    model: str  # relative path of the file the backend loads
+    files: tuple[ArtifactFile, ...]
+    inputs: tuple[str, ...]  # what the engine consumes
+    outputs: tuple[str, ...]  # what the engine produces
+    receives: tuple[str, ...]  # what arrives from the previous stage (or the client)
+    sends: tuple[str, ...]  # what leaves for the next stage (or the client)
+    predicted: dict[str, float] = field(default_factory=dict)
+    kv_cache: KVCache | None = None
+
+
+@dataclass
+class Manifest:
+    model: dict[str, Any]
+    topology: dict[str, Any]
+    provenance: dict[str, str]
+    dims: dict[str, DimRange]
+    tensors: dict[str, TensorSpec]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    stages: tuple[StageSpec, ...]
+    edges: tuple[Edge, ...]
+    plan: dict[str, Any]
+    requires: dict[str, str] = field(default_factory=lambda: {"onnxruntime": ">=%d.%d" % MIN_ONNXRUNTIME})
+    lamc_manifest: int = VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        from lamc.plan import _rounded
+
+        data = asdict(self)
+        data["dims"] = {k: asdict(v) for k, v in sorted(self.dims.items())}
+        data["tensors"] = {k: asdict(v) for k, v in sorted(self.tensors.items())}
+        rounded: dict[str, Any] = _rounded(data)
+        return rounded
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def spec(self, name: str) -> TensorSpec:
+        return self.tensors[name]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        def kv(raw: dict[str, Any] | None) -> KVCache | None:
+            if raw is None:
+                return None
+            return KVCache(
+                layers=tuple(raw["layers"]),
+                past_inputs=tuple(raw["past_inputs"]),
+                present_outputs=tuple(raw["present_outputs"]),
+                dtype=raw["dtype"],
+                bytes_per_token=int(raw["bytes_per_token"]),
+                max_context=int(raw["max_context"]),
+                past_dim=raw.get("past_dim", "past"),
+            )
+
+        stages = tuple(
+            StageSpec(
+                index=s["index"],
+                device=s["device"],
+                host=s["host"],
+                kind=s["kind"],
+                backend=s["backend"],
+                providers=tuple(s["providers"]),
+                session=dict(s["session"]),
+                precision=s["precision"],
+                units=tuple(s["units"]),
+                model=s["model"],
+                files=tuple(ArtifactFile(f["path"], f["sha256"], int(f["size"])) for f in s["files"]),
+                inputs=tuple(s["inputs"]),
+                outputs=tuple(s["outputs"]),
+                receives=tuple(s["receives"]),
+                sends=tuple(s["sends"]),
+                predicted=dict(s.get("predicted", {})),
+                kv_cache=kv(s.get("kv_cache")),
+            )
+            for s in data["stages"]
+        )
+        return cls(
+            model=dict(data["model"]),
+            topology=dict(data["topology"]),
+            provenance=dict(data["provenance"]),
+            dims={k: DimRange(int(v["min"]), int(v["max"])) for k, v in data["dims"].items()},
+            tensors={k: TensorSpec(v["name"], v["dtype"], tuple(v["shape"])) for k, v in data["tensors"].items()},
+            inputs=tuple(data["inputs"]),
+            outputs=tuple(data["outputs"]),
+            stages=stages,
+            edges=tuple(Edge(e["source"], e["target"], tuple(EdgeTensor(t["name"], t["codec"]) for t in e["tensors"]), int(e["bytes"])) for e in data["edges"]),
+            plan=dict(data["plan"]),
+            requires=dict(data.get("requires", {})),
+            lamc_manifest=int(data["lamc_manifest"]),
+        )
+
+
+# ------------------------------------------------------------------------- schema + verify
+
+
+def schema() -> dict[str, Any]:
+    text = resources.files("lamc.schemas").joinpath("manifest.schema.json").read_text()
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def safe_path(root: Path, relative: str, what: str) -> Path:
+    """`root/relative`, refusing absolute paths, `..`, and symlinks at any level."""
+    if not relative or relative.startswith(("/", "\\")) or os.path.isabs(relative) or "\\" in relative:
+        raise IntegrityError(f"{what}: path {relative!r} is not a plain relative path")
+    parts = Path(relative).parts
+    if ".." in parts or "." in parts:
+        raise IntegrityError(f"{what}: path {relative!r} leaves or re-enters its directory")
+    current = root
+    for part in parts:
+        current = current / part
+        if current.is_symlink():
+            raise IntegrityError(f"{what}: {current.relative_to(root)} is a symlink")
+    resolved = current.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise IntegrityError(f"{what}: path {relative!r} points outside {root}")
+    return current
+
+
+def read_manifest(out_dir: Path) -> Manifest:
+    """Parse and schema-check `OUT/manifest.json` (no artifact checks)."""
+    path = out_dir / FILENAME
+    if not out_dir.is_dir():
+        raise IntegrityError(f"{out_dir} is not a directory holding a compiled pipeline")
+    if path.is_symlink():
+        raise IntegrityError(f"{path} is a symlink")
+    if not path.is_file():
+        raise IntegrityError(f"{path} is missing: {out_dir} is not a compiled pipeline (or was not finished)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IntegrityError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("lamc_manifest") != VERSION:
+        version = data.get("lamc_manifest") if isinstance(data, dict) else None
+        raise IntegrityError(f"{path}: lamc_manifest is {version!r}; this executor reads version {VERSION}")
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        first = errors[0]
+        where = "/".join(str(p) for p in first.absolute_path) or "(top level)"
+        raise IntegrityError(f"{path}: {where}: {first.message}")
+    manifest = Manifest.from_dict(data)
+    _check_consistency(manifest, path)
+    return manifest
+
+
+def _check_consistency(manifest: Manifest, path: Path) -> None:
+    for stage in manifest.stages:
+        for name in (*stage.inputs, *stage.outputs, *stage.receives, *stage.sends):
+            if name not in manifest.tensors:
+                raise IntegrityError(f"{path}: stages/{stage.index}: tensor {name!r} has no spec in `tensors`")
+        if stage.model not in {f.path for f in stage.files}:
+            raise IntegrityError(f"{path}: stages/{stage.index}/model: {stage.model!r} is not one of the stage's files")
+    if [s.index for s in manifest.stages] != list(range(len(manifest.stages))):
+        raise IntegrityError(f"{path}: stages are not numbered 0..{len(manifest.stages) - 1}")
+
+
+def verify(out_dir: Path) -> Manifest:
+    """Everything the executor checks before it loads anything. Raises IntegrityError
+    (exit 9) naming the file, or RuntimeEnvironmentError (exit 10) for a runtime too old."""
+    manifest = read_manifest(out_dir)
+    _check_runtime(manifest)
+    for stage in manifest.stages:
+        for item in stage.files:
+            file = safe_path(out_dir, item.path, f"stage {stage.index}")
+            if not file.is_file():
+                raise IntegrityError(f"{item.path}: missing (stage {stage.index})")
+            size = file.stat().st_size
+            if size != item.size:
+                raise IntegrityError(f"{item.path}: size {size} bytes, the manifest says {item.size} (truncated or replaced)")
+            digest = sha256_file(file)
+            if digest != item.sha256:
+                raise IntegrityError(f"{item.path}: sha256 {digest[:16]}..., the manifest says {item.sha256[:16]}... (modified)")
+    return manifest
+
+
+def _check_runtime(manifest: Manifest) -> None:
+    needs_ort = any(s.backend == "onnxruntime" for s in manifest.stages)
+    if not needs_ort:
+        return
+    try:
+        import onnxruntime
+    except ImportError:
+        raise RuntimeEnvironmentError("onnxruntime is not installed", hint="pip install lamc") from None
+    have = tuple(int(p) for p in onnxruntime.__version__.split(".")[:2] if p.isdigit())
+    if have < MIN_ONNXRUNTIME:
+        raise RuntimeEnvironmentError(f"onnxruntime {onnxruntime.__version__} is older than {'.'.join(map(str, MIN_ONNXRUNTIME))}, which this pipeline needs")

@@ -1,0 +1,151 @@
+"""Build the manifest of a compiled pipeline from the IR, the plan and the built artifacts.
+
+Compile side (it reads the IR); the manifest it produces is read on the edge by
+`lamc.manifest`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from lamc import __version__
+from lamc.backends.reason import Artifact
+from lamc.backends.slice import StageGraph
+from lamc.errors import InternalError
+from lamc.frontend.capture import Captured
+from lamc.ir import dims_text
+from lamc.manifest import ArtifactFile, DimRange, Edge, EdgeTensor, Manifest, StageSpec, TensorSpec, sha256_file
+from lamc.plan import Plan
+from lamc.topology import Topology
+from lamc.workload import Workload
+
+
+def build_manifest(
+    captured: Captured,
+    workload: Workload,
+    topology: Topology,
+    plan: Plan,
+    graphs: Sequence[StageGraph],
+    artifacts: Sequence[Artifact],
+    out_dir: Path,
+) -> Manifest:
+    values = _values(captured.model)
+    stages: list[StageSpec] = []
+    names: set[str] = set(captured.input_names) | set(captured.output_names)
+    for graph, artifact, planned in zip(graphs, artifacts, plan.stages):
+        receives = [t.name for t in workload.cuts[planned.start_unit].tensors]
+        sends = [t.name for t in workload.cuts[planned.end_unit].tensors]
+        _check_boundaries(graph, receives, sends)
+        names |= set(receives) | set(sends) | set(graph.inputs) | set(graph.outputs)
+        files = tuple(ArtifactFile(path, sha256_file(out_dir / path), (out_dir / path).stat().st_size) for path in artifact.files)
+        stages.append(
+            StageSpec(
+                index=planned.index,
+                device=planned.device,
+                host=planned.host,
+                kind=planned.kind,
+                backend=artifact.backend,
+                providers=tuple(artifact.providers),
+                session=dict(artifact.session),
+                precision=planned.precision,
+                units=planned.units,
+                model=artifact.model,
+                files=files,
+                inputs=tuple(graph.inputs),
+                outputs=tuple(graph.outputs),
+                receives=tuple(receives),
+                sends=tuple(sends),
+                predicted={"compute_ms": planned.compute_ms, "memory_bytes": planned.memory_bytes, "transfer_ms": planned.transfer_ms, "transfer_bytes": planned.transfer_bytes},
+            )
+        )
+    tensors = {name: _spec(values[name]) for name in sorted(names)}
+    edges = []
+    for k in range(len(stages) + 1):
+        cut = workload.cuts[plan.stages[k].start_unit if k < len(stages) else workload.cuts[-1].index]
+        edges.append(Edge(source=k - 1, target=k, tensors=tuple(EdgeTensor(t.name, "raw") for t in cut.tensors), bytes=cut.bytes))
+    return Manifest(
+        model={"name": captured.name, "source": captured.source, "sha256": captured.source_sha256 or model_sha256(captured.model)},
+        topology={"name": topology.name, "sha256": topology.sha256},
+        provenance=provenance(),
+        dims={name: DimRange(low, high) for name, (low, high) in sorted(captured.dims.items())},
+        tensors=tensors,
+        inputs=tuple(captured.input_names),
+        outputs=tuple(captured.output_names),
+        stages=tuple(stages),
+        edges=tuple(edges),
+        plan={
+            "objective": plan.objective,
+            "binding": dict(plan.binding),
+            "bottleneck_ms": plan.bottleneck_ms,
+            "latency_ms": plan.latency_ms,
+            "throughput_rps": plan.throughput_rps,
+            "fluid_bound_ms": plan.fluid_bound_ms,
+            "limited_by": plan.bottleneck,
+        },
+    )
+
+
+def _check_boundaries(graph: StageGraph, receives: list[str], sends: list[str]) -> None:
+    """The slicer and the cuts must agree: what a stage consumes arrives, what it sends it
+    either produced or received."""
+    arriving, leaving = set(receives), set(sends)
+    if not set(graph.inputs) <= arriving:
+        raise InternalError(f"stage {graph.index} consumes {sorted(set(graph.inputs) - arriving)} that do not arrive")
+    if not leaving <= arriving | set(graph.outputs):
+        raise InternalError(f"stage {graph.index} sends {sorted(leaving - arriving - set(graph.outputs))} it neither receives nor produces")
+
+
+def _values(model: ir.Model) -> dict[str, ir.Value]:
+    found = {v.name: v for v in model.graph.inputs if v.name}
+    for node in model.graph:
+        for v in node.outputs:
+            if v.name:
+                found[v.name] = v
+    return found
+
+
+def _spec(value: ir.Value) -> TensorSpec:
+    dtype = value.dtype.numpy().name if value.dtype is not None else "float32"
+    return TensorSpec(value.name or "", dtype, tuple(dims_text(value.shape)))
+
+
+def model_sha256(model: ir.Model) -> str:
+    """Identity of a captured model: its graph (without weights) and every weight's bytes."""
+    digest = hashlib.sha256()
+    digest.update(ir.to_onnx_text(model, exclude_initializers=True).encode())
+    for name, value in sorted(model.graph.initializers.items()):
+        digest.update(name.encode())
+        if value.const_value is not None:
+            digest.update(value.const_value.tobytes())
+    return digest.hexdigest()
+
+
+def provenance() -> dict[str, str]:
+    found: dict[str, str] = {"lamc": __version__, "python": platform.python_version()}
+    for module in ("torch", "onnx", "onnx_ir", "onnxscript", "onnxruntime", "transformers"):
+        version = _version(module)
+        if version is not None:
+            found[module] = version
+    return found
+
+
+def _version(module: str) -> str | None:
+    import importlib
+    import sys
+
+    if module not in sys.modules:
+        # Only report what this compile actually used.
+        if module == "transformers":
+            return None
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return None
+    version: Any = getattr(sys.modules[module], "__version__", None)
+    return str(version) if version is not None else None
