@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lamc.manifest import ArtifactFile
+
 
 @dataclass(frozen=True)
 class Reason:
@@ -16,10 +18,11 @@ class Reason:
 
 @dataclass(frozen=True)
 class Artifact:
-    """What a backend built for one stage: files (relative to OUT) and how to load them."""
+    """What a backend built for one stage: files (relative to OUT, hashed as they were
+    written) and how to load them."""
 
     backend: str
     model: str
-    files: tuple[str, ...]
+    files: tuple[ArtifactFile, ...]
     providers: tuple[str, ...]
     session: dict[str, object]

@@ -11,9 +11,12 @@ across compiles of the same model.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -21,23 +24,119 @@ from lamc.errors import InternalError
 from lamc.ir import annotation
 from lamc.passes.units import CONST
 
-# Protobuf cannot serialise a message over 2 GiB; leave room for the graph itself.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-# Tensors this small stay inside the model even when the rest goes external: ONNX Runtime
-# reads shape-like constants during graph resolution, before external data is loaded.
+# Weights of this size and above go to the stage's external data file (any size of model
+# works, since protobuf never holds the weights); smaller tensors stay inside the model:
+# ONNX Runtime reads shape-like constants while resolving the graph.
 SMALL_TENSOR_BYTES = 1024
+# Offsets in the data file are multiples of this (the largest mmap granularity, Windows').
+ALIGNMENT = 65536
+
+
+@dataclass
+class WrittenFile:
+    name: str  # relative to the stage's directory
+    sha256: str
+    size: int
 
 
 @dataclass
 class StageGraph:
-    """One stage's sub-model and the names that cross its boundaries."""
+    """One stage's sub-model (a view on the IR: no weights copied) and the names that cross
+    its boundaries."""
 
     index: int
-    proto: onnx.ModelProto
+    view: ir.GraphView
     inputs: list[str]
     outputs: list[str]
     nodes: int
     param_bytes: int
+    opset_imports: dict[str, int]
+    ir_version: int
+    functions: list[ir.Function]
+
+    def proto(self, *, weights: bool = True) -> onnx.ModelProto:
+        """The stage as one ModelProto; with `weights=False` large initializers are left out
+        (written separately by `write`)."""
+        view = self.view
+        if not weights:
+            view = ir.GraphView(
+                inputs=list(self.view.inputs),
+                outputs=list(self.view.outputs),
+                nodes=list(self.view),
+                initializers=[v for v in self.view.initializers.values() if not _external(v)],
+                opset_imports=self.opset_imports,
+                name=self.view.name,
+            )
+        graph_proto = ir.serde.serialize_graph(view)  # type: ignore[arg-type]
+        for node_proto in graph_proto.node:
+            # Stack traces and exporter notes: not needed to run, and they hold local paths.
+            del node_proto.metadata_props[:]
+            node_proto.doc_string = ""
+        for value_info in [*graph_proto.input, *graph_proto.output, *graph_proto.value_info]:
+            del value_info.metadata_props[:]
+        for init in graph_proto.initializer:
+            del init.metadata_props[:]
+        proto = onnx.ModelProto(ir_version=self.ir_version, graph=graph_proto, producer_name="lamc")
+        for domain, version in sorted(self.opset_imports.items()):
+            proto.opset_import.add(domain=domain, version=version)
+        for function in self.functions:
+            proto.functions.append(ir.serde.serialize_function(function))
+        return proto
+
+    def write(
+        self, directory: Path, model: str = "model.onnx", data: str = "model.onnx.data"
+    ) -> list[WrittenFile]:
+        """Write the stage: the graph in `model`, large weights streamed from memory into
+        `data` (each aligned for memory mapping). Both are hashed as they are written."""
+        directory.mkdir(parents=True, exist_ok=True)
+        proto = self.proto(weights=False)
+        large = [v for v in self.view.initializers.values() if _external(v)]
+        files: list[WrittenFile] = []
+        if large:
+            digest = hashlib.sha256()
+            offset = 0
+            with open(directory / data, "wb") as out:
+                for value in large:
+                    padding = (-offset) % ALIGNMENT
+                    if padding:
+                        out.write(b"\0" * padding)
+                        digest.update(b"\0" * padding)
+                        offset += padding
+                    raw = _raw(value)
+                    out.write(raw)
+                    digest.update(raw)
+                    tensor = proto.graph.initializer.add()
+                    tensor.name = value.name or ""
+                    tensor.data_type = int(value.const_value.dtype)  # type: ignore[union-attr]
+                    tensor.dims.extend(int(d) for d in value.const_value.shape.numpy())  # type: ignore[union-attr]
+                    tensor.data_location = onnx.TensorProto.EXTERNAL
+                    for key, text in (
+                        ("location", data),
+                        ("offset", str(offset)),
+                        ("length", str(len(raw))),
+                    ):
+                        entry = tensor.external_data.add()
+                        entry.key, entry.value = key, text
+                    offset += len(raw)
+            files.append(WrittenFile(data, digest.hexdigest(), offset))
+        payload = proto.SerializeToString(deterministic=True)
+        (directory / model).write_bytes(payload)
+        files.insert(0, WrittenFile(model, hashlib.sha256(payload).hexdigest(), len(payload)))
+        return files
+
+
+def _external(value: ir.Value) -> bool:
+    tensor = value.const_value
+    return tensor is not None and tensor.nbytes >= SMALL_TENSOR_BYTES
+
+
+def _raw(value: ir.Value) -> memoryview:
+    """The tensor's bytes, without a copy where its buffer allows (little-endian, as ONNX)."""
+    tensor = value.const_value
+    assert tensor is not None
+    if tensor.dtype.bitwidth < 8:  # packed 4-bit types: numpy would unpack them
+        return memoryview(tensor.tobytes())
+    return np.ascontiguousarray(tensor.numpy()).data.cast("B")
 
 
 def slice_stages(model: ir.Model, unit_to_stage: Sequence[int], n_stages: int) -> list[StageGraph]:
@@ -72,7 +171,7 @@ def slice_nodes(model: ir.Model, members: Iterable[ir.Node], name: str = "part")
     result = _slice_one(
         model, 0, chosen, nodes, stage_of, const_ids, {id(v) for v in model.graph.outputs}
     )
-    result.proto.graph.name = name
+    result.view.name = name
     return result
 
 
@@ -132,67 +231,22 @@ def _slice_one(
         opset_imports=dict(model.graph.opset_imports),
         name=f"stage{k}",
     )
-    graph_proto = ir.serde.serialize_graph(view)  # type: ignore[arg-type]
-    for node_proto in graph_proto.node:
-        # Stack traces and exporter notes: not needed to run, and they hold local paths.
-        del node_proto.metadata_props[:]
-        node_proto.doc_string = ""
-    for value_info in [*graph_proto.input, *graph_proto.output, *graph_proto.value_info]:
-        del value_info.metadata_props[:]
-    for init in graph_proto.initializer:
-        del init.metadata_props[:]
-    proto = onnx.ModelProto(
-        ir_version=model.ir_version or 10, graph=graph_proto, producer_name="lamc"
-    )
     used_domains = {n.domain for n in ordered}
-    for domain, version in sorted(model.graph.opset_imports.items()):
-        if domain == "" or domain in used_domains:
-            proto.opset_import.add(domain=domain, version=version)
-    for function in model.functions.values():
-        if (function.domain, function.name) in {(n.domain, n.op_type) for n in ordered}:
-            proto.functions.append(ir.serde.serialize_function(function))
+    opsets = {d: v for d, v in model.graph.opset_imports.items() if d == "" or d in used_domains}
+    functions = [
+        f
+        for f in model.functions.values()
+        if (f.domain, f.name) in {(n.domain, n.op_type) for n in ordered}
+    ]
     param_bytes = sum(int(v.const_value.nbytes) for v in initializers if v.const_value is not None)
     return StageGraph(
         k,
-        proto,
+        view,
         [v.name or "" for v in inputs],
         [v.name or "" for v in outputs],
         len(members),
         param_bytes,
+        opsets,
+        model.ir_version or 10,
+        functions,
     )
-
-
-def save_stage(stage: StageGraph, path: str, *, external_data: str | None = None) -> list[str]:
-    """Write a stage model deterministically; large models put weights in `external_data`.
-
-    Returns the files written (relative to the model's directory)."""
-    import os
-
-    proto = stage.proto
-    total = sum(len(t.raw_data) for t in proto.graph.initializer)
-    files = [os.path.basename(path)]
-    if external_data is not None and total > EXTERNAL_DATA_THRESHOLD:
-        directory = os.path.dirname(path)
-        data_path = os.path.join(directory, external_data)
-        offset = 0
-        with open(data_path, "wb") as data:
-            for tensor in proto.graph.initializer:
-                raw = tensor.raw_data
-                if len(raw) < SMALL_TENSOR_BYTES:
-                    continue
-                data.write(raw)
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                del tensor.external_data[:]
-                for key, value in (
-                    ("location", external_data),
-                    ("offset", str(offset)),
-                    ("length", str(len(raw))),
-                ):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, value
-                offset += len(raw)
-        files.append(external_data)
-    with open(path, "wb") as f:
-        f.write(proto.SerializeToString(deterministic=True))
-    return files

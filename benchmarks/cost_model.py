@@ -58,17 +58,21 @@ def measure_model(ref: str, device: Device, rounds: int = 3) -> list[tuple[str, 
     parts = []
     for unit in workload.units:
         members = [n for n in nodes if annotation(n, "lamc.unit") == unit.index]
-        parts.append(slice_nodes(captured.model, members, unit.name).proto.SerializeToString())
+        parts.append(slice_nodes(captured.model, members, unit.name).proto().SerializeToString())
     # Rounds over all units, keeping each unit's best median: interference from other work
     # only adds time (the profile treats its probes the same way).
     measured = [median_ms(part, values, budget_s=1.0) for part in parts]
     for _ in range(rounds - 1):
-        measured = [min(m, median_ms(part, values, budget_s=1.0)) for m, part in zip(measured, parts)]
+        measured = [
+            min(m, median_ms(part, values, budget_s=1.0)) for m, part in zip(measured, parts)
+        ]
     rows = []
     for unit, time_ms in zip(workload.units, measured):
         # Timed alone, the unit is a stage of its own: its weights stay in the cache if they fit.
         cached = device.cache_bandwidth > 0 and unit.param_bytes <= device.cache_bytes
-        predicted = unit_time(unit, device, weights_cached=cached).total_ms + device.call_overhead_ms
+        predicted = (
+            unit_time(unit, device, weights_cached=cached).total_ms + device.call_overhead_ms
+        )
         rows.append((unit.name, predicted, time_ms))
     return rows
 

@@ -33,8 +33,25 @@ def random_workload(n: int, seed: int = 0) -> Workload:
     for i in range(n):
         flops = float(rng.uniform(0.2e9, 3e9))
         params = int(rng.uniform(5, 60) * 2**20)
-        units.append(Unit(i, f"u{i}", "block", None, 10, flops, flops, params, int(rng.uniform(1, 8) * 2**20), (OpWork("matmul", flops, float(params), "fp32", float(params)),), (f"w{i}",)))
-    cuts = tuple(Cut(k, (CutTensor(f"t{k}", "float", (1,), int(rng.uniform(0.1, 4) * 2**20)),)) for k in range(n + 1))
+        units.append(
+            Unit(
+                i,
+                f"u{i}",
+                "block",
+                None,
+                10,
+                flops,
+                flops,
+                params,
+                int(rng.uniform(1, 8) * 2**20),
+                (OpWork("matmul", flops, float(params), "fp32", float(params)),),
+                (f"w{i}",),
+            )
+        )
+    cuts = tuple(
+        Cut(k, (CutTensor(f"t{k}", "float", (1,), int(rng.uniform(0.1, 4) * 2**20)),))
+        for k in range(n + 1)
+    )
     return Workload("random-200", {}, tuple(units), cuts)
 
 
@@ -48,7 +65,9 @@ def random_topology(d: int, seed: int = 0) -> str:
     lines.append("links:")
     for a in range(d):
         for b in range(a + 1, d):
-            lines.append(f"  - {{a: d{a}, b: d{b}, bandwidth: {rng.uniform(0.1, 10):.2f}Gbit/s, latency: {rng.uniform(0.1, 5):.2f}ms}}")
+            lines.append(
+                f"  - {{a: d{a}, b: d{b}, bandwidth: {rng.uniform(0.1, 10):.2f}Gbit/s, latency: {rng.uniform(0.1, 5):.2f}ms}}"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -62,7 +81,9 @@ def scale() -> None:
             started = time.perf_counter()
             best, _ = plan(workload, topology, PlanRequest(objective=objective))
             times.append(time.perf_counter() - started)
-        print(f"  {objective:10} {min(times):.2f} s (best of 3; {len(best.stages)} stages, bottleneck {best.bottleneck_ms:.1f} ms, latency {best.latency_ms:.1f} ms)")
+        print(
+            f"  {objective:10} {min(times):.2f} s (best of 3; {len(best.stages)} stages, bottleneck {best.bottleneck_ms:.1f} ms, latency {best.latency_ms:.1f} ms)"
+        )
 
 
 def fmt(ms: float) -> str:
@@ -71,10 +92,18 @@ def fmt(ms: float) -> str:
 
 def models() -> None:
     topologies = sorted((ROOT / "examples" / "topologies").glob("*.yaml"))
-    print("\npredicted bottleneck / latency in ms (throughput objective; x = ratio to lamc's bottleneck; OOM = does not fit)")
-    print("| model | topology | lamc | equal split | memory-proportional | best single device | fluid bound |")
+    print(
+        "\npredicted bottleneck / latency in ms (throughput objective; x = ratio to lamc's bottleneck; OOM = does not fit)"
+    )
+    print(
+        "| model | topology | lamc | equal split | memory-proportional | best single device | fluid bound |"
+    )
     print("|---|---|---|---|---|---|---|")
-    for ref, label in (("zoo:gpt2", "gpt2-small"), ("zoo:llama", "llama-1b"), ("zoo:resnet", "ResNet-50")):
+    for ref, label in (
+        ("zoo:gpt2", "gpt2-small"),
+        ("zoo:llama", "llama-1b"),
+        ("zoo:resnet", "ResNet-50"),
+    ):
         workload = analyse(ref, CaptureOptions(weights=False)).workload
         for path in topologies:
             topology = load_topology(path)

@@ -31,7 +31,10 @@ def atomic_directory(out: Path, *, owner_file: str = "manifest.json") -> Iterato
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / owner_file).is_file():
-        raise UsageError(f"{out} exists, is not empty and holds no {owner_file}: refusing to replace it", hint="choose another -o OUT or remove it")
+        raise UsageError(
+            f"{out} exists, is not empty and holds no {owner_file}: refusing to replace it",
+            hint="choose another -o OUT or remove it",
+        )
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
     clean_stale(parent, out.name)
@@ -98,6 +101,12 @@ def _exchange(a: Path, b: Path) -> bool:
         renameat2 = libc.renameat2
     except (OSError, AttributeError):
         return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
     result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
     return bool(result == 0)

@@ -72,12 +72,14 @@ def _eval(node: ast.expr, binding: Mapping[str, int], text: str) -> int:
     raise UnresolvedDim(f"cannot evaluate dimension {text!r}")
 
 
-
-
 def names_in(text: str) -> set[str]:
     """The symbol names a dimension expression uses."""
     try:
         tree = ast.parse(text, mode="eval")
     except SyntaxError:
         return set()
-    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id not in ("Max", "Min", "max", "min")}
+    return {
+        n.id
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Name) and n.id not in ("Max", "Min", "max", "min")
+    }

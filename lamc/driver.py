@@ -8,12 +8,20 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lamc.frontend import Captured, CaptureOptions, capture
 from lamc.workload import Workload
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from lamc.manifest import Manifest
+    from lamc.passes.partition.planner import PlanRequest
+    from lamc.plan import Plan
+    from lamc.topology import Topology
 
 
 @dataclass
@@ -56,7 +64,7 @@ def analyse(
 @dataclass
 class CompileOptions:
     capture: CaptureOptions = field(default_factory=CaptureOptions)
-    request: object | None = None  # lamc.passes.partition.planner.PlanRequest
+    request: PlanRequest | None = None
     backend: str = "auto"  # onnxruntime | tensorrt | auto
     check: bool = True  # run the ONNX checker and load every stage in ONNX Runtime
     dump_ir: Path | None = None
@@ -65,8 +73,8 @@ class CompileOptions:
 @dataclass
 class CompileResult:
     out: Path
-    manifest: object  # lamc.manifest.Manifest
-    plan: object  # lamc.plan.Plan
+    manifest: Manifest
+    plan: Plan
     seconds: dict[str, float]
     checks: list[str]
 
@@ -95,14 +103,18 @@ def compile_model(
             analysed = analyse(ref, options.capture, dump_ir=options.dump_ir)
     captured, workload = analysed.captured, analysed.workload
     if not captured.has_weights:
-        raise UsageError("a shapes-only capture (--no-weights) cannot be compiled: the stages need the weights")
-    request = options.request if isinstance(options.request, PlanRequest) else PlanRequest()
+        raise UsageError(
+            "a shapes-only capture (--no-weights) cannot be compiled: the stages need the weights"
+        )
+    request = options.request or PlanRequest()
     with timer.step("partition"):
-        best, cost = plan(workload, topology, request)
+        best, _ = plan(workload, topology, request)
     if not best.budgets_ok:
         from lamc.errors import DoesNotFitError
 
-        broken = "; ".join(f"{b.name} {b.value:.4g} vs limit {b.limit:g}" for b in best.budgets if not b.ok)
+        broken = "; ".join(
+            f"{b.name} {b.value:.4g} vs limit {b.limit:g}" for b in best.budgets if not b.ok
+        )
         raise DoesNotFitError(f"the plan breaks a budget: {broken}")
     stage_of_unit = unit_stages(best, len(workload.units))
     TagStages(best, len(workload.units))(captured.model)
@@ -117,11 +129,14 @@ def compile_model(
         artifacts = []
         with timer.step("build"):
             for graph, stage in zip(graphs, best.stages):
-                builder: Any = backends[stage.index]
-                artifact = builder.build(graph, topology.device(stage.device), tmp, check=options.check)
+                artifact = backends[stage.index].build(
+                    graph, topology.device(stage.device), tmp, check=options.check
+                )
                 artifacts.append(artifact)
                 if options.check:
-                    checks.append(f"stage {stage.index}: passes onnx.checker (full) and loads in ONNX Runtime")
+                    checks.append(
+                        f"stage {stage.index}: passes onnx.checker (full) and loads in ONNX Runtime"
+                    )
         with timer.step("manifest"):
             from lamc.manifest_build import build_manifest
 
@@ -130,42 +145,50 @@ def compile_model(
     return CompileResult(out, manifest, best, timer.seconds, checks)
 
 
-def _choose_backends(best: object, topology: object, requested: str) -> dict[int, object]:
+def _choose_backends(best: Plan, topology: Topology, requested: str) -> dict[int, ModuleType]:
     """The build module for each stage: the device's first backend lamc can build here."""
     import importlib
 
     from lamc.errors import RuntimeEnvironmentError, UsageError
 
-    chosen: dict[int, object] = {}
-    for stage in best.stages:  # type: ignore[attr-defined]
-        device = topology.device(stage.device)  # type: ignore[attr-defined]
-        if requested == "onnxruntime" or (requested == "auto" and any(b.startswith("onnxruntime") for b in device.backends)):
+    chosen: dict[int, ModuleType] = {}
+    for stage in best.stages:
+        device = topology.device(stage.device)
+        if requested == "onnxruntime" or (
+            requested == "auto" and any(b.startswith("onnxruntime") for b in device.backends)
+        ):
             if not any(b.startswith("onnxruntime") for b in device.backends):
-                raise UsageError(f"--backend onnxruntime: device {device.name} lists no onnxruntime backend ({', '.join(device.backends)})")
+                raise UsageError(
+                    f"--backend onnxruntime: device {device.name} lists no onnxruntime backend ({', '.join(device.backends)})"
+                )
             chosen[stage.index] = importlib.import_module("lamc.backends.onnxruntime.build")
         elif requested in ("tensorrt", "auto"):
             module = importlib.import_module("lamc.backends.tensorrt.build")
             if "tensorrt" not in device.backends:
                 raise UsageError(f"--backend tensorrt: device {device.name} does not list tensorrt")
             if not module.is_available():
-                raise RuntimeEnvironmentError(f"stage {stage.index} ({device.name}) needs TensorRT, which is not installed here", hint="pip install 'lamc[tensorrt]' on a machine with an NVIDIA GPU, or choose --backend onnxruntime")
+                raise RuntimeEnvironmentError(
+                    f"stage {stage.index} ({device.name}) needs TensorRT, which is not installed here",
+                    hint="pip install 'lamc[tensorrt]' on a machine with an NVIDIA GPU, or choose --backend onnxruntime",
+                )
             chosen[stage.index] = module
         else:
             raise UsageError(f"unknown backend {requested!r}")
     return chosen
 
 
-def _check_support(captured: Captured, best: object, backends: dict[int, object]) -> None:
+def _check_support(captured: Captured, best: Plan, backends: dict[int, ModuleType]) -> None:
     from lamc.errors import UnsupportedOpError
     from lamc.ir import STAGE, annotation, user_frame
 
     for node in captured.model.graph:
         stage = annotation(node, STAGE)
-        reason = backends[stage].supports(node)  # type: ignore[attr-defined]
+        reason = backends[stage].supports(node)
         if reason is not None:
             where = user_frame(node)
             raise UnsupportedOpError(
-                f"stage {stage} ({best.stages[stage].device}): {reason}" + (f" (from {where})" if where else ""),  # type: ignore[attr-defined]
+                f"stage {stage} ({best.stages[stage].device}): {reason}"
+                + (f" (from {where})" if where else ""),
                 hint="pin this unit to a device whose backend supports it, or use another backend",
             )
 

@@ -110,7 +110,9 @@ class Manifest:
     stages: tuple[StageSpec, ...]
     edges: tuple[Edge, ...]
     plan: dict[str, Any]
-    requires: dict[str, str] = field(default_factory=lambda: {"onnxruntime": ">=%d.%d" % MIN_ONNXRUNTIME})
+    requires: dict[str, str] = field(
+        default_factory=lambda: {"onnxruntime": f">={MIN_ONNXRUNTIME[0]}.{MIN_ONNXRUNTIME[1]}"}
+    )
     lamc_manifest: int = VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,7 +157,9 @@ class Manifest:
                 precision=s["precision"],
                 units=tuple(s["units"]),
                 model=s["model"],
-                files=tuple(ArtifactFile(f["path"], f["sha256"], int(f["size"])) for f in s["files"]),
+                files=tuple(
+                    ArtifactFile(f["path"], f["sha256"], int(f["size"])) for f in s["files"]
+                ),
                 inputs=tuple(s["inputs"]),
                 outputs=tuple(s["outputs"]),
                 receives=tuple(s["receives"]),
@@ -170,11 +174,22 @@ class Manifest:
             topology=dict(data["topology"]),
             provenance=dict(data["provenance"]),
             dims={k: DimRange(int(v["min"]), int(v["max"])) for k, v in data["dims"].items()},
-            tensors={k: TensorSpec(v["name"], v["dtype"], tuple(v["shape"])) for k, v in data["tensors"].items()},
+            tensors={
+                k: TensorSpec(v["name"], v["dtype"], tuple(v["shape"]))
+                for k, v in data["tensors"].items()
+            },
             inputs=tuple(data["inputs"]),
             outputs=tuple(data["outputs"]),
             stages=stages,
-            edges=tuple(Edge(e["source"], e["target"], tuple(EdgeTensor(t["name"], t["codec"]) for t in e["tensors"]), int(e["bytes"])) for e in data["edges"]),
+            edges=tuple(
+                Edge(
+                    e["source"],
+                    e["target"],
+                    tuple(EdgeTensor(t["name"], t["codec"]) for t in e["tensors"]),
+                    int(e["bytes"]),
+                )
+                for e in data["edges"]
+            ),
             plan=dict(data["plan"]),
             requires=dict(data.get("requires", {})),
             lamc_manifest=int(data["lamc_manifest"]),
@@ -200,7 +215,12 @@ def sha256_file(path: Path) -> str:
 
 def safe_path(root: Path, relative: str, what: str) -> Path:
     """`root/relative`, refusing absolute paths, `..`, and symlinks at any level."""
-    if not relative or relative.startswith(("/", "\\")) or os.path.isabs(relative) or "\\" in relative:
+    if (
+        not relative
+        or relative.startswith(("/", "\\"))
+        or os.path.isabs(relative)
+        or "\\" in relative
+    ):
         raise IntegrityError(f"{what}: path {relative!r} is not a plain relative path")
     parts = Path(relative).parts
     if ".." in parts or "." in parts:
@@ -224,14 +244,18 @@ def read_manifest(out_dir: Path) -> Manifest:
     if path.is_symlink():
         raise IntegrityError(f"{path} is a symlink")
     if not path.is_file():
-        raise IntegrityError(f"{path} is missing: {out_dir} is not a compiled pipeline (or was not finished)")
+        raise IntegrityError(
+            f"{path} is missing: {out_dir} is not a compiled pipeline (or was not finished)"
+        )
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise IntegrityError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict) or data.get("lamc_manifest") != VERSION:
         version = data.get("lamc_manifest") if isinstance(data, dict) else None
-        raise IntegrityError(f"{path}: lamc_manifest is {version!r}; this executor reads version {VERSION}")
+        raise IntegrityError(
+            f"{path}: lamc_manifest is {version!r}; this executor reads version {VERSION}"
+        )
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(schema())
@@ -249,9 +273,13 @@ def _check_consistency(manifest: Manifest, path: Path) -> None:
     for stage in manifest.stages:
         for name in (*stage.inputs, *stage.outputs, *stage.receives, *stage.sends):
             if name not in manifest.tensors:
-                raise IntegrityError(f"{path}: stages/{stage.index}: tensor {name!r} has no spec in `tensors`")
+                raise IntegrityError(
+                    f"{path}: stages/{stage.index}: tensor {name!r} has no spec in `tensors`"
+                )
         if stage.model not in {f.path for f in stage.files}:
-            raise IntegrityError(f"{path}: stages/{stage.index}/model: {stage.model!r} is not one of the stage's files")
+            raise IntegrityError(
+                f"{path}: stages/{stage.index}/model: {stage.model!r} is not one of the stage's files"
+            )
     if [s.index for s in manifest.stages] != list(range(len(manifest.stages))):
         raise IntegrityError(f"{path}: stages are not numbered 0..{len(manifest.stages) - 1}")
 
@@ -268,10 +296,14 @@ def verify(out_dir: Path) -> Manifest:
                 raise IntegrityError(f"{item.path}: missing (stage {stage.index})")
             size = file.stat().st_size
             if size != item.size:
-                raise IntegrityError(f"{item.path}: size {size} bytes, the manifest says {item.size} (truncated or replaced)")
+                raise IntegrityError(
+                    f"{item.path}: size {size} bytes, the manifest says {item.size} (truncated or replaced)"
+                )
             digest = sha256_file(file)
             if digest != item.sha256:
-                raise IntegrityError(f"{item.path}: sha256 {digest[:16]}..., the manifest says {item.sha256[:16]}... (modified)")
+                raise IntegrityError(
+                    f"{item.path}: sha256 {digest[:16]}..., the manifest says {item.sha256[:16]}... (modified)"
+                )
     return manifest
 
 
@@ -282,7 +314,11 @@ def _check_runtime(manifest: Manifest) -> None:
     try:
         import onnxruntime
     except ImportError:
-        raise RuntimeEnvironmentError("onnxruntime is not installed", hint="pip install lamc") from None
+        raise RuntimeEnvironmentError(
+            "onnxruntime is not installed", hint="pip install lamc"
+        ) from None
     have = tuple(int(p) for p in onnxruntime.__version__.split(".")[:2] if p.isdigit())
     if have < MIN_ONNXRUNTIME:
-        raise RuntimeEnvironmentError(f"onnxruntime {onnxruntime.__version__} is older than {'.'.join(map(str, MIN_ONNXRUNTIME))}, which this pipeline needs")
+        raise RuntimeEnvironmentError(
+            f"onnxruntime {onnxruntime.__version__} is older than {'.'.join(map(str, MIN_ONNXRUNTIME))}, which this pipeline needs"
+        )

@@ -20,7 +20,7 @@ from lamc.backends.slice import StageGraph
 from lamc.errors import InternalError
 from lamc.frontend.capture import Captured
 from lamc.ir import dims_text
-from lamc.manifest import ArtifactFile, DimRange, Edge, EdgeTensor, Manifest, StageSpec, TensorSpec, sha256_file
+from lamc.manifest import DimRange, Edge, EdgeTensor, Manifest, StageSpec, TensorSpec
 from lamc.plan import Plan
 from lamc.topology import Topology
 from lamc.workload import Workload
@@ -43,7 +43,7 @@ def build_manifest(
         sends = [t.name for t in workload.cuts[planned.end_unit].tensors]
         _check_boundaries(graph, receives, sends)
         names |= set(receives) | set(sends) | set(graph.inputs) | set(graph.outputs)
-        files = tuple(ArtifactFile(path, sha256_file(out_dir / path), (out_dir / path).stat().st_size) for path in artifact.files)
+        files = artifact.files
         stages.append(
             StageSpec(
                 index=planned.index,
@@ -61,16 +61,34 @@ def build_manifest(
                 outputs=tuple(graph.outputs),
                 receives=tuple(receives),
                 sends=tuple(sends),
-                predicted={"compute_ms": planned.compute_ms, "memory_bytes": planned.memory_bytes, "transfer_ms": planned.transfer_ms, "transfer_bytes": planned.transfer_bytes},
+                predicted={
+                    "compute_ms": planned.compute_ms,
+                    "memory_bytes": planned.memory_bytes,
+                    "transfer_ms": planned.transfer_ms,
+                    "transfer_bytes": planned.transfer_bytes,
+                },
             )
         )
     tensors = {name: _spec(values[name]) for name in sorted(names)}
     edges = []
     for k in range(len(stages) + 1):
-        cut = workload.cuts[plan.stages[k].start_unit if k < len(stages) else workload.cuts[-1].index]
-        edges.append(Edge(source=k - 1, target=k, tensors=tuple(EdgeTensor(t.name, "raw") for t in cut.tensors), bytes=cut.bytes))
+        cut = workload.cuts[
+            plan.stages[k].start_unit if k < len(stages) else workload.cuts[-1].index
+        ]
+        edges.append(
+            Edge(
+                source=k - 1,
+                target=k,
+                tensors=tuple(EdgeTensor(t.name, "raw") for t in cut.tensors),
+                bytes=cut.bytes,
+            )
+        )
     return Manifest(
-        model={"name": captured.name, "source": captured.source, "sha256": captured.source_sha256 or model_sha256(captured.model)},
+        model={
+            "name": captured.name,
+            "source": captured.source,
+            "sha256": captured.source_sha256 or model_sha256(captured.model),
+        },
         topology={"name": topology.name, "sha256": topology.sha256},
         provenance=provenance(),
         dims={name: DimRange(low, high) for name, (low, high) in sorted(captured.dims.items())},
@@ -96,9 +114,13 @@ def _check_boundaries(graph: StageGraph, receives: list[str], sends: list[str]) 
     either produced or received."""
     arriving, leaving = set(receives), set(sends)
     if not set(graph.inputs) <= arriving:
-        raise InternalError(f"stage {graph.index} consumes {sorted(set(graph.inputs) - arriving)} that do not arrive")
+        raise InternalError(
+            f"stage {graph.index} consumes {sorted(set(graph.inputs) - arriving)} that do not arrive"
+        )
     if not leaving <= arriving | set(graph.outputs):
-        raise InternalError(f"stage {graph.index} sends {sorted(leaving - arriving - set(graph.outputs))} it neither receives nor produces")
+        raise InternalError(
+            f"stage {graph.index} sends {sorted(leaving - arriving - set(graph.outputs))} it neither receives nor produces"
+        )
 
 
 def _values(model: ir.Model) -> dict[str, ir.Value]:
@@ -117,12 +139,22 @@ def _spec(value: ir.Value) -> TensorSpec:
 
 def model_sha256(model: ir.Model) -> str:
     """Identity of a captured model: its graph (without weights) and every weight's bytes."""
+    import numpy as np
+
+    from lamc.passes.analyze import skeleton
+
     digest = hashlib.sha256()
-    digest.update(ir.to_onnx_text(model, exclude_initializers=True).encode())
+    # The graph without its weights (as a deterministic proto), then each weight's bytes.
+    digest.update(skeleton(model).SerializeToString(deterministic=True))
     for name, value in sorted(model.graph.initializers.items()):
         digest.update(name.encode())
-        if value.const_value is not None:
-            digest.update(value.const_value.tobytes())
+        tensor = value.const_value
+        if tensor is None:
+            continue
+        if tensor.dtype.bitwidth < 8:
+            digest.update(tensor.tobytes())
+        else:  # hash the buffer in place: no copy of the weights
+            digest.update(np.ascontiguousarray(tensor.numpy()).data.cast("B"))
     return digest.hexdigest()
 
 

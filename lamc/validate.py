@@ -34,7 +34,9 @@ class Report:
         return {"ok": self.ok, "rows": [asdict(r) for r in self.rows]}
 
 
-def inputs_for(captured: Captured, manifest: Manifest, samples: int, seed: int = 0) -> list[tuple[str, dict[str, np.ndarray]]]:
+def inputs_for(
+    captured: Captured, manifest: Manifest, samples: int, seed: int = 0
+) -> list[tuple[str, dict[str, np.ndarray]]]:
     """The example inputs plus random ones in the dynamic ranges (the smallest sizes, and
     random sizes up to four times the example's)."""
     cases: list[tuple[str, dict[str, np.ndarray]]] = [("example", dict(captured.example_inputs))]
@@ -72,7 +74,15 @@ def compare(
             max_abs = float(diff.max()) if diff.size else 0.0
             scale = float(np.abs(want64).max()) if want64.size else 0.0
             denominator = float(np.linalg.norm(have) * np.linalg.norm(want64))
-            cosine = float(np.dot(have.ravel(), want64.ravel()) / denominator) if denominator > 0 else 1.0
+            cosine = (
+                float(np.dot(have.ravel(), want64.ravel()) / denominator)
+                if denominator > 0
+                else 1.0
+            )
             ok = bool(np.allclose(have, want64, atol=atol, rtol=rtol))
-            rows.append(Comparison(label, name, max_abs, max_abs / scale if scale > 0 else max_abs, cosine, ok))
+            rows.append(
+                Comparison(
+                    label, name, max_abs, max_abs / scale if scale > 0 else max_abs, cosine, ok
+                )
+            )
     return Report(rows)

@@ -219,7 +219,7 @@ def compute_dtype(node: ir.Node) -> str:
     return "fp32"
 
 
-def _skeleton(model: ir.Model) -> onnx.ModelProto:
+def skeleton(model: ir.Model) -> onnx.ModelProto:
     """The model as a proto whose large initializers are typed inputs (no weight bytes)."""
     graph = model.graph
     large = [
@@ -264,7 +264,7 @@ def _infer(proto: onnx.ModelProto) -> onnx.ModelProto | None:
 
 def concrete_shapes(model: ir.Model, binding: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
     """Every value's concrete shape at `binding`, by ONNX inference from concrete inputs."""
-    proto = _skeleton(model)
+    proto = skeleton(model)
     n_inputs = len(model.graph.inputs)
     for value, info in zip(model.graph.inputs, proto.graph.input[:n_inputs]):
         try:
@@ -296,7 +296,7 @@ def fill_shapes(model: ir.Model) -> int:
     values = {v.name: v for node in graph for v in node.outputs if v.name}
     if not any(_incomplete(v) for v in values.values()):
         return 0
-    inferred = _infer(_skeleton(model))
+    inferred = _infer(skeleton(model))
     if inferred is None:
         return 0
     gained = 0

@@ -50,7 +50,11 @@ def repair(text: str) -> str:
         match = re.match(r"(\s*def \w+\()(.*)(\)\s*->.*)", line)
         if match and "=" in match.group(2):
             params = [p.strip() for p in match.group(2).split(",")]
-            if any("=" in p for p in params[:-1]) and "=" not in params[-1] and not params[-1].startswith("*"):
+            if (
+                any("=" in p for p in params[:-1])
+                and "=" not in params[-1]
+                and not params[-1].startswith("*")
+            ):
                 params = [p.split("=")[0].rstrip() for p in params]
                 line = match.group(1) + ", ".join(params) + match.group(3)
         fixed.append(line)

@@ -5,7 +5,14 @@ from __future__ import annotations
 from lamc.workload import Cut, CutTensor, OpWork, Unit, Workload
 
 
-def chain(n: int, *, flops: float = 1e9, params: int = 100 * 2**20, cut: int = 1 << 20, names: list[str] | None = None) -> Workload:
+def chain(
+    n: int,
+    *,
+    flops: float = 1e9,
+    params: int = 100 * 2**20,
+    cut: int = 1 << 20,
+    names: list[str] | None = None,
+) -> Workload:
     """n equal units in a chain: each `flops` of compute-bound matmul work, `params` bytes
     of weights stored, and `cut` bytes crossing every boundary."""
     names = names or [f"block.{i}" for i in range(n)]
@@ -29,7 +36,14 @@ def chain(n: int, *, flops: float = 1e9, params: int = 100 * 2**20, cut: int = 1
     return Workload(name="synthetic", binding={}, units=units, cuts=cuts)
 
 
-def device_yaml(name: str, *, tflops: float = 1.0, memory: str = "16GiB", host: str | None = None, bandwidth: str = "100GB/s") -> str:
+def device_yaml(
+    name: str,
+    *,
+    tflops: float = 1.0,
+    memory: str = "16GiB",
+    host: str | None = None,
+    bandwidth: str = "100GB/s",
+) -> str:
     return (
         f"  - {{name: {name}, host: {host or name}, kind: cpu, memory: {memory}, peak: {{fp32: {tflops}TFLOPS}}, "
         f"memory_bandwidth: {bandwidth}, efficiency: {{fp32: {{matmul: 1.0}}}}, op_overhead: 0us, call_overhead: 0us, runtime_memory: 0B}}\n"

@@ -11,7 +11,11 @@ from tests.synthetic import chain, device_yaml
 
 
 def _device(extra: str = "") -> object:
-    text = "devices:\n  - {name: d, kind: cpu, memory: 8GiB, peak: {fp32: 100GFLOPS, int8: 400GFLOPS}, memory_bandwidth: 10GB/s, efficiency: {fp32: {matmul: 0.5}}, op_overhead: 2us" + extra + "}\n"
+    text = (
+        "devices:\n  - {name: d, kind: cpu, memory: 8GiB, peak: {fp32: 100GFLOPS, int8: 400GFLOPS}, memory_bandwidth: 10GB/s, efficiency: {fp32: {matmul: 0.5}}, op_overhead: 2us"
+        + extra
+        + "}\n"
+    )
     return parse_topology(text).devices[0]
 
 
@@ -54,7 +58,19 @@ def test_stage_compute_and_memory() -> None:
 
 def test_tied_weights_count_once_per_stage() -> None:
     units = tuple(
-        Unit(i, f"u{i}", "block", None, 1, 0.0, 0.0, 100 if i != 1 else 10, 0, (OpWork("matmul", 0.0, 0.0),), ("tied",) if i != 1 else ("w",))
+        Unit(
+            i,
+            f"u{i}",
+            "block",
+            None,
+            1,
+            0.0,
+            0.0,
+            100 if i != 1 else 10,
+            0,
+            (OpWork("matmul", 0.0, 0.0),),
+            ("tied",) if i != 1 else ("w",),
+        )
         for i in range(3)
     )
     cuts = tuple(Cut(k, (CutTensor("t", "float", (1,), 4),)) for k in range(4))
@@ -66,7 +82,16 @@ def test_tied_weights_count_once_per_stage() -> None:
 
 
 def test_transfer_table_uses_routes() -> None:
-    text = "devices:\n" + device_yaml("a") + device_yaml("b") + "links:\n  - {a: a, b: b, bandwidth: 1GB/s, latency: 3ms}\n"
+    text = (
+        "devices:\n"
+        + device_yaml("a")
+        + device_yaml("b")
+        + "links:\n  - {a: a, b: b, bandwidth: 1GB/s, latency: 3ms}\n"
+    )
     cost = CostModel(chain(2, cut=10**6), parse_topology(text))
     table = cost.transfer_table()
-    assert table[0, 1, 1] == pytest.approx(3 + 1.0) and table[1, 0, 1] == pytest.approx(4.0) and table[0, 0, 1] == 0
+    assert (
+        table[0, 1, 1] == pytest.approx(3 + 1.0)
+        and table[1, 0, 1] == pytest.approx(4.0)
+        and table[0, 0, 1] == 0
+    )

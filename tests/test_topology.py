@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -53,7 +54,9 @@ def test_units_and_defaults() -> None:
     a, b = topology.devices
     assert a.memory_bytes == 8 * 2**30 and a.peak("fp16") == 20e12 and a.peak("int8") == 10e12
     assert b.host == "box" and a.host == "a"
-    assert topology.links[0].bandwidth == pytest.approx(125e6) and topology.links[0].latency_ms == 2.0
+    assert (
+        topology.links[0].bandwidth == pytest.approx(125e6) and topology.links[0].latency_ms == 2.0
+    )
     assert a.backends == ("onnxruntime-cuda", "onnxruntime") and b.backends == ("onnxruntime",)
 
 
@@ -80,7 +83,9 @@ def test_multi_hop_route_and_host_link() -> None:
     # b and d share host `box`: they talk over the host link (16 GB/s, 0.01 ms by default).
     assert topology.transfer_ms("b", "d", 16e9) == pytest.approx(0.01 + 1000.0)
     # With no link to c's host, there is no route at all.
-    lonely = parse_topology(HOPS.replace("  - {a: box, b: c, bandwidth: 100Mbit/s, latency: 5ms}\n", ""), "hops.yaml")
+    lonely = parse_topology(
+        HOPS.replace("  - {a: box, b: c, bandwidth: 100Mbit/s, latency: 5ms}\n", ""), "hops.yaml"
+    )
     assert lonely.routes("a", "c") == () and math.isinf(lonely.transfer_ms("a", "c", 1))
 
 
@@ -91,12 +96,24 @@ def test_multi_hop_route_and_host_link() -> None:
         (("memory: 8GiB", "memory: -8"), "devices[0].memory", 5),
         (("memory: 8GiB", "memory: .nan"), "devices[0].memory", 5),
         (("fp32: 10TFLOPS", "fp32: 0TFLOPS"), "devices[0].peak.fp32", 6),
-        (("memory_bandwidth: 100GB/s", "memory_bandwidth: 100 parsecs"), "devices[0].memory_bandwidth", 7),
+        (
+            ("memory_bandwidth: 100GB/s", "memory_bandwidth: 100 parsecs"),
+            "devices[0].memory_bandwidth",
+            7,
+        ),
         (("{a: a, b: box", "{a: a, b: nowhere"), "links[0].b", 16),
         (("name: b\n", "name: a\n"), "devices.name", 9),
         (("kind: gpu", "kind: tpu"), "devices[0].kind", 4),
-        (("backends: [onnxruntime-cuda", "backends: [onnxruntime-cuba"), "devices[0].backends[0]", 8),
-        (("    memory_bandwidth: 10GB/s\n", "    memory_bandwidth: 10GB/s\n    colour: red\n"), "devices[1].colour", 15),
+        (
+            ("backends: [onnxruntime-cuda", "backends: [onnxruntime-cuba"),
+            "devices[0].backends[0]",
+            8,
+        ),
+        (
+            ("    memory_bandwidth: 10GB/s\n", "    memory_bandwidth: 10GB/s\n    colour: red\n"),
+            "devices[1].colour",
+            15,
+        ),
         (("latency: 2ms", "latency: -2ms"), "links[0].latency", 16),
         (("name: two\n", "name: two\nname: three\n"), "name", 2),
     ],
@@ -124,19 +141,33 @@ def test_include_a_profiled_device(tmp_path: Path) -> None:
         "cache: {size: 32MiB, bandwidth: 90GB/s}\npeak: {fp32: 150GFLOPS, int8: 300GFLOPS}\n"
         "efficiency:\n  fp32: {matmul: 0.9, conv: 0.8}\nop_overhead: {default: 1us, conv: 5us}\ncall_overhead: 10us\n"
     )
-    (tmp_path / "topo.yaml").write_text("devices:\n  - include: box.yaml\n    name: edge\n    memory: 8GiB\n")
+    (tmp_path / "topo.yaml").write_text(
+        "devices:\n  - include: box.yaml\n    name: edge\n    memory: 8GiB\n"
+    )
     topology = load_topology(tmp_path / "topo.yaml")
     (device,) = topology.devices
     assert device.name == "edge" and device.host == "box" and device.memory_bytes == 8 * 2**30
     assert device.op_efficiency("fp32", "matmul") == 0.9 and device.peak("int8") == 300e9
     assert device.cache_bytes == 32 * 2**20 and device.overhead_ms("conv") == pytest.approx(0.005)
-    assert device.overhead_ms("matmul") == pytest.approx(0.001) and device.call_overhead_ms == pytest.approx(0.01)
+    assert device.overhead_ms("matmul") == pytest.approx(
+        0.001
+    ) and device.call_overhead_ms == pytest.approx(0.01)
 
 
 def test_constraints_and_budgets_block() -> None:
-    topology = parse_topology(VALID + "constraints: {stages: 2, pin: {'h.*': a}, exclude: [b]}\nbudgets: {max_latency_ms: 50, min_memory_headroom: 10%}\n")
-    assert topology.constraints.stages == 2 and topology.constraints.pin == {"h.*": "a"} and topology.constraints.exclude == ("b",)
-    assert topology.budgets.max_latency_ms == 50 and topology.budgets.min_memory_headroom == pytest.approx(0.1)
+    topology = parse_topology(
+        VALID
+        + "constraints: {stages: 2, pin: {'h.*': a}, exclude: [b]}\nbudgets: {max_latency_ms: 50, min_memory_headroom: 10%}\n"
+    )
+    assert (
+        topology.constraints.stages == 2
+        and topology.constraints.pin == {"h.*": "a"}
+        and topology.constraints.exclude == ("b",)
+    )
+    assert (
+        topology.budgets.max_latency_ms == 50
+        and topology.budgets.min_memory_headroom == pytest.approx(0.1)
+    )
     with pytest.raises(ConfigError, match=r"constraints.pin.x: unknown device 'zz'"):
         parse_topology(VALID + "constraints: {pin: {x: zz}}\n")
 
@@ -144,15 +175,56 @@ def test_constraints_and_budgets_block() -> None:
 # ---------------------------------------------------------------- random documents
 
 _scalar = st.one_of(
-    st.none(), st.booleans(), st.integers(-5, 10**12), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
-    st.sampled_from(["8GiB", "0GiB", "-1GiB", "1Gbit/s", "2ms", "1TFLOPS", "nan", "gpu", "cpu", "a", "b", "onnxruntime", "10%", "12XB"]),
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(
+        [
+            "8GiB",
+            "0GiB",
+            "-1GiB",
+            "1Gbit/s",
+            "2ms",
+            "1TFLOPS",
+            "nan",
+            "gpu",
+            "cpu",
+            "a",
+            "b",
+            "onnxruntime",
+            "10%",
+            "12XB",
+        ]
+    ),
 )
-_value = st.recursive(_scalar, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=12)
+_value = st.recursive(
+    _scalar,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 _device = st.fixed_dictionaries(
     {},
     optional={
         k: _value
-        for k in ("name", "host", "kind", "memory", "peak", "memory_bandwidth", "backends", "efficiency", "op_overhead", "call_overhead", "runtime_memory", "cache", "include")
+        for k in (
+            "name",
+            "host",
+            "kind",
+            "memory",
+            "peak",
+            "memory_bandwidth",
+            "backends",
+            "efficiency",
+            "op_overhead",
+            "call_overhead",
+            "runtime_memory",
+            "cache",
+            "include",
+        )
     },
 )
 _document = st.one_of(
@@ -162,7 +234,15 @@ _document = st.one_of(
         optional={
             "name": _value,
             "devices": st.one_of(_value, st.lists(_device, max_size=3)),
-            "links": st.one_of(_value, st.lists(st.fixed_dictionaries({}, optional={k: _value for k in ("a", "b", "bandwidth", "latency")}), max_size=3)),
+            "links": st.one_of(
+                _value,
+                st.lists(
+                    st.fixed_dictionaries(
+                        {}, optional={k: _value for k in ("a", "b", "bandwidth", "latency")}
+                    ),
+                    max_size=3,
+                ),
+            ),
             "client": _value,
             "defaults": _value,
             "constraints": _value,
@@ -188,7 +268,5 @@ def test_random_documents_load_or_raise_lamc_error(doc: object) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=200))
 def test_random_text_loads_or_raises_lamc_error(text: str) -> None:
-    try:
+    with contextlib.suppress(LamcError):
         parse_topology(text, "random.yaml")
-    except LamcError:
-        pass

@@ -12,13 +12,29 @@ import onnx
 import onnx_ir as ir
 
 from lamc.backends.reason import Artifact, Reason
-from lamc.backends.slice import StageGraph, save_stage
+from lamc.backends.slice import StageGraph
 from lamc.errors import EngineBuildError
+from lamc.manifest import ArtifactFile
 from lamc.topology import BACKENDS, Device
 
 NAME = "onnxruntime"
 # Contrib ops lamc's passes emit (compression) that ONNX Runtime's CPU provider implements.
-_CONTRIB = {"MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "FusedMatMul", "Gelu", "FastGelu", "QuickGelu", "SkipLayerNormalization", "Attention", "MultiHeadAttention", "GroupQueryAttention", "QOrderedMatMul", "DequantizeLinear", "QuantizeLinear"}
+_CONTRIB = {
+    "MatMulNBits",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "FusedMatMul",
+    "Gelu",
+    "FastGelu",
+    "QuickGelu",
+    "SkipLayerNormalization",
+    "Attention",
+    "MultiHeadAttention",
+    "GroupQueryAttention",
+    "QOrderedMatMul",
+    "DequantizeLinear",
+    "QuantizeLinear",
+}
 
 
 def is_available() -> bool:
@@ -34,13 +50,18 @@ def supports(node: ir.Node) -> Reason | None:
     domain = node.domain or ""
     if domain in ("", "ai.onnx"):
         try:
-            onnx.defs.get_schema(node.op_type, max_inclusive_version=node.version or 10**6, domain="")
+            onnx.defs.get_schema(
+                node.op_type, max_inclusive_version=node.version or 10**6, domain=""
+            )
         except onnx.defs.SchemaError:
             return Reason(node.name or node.op_type, f"{node.op_type} is not an ONNX operator")
         return None
     if domain == "com.microsoft" and node.op_type in _CONTRIB:
         return None
-    return Reason(node.name or node.op_type, f"custom operator {domain}::{node.op_type} has no ONNX Runtime kernel lamc knows of")
+    return Reason(
+        node.name or node.op_type,
+        f"custom operator {domain}::{node.op_type} has no ONNX Runtime kernel lamc knows of",
+    )
 
 
 def providers_for(device: Device) -> tuple[str, ...]:
@@ -48,15 +69,16 @@ def providers_for(device: Device) -> tuple[str, ...]:
     for backend in device.backends:
         if backend.startswith("onnxruntime"):
             return BACKENDS[backend]
-    raise EngineBuildError(f"device {device.name} lists no onnxruntime backend (it has {', '.join(device.backends)})")
+    raise EngineBuildError(
+        f"device {device.name} lists no onnxruntime backend (it has {', '.join(device.backends)})"
+    )
 
 
 def build(stage: StageGraph, device: Device, out_dir: Path, *, check: bool = True) -> Artifact:
     """Write stage `stage.index` under `out_dir/stage-K/` and prove it loads."""
     folder = f"stage-{stage.index}"
-    (out_dir / folder).mkdir(parents=True, exist_ok=True)
-    written = save_stage(stage, str(out_dir / folder / "model.onnx"), external_data="model.onnx.data")
-    files = tuple(f"{folder}/{name}" for name in written)
+    written = stage.write(out_dir / folder)
+    files = tuple(ArtifactFile(f"{folder}/{w.name}", w.sha256, w.size) for w in written)
     if check:
         _check(out_dir / folder / "model.onnx", stage.index)
     return Artifact(
@@ -70,15 +92,17 @@ def build(stage: StageGraph, device: Device, out_dir: Path, *, check: bool = Tru
 
 def _check(path: Path, index: int) -> None:
     """The ONNX checker (full) and a CPU session: the file is a model ONNX Runtime loads."""
-    import onnxruntime as ort
-
-    from lamc.backends.onnxruntime.run import session_options
+    from lamc.backends.onnxruntime.run import new_session
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
-        raise EngineBuildError(f"stage {index}: {path.name} fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
+        raise EngineBuildError(
+            f"stage {index}: {path.name} fails the ONNX checker: {str(exc).splitlines()[0]}"
+        ) from exc
     try:
-        ort.InferenceSession(str(path), sess_options=session_options(optimization="basic"), providers=["CPUExecutionProvider"])
+        new_session(str(path), optimization="basic")
     except Exception as exc:
-        raise EngineBuildError(f"stage {index}: ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0]}") from exc
+        raise EngineBuildError(
+            f"stage {index}: ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0]}"
+        ) from exc

@@ -517,7 +517,9 @@ def profile_machine(
     # pays for its thread-pool dispatch and layout work); other classes pay the chain's.
     class_overhead: dict[str, float] = {}
     for op_class, tiny in (("matmul", _matmul(4, 16, 16)), ("conv", _conv(8, 8, 8, 3))):
-        class_overhead[op_class] = max(_time(tiny, options, providers, budget_s) - call_s, op_s) * 1000
+        class_overhead[op_class] = (
+            max(_time(tiny, options, providers, budget_s) - call_s, op_s) * 1000
+        )
     efficiency: dict[str, dict[str, float]] = {}
     for dtype in ("fp32", "int8", "int4"):
         if dtype not in peak:
@@ -528,7 +530,19 @@ def profile_machine(
             if not group:
                 continue
             overhead_s = class_overhead.get(op_class, op_s * 1000) / 1000
-            roofline_s = sum(op_time(ideal, op_class, p.flops, p.moved_bytes, dtype, p.weight_bytes, weights_cached=p.weight_bytes <= cache_bytes).total_ms / 1000 for p in group)
+            roofline_s = sum(
+                op_time(
+                    ideal,
+                    op_class,
+                    p.flops,
+                    p.moved_bytes,
+                    dtype,
+                    p.weight_bytes,
+                    weights_cached=p.weight_bytes <= cache_bytes,
+                ).total_ms
+                / 1000
+                for p in group
+            )
             busy_s = sum(max(p.seconds - call_s - overhead_s * p.ops, 1e-9) for p in group)
             table[op_class] = min(max(roofline_s / busy_s, 0.005), 1.0)
         efficiency[dtype] = table

@@ -20,6 +20,18 @@ _LEVELS = {
 }
 
 
+def _quiet_logger() -> None:
+    try:
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(3)
+    except ImportError:
+        pass
+
+
+_quiet_logger()
+
+
 def is_available() -> bool:
     try:
         import onnxruntime  # noqa: F401
@@ -39,25 +51,56 @@ def session_options(
     threads: int = 0,
     optimization: str = "all",
     optimized_model_path: str | None = None,
-    spinning: bool = True,
+    shared_pool: bool = False,
 ) -> Any:
     """Session options lamc uses everywhere (profile, compile-time checks, the executor).
 
-    `spinning=False` stops idle pool threads from busy-waiting: several sessions taking
-    turns on one process's cores would otherwise steal each other's time."""
+    `shared_pool=True` runs the session on the process's global thread pool (see
+    `use_global_pool`) instead of a pool of its own."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[optimization])
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    # Once the process has a global pool, ONNX Runtime refuses sessions with pools of their own.
+    if shared_pool or _GLOBAL_POOL is not None:
+        options.use_per_session_threads = False
+    else:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
     if optimized_model_path is not None:
         options.optimized_model_filepath = optimized_model_path
     return options
+
+
+_GLOBAL_POOL: int | None = None
+
+
+def use_global_pool(threads: int = 0) -> None:
+    """One intra-op thread pool for every session of this process that asks for it.
+
+    Stages run in one process take turns; with a pool each, idle pools keep spinning on
+    the cores the running stage needs (3 stages of gpt2-small ran 1.34x slower than one
+    session; with the shared pool 1.02x). Set once per process."""
+    global _GLOBAL_POOL
+    if _GLOBAL_POOL is None:
+        import onnxruntime.capi.onnxruntime_pybind11_state as state
+
+        state.set_global_thread_pool_sizes(threads, 1)
+        _GLOBAL_POOL = threads
+
+
+def new_session(
+    model: str | bytes, providers: Sequence[str] = ("CPUExecutionProvider",), **options: Any
+) -> Any:
+    """An ONNX Runtime session with lamc's options (and the process's thread-pool mode).
+    Everything in lamc that creates a session goes through here."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(
+        model, sess_options=session_options(**options), providers=list(providers)
+    )
 
 
 def check_providers(requested: Sequence[str]) -> list[str]:
@@ -94,12 +137,14 @@ def load(
     *,
     threads: int = 0,
     optimization: str = "all",
-    spinning: bool = True,
+    shared_pool: bool = False,
 ) -> Runner:
     import onnxruntime as ort
 
     chosen = check_providers(providers)
-    options = session_options(threads=threads, optimization=optimization, spinning=spinning)
+    if shared_pool:
+        use_global_pool(threads)
+    options = session_options(threads=threads, optimization=optimization, shared_pool=shared_pool)
     path = os.fspath(model_path) if not isinstance(model_path, bytes) else model_path
     session = ort.InferenceSession(path, sess_options=options, providers=chosen)
     return Runner(

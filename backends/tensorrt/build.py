@@ -7,20 +7,29 @@ always written beside the engine; the manifest records both.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from pathlib import Path
 
 import onnx_ir as ir
 
 from lamc.backends.reason import Artifact, Reason
-from lamc.backends.slice import StageGraph, save_stage
+from lamc.backends.slice import StageGraph
 from lamc.errors import EngineBuildError, RuntimeEnvironmentError
+from lamc.manifest import ArtifactFile
 from lamc.topology import Device
 
 NAME = "tensorrt"
 # Ops the ONNX parser of TensorRT 10 does not take (lamc's compression emits them for
 # ONNX Runtime); a stage holding one must use the onnxruntime backend.
-_UNSUPPORTED = {"MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear"}
+_UNSUPPORTED = {
+    "MatMulNBits",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "MatMulInteger",
+    "ConvInteger",
+    "DynamicQuantizeLinear",
+}
 WORKSPACE_BYTES = 1 << 30
 
 
@@ -41,26 +50,35 @@ def is_available() -> bool:
 
 def supports(node: ir.Node) -> Reason | None:
     if node.op_type in _UNSUPPORTED or (node.domain or "") not in ("", "ai.onnx"):
-        return Reason(node.name or node.op_type, f"TensorRT's ONNX parser has no {node.domain or 'ai.onnx'}::{node.op_type}")
+        return Reason(
+            node.name or node.op_type,
+            f"TensorRT's ONNX parser has no {node.domain or 'ai.onnx'}::{node.op_type}",
+        )
     return None
 
 
-def build(stage: StageGraph, device: Device, out_dir: Path, *, check: bool = True, fp16: bool = False) -> Artifact:
+def build(
+    stage: StageGraph, device: Device, out_dir: Path, *, check: bool = True, fp16: bool = False
+) -> Artifact:
     if not is_available():
-        raise RuntimeEnvironmentError("TensorRT is not installed here (or there is no GPU to build on)", hint="build the engines on the target: lamc build-engines OUT")
+        raise RuntimeEnvironmentError(
+            "TensorRT is not installed here (or there is no GPU to build on)",
+            hint="build the engines on the target: lamc build-engines OUT",
+        )
     import tensorrt as trt
 
     folder = f"stage-{stage.index}"
-    (out_dir / folder).mkdir(parents=True, exist_ok=True)
+    written = stage.write(out_dir / folder)
     onnx_path = out_dir / folder / "model.onnx"
-    written = save_stage(stage, str(onnx_path), external_data="model.onnx.data")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineBuildError(f"stage {stage.index}: TensorRT cannot parse its ONNX model: {errors}")
+        raise EngineBuildError(
+            f"stage {stage.index}: TensorRT cannot parse its ONNX model: {errors}"
+        )
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     if fp16:
@@ -77,13 +95,19 @@ def build(stage: StageGraph, device: Device, out_dir: Path, *, check: bool = Tru
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise EngineBuildError(f"stage {stage.index}: TensorRT failed to build an engine for {device.name}")
-    engine_path = out_dir / folder / "model.engine"
-    engine_path.write_bytes(bytes(serialized))
+        raise EngineBuildError(
+            f"stage {stage.index}: TensorRT failed to build an engine for {device.name}"
+        )
+    engine = bytes(serialized)
+    (out_dir / folder / "model.engine").write_bytes(engine)
+    files = [ArtifactFile(f"{folder}/{w.name}", w.sha256, w.size) for w in written]
+    files.append(
+        ArtifactFile(f"{folder}/model.engine", hashlib.sha256(engine).hexdigest(), len(engine))
+    )
     return Artifact(
         backend=NAME,
         model=f"{folder}/model.engine",
-        files=(*(f"{folder}/{name}" for name in written), f"{folder}/model.engine"),
+        files=tuple(files),
         providers=(),
         session={"fp16": fp16, "trt_version": trt.__version__},
     )

@@ -35,7 +35,14 @@ class Runner:
                 self.context.set_input_shape(name, array.shape)
                 pointer = _malloc(cudart, array.nbytes)
                 buffers.append(pointer)
-                _check(cudart.cudaMemcpy(pointer, array.ctypes.data, array.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
+                _check(
+                    cudart.cudaMemcpy(
+                        pointer,
+                        array.ctypes.data,
+                        array.nbytes,
+                        cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                    )
+                )
                 self.context.set_tensor_address(name, pointer)
             outputs: dict[str, np.ndarray] = {}
             for name in self.output_names:
@@ -50,24 +57,44 @@ class Runner:
             _check(cudart.cudaStreamSynchronize(0))
             for name, array in outputs.items():
                 pointer = self.context.get_tensor_address(name)
-                _check(cudart.cudaMemcpy(array.ctypes.data, pointer, array.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost))
+                _check(
+                    cudart.cudaMemcpy(
+                        array.ctypes.data,
+                        pointer,
+                        array.nbytes,
+                        cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+                    )
+                )
             return outputs
         finally:
             for pointer in buffers:
                 cudart.cudaFree(pointer)
 
 
-def load(engine_path: str, providers: Sequence[str] = (), *, threads: int = 0, optimization: str = "all", spinning: bool = True) -> Runner:
+def load(
+    engine_path: str,
+    providers: Sequence[str] = (),
+    *,
+    threads: int = 0,
+    optimization: str = "all",
+    shared_pool: bool = False,
+) -> Runner:
     try:
         import tensorrt as trt
         from cuda.bindings import runtime as cudart
     except ImportError as exc:
-        raise RuntimeEnvironmentError(f"this stage is a TensorRT engine and {exc.name} is not installed", hint="pip install 'lamc[tensorrt]' cuda-python") from None
+        raise RuntimeEnvironmentError(
+            f"this stage is a TensorRT engine and {exc.name} is not installed",
+            hint="pip install 'lamc[tensorrt]' cuda-python",
+        ) from None
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     with open(engine_path, "rb") as f:
         engine = runtime.deserialize_cuda_engine(f.read())
     if engine is None:
-        raise RuntimeEnvironmentError(f"{engine_path}: this GPU or TensorRT version cannot load the engine", hint="rebuild it on this device: lamc build-engines OUT")
+        raise RuntimeEnvironmentError(
+            f"{engine_path}: this GPU or TensorRT version cannot load the engine",
+            hint="rebuild it on this device: lamc build-engines OUT",
+        )
     context = engine.create_execution_context()
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -90,5 +117,12 @@ def _check(result: Any) -> None:
 def _numpy_dtype(trt_dtype: Any) -> str:
     import tensorrt as trt
 
-    table = {trt.float32: "float32", trt.float16: "float16", trt.int32: "int32", trt.int64: "int64", trt.int8: "int8", trt.bool: "bool"}
+    table = {
+        trt.float32: "float32",
+        trt.float16: "float16",
+        trt.int32: "int32",
+        trt.int64: "int64",
+        trt.int8: "int8",
+        trt.bool: "bool",
+    }
     return table.get(trt_dtype, "float32")

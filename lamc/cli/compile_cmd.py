@@ -18,22 +18,55 @@ from lamc.quantity import format_bytes
 
 @cli.command("compile")
 @click.argument("model")
-@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory (replaced atomically).")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output directory (replaced atomically).",
+)
 @plan_options
 @model_options
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True, help="Engine per stage: auto takes each device's first backend lamc can build here.")
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "onnxruntime", "tensorrt"]),
+    default="auto",
+    show_default=True,
+    help="Engine per stage: auto takes each device's first backend lamc can build here.",
+)
 @click.option("--dry-run", is_flag=True, help="Plan only (same as `lamc plan`); write nothing.")
-@click.option("--no-check", is_flag=True, help="Skip the ONNX checker and the ONNX Runtime load check of each stage.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a JSON report: the plan, timings and checks.")
+@click.option(
+    "--no-check",
+    is_flag=True,
+    help="Skip the ONNX checker and the ONNX Runtime load check of each stage.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a JSON report: the plan, timings and checks.",
+)
 @lamc_command("compile")
-def compile_command(model: str, out: Path, topology_path: Path, backend: str, dry_run: bool, no_check: bool, report_path: Path | None, **options: Any) -> str:
+def compile_command(
+    model: str,
+    out: Path,
+    topology_path: Path,
+    backend: str,
+    dry_run: bool,
+    no_check: bool,
+    report_path: Path | None,
+    **options: Any,
+) -> str:
     """Compile MODEL into a pipeline of per-device engines and a hash-pinned manifest."""
     require_compile_extra()
     from lamc.driver import CompileOptions, analyse, compile_model
 
     _terminate_as_interrupt()
     steps = Steps()
-    capture = capture_options(options["dynamic"], options["dims"], options["trust_pickle"], options["no_weights"])
+    capture = capture_options(
+        options["dynamic"], options["dims"], options["trust_pickle"], options["no_weights"]
+    )
     request = _request(options, compare=False)
     with steps.step("capture and analyse"):
         analysed = analyse(model, capture, dump_ir=options["dump_ir"])
@@ -49,25 +82,41 @@ def compile_command(model: str, out: Path, topology_path: Path, backend: str, dr
         model,
         topology_path,
         out,
-        CompileOptions(capture=capture, request=request, backend=backend, check=not no_check, dump_ir=options["dump_ir"]),
+        CompileOptions(
+            capture=capture,
+            request=request,
+            backend=backend,
+            check=not no_check,
+            dump_ir=options["dump_ir"],
+        ),
         analysed=analysed,
         steps=steps,
     )
-    seconds = {**result.seconds, "capture and analyse": analysed.seconds.get("capture", 0.0) + analysed.seconds.get("analyse", 0.0)}
+    seconds = {
+        **result.seconds,
+        "capture and analyse": analysed.seconds.get("capture", 0.0)
+        + analysed.seconds.get("analyse", 0.0),
+    }
     render_plan(result.plan, None, explain=False)
     manifest: Any = result.manifest
     total = sum(f.size for s in manifest.stages for f in s.files)
     console = stdout_console()
     for stage in manifest.stages:
         size = sum(f.size for f in stage.files)
-        console.print(f"stage {stage.index}: {stage.model} ({format_bytes(size)}), {stage.backend} [{', '.join(stage.providers)}], {len(stage.inputs)} in / {len(stage.outputs)} out")
+        console.print(
+            f"stage {stage.index}: {stage.model} ({format_bytes(size)}), {stage.backend} [{', '.join(stage.providers)}], {len(stage.inputs)} in / {len(stage.outputs)} out"
+        )
     if report_path is not None:
         report = {
             "out": str(out),
-            "plan": result.plan.to_dict(),  # type: ignore[attr-defined]
+            "plan": result.plan.to_dict(),
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
             "checks": result.checks,
-            "files": {f.path: {"size": f.size, "sha256": f.sha256} for s in manifest.stages for f in s.files},
+            "files": {
+                f.path: {"size": f.size, "sha256": f.sha256}
+                for s in manifest.stages
+                for f in s.files
+            },
         }
         report_path.write_text(json.dumps(report, indent=2, sort_keys=True))
     return f"{model} -> {out}: {len(manifest.stages)} stage(s), {format_bytes(total)}, in {sum(seconds.values()):.1f} s"

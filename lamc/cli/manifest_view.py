@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -19,15 +18,32 @@ def show_manifest(out: Path, *, as_json: bool) -> str:
         click.echo(manifest.to_json())
         return f"{out}: {len(manifest.stages)} stage(s)"
     console = stdout_console()
-    console.print(f"model {manifest.model['name']} ({manifest.model['source']}), topology {manifest.topology['name']}")
-    console.print("provenance: " + ", ".join(f"{k} {v}" for k, v in sorted(manifest.provenance.items())))
-    console.print("dims: " + ", ".join(f"{k} {v.min}..{v.max}" for k, v in sorted(manifest.dims.items())))
+    console.print(
+        f"model {manifest.model['name']} ({manifest.model['source']}), topology {manifest.topology['name']}"
+    )
+    console.print(
+        "provenance: " + ", ".join(f"{k} {v}" for k, v in sorted(manifest.provenance.items()))
+    )
+    console.print(
+        "dims: " + ", ".join(f"{k} {v.min}..{v.max}" for k, v in sorted(manifest.dims.items()))
+    )
     table = Table(title="stages")
-    for column in ("stage", "device", "backend / providers", "units", "files", "receives", "sends", "predicted"):
+    for column in (
+        "stage",
+        "device",
+        "backend / providers",
+        "units",
+        "files",
+        "receives",
+        "sends",
+        "predicted",
+    ):
         table.add_column(column)
     for s in manifest.stages:
         size = sum(f.size for f in s.files)
-        units = s.units[0] if len(s.units) == 1 else f"{s.units[0]} .. {s.units[-1]} ({len(s.units)})"
+        units = (
+            s.units[0] if len(s.units) == 1 else f"{s.units[0]} .. {s.units[-1]} ({len(s.units)})"
+        )
         predicted = s.predicted
         table.add_row(
             str(s.index),
@@ -49,5 +65,7 @@ def show_manifest(out: Path, *, as_json: bool) -> str:
         tensors.add_row(name, spec.dtype, "[" + ", ".join(str(d) for d in spec.shape) + "]")
     console.print(tensors)
     plan = manifest.plan
-    console.print(f"plan: {plan['objective']}, bottleneck {format_ms(plan['bottleneck_ms'])}, latency {format_ms(plan['latency_ms'])}, limited by {plan.get('limited_by', '?')}")
+    console.print(
+        f"plan: {plan['objective']}, bottleneck {format_ms(plan['bottleneck_ms'])}, latency {format_ms(plan['latency_ms'])}, limited by {plan.get('limited_by', '?')}"
+    )
     return f"{out}: {manifest.model['name']} in {len(manifest.stages)} stage(s) on {manifest.topology['name']}"

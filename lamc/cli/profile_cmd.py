@@ -12,14 +12,38 @@ from lamc.cli.ui import Steps, stdout_console
 
 
 @cli.command("profile")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the device entry (YAML) here; a topology can `include:` it.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the device entry (YAML) here; a topology can `include:` it.",
+)
 @click.option("--name", help="Device name in the entry (default: this host's name).")
 @click.option("--host", help="Host name in the entry (default: this host's name).")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Execution provider to measure.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="Intra-op threads (0: ONNX Runtime's default, one per core).")
+@click.option(
+    "--provider",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="Execution provider to measure.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Intra-op threads (0: ONNX Runtime's default, one per core).",
+)
 @click.option("--verbose", is_flag=True, help="Show every probe.")
 @lamc_command("profile")
-def profile_command(output: Path | None, name: str | None, host: str | None, provider: str, threads: int, verbose: bool) -> str:
+def profile_command(
+    output: Path | None,
+    name: str | None,
+    host: str | None,
+    provider: str,
+    threads: int,
+    verbose: bool,
+) -> str:
     """Measure GEMM throughput per dtype, memory and cache bandwidth, per-op-class
     efficiency and overheads with ONNX Runtime on this machine."""
     require_compile_extra()
@@ -38,4 +62,7 @@ def profile_command(output: Path | None, name: str | None, host: str | None, pro
     else:
         console.print(profile.to_yaml(), markup=False)
     fp32 = profile.peak_flops.get("fp32", 0.0) / 1e9
-    return f"{profile.name}: fp32 {fp32:.1f} GFLOP/s, memory {profile.memory_bandwidth / 1e9:.1f} GB/s" + (f", wrote {output}" if output else "")
+    return (
+        f"{profile.name}: fp32 {fp32:.1f} GFLOP/s, memory {profile.memory_bandwidth / 1e9:.1f} GB/s"
+        + (f", wrote {output}" if output else "")
+    )

@@ -44,7 +44,9 @@ def random_feeds(manifest: object, sizes: dict[str, int], seed: int) -> dict[str
         shape = tuple(eval_dim(d, binding) for d in spec.shape)
         dtype = np.dtype(spec.dtype)
         if np.issubdtype(dtype, np.integer):
-            feeds[name] = (np.ones(shape) if "mask" in name else rng.integers(0, 100, size=shape)).astype(dtype)
+            feeds[name] = (
+                np.ones(shape) if "mask" in name else rng.integers(0, 100, size=shape)
+            ).astype(dtype)
         else:
             feeds[name] = rng.standard_normal(shape).astype(dtype)
     return feeds
@@ -52,15 +54,47 @@ def random_feeds(manifest: object, sizes: dict[str, int], seed: int) -> dict[str
 
 @cli.command("run")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--input", "inputs", multiple=True, metavar="NAME=FILE.npy", help="An input tensor (repeat for each).")
-@click.option("--random", "random_dims", metavar="NAME=SIZE,...", is_flag=False, flag_value="", default=None, help="Run on random inputs (optionally at these dim sizes).")
-@click.option("--output", "output_dir", type=click.Path(file_okay=False, path_type=Path), help="Write each output as NAME.npy here.")
-@click.option("--providers", metavar="cpu|cuda,cpu|...", help="Override the manifest's execution providers (an explicit CPU fallback).")
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    metavar="NAME=FILE.npy",
+    help="An input tensor (repeat for each).",
+)
+@click.option(
+    "--random",
+    "random_dims",
+    metavar="NAME=SIZE,...",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    help="Run on random inputs (optionally at these dim sizes).",
+)
+@click.option(
+    "--output",
+    "output_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write each output as NAME.npy here.",
+)
+@click.option(
+    "--providers",
+    metavar="cpu|cuda,cpu|...",
+    help="Override the manifest's execution providers (an explicit CPU fallback).",
+)
 @click.option("--threads", type=click.IntRange(min=0), help="Intra-op threads per stage.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @lamc_command("run")
-def run_command(out: Path, inputs: tuple[str, ...], random_dims: str | None, output_dir: Path | None, providers: str | None, threads: int | None, seed: int, as_json: bool) -> str:
+def run_command(
+    out: Path,
+    inputs: tuple[str, ...],
+    random_dims: str | None,
+    output_dir: Path | None,
+    providers: str | None,
+    threads: int | None,
+    seed: int,
+    as_json: bool,
+) -> str:
     """Verify OUT (hashes, sizes, paths), load every stage and run the pipeline."""
     from lamc.runtime.executor import Pipeline, parse_providers
 
@@ -74,7 +108,9 @@ def run_command(out: Path, inputs: tuple[str, ...], random_dims: str | None, out
     elif inputs:
         feeds = load_inputs(inputs)
     else:
-        raise UsageError(f"no inputs: give --input NAME=FILE.npy for {', '.join(pipeline.manifest.inputs)}, or --random")
+        raise UsageError(
+            f"no inputs: give --input NAME=FILE.npy for {', '.join(pipeline.manifest.inputs)}, or --random"
+        )
     ran = time.perf_counter()
     outputs = pipeline.run(feeds)
     done = time.perf_counter()
@@ -86,13 +122,24 @@ def run_command(out: Path, inputs: tuple[str, ...], random_dims: str | None, out
         "stages": len(pipeline.stages),
         "load_ms": round((loaded - started) * 1000, 2),
         "run_ms": round((done - ran) * 1000, 2),
-        "outputs": {name: {"dtype": str(v.dtype), "shape": list(v.shape), "mean": float(np.mean(v)) if v.size else 0.0} for name, v in outputs.items()},
+        "outputs": {
+            name: {
+                "dtype": str(v.dtype),
+                "shape": list(v.shape),
+                "mean": float(np.mean(v)) if v.size else 0.0,
+            }
+            for name, v in outputs.items()
+        },
     }
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
     else:
         console = stdout_console()
         for name, info in summary["outputs"].items():  # type: ignore[attr-defined]
-            console.print(f"{name}: {info['dtype']}{info['shape']} mean {info['mean']:.6g}", markup=False)
-        console.print(f"verified and loaded {len(pipeline.stages)} stage(s) in {summary['load_ms']} ms; ran in {summary['run_ms']} ms")
+            console.print(
+                f"{name}: {info['dtype']}{info['shape']} mean {info['mean']:.6g}", markup=False
+            )
+        console.print(
+            f"verified and loaded {len(pipeline.stages)} stage(s) in {summary['load_ms']} ms; ran in {summary['run_ms']} ms"
+        )
     return f"{out}: {len(outputs)} output(s) from {len(pipeline.stages)} stage(s) in {summary['run_ms']} ms"

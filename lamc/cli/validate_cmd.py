@@ -21,11 +21,28 @@ from lamc.errors import ExitCode
 @model_options
 @click.option("--atol", type=float, default=1e-4, show_default=True)
 @click.option("--rtol", type=float, default=1e-4, show_default=True)
-@click.option("--samples", type=click.IntRange(min=0), default=3, show_default=True, help="Random inputs in the dynamic ranges, besides the example inputs.")
-@click.option("--providers", metavar="cpu|cuda,cpu|...", help="Override the manifest's execution providers.")
+@click.option(
+    "--samples",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="Random inputs in the dynamic ranges, besides the example inputs.",
+)
+@click.option(
+    "--providers", metavar="cpu|cuda,cpu|...", help="Override the manifest's execution providers."
+)
 @click.option("--json", "as_json", is_flag=True)
 @lamc_command("validate")
-def validate_command(out: Path, model: str | None, atol: float, rtol: float, samples: int, providers: str | None, as_json: bool, **options: Any) -> str:
+def validate_command(
+    out: Path,
+    model: str | None,
+    atol: float,
+    rtol: float,
+    samples: int,
+    providers: str | None,
+    as_json: bool,
+    **options: Any,
+) -> str:
     """Run the source model and the pipeline on the same inputs; exit 7 past the tolerances."""
     require_compile_extra()
     from lamc.frontend import capture
@@ -37,22 +54,50 @@ def validate_command(out: Path, model: str | None, atol: float, rtol: float, sam
         pipeline = Pipeline.open(out, providers=parse_providers(providers))
     source = model or pipeline.manifest.model["source"]
     with steps.step("capture the source model"):
-        captured = capture(source, capture_options(options["dynamic"], options["dims"], options["trust_pickle"]))
+        captured = capture(
+            source, capture_options(options["dynamic"], options["dims"], options["trust_pickle"])
+        )
     if captured.reference is None:
-        raise CommandOutcome(int(ExitCode.USAGE), f"{source} was captured without weights; validate needs the real model")
+        raise CommandOutcome(
+            int(ExitCode.USAGE),
+            f"{source} was captured without weights; validate needs the real model",
+        )
     with steps.step("compare"):
-        report = compare(pipeline, captured.reference, inputs_for(captured, pipeline.manifest, samples), atol=atol, rtol=rtol)
+        report = compare(
+            pipeline,
+            captured.reference,
+            inputs_for(captured, pipeline.manifest, samples),
+            atol=atol,
+            rtol=rtol,
+        )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     else:
         table = Table(title=f"{out} vs {source} (atol {atol:g}, rtol {rtol:g})")
-        for column in ("inputs", "output", "max abs error", "max rel error", "cosine", "within tolerance"):
+        for column in (
+            "inputs",
+            "output",
+            "max abs error",
+            "max rel error",
+            "cosine",
+            "within tolerance",
+        ):
             table.add_column(column)
         for row in report.rows:
-            table.add_row(row.case, row.output, f"{row.max_abs:.3g}", f"{row.max_rel:.3g}", f"{row.cosine:.6f}", "yes" if row.ok else "NO")
+            table.add_row(
+                row.case,
+                row.output,
+                f"{row.max_abs:.3g}",
+                f"{row.max_rel:.3g}",
+                f"{row.cosine:.6f}",
+                "yes" if row.ok else "NO",
+            )
         stdout_console().print(table)
     if not report.ok:
         worst = max(report.rows, key=lambda r: r.max_abs)
-        raise CommandOutcome(int(ExitCode.ACCURACY), f"{out}: {worst.output} differs by {worst.max_abs:.3g} (atol {atol:g}, rtol {rtol:g}) on {worst.case}")
+        raise CommandOutcome(
+            int(ExitCode.ACCURACY),
+            f"{out}: {worst.output} differs by {worst.max_abs:.3g} (atol {atol:g}, rtol {rtol:g}) on {worst.case}",
+        )
     worst_abs = max((r.max_abs for r in report.rows), default=0.0)
     return f"{out} vs {source}: {len(report.rows)} comparison(s), max abs error {worst_abs:.3g}"

@@ -99,7 +99,9 @@ class OnnxReference:
         import onnxruntime as ort
 
         if self._session is None:
-            self._session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+            from lamc.backends.onnxruntime.run import new_session
+
+            self._session = new_session(str(self.path))
         session: ort.InferenceSession = self._session
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(None, dict(feeds))))

@@ -19,7 +19,10 @@ from lamc.manifest import Manifest, StageSpec, verify
 from lamc.runtime.tensors import TensorMismatch, check_all
 
 # Backend name -> module with `load(model_path, providers, ...) -> Runner`.
-RUN_MODULES = {"onnxruntime": "lamc.backends.onnxruntime.run", "tensorrt": "lamc.backends.tensorrt.run"}
+RUN_MODULES = {
+    "onnxruntime": "lamc.backends.onnxruntime.run",
+    "tensorrt": "lamc.backends.tensorrt.run",
+}
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -49,11 +52,20 @@ class StageRunner:
     runner: Any  # the backend's Runner: run(feeds) -> outputs
 
     def run(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs: dict[str, np.ndarray] = self.runner.run({name: tensors[name] for name in self.spec.inputs})
+        outputs: dict[str, np.ndarray] = self.runner.run(
+            {name: tensors[name] for name in self.spec.inputs}
+        )
         return outputs
 
 
-def load_stage(out_dir: Path, spec: StageSpec, *, providers: Sequence[str] | None = None, threads: int | None = None, spinning: bool = True) -> StageRunner:
+def load_stage(
+    out_dir: Path,
+    spec: StageSpec,
+    *,
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+    shared_pool: bool = False,
+) -> StageRunner:
     """Load one verified stage with the providers the manifest asks for (or an explicit override)."""
     module_name = RUN_MODULES.get(spec.backend)
     if module_name is None:
@@ -63,7 +75,13 @@ def load_stage(out_dir: Path, spec: StageSpec, *, providers: Sequence[str] | Non
     session = dict(spec.session)
     if threads is not None:
         session["threads"] = threads
-    runner = module.load(str(out_dir / spec.model), chosen, threads=int(session.get("threads", 0)), optimization=str(session.get("graph_optimization", "all")), spinning=spinning)
+    runner = module.load(
+        str(out_dir / spec.model),
+        chosen,
+        threads=int(session.get("threads", 0)),
+        optimization=str(session.get("graph_optimization", "all")),
+        shared_pool=shared_pool,
+    )
     return StageRunner(spec, runner)
 
 
@@ -76,14 +94,23 @@ class Pipeline:
         self.stages = stages
 
     @classmethod
-    def open(cls, out_dir: Path | str, *, providers: Sequence[str] | None = None, threads: int | None = None) -> Pipeline:
+    def open(
+        cls,
+        out_dir: Path | str,
+        *,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+    ) -> Pipeline:
         """Verify `out_dir` (hashes, sizes, paths) before loading any stage."""
         out = Path(out_dir)
         manifest = verify(out)
-        # Stages in one process take turns: a thread pool that keeps spinning after its
-        # stage is done would steal the next stage's cores.
-        spinning = len(manifest.stages) == 1
-        stages = [load_stage(out, spec, providers=providers, threads=threads, spinning=spinning) for spec in manifest.stages]
+        # Stages in one process take turns: they share one thread pool (a pool each would
+        # keep spinning on the cores the running stage needs).
+        shared = len(manifest.stages) > 1
+        stages = [
+            load_stage(out, spec, providers=providers, threads=threads, shared_pool=shared)
+            for spec in manifest.stages
+        ]
         return cls(out, manifest, stages)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -91,13 +118,31 @@ class Pipeline:
         manifest = self.manifest
         unknown = sorted(set(feeds) - set(manifest.inputs))
         if unknown:
-            raise TensorMismatch(f"input: unknown tensor(s) {', '.join(unknown)}; the model takes {', '.join(manifest.inputs)}")
+            raise TensorMismatch(
+                f"input: unknown tensor(s) {', '.join(unknown)}; the model takes {', '.join(manifest.inputs)}"
+            )
         binding: dict[str, int] = {}
         env = check_all(manifest.inputs, manifest.tensors, feeds, manifest.dims, binding, "input")
         for stage in self.stages:
             spec = stage.spec
-            arriving = check_all(spec.receives, manifest.tensors, env, manifest.dims, binding, f"stage {spec.index} ({spec.device}) input")
+            arriving = check_all(
+                spec.receives,
+                manifest.tensors,
+                env,
+                manifest.dims,
+                binding,
+                f"stage {spec.index} ({spec.device}) input",
+            )
             produced = stage.run(arriving)
-            produced = check_all(spec.outputs, manifest.tensors, produced, manifest.dims, binding, f"stage {spec.index} ({spec.device}) output")
-            env = {name: produced[name] if name in produced else arriving[name] for name in spec.sends}
+            produced = check_all(
+                spec.outputs,
+                manifest.tensors,
+                produced,
+                manifest.dims,
+                binding,
+                f"stage {spec.index} ({spec.device}) output",
+            )
+            env = {
+                name: produced[name] if name in produced else arriving[name] for name in spec.sends
+            }
         return {name: env[name] for name in manifest.outputs}

@@ -29,22 +29,34 @@ def check(
 ) -> np.ndarray:
     """Check one tensor; binds its symbolic dims into `binding`. Returns it C-contiguous."""
     if not isinstance(array, np.ndarray):
-        raise TensorMismatch(f"{where}: {spec.name}: expected a numpy array {describe(spec)}, got {type(array).__name__}")
+        raise TensorMismatch(
+            f"{where}: {spec.name}: expected a numpy array {describe(spec)}, got {type(array).__name__}"
+        )
     if array.dtype != np.dtype(spec.dtype):
-        raise TensorMismatch(f"{where}: {spec.name}: expected dtype {spec.dtype}, got {array.dtype}")
+        raise TensorMismatch(
+            f"{where}: {spec.name}: expected dtype {spec.dtype}, got {array.dtype}"
+        )
     if array.ndim != len(spec.shape):
-        raise TensorMismatch(f"{where}: {spec.name}: expected rank {len(spec.shape)} {describe(spec)}, got rank {array.ndim} {list(array.shape)}")
+        raise TensorMismatch(
+            f"{where}: {spec.name}: expected rank {len(spec.shape)} {describe(spec)}, got rank {array.ndim} {list(array.shape)}"
+        )
     deferred: list[tuple[int, str, int]] = []
     for axis, (dim, size) in enumerate(zip(spec.shape, array.shape)):
         if isinstance(dim, int):
             if size != dim:
-                raise TensorMismatch(f"{where}: {spec.name}: expected size {dim} on axis {axis} of {describe(spec)}, got {list(array.shape)}")
+                raise TensorMismatch(
+                    f"{where}: {spec.name}: expected size {dim} on axis {axis} of {describe(spec)}, got {list(array.shape)}"
+                )
         elif dim in dims:
             bounds = dims[dim]
             if not bounds.min <= size <= bounds.max:
-                raise TensorMismatch(f"{where}: {spec.name}: expected {dim} in {bounds.min}..{bounds.max} on axis {axis}, got {size}")
+                raise TensorMismatch(
+                    f"{where}: {spec.name}: expected {dim} in {bounds.min}..{bounds.max} on axis {axis}, got {size}"
+                )
             if binding.setdefault(dim, size) != size:
-                raise TensorMismatch(f"{where}: {spec.name}: expected {dim} = {binding[dim]} (as in the other tensors), got {size} on axis {axis}")
+                raise TensorMismatch(
+                    f"{where}: {spec.name}: expected {dim} = {binding[dim]} (as in the other tensors), got {size} on axis {axis}"
+                )
         else:
             deferred.append((axis, dim, size))
     for axis, expression, size in deferred:
@@ -53,9 +65,13 @@ def check(
         except UnresolvedDim:
             continue  # a dim no other tensor has bound yet; checked where it is bound
         if expected != size:
-            raise TensorMismatch(f"{where}: {spec.name}: expected {expression} = {expected} on axis {axis}, got {size}")
+            raise TensorMismatch(
+                f"{where}: {spec.name}: expected {expression} = {expected} on axis {axis}, got {size}"
+            )
     if array.nbytes != array.size * array.dtype.itemsize:
-        raise TensorMismatch(f"{where}: {spec.name}: byte length {array.nbytes} does not match its shape")
+        raise TensorMismatch(
+            f"{where}: {spec.name}: byte length {array.nbytes} does not match its shape"
+        )
     return np.ascontiguousarray(array)
 
 
@@ -71,5 +87,7 @@ def check_all(
     wanted = list(names)
     missing = [n for n in wanted if n not in tensors]
     if missing:
-        raise TensorMismatch(f"{where}: missing tensor(s) {', '.join(missing)}; expected {', '.join(wanted)}")
+        raise TensorMismatch(
+            f"{where}: missing tensor(s) {', '.join(missing)}; expected {', '.join(wanted)}"
+        )
     return {name: check(specs[name], tensors[name], dims, binding, where) for name in wanted}

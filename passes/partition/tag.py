@@ -38,7 +38,9 @@ class TagStages(Pass):
             if old.name == name:
                 model.remove_device_configuration(old)
         config = model.add_device_configuration(
-            name, num_devices=len(self.plan.stages), device_names=tuple(s.device for s in self.plan.stages)
+            name,
+            num_devices=len(self.plan.stages),
+            device_names=tuple(s.device for s in self.plan.stages),
         )
         for node in model.graph:
             unit = annotation(node, UNIT)

@@ -10,6 +10,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
+from lamc.backends.onnxruntime.run import new_session
 from lamc.errors import CaptureError, ExitCode, UsageError
 from lamc.frontend import CaptureOptions, capture, random_inputs
 from tests.conftest import ZOO_TEST, analysed_model
@@ -21,7 +22,7 @@ USER = DATA / "user_models.py"
 def _session(model: ir.Model, tmp_path: Path) -> ort.InferenceSession:
     path = tmp_path / "model.onnx"
     ir.save(model, path)
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return new_session(str(path))
 
 
 @pytest.mark.parametrize("ref", ZOO_TEST)

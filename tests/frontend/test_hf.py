@@ -25,9 +25,10 @@ def _minilm() -> Path:
 
 def test_minilm_checkpoint_captures_and_matches_transformers(tmp_path: Path) -> None:
     import onnx_ir as ir
-    import onnxruntime as ort
     import torch
     import transformers
+
+    from lamc.backends.onnxruntime.run import new_session
 
     checkpoint = _minilm()
     captured = capture(str(checkpoint))
@@ -35,9 +36,7 @@ def test_minilm_checkpoint_captures_and_matches_transformers(tmp_path: Path) -> 
     assert captured.output_names == ["last_hidden_state"]
     assert captured.source_sha256 is not None and len(captured.source_sha256) == 64
     ir.save(captured.model, tmp_path / "minilm.onnx")
-    session = ort.InferenceSession(
-        str(tmp_path / "minilm.onnx"), providers=["CPUExecutionProvider"]
-    )
+    session = new_session(str(tmp_path / "minilm.onnx"))
     rng = np.random.default_rng(3)
     ids = rng.integers(0, 30522, (3, 21))
     mask = np.ones((3, 21), np.int64)

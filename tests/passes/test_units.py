@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
 
+from lamc.backends.onnxruntime.run import new_session
 from lamc.driver import analyse
 from lamc.frontend import random_inputs
 from lamc.frontend.torch import capture_spec
@@ -65,7 +65,7 @@ def _really_crossing_bytes(ref: str, tmp_path: Path) -> list[int]:
         proto.graph.output.append(onnx.ValueInfoProto(name=name))
     path = tmp_path / "exposed.onnx"
     onnx.save(proto, str(path))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = new_session(str(path))
     feeds = random_inputs(captured, workload.binding, np.random.default_rng(0))
     values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
     values.update(feeds)

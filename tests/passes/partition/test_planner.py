@@ -12,7 +12,9 @@ from tests.synthetic import chain, device_yaml
 
 
 def _topology(devices: str, links: str = "") -> object:
-    return parse_topology("name: t\ndevices:\n" + devices + ("links:\n" + links if links else ""), "t.yaml")
+    return parse_topology(
+        "name: t\ndevices:\n" + devices + ("links:\n" + links if links else ""), "t.yaml"
+    )
 
 
 def _link(a: str, b: str, bandwidth: str = "10GB/s", latency: str = "0.1ms") -> str:
@@ -26,12 +28,16 @@ def test_slow_link_means_one_device() -> None:
     slow, _ = plan(workload, _topology(devices, _link("a", "b", "1Mbit/s", "50ms")))
     assert len(fast.stages) == 2  # a fast link: split the work in two
     assert len(slow.stages) == 1  # 8 MiB over 1 Mbit/s takes a minute: don't split
-    assert slow.unused == {"b": f"a plan with more stages is no better: its best bottleneck is {slow.best_by_stages[2]:.4g} ms vs {slow.bottleneck_ms:.4g} ms with 1"}
+    assert slow.unused == {
+        "b": f"a plan with more stages is no better: its best bottleneck is {slow.best_by_stages[2]:.4g} ms vs {slow.bottleneck_ms:.4g} ms with 1"
+    }
 
 
 def test_much_slower_second_device_is_dropped() -> None:
     workload = chain(8, flops=1e9)
-    topology = _topology(device_yaml("fast", tflops=10.0) + device_yaml("slow", tflops=0.01), _link("fast", "slow"))
+    topology = _topology(
+        device_yaml("fast", tflops=10.0) + device_yaml("slow", tflops=0.01), _link("fast", "slow")
+    )
     result, _ = plan(workload, topology)
     assert [s.device for s in result.stages] == ["fast"]
     assert "slow" in result.unused
@@ -47,7 +53,10 @@ def test_memory_forces_a_split() -> None:
     assert all(s.memory_bytes <= s.capacity_bytes for s in result.stages)
     # The fast device takes all it can hold: 5 units of 1 GiB (a sixth would not fit in 6 GiB
     # beside the activations).
-    assert result.stages[0].device == "a" and result.stages[0].end_unit - result.stages[0].start_unit == 5
+    assert (
+        result.stages[0].device == "a"
+        and result.stages[0].end_unit - result.stages[0].start_unit == 5
+    )
 
 
 def test_latency_objective_counts_transfers() -> None:
@@ -63,7 +72,9 @@ def test_latency_objective_counts_transfers() -> None:
 
 def test_fluid_bound_and_baselines() -> None:
     workload = chain(6, flops=1e9)
-    topology = _topology(device_yaml("a", tflops=2.0) + device_yaml("b", tflops=1.0), _link("a", "b"))
+    topology = _topology(
+        device_yaml("a", tflops=2.0) + device_yaml("b", tflops=1.0), _link("a", "b")
+    )
     result, _ = plan(workload, topology, PlanRequest(compare=True))
     # 6 GFLOP over 3 TFLOP/s combined = 2 ms; the best contiguous plan (4 + 2 units) reaches it.
     assert result.fluid_bound_ms == pytest.approx(2.0)
@@ -83,13 +94,22 @@ def test_fluid_bound_and_baselines() -> None:
         (Constraints(pin={"block.0": "b"}), lambda p: p.stages[0].device == "b"),
         (Constraints(pin={"#7": "c"}), lambda p: p.stages[-1].device == "c"),
         (Constraints(exclude=("a", "b")), lambda p: [s.device for s in p.stages] == ["c"]),
-        (Constraints(forbid={"block.*": ("a",)}), lambda p: "a" not in [s.device for s in p.stages]),
-        (Constraints(colocate=(("block.2", "block.5"),)), lambda p: any(s.start_unit <= 2 and s.end_unit > 5 for s in p.stages)),
+        (
+            Constraints(forbid={"block.*": ("a",)}),
+            lambda p: "a" not in [s.device for s in p.stages],
+        ),
+        (
+            Constraints(colocate=(("block.2", "block.5"),)),
+            lambda p: any(s.start_unit <= 2 and s.end_unit > 5 for s in p.stages),
+        ),
     ],
 )
 def test_constraints_hold(constraints: Constraints, check: object) -> None:
     workload = chain(8, flops=1e9)
-    topology = _topology(device_yaml("a") + device_yaml("b") + device_yaml("c"), _link("a", "b") + _link("b", "c") + _link("a", "c"))
+    topology = _topology(
+        device_yaml("a") + device_yaml("b") + device_yaml("c"),
+        _link("a", "b") + _link("b", "c") + _link("a", "c"),
+    )
     result, _ = plan(workload, topology, PlanRequest(constraints=constraints))
     assert check(result), result.stages  # type: ignore[operator]
 
@@ -107,12 +127,18 @@ def test_conflicting_constraints_are_named() -> None:
 
 def test_unknown_unit_in_constraint() -> None:
     with pytest.raises(UsageError, match="no unit matches 'nope'"):
-        plan(chain(2), _topology(device_yaml("a")), PlanRequest(constraints=Constraints(pin={"nope": "a"})))
+        plan(
+            chain(2),
+            _topology(device_yaml("a")),
+            PlanRequest(constraints=Constraints(pin={"nope": "a"})),
+        )
 
 
 def test_does_not_fit_names_needs_and_capacities() -> None:
     workload = chain(4, params=4 << 30)  # 16 GiB
-    topology = _topology(device_yaml("a", memory="6GiB") + device_yaml("b", memory="6GiB"), _link("a", "b"))
+    topology = _topology(
+        device_yaml("a", memory="6GiB") + device_yaml("b", memory="6GiB"), _link("a", "b")
+    )
     with pytest.raises(DoesNotFitError) as info:
         plan(workload, topology)
     message = info.value.message
@@ -132,17 +158,32 @@ def test_devices_without_a_route_are_a_topology_error() -> None:
 
 def test_budgets() -> None:
     workload = chain(4, flops=1e9, params=1 << 30)
-    topology = _topology(device_yaml("a", memory="8GiB") + device_yaml("b", memory="8GiB"), _link("a", "b", "1GB/s", "1ms"))
-    ok, _ = plan(workload, topology, PlanRequest(budgets=Budgets(max_latency_ms=10, min_throughput=200)))
+    topology = _topology(
+        device_yaml("a", memory="8GiB") + device_yaml("b", memory="8GiB"),
+        _link("a", "b", "1GB/s", "1ms"),
+    )
+    ok, _ = plan(
+        workload, topology, PlanRequest(budgets=Budgets(max_latency_ms=10, min_throughput=200))
+    )
     assert ok.budgets_ok and {b.name for b in ok.budgets} == {"max_latency_ms", "min_throughput"}
     # 60% headroom: each 8 GiB device may use 3.2 GiB, so the 4 GiB of weights must split.
-    roomy, _ = plan(workload, topology, PlanRequest(objective="latency", budgets=Budgets(min_memory_headroom=0.6)))
-    assert len(roomy.stages) == 2 and all(1 - s.memory_bytes / s.capacity_bytes >= 0.6 for s in roomy.stages)
+    roomy, _ = plan(
+        workload,
+        topology,
+        PlanRequest(objective="latency", budgets=Budgets(min_memory_headroom=0.6)),
+    )
+    assert len(roomy.stages) == 2 and all(
+        1 - s.memory_bytes / s.capacity_bytes >= 0.6 for s in roomy.stages
+    )
     # Split 2 + 2, the link is the bottleneck: 1 ms + 1 MiB at 1 GB/s = 2.05 ms, 488 req/s.
-    with pytest.raises(DoesNotFitError, match=r"min_throughput 1000/s: the best plan reaches 488/s"):
+    with pytest.raises(
+        DoesNotFitError, match=r"min_throughput 1000/s: the best plan reaches 488/s"
+    ):
         plan(workload, topology, PlanRequest(budgets=Budgets(min_throughput=1000)))
     with pytest.raises(DoesNotFitError, match=r"max_latency_ms 3: the best plan takes 4 ms"):
-        plan(workload, topology, PlanRequest(objective="latency", budgets=Budgets(max_latency_ms=3)))
+        plan(
+            workload, topology, PlanRequest(objective="latency", budgets=Budgets(max_latency_ms=3))
+        )
 
 
 def test_latency_budget_picks_another_throughput_plan() -> None:
@@ -152,14 +193,20 @@ def test_latency_budget_picks_another_throughput_plan() -> None:
     # A fast but distant link: splitting halves the bottleneck (4 -> 2 ms) but adds 1.6 ms.
     topology = _topology(device_yaml("a") + device_yaml("b"), _link("a", "b", "10GB/s", "1.5ms"))
     free, _ = plan(workload, topology)
-    assert len(free.stages) == 2 and free.bottleneck_ms == pytest.approx(2.0) and free.latency_ms > 5
+    assert (
+        len(free.stages) == 2 and free.bottleneck_ms == pytest.approx(2.0) and free.latency_ms > 5
+    )
     bounded, _ = plan(workload, topology, PlanRequest(budgets=Budgets(max_latency_ms=5)))
-    assert len(bounded.stages) == 1 and bounded.latency_ms == pytest.approx(4.0) and bounded.budgets_ok
+    assert (
+        len(bounded.stages) == 1 and bounded.latency_ms == pytest.approx(4.0) and bounded.budgets_ok
+    )
 
 
 def test_json_is_deterministic() -> None:
     workload = chain(10, flops=1e9)
-    topology = _topology(device_yaml("a") + device_yaml("b") + device_yaml("c"), _link("a", "b") + _link("b", "c"))
+    topology = _topology(
+        device_yaml("a") + device_yaml("b") + device_yaml("c"), _link("a", "b") + _link("b", "c")
+    )
     first = plan(workload, topology, PlanRequest(compare=True))[0].to_json()
     second = plan(workload, topology, PlanRequest(compare=True))[0].to_json()
     assert first == second
