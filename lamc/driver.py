@@ -37,6 +37,7 @@ def analyse(
     *,
     dump_ir: Path | None = None,
     captured: Captured | None = None,
+    granularity: str = "block",
 ) -> Analysed:
     """Capture MODEL and run the analysis passes: the workload the partitioner needs."""
     from lamc.passes.analyze import Analyze
@@ -50,7 +51,8 @@ def analyse(
         seconds["capture"] = time.perf_counter() - started
     started = time.perf_counter()
     manager = PassManager(
-        [Analyze(captured.operating_point), BuildUnits(captured.name)], dump_ir=dump_ir
+        [Analyze(captured.operating_point), BuildUnits(captured.name, granularity=granularity)],
+        dump_ir=dump_ir,
     )
     manager.run(captured.model)
     seconds["analyse"] = time.perf_counter() - started
@@ -68,6 +70,7 @@ class CompileOptions:
     backend: str = "auto"  # onnxruntime | tensorrt | auto
     check: bool = True  # run the ONNX checker and load every stage in ONNX Runtime
     dump_ir: Path | None = None
+    granularity: str = "block"
 
 
 @dataclass
@@ -100,7 +103,9 @@ def compile_model(
     topology = load_topology(topology_path)
     with timer.step("capture and analyse"):
         if analysed is None:
-            analysed = analyse(ref, options.capture, dump_ir=options.dump_ir)
+            analysed = analyse(
+                ref, options.capture, dump_ir=options.dump_ir, granularity=options.granularity
+            )
     captured, workload = analysed.captured, analysed.workload
     if not captured.has_weights:
         raise UsageError(

@@ -71,12 +71,20 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
-                # Non-trivial statistics, so folding mistakes would show up in validation.
+                # Non-trivial statistics, so that folding mistakes would show in validation.
                 nn.init.uniform_(m.weight, 0.5, 1.5)
                 nn.init.uniform_(m.bias, -0.1, 0.1)
                 if m.running_mean is not None and m.running_var is not None:
                     m.running_mean.uniform_(-0.1, 0.1)
                     m.running_var.uniform_(0.5, 1.5)
+        for m in self.modules():
+            if isinstance(m, Bottleneck):
+                # Small residual branches, as in trained networks (torchvision's
+                # zero_init_residual, but not zero): activations keep their scale through
+                # 16 blocks instead of growing with each residual sum.
+                nn.init.uniform_(m.bn3.weight, 0.0, 0.2)
+        nn.init.normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None

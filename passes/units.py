@@ -27,15 +27,23 @@ from lamc.workload import Cut, CutTensor, OpWork, Unit, Workload
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 CONST = "lamc.rematerialize"
+# block: each repeated block is a unit; fine: each child module of a block is (cuts can then
+# fall inside a block, across its skip connection).
+GRANULARITIES = ("block", "fine")
 
 
 class BuildUnits(Pass):
     """Groups the analysed IR into units and stores the `Workload` in `model.meta`."""
 
-    def __init__(self, name: str = "model", max_segments: int = 32) -> None:
+    def __init__(
+        self, name: str = "model", max_segments: int = 32, granularity: str = "block"
+    ) -> None:
         super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}")
         self.model_name = name
         self.max_segments = max_segments
+        self.granularity = granularity
 
     def requires(self, model: ir.Model) -> None:
         for node in model.graph:
@@ -43,18 +51,22 @@ class BuildUnits(Pass):
                 raise InternalError("BuildUnits needs the Analyze pass first")
 
     def call(self, model: ir.Model) -> PassResult:
-        model.meta["lamc.workload"] = build_workload(model, self.model_name, self.max_segments)
+        model.meta["lamc.workload"] = build_workload(
+            model, self.model_name, self.max_segments, self.granularity
+        )
         return PassResult(model, modified=True)
 
 
-def build_workload(model: ir.Model, name: str, max_segments: int = 32) -> Workload:
+def build_workload(
+    model: ir.Model, name: str, max_segments: int = 32, granularity: str = "block"
+) -> Workload:
     graph = model.graph
     nodes = list(graph)
     position = {id(n): i for i, n in enumerate(nodes)}
     const = _constant_nodes(nodes)
     active = [n for n in nodes if id(n) not in const]
 
-    groups = _group_by_blocks(active)
+    groups = _group_by_blocks(active, fine=granularity == "fine")
     if groups is None:
         groups = _group_by_segments(active, model, max_segments)
 
@@ -253,7 +265,7 @@ def _is_within(path: str, other: str) -> bool:
     return path == other or path.startswith(other + ".")
 
 
-def _group_by_blocks(active: list[ir.Node]) -> list[list[ir.Node]] | None:
+def _group_by_blocks(active: list[ir.Node], fine: bool = False) -> list[list[ir.Node]] | None:
     """Groups by repeated module instances, with glue runs between them; None if no blocks."""
     scopes: list[list[tuple[str, str | None]]] = []
     coverage: dict[str, set[int]] = defaultdict(set)
@@ -302,6 +314,7 @@ def _group_by_blocks(active: list[ir.Node]) -> list[list[ir.Node]] | None:
 
     groups: list[list[ir.Node]] = []
     block_group: dict[str, int] = {}
+    inner_glue: dict[str, list[int]] = {}
     glue_open: int | None = None
     for node, keyed in zip(active, scopes):
         block = next((path for path, _ in keyed if path in chosen_paths), None)
@@ -313,12 +326,42 @@ def _group_by_blocks(active: list[ir.Node]) -> list[list[ir.Node]] | None:
             node.meta["lamc.block"] = None
             continue
         glue_open = None
+        if fine:
+            _fine_group(node, keyed, block, groups, block_group, inner_glue)
+            continue
         if block not in block_group:
             groups.append([])
             block_group[block] = len(groups) - 1
         groups[block_group[block]].append(node)
         node.meta["lamc.block"] = (block, next(key for path, key in keyed if path == block))
     return groups
+
+
+def _fine_group(
+    node: ir.Node,
+    keyed: list[tuple[str, str | None]],
+    block: str,
+    groups: list[list[ir.Node]],
+    child_group: dict[str, int],
+    inner_glue: dict[str, list[int]],
+) -> None:
+    """Finer units: runs of a block's child modules (conv1, attn, mlp) and of the block's
+    own ops between them (a residual add). A module called twice (one ReLU used after every
+    conv) gives a unit per contiguous run, so units stay in order."""
+    paths = [path for path, _ in keyed]
+    depth = paths.index(block)
+    child = paths[depth + 1] if depth + 1 < len(paths) else None
+    runs = inner_glue.setdefault(block, [])
+    key = child if child is not None else f"{block}.~"
+    current = child_group.get(f"@current:{block}")
+    if current is None or groups[current][-1].meta.get("lamc.fine_key") != key:
+        groups.append([])
+        current = len(groups) - 1
+        child_group[f"@current:{block}"] = current
+        runs.append(current)
+    groups[current].append(node)
+    node.meta["lamc.fine_key"] = key
+    node.meta["lamc.block"] = (child if child is not None else f"{block}.~", "part")
 
 
 def _group_by_segments(
@@ -357,6 +400,8 @@ def _describe(members: list[ir.Node]) -> tuple[str, str, str | None]:
     block = next((n.meta.get("lamc.block") for n in members if n.meta.get("lamc.block")), None)
     if block is not None:
         path, key = block
+        if key == "part":
+            return path, "part", None
         cls = key.rsplit(".", 1)[-1] if key and not key.endswith(".*") else None
         return path, "block", cls
     tops: list[str] = []

@@ -14,6 +14,13 @@ from lamc.cli.options import parse_ranges, parse_sizes
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--dynamic, --dims, --trust-pickle, --no-weights, --dump-ir."""
     fn = click.option(
+        "--granularity",
+        type=click.Choice(["block", "fine"]),
+        default="block",
+        show_default=True,
+        help="Units: each repeated block, or each module inside a block (cuts inside blocks).",
+    )(fn)
+    fn = click.option(
         "--no-weights",
         is_flag=True,
         help="Capture shapes only (zoo and factory models built on PyTorch's meta device): plan a model larger than this machine's memory.",

@@ -69,7 +69,9 @@ def compile_command(
     )
     request = _request(options, compare=False)
     with steps.step("capture and analyse"):
-        analysed = analyse(model, capture, dump_ir=options["dump_ir"])
+        analysed = analyse(
+            model, capture, dump_ir=options["dump_ir"], granularity=options["granularity"]
+        )
     _attach_kv(analysed, options)
     if dry_run:
         from lamc.passes.partition.planner import plan

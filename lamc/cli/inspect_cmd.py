@@ -25,6 +25,7 @@ def inspect_command(
     dims: str | None,
     trust_pickle: bool,
     no_weights: bool,
+    granularity: str,
     dump_ir: Path | None,
     as_json: bool,
 ) -> str:
@@ -39,7 +40,10 @@ def inspect_command(
     steps = Steps()
     with steps.step("capture and analyse"):
         result = analyse(
-            model, capture_options(dynamic, dims, trust_pickle, no_weights), dump_ir=dump_ir
+            model,
+            capture_options(dynamic, dims, trust_pickle, no_weights),
+            dump_ir=dump_ir,
+            granularity=granularity,
         )
     workload = result.workload
     summary = workload.summary()

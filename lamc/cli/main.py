@@ -111,7 +111,3 @@ def main() -> None:
     from lamc.cli import commands  # noqa: F401  (registers the commands on `cli`)
 
     cli.main(prog_name="lamc")
-
-
-if __name__ == "__main__":
-    main()

@@ -190,6 +190,7 @@ def plan_command(
                 options["dynamic"], options["dims"], options["trust_pickle"], options["no_weights"]
             ),
             dump_ir=options["dump_ir"],
+            granularity=options["granularity"],
         )
     _attach_kv(result, options)
     with steps.step("partition"):

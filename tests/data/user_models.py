@@ -61,3 +61,37 @@ def data_dependent_factory() -> ModelSpec:
 
 def not_a_model() -> str:
     return "hello"
+
+
+class LongSkip(nn.Module):
+    """Block 0's output is added back after block 2: a skip spanning units and stages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.blocks[0](x)
+        y = self.blocks[2](self.blocks[1](first)) + first
+        return self.blocks[3](y)
+
+
+def long_skip_factory() -> ModelSpec:
+    torch.manual_seed(0)
+    return ModelSpec(
+        module=LongSkip().eval(),
+        example_inputs={"x": torch.randn(2, 16)},
+        dynamic={"x": {0: Dim("batch", 1, 8)}},
+        name="long-skip",
+    )
+
+
+def other_weights_factory() -> ModelSpec:
+    """The same architecture as spec_factory with different weights."""
+    torch.manual_seed(1)
+    return ModelSpec(
+        module=TwoLayer().eval(),
+        example_inputs={"x": torch.randn(3, 8)},
+        dynamic={"x": {0: Dim("batch", 1, 32)}},
+        name="two-layer",
+    )

@@ -1,0 +1,152 @@
+"""Nothing loads before the manifest verifies: hashes, sizes, paths, schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lamc.errors import ExitCode, IntegrityError
+from lamc.manifest import verify
+from lamc.runtime import executor
+from lamc.runtime.executor import Pipeline
+from tests.compiled import compile_zoo
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("compiled") / "out"
+    compile_zoo("zoo:gpt2:test", out, 2)
+    return out
+
+
+@pytest.fixture
+def copy(compiled: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "out"
+    shutil.copytree(compiled, target)
+    return target
+
+
+@pytest.fixture
+def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to create a session fails the test: verification must come first."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a stage was loaded before the manifest verified")
+
+    monkeypatch.setattr(executor, "load_stage", refuse)
+
+
+def _fails(out: Path, needle: str) -> str:
+    with pytest.raises(IntegrityError) as info:
+        Pipeline.open(out)
+    assert info.value.exit_code == ExitCode.INTEGRITY
+    assert needle in info.value.message, info.value.message
+    return info.value.message
+
+
+def test_intact_output_verifies(compiled: Path) -> None:
+    manifest = verify(compiled)
+    assert [s.index for s in manifest.stages] == [0, 1]
+
+
+@pytest.mark.parametrize("target", ["model.onnx", "model.onnx.data"])
+def test_flipped_byte(copy: Path, target: str, no_loading: None) -> None:
+    path = copy / "stage-1" / target
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    _fails(copy, f"stage-1/{target}: sha256")
+
+
+def test_truncated_file(copy: Path, no_loading: None) -> None:
+    path = copy / "stage-0" / "model.onnx.data"
+    path.write_bytes(path.read_bytes()[:-100])
+    _fails(copy, "stage-0/model.onnx.data: size")
+
+
+def test_missing_file(copy: Path, no_loading: None) -> None:
+    (copy / "stage-0" / "model.onnx").unlink()
+    _fails(copy, "stage-0/model.onnx: missing")
+
+
+def _edit(out: Path, change: object) -> None:
+    path = out / "manifest.json"
+    data = json.loads(path.read_text())
+    change(data)  # type: ignore[operator]
+    path.write_text(json.dumps(data))
+
+
+def test_edited_hash(copy: Path, no_loading: None) -> None:
+    _edit(copy, lambda d: d["stages"][0]["files"][0].update(sha256="0" * 64))
+    _fails(copy, "stage-0/model.onnx: sha256")
+
+
+def test_edited_manifest_breaks_schema(copy: Path, no_loading: None) -> None:
+    _edit(copy, lambda d: d["stages"][0].update(backend="pytorch"))
+    _fails(copy, "stages/0/backend")
+    _edit(copy, lambda d: d.update(lamc_manifest=2))
+    _fails(copy, "lamc_manifest is 2")
+
+
+def test_not_json(copy: Path, no_loading: None) -> None:
+    (copy / "manifest.json").write_text("{ not json")
+    _fails(copy, "not valid JSON")
+
+
+@pytest.mark.parametrize("path", ["../outside.onnx", "/etc/passwd", "stage-0/../../x"])
+def test_paths_that_leave_the_directory(copy: Path, path: str, no_loading: None) -> None:
+    _edit(copy, lambda d: d["stages"][0]["files"][0].update(path=path))
+    with pytest.raises(IntegrityError):
+        Pipeline.open(copy)
+
+
+def test_symlinked_artifact(copy: Path, tmp_path: Path, no_loading: None) -> None:
+    real = copy / "stage-1" / "model.onnx"
+    elsewhere = tmp_path / "elsewhere.onnx"
+    shutil.move(real, elsewhere)
+    os.symlink(elsewhere, real)
+    _fails(copy, "is a symlink")
+
+
+def test_wrong_inputs_say_expected_and_got(compiled: Path) -> None:
+    pipeline = Pipeline.open(compiled)
+    good = np.zeros((1, 5), np.int64)
+    cases = [
+        ({"input_ids": good.astype(np.int32)}, "expected dtype int64, got int32"),
+        ({"input_ids": np.zeros((5,), np.int64)}, "expected rank 2"),
+        ({"input_ids": np.zeros((1, 300), np.int64)}, "expected seq in 1..256"),
+        ({"ids": good}, "unknown tensor(s) ids"),
+        ({}, "missing tensor(s) input_ids"),
+    ]
+    from lamc.runtime.tensors import TensorMismatch
+
+    for feeds, needle in cases:
+        with pytest.raises(TensorMismatch) as info:
+            pipeline.run(feeds)
+        assert info.value.exit_code == ExitCode.USAGE
+        assert needle in info.value.message, info.value.message
+
+
+def test_missing_provider_is_an_error_unless_overridden(copy: Path) -> None:
+    from lamc.errors import RuntimeEnvironmentError
+
+    _edit(
+        copy,
+        lambda d: [
+            s.update(providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+            for s in d["stages"]
+        ],
+    )
+    with pytest.raises(RuntimeEnvironmentError) as info:
+        Pipeline.open(copy)
+    assert (
+        info.value.exit_code == ExitCode.ENVIRONMENT
+        and "CUDAExecutionProvider" in info.value.message
+    )
+    pipeline = Pipeline.open(copy, providers=("CPUExecutionProvider",))
+    assert pipeline.run({"input_ids": np.zeros((1, 4), np.int64)})["logits"].shape == (1, 4, 512)

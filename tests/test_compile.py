@@ -1,0 +1,183 @@
+"""lamc compile: deterministic, atomic, and honest about what it cannot do."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lamc.atomic import atomic_directory
+from lamc.errors import DoesNotFitError, UsageError
+from lamc.frontend import CaptureOptions
+from tests.compiled import MINIPCS, compile_zoo
+
+ROOT = Path(__file__).parent.parent
+
+
+def _tree(path: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_two_compiles_are_byte_identical(tmp_path: Path) -> None:
+    """Two compiles from two fresh captures of the same model and topology."""
+    from lamc.driver import CompileOptions, compile_model
+    from lamc.passes.partition.planner import PlanRequest
+    from lamc.topology import Constraints
+
+    options = CompileOptions(request=PlanRequest(constraints=Constraints(stages=3)))
+    compile_model("zoo:llama:test", MINIPCS, tmp_path / "a", options)
+    compile_model("zoo:llama:test", MINIPCS, tmp_path / "b", options)
+    first, second = _tree(tmp_path / "a"), _tree(tmp_path / "b")
+    assert first == second
+    assert "manifest.json" in first and "stage-2/model.onnx.data" in first
+
+
+def test_manifest_is_written_last_and_output_replaced_atomically(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    compile_zoo("zoo:resnet:test", out, 2)
+    before = _tree(out)
+    # A compile that fails after building has begun leaves the previous OUT untouched
+    # and no temporary directory behind.
+    with pytest.raises(RuntimeError), atomic_directory(out) as tmp:
+        (tmp / "stage-0").mkdir()
+        (tmp / "stage-0" / "model.onnx").write_bytes(b"half written")
+        raise RuntimeError("the build failed")
+    assert _tree(out) == before
+    assert not list(tmp_path.glob(".out.lamc-*"))
+    # A successful compile of another model replaces it whole.
+    compile_zoo("zoo:vit:test", out, 2)
+    assert _tree(out) != before and (out / "manifest.json").is_file()
+
+
+def test_refuses_to_replace_a_foreign_directory(tmp_path: Path) -> None:
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"...")
+    with pytest.raises(UsageError, match="refusing to replace it"):
+        compile_zoo("zoo:resnet:test", tmp_path / "photos", 1)
+    assert (tmp_path / "photos" / "cat.jpg").read_bytes() == b"..."
+
+
+def test_budget_failure_writes_nothing(tmp_path: Path) -> None:
+    from lamc.driver import CompileOptions, compile_model
+    from lamc.passes.partition.planner import PlanRequest
+    from lamc.topology import Budgets
+    from tests.conftest import analysed_model
+
+    with pytest.raises(DoesNotFitError):
+        compile_model(
+            "zoo:resnet:test",
+            MINIPCS,
+            tmp_path / "out",
+            CompileOptions(request=PlanRequest(budgets=Budgets(max_latency_ms=1e-6))),
+            analysed=analysed_model("zoo:resnet:test"),
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_shapes_only_capture_cannot_compile(tmp_path: Path) -> None:
+    from lamc.driver import CompileOptions, compile_model
+
+    with pytest.raises(UsageError, match="shapes-only"):
+        compile_model(
+            "zoo:gpt2:test",
+            MINIPCS,
+            tmp_path / "out",
+            CompileOptions(capture=CaptureOptions(weights=False)),
+        )
+
+
+def _lamc(*args: str, cwd: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, CI="true")
+    return subprocess.Popen(
+        [sys.executable, "-m", "lamc", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _wait_for_build(
+    parent: Path, name: str, process: subprocess.Popen[bytes], timeout: float = 240.0
+) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = list(parent.glob(f".{name}.lamc-*"))
+        if found and any(found[0].iterdir()):
+            return found[0]
+        if process.poll() is not None:
+            raise AssertionError(
+                f"compile ended before its build step: {process.stderr.read().decode()[-2000:] if process.stderr else ''}"
+            )
+        time.sleep(0.002)
+    raise AssertionError("the build never started")
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_mid_build_leaves_out_untouched(tmp_path: Path, how: signal.Signals) -> None:
+    out = tmp_path / "out"
+    compile_zoo("zoo:resnet:test", out, 2)
+    before = _tree(out)
+    # Compile a different model into the same OUT and kill it while it writes its stages.
+    process = _lamc(
+        "compile", "zoo:gpt2", "-t", str(MINIPCS), "-o", "out", "--stages", "3", cwd=tmp_path
+    )
+    _wait_for_build(tmp_path, "out", process)
+    process.send_signal(how)
+    code = process.wait(timeout=120)
+    assert _tree(out) == before  # the previous compile, byte for byte
+    leftovers = list(tmp_path.glob(".out.lamc-*"))
+    if how == signal.SIGTERM:
+        assert code == 130
+        assert leftovers == []  # cleaned up on the way out
+    else:
+        assert code == -signal.SIGKILL
+        assert leftovers  # a SIGKILL leaves its temporary directory; the next compile removes it
+        compile_zoo("zoo:resnet:test", out, 1)
+        assert not list(tmp_path.glob(".out.lamc-*"))
+
+
+def test_runtime_never_imports_torch_onnx_or_networkx(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    compile_zoo("zoo:gpt2:test", out, 3)
+    code = (
+        "import sys, numpy as np\n"
+        "from lamc.runtime.executor import Pipeline\n"
+        f"p = Pipeline.open({str(out)!r})\n"
+        "y = p.run({'input_ids': np.zeros((1, 4), np.int64)})\n"
+        "assert y['logits'].shape == (1, 4, 512)\n"
+        "print(sorted(m for m in ('torch', 'onnx', 'onnx_ir', 'onnxscript', 'networkx') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    # The same holds for the command line: `lamc run`.
+    cli = (
+        "import sys, atexit\n"
+        "atexit.register(lambda: print('loaded:', sorted(m for m in ('torch', 'onnx', 'onnx_ir', 'networkx') if m in sys.modules)))\n"
+        f"sys.argv = ['lamc', 'run', {str(out)!r}, '--random']\n"
+        "from lamc.cli.main import main\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", cli],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=dict(os.environ, CI="true"),
+    )
+    assert "PASSED run" in done.stdout, done.stdout + done.stderr
+    assert "loaded: []" in done.stdout
