@@ -3,4 +3,12 @@ imports the heavy compile-side packages only when it runs."""
 
 from __future__ import annotations
 
-from lamc.cli import compile_cmd, inspect_cmd, plan_cmd, profile_cmd, run_cmd, validate_cmd  # noqa: F401
+from lamc.cli import (  # noqa: F401
+    compile_cmd,
+    inspect_cmd,
+    plan_cmd,
+    profile_cmd,
+    run_cmd,
+    serve_cmd,
+    validate_cmd,
+)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -82,6 +83,27 @@ def random_feeds(manifest: object, sizes: dict[str, int], seed: int) -> dict[str
     help="Override the manifest's execution providers (an explicit CPU fallback).",
 )
 @click.option("--threads", type=click.IntRange(min=0), help="Intra-op threads per stage.")
+@click.option(
+    "--hosts",
+    "hosts_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Run on stage servers (`lamc serve`) listed in this file.",
+)
+@click.option(
+    "--endpoint",
+    "endpoints",
+    multiple=True,
+    metavar="STAGE=HOST:PORT",
+    help="A stage server's address (repeat for each stage).",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds a request may take across the stage servers.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @lamc_command("run")
@@ -92,6 +114,9 @@ def run_command(
     output_dir: Path | None,
     providers: str | None,
     threads: int | None,
+    hosts_file: Path | None,
+    endpoints: tuple[str, ...],
+    timeout_s: float,
     seed: int,
     as_json: bool,
 ) -> str:
@@ -99,7 +124,12 @@ def run_command(
     from lamc.runtime.executor import Pipeline, parse_providers
 
     started = time.perf_counter()
-    pipeline = Pipeline.open(out, providers=parse_providers(providers), threads=threads)
+    if hosts_file is not None or endpoints:
+        pipeline: Any = _remote(out, hosts_file, endpoints, timeout_s)
+        where = f"stage servers {', '.join(pipeline.addresses)}"
+    else:
+        pipeline = Pipeline.open(out, providers=parse_providers(providers), threads=threads)
+        where = "this process"
     loaded = time.perf_counter()
     if inputs and random_dims is not None:
         raise UsageError("give --input files or --random, not both")
@@ -112,14 +142,19 @@ def run_command(
             f"no inputs: give --input NAME=FILE.npy for {', '.join(pipeline.manifest.inputs)}, or --random"
         )
     ran = time.perf_counter()
-    outputs = pipeline.run(feeds)
+    try:
+        outputs = pipeline.run(feeds)
+    finally:
+        if hasattr(pipeline, "close"):
+            pipeline.close()
     done = time.perf_counter()
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
         for name, value in outputs.items():
             np.save(output_dir / f"{name.replace('/', '_')}.npy", value, allow_pickle=False)
     summary = {
-        "stages": len(pipeline.stages),
+        "stages": len(pipeline.manifest.stages),
+        "where": where,
         "load_ms": round((loaded - started) * 1000, 2),
         "run_ms": round((done - ran) * 1000, 2),
         "outputs": {
@@ -140,6 +175,20 @@ def run_command(
                 f"{name}: {info['dtype']}{info['shape']} mean {info['mean']:.6g}", markup=False
             )
         console.print(
-            f"verified and loaded {len(pipeline.stages)} stage(s) in {summary['load_ms']} ms; ran in {summary['run_ms']} ms"
+            f"ready in {summary['load_ms']} ms ({len(pipeline.manifest.stages)} stage(s) in {where}); ran in {summary['run_ms']} ms"
         )
-    return f"{out}: {len(outputs)} output(s) from {len(pipeline.stages)} stage(s) in {summary['run_ms']} ms"
+    return f"{out}: {len(outputs)} output(s) from {len(pipeline.manifest.stages)} stage(s) in {summary['run_ms']} ms"
+
+
+def _remote(
+    out: Path, hosts_file: Path | None, endpoints: tuple[str, ...], timeout_s: float
+) -> Any:
+    from lamc.runtime.hosts import Endpoints, load_hosts, parse_endpoints
+    from lamc.runtime.remote import RemotePipeline
+    from lamc.runtime.security import load_token
+
+    config = (
+        load_hosts(hosts_file) if hosts_file is not None else Endpoints({}, None, load_token(None))
+    )
+    config.stages.update(parse_endpoints(endpoints))
+    return RemotePipeline(out, config, timeout_s=timeout_s)

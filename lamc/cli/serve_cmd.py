@@ -1,0 +1,156 @@
+"""`lamc serve OUT --stage K --listen HOST:PORT`: one stage as a gRPC microservice
+(or, with `--ray ADDRESS`, every stage as a Ray Serve deployment)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import click
+
+from lamc.cli.main import cli, lamc_command
+from lamc.errors import UsageError
+
+
+@cli.command("serve")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--stage", type=click.IntRange(min=0), help="The stage to serve.")
+@click.option(
+    "--listen",
+    metavar="HOST:PORT",
+    default="127.0.0.1:50051",
+    show_default=True,
+    help="Address to serve on.",
+)
+@click.option(
+    "--next",
+    "next_address",
+    metavar="HOST:PORT",
+    help="Where the next stage is served (or give --hosts).",
+)
+@click.option(
+    "--hosts",
+    "hosts_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Hosts file listing every stage's address.",
+)
+@click.option(
+    "--queue",
+    "queue_size",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Requests waiting at most; more are rejected at once.",
+)
+@click.option(
+    "--tls-cert", type=click.Path(dir_okay=False, path_type=Path), help="Server certificate (PEM)."
+)
+@click.option(
+    "--tls-key", type=click.Path(dir_okay=False, path_type=Path), help="Server private key (PEM)."
+)
+@click.option(
+    "--tls-ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="CA certificate: verifies the next stage, and clients with --require-client-cert.",
+)
+@click.option(
+    "--require-client-cert",
+    is_flag=True,
+    help="Mutual TLS: clients must present a certificate signed by --tls-ca.",
+)
+@click.option("--server-name", help="Name to expect in the next stage's certificate.")
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Serve plaintext on a non-loopback address (trusted networks only).",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Shared token (default: $LAMC_TOKEN).",
+)
+@click.option(
+    "--providers", metavar="cpu|cuda,cpu|...", help="Override the manifest's execution providers."
+)
+@click.option("--threads", type=click.IntRange(min=0), help="Intra-op threads.")
+@click.option(
+    "--delay-ms",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Add this latency to every hand-off to the next stage (link emulation).",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    metavar="ADDRESS",
+    help="Deploy every stage on Ray Serve at this cluster address instead.",
+)
+@lamc_command("serve")
+def serve_command(
+    out: Path,
+    stage: int | None,
+    listen: str,
+    next_address: str | None,
+    hosts_file: Path | None,
+    queue_size: int,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_ca: Path | None,
+    require_client_cert: bool,
+    server_name: str | None,
+    insecure: bool,
+    token_file: Path | None,
+    providers: str | None,
+    threads: int | None,
+    delay_ms: float,
+    ray_address: str | None,
+) -> str:
+    """Serve stage K of a compiled pipeline until SIGTERM (which drains it first)."""
+    from lamc.runtime.executor import parse_providers
+    from lamc.runtime.security import TlsConfig, load_token
+
+    token = load_token(token_file)
+    if ray_address is not None:
+        from lamc.runtime.ray_serve import deploy
+
+        names = deploy(out, ray_address, providers=parse_providers(providers))
+        return f"{out}: deployed {len(names)} stage(s) on Ray Serve at {ray_address} ({', '.join(names)})"
+    if stage is None:
+        raise UsageError("give --stage K (or --ray ADDRESS to deploy every stage on Ray Serve)")
+    tls = TlsConfig.from_files(tls_cert, tls_key, tls_ca, require_client_cert=require_client_cert)
+    next_tls = None
+    if hosts_file is not None:
+        from lamc.runtime.hosts import load_hosts
+
+        endpoints = load_hosts(hosts_file)
+        next_address = next_address or endpoints.stages.get(stage + 1)
+        next_tls = endpoints.tls
+        token = token or endpoints.token
+    if next_tls is None and tls_ca is not None:
+        next_tls = TlsConfig(
+            cert=tls.cert if tls else None,
+            key=tls.key if tls else None,
+            ca=tls.ca if tls else None,
+            server_name=server_name,
+        )
+    from lamc.runtime.server import StageService, serve_forever
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    service = StageService(
+        out,
+        stage,
+        listen=listen,
+        next_address=next_address,
+        queue_size=queue_size,
+        tls=tls,
+        insecure=insecure,
+        token=token,
+        providers=parse_providers(providers),
+        threads=threads,
+        next_tls=next_tls,
+        delay_ms=delay_ms,
+    )
+    asyncio.run(serve_forever(service))
+    counts = service.counts
+    return f"stage {stage} on {listen}: {counts['accepted']} accepted, {counts['forwarded'] + counts['delivered']} handed on, {counts['failed']} failed, {counts['rejected']} rejected"

@@ -1,0 +1,432 @@
+"""The client of a pipeline served across hosts (`lamc run OUT --hosts hosts.yaml`).
+
+It submits each request to stage 0 and waits for the answer on its subscription to the
+last stage. It subscribes to every stage, so a stage that goes down is noticed at once
+(its stream breaks), and any stage that fails a request tells the client which stage and
+host it was. A request that times out is traced through the stages (`Status`) so the error
+says where it was lost. Every accepted request ends in a result or an error: `counts`
+keeps the books (accepted == succeeded + failed once all have ended).
+
+Requests lost with a stage are sent again only when every stage is stateless (no KV
+cache): re-running a stateful stage would apply a step twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lamc.errors import RuntimeEnvironmentError, UsageError
+from lamc.manifest import read_manifest
+from lamc.runtime import wire
+from lamc.runtime.hosts import Endpoints
+from lamc.runtime.security import auth_metadata, channel_options
+from lamc.runtime.server import max_message_bytes
+from lamc.runtime.tensors import TensorMismatch, check_all
+
+
+class StageFailure(RuntimeEnvironmentError):
+    """A request that a stage (named, with its host) could not carry."""
+
+
+class Rejected(UsageError):
+    """Stage 0 did not accept the request (queue full, invalid input, shutting down)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+@dataclass
+class _Pending:
+    future: asyncio.Future[dict[str, np.ndarray]]
+    deadline: float
+    submitted: float
+
+
+class RemotePipeline:
+    def __init__(
+        self,
+        out_dir: Path | str,
+        endpoints: Endpoints,
+        *,
+        timeout_s: float = 30.0,
+        retry_stateless: bool = True,
+    ) -> None:
+        self.manifest = read_manifest(Path(out_dir))
+        self.endpoints = endpoints
+        self.addresses = [endpoints.address(i) for i in range(len(self.manifest.stages))]
+        self.timeout_s = timeout_s
+        self.stateless = all(s.kv_cache is None for s in self.manifest.stages)
+        self.retry = retry_stateless and self.stateless
+        self.client_id = uuid.uuid4().hex
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.codec_in = {t.name: t.codec for t in self.manifest.edges[0].tensors}
+        self._pending: dict[str, _Pending] = {}
+        self._up = [False] * len(self.addresses)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="lamc-client", daemon=True
+        )
+        self._channels: list[Any] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(
+                timeout=timeout_s + 10.0
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    # ----------------------------------------------------------------------- public API
+
+    def submit(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        *,
+        timeout_s: float | None = None,
+        sequence_id: str = "",
+    ) -> concurrent.futures.Future[dict[str, np.ndarray]]:
+        """Start a request; the future resolves to the outputs or raises StageFailure/Rejected."""
+        return asyncio.run_coroutine_threadsafe(
+            self._request(dict(feeds), timeout_s or self.timeout_s, sequence_id), self._loop
+        )
+
+    def run(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        *,
+        timeout_s: float | None = None,
+        sequence_id: str = "",
+    ) -> dict[str, np.ndarray]:
+        return self.submit(feeds, timeout_s=timeout_s, sequence_id=sequence_id).result()
+
+    def run_many(
+        self,
+        requests: Sequence[Mapping[str, np.ndarray]],
+        *,
+        in_flight: int = 8,
+        timeout_s: float | None = None,
+    ) -> list[dict[str, np.ndarray] | BaseException]:
+        """Many requests with up to `in_flight` outstanding at once (keeps every stage busy)."""
+
+        async def all_of() -> list[dict[str, np.ndarray] | BaseException]:
+            gate = asyncio.Semaphore(in_flight)
+
+            async def one(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+                async with gate:
+                    return await self._request(dict(feeds), timeout_s or self.timeout_s, "")
+
+            return list(await asyncio.gather(*(one(f) for f in requests), return_exceptions=True))
+
+        return asyncio.run_coroutine_threadsafe(all_of(), self._loop).result()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
+        async def stop() -> None:
+            for task in self._tasks:
+                task.cancel()
+            for channel in self._channels:
+                await channel.close()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> RemotePipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------------------- setup
+
+    async def _start(self) -> None:
+        import grpc
+
+        limit = max_message_bytes(self.manifest)
+        tls = self.endpoints.tls
+        for address in self.addresses:
+            options = channel_options(limit, tls)
+            channel = (
+                grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
+                if tls
+                else grpc.aio.insecure_channel(address, options=options)
+            )
+            self._channels.append(channel)
+        connected = [asyncio.Event() for _ in self.addresses]
+        for k in range(len(self.addresses)):
+            self._tasks.append(
+                asyncio.get_running_loop().create_task(self._subscription(k, connected[k]))
+            )
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(event.wait() for event in connected)), timeout=self.timeout_s
+            )
+        except asyncio.TimeoutError:
+            down = [
+                f"stage {k} at {self.addresses[k]}"
+                for k, event in enumerate(connected)
+                if not event.is_set()
+            ]
+            raise StageFailure(
+                f"cannot reach {', '.join(down)}",
+                hint="start it with `lamc serve OUT --stage K --listen HOST:PORT`",
+            ) from None
+
+    async def _subscription(self, k: int, connected: asyncio.Event) -> None:
+        import grpc
+
+        call = self._channels[k].unary_stream(
+            wire.method("Subscribe"),
+            request_serializer=wire.SubscribeRequest.SerializeToString,
+            response_deserializer=wire.Delivery.FromString,
+        )
+        backoff = 0.05
+        while not self._closed:
+            try:
+                stream = call(
+                    wire.SubscribeRequest(client_id=self.client_id),
+                    metadata=auth_metadata(self.endpoints.token),
+                    wait_for_ready=True,
+                )
+                await stream.wait_for_connection()
+                self._up[k] = True
+                connected.set()
+                backoff = 0.05
+                async for delivery in stream:
+                    self._on_delivery(delivery)
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    "stream ended",
+                )
+            except asyncio.CancelledError:
+                return
+            except grpc.aio.AioRpcError as exc:
+                if self._closed:
+                    return
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    connected.set()
+                    self._fail_all(f"stage {k} at {self.addresses[k]} refused the token")
+                    return
+                if self._up[k]:
+                    self._up[k] = False
+                    self._on_stage_down(k, f"{exc.code().name}: {exc.details()}")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+
+    # ------------------------------------------------------------------------ requests
+
+    async def _request(
+        self, feeds: dict[str, np.ndarray], timeout_s: float, sequence_id: str
+    ) -> dict[str, np.ndarray]:
+        deadline = time.monotonic() + timeout_s
+        attempt = 0
+        while True:
+            try:
+                return await self._attempt(feeds, deadline, sequence_id, attempt)
+            except StageFailure as exc:
+                lost = getattr(exc, "lost", False)
+                if self.retry and lost and attempt == 0 and time.monotonic() < deadline - 0.05:
+                    attempt += 1
+                    self.counts["retried"] += 1
+                    continue
+                raise
+
+    async def _attempt(
+        self, feeds: dict[str, np.ndarray], deadline: float, sequence_id: str, attempt: int
+    ) -> dict[str, np.ndarray]:
+        import grpc
+
+        manifest = self.manifest
+        unknown = sorted(set(feeds) - set(manifest.inputs))
+        if unknown:
+            raise TensorMismatch(
+                f"input: unknown tensor(s) {', '.join(unknown)}; the model takes {', '.join(manifest.inputs)}"
+            )
+        inputs = check_all(
+            manifest.stages[0].receives, manifest.tensors, feeds, manifest.dims, {}, "input"
+        )
+        request_id = uuid.uuid4().hex
+        remaining = deadline - time.monotonic()
+        message = wire.SubmitRequest(
+            request_id=request_id,
+            client_id=self.client_id,
+            timeout_ms=remaining * 1000.0,
+            sequence_id=sequence_id,
+            attempt=attempt,
+            tensors=[
+                wire.encode(name, value, self.codec_in.get(name, "raw"))
+                for name, value in inputs.items()
+            ],
+        )
+        loop = asyncio.get_running_loop()
+        pending = _Pending(loop.create_future(), deadline, time.monotonic())
+        self._pending[request_id] = pending
+        self.counts["submitted"] += 1
+        call = self._channels[0].unary_unary(
+            wire.method("Submit"),
+            request_serializer=wire.SubmitRequest.SerializeToString,
+            response_deserializer=wire.Ack.FromString,
+        )
+        try:
+            ack = await call(
+                message, timeout=max(remaining, 0.001), metadata=auth_metadata(self.endpoints.token)
+            )
+        except grpc.aio.AioRpcError as exc:
+            self._pending.pop(request_id, None)
+            self.counts["rejected"] += 1
+            raise StageFailure(
+                f"stage 0 at {self.addresses[0]}: {exc.code().name}: {exc.details()}"
+            ) from None
+        if not ack.accepted:
+            self._pending.pop(request_id, None)
+            self.counts["rejected"] += 1
+            if ack.code == "INVALID_ARGUMENT":
+                raise TensorMismatch(ack.message)
+            raise Rejected(ack.code, f"stage 0 at {self.addresses[0]}: {ack.message}")
+        self.counts["accepted"] += 1
+        timer = loop.call_later(
+            max(deadline - time.monotonic(), 0.0),
+            lambda: loop.create_task(self._expire(request_id)),
+        )
+        try:
+            result = await pending.future
+            self.counts["succeeded"] += 1
+            return result
+        except BaseException:
+            self.counts["failed"] += 1
+            raise
+        finally:
+            timer.cancel()
+            self._pending.pop(request_id, None)
+
+    def _on_delivery(self, delivery: Any) -> None:
+        pending = self._pending.get(delivery.request_id)
+        if pending is None or pending.future.done():
+            self.counts["late"] += 1
+            return
+        if delivery.error:
+            failure = StageFailure(f"stage {delivery.stage} at {delivery.where}: {delivery.error}")
+            pending.future.set_exception(failure)
+            return
+        try:
+            outputs = {t.name: wire.decode(t) for t in delivery.tensors}
+            outputs = check_all(
+                self.manifest.outputs,
+                self.manifest.tensors,
+                outputs,
+                self.manifest.dims,
+                {},
+                "output",
+            )
+        except (ValueError, TensorMismatch) as exc:
+            pending.future.set_exception(
+                StageFailure(
+                    f"stage {delivery.stage} at {delivery.where} answered with a bad tensor: {exc}"
+                )
+            )
+            return
+        pending.future.set_result(outputs)
+
+    async def _expire(self, request_id: str) -> None:
+        pending = self._pending.get(request_id)
+        if pending is None or pending.future.done():
+            return
+        where = await self._trace(request_id)
+        if not pending.future.done():
+            failure = StageFailure(
+                f"request timed out after {time.monotonic() - pending.submitted:.2f} s: {where}"
+            )
+            failure.lost = "lost" in where  # type: ignore[attr-defined]
+            pending.future.set_exception(failure)
+
+    def _on_stage_down(self, k: int, reason: str) -> None:
+        for request_id, pending in list(self._pending.items()):
+            if not pending.future.done():
+                asyncio.get_running_loop().create_task(self._check_lost(request_id, k, reason))
+
+    async def _check_lost(self, request_id: str, down: int, reason: str) -> None:
+        """Stage `down` went away: fail the requests no other stage still holds."""
+        pending = self._pending.get(request_id)
+        if pending is None or pending.future.done():
+            return
+        states = await self._states(request_id)
+        holders = [
+            k for k, (state, _) in enumerate(states) if state in ("queued", "running", "forwarding")
+        ]
+        reached = [
+            k
+            for k, (state, _) in enumerate(states)
+            if state in ("forwarded", "delivered", "failed")
+        ]
+        beyond = max(reached, default=-1)
+        if holders and all(k != down for k in holders):
+            return  # still on its way through live stages
+        if beyond >= down:
+            return  # already past the stage that went down
+        if not pending.future.done():
+            failure = StageFailure(
+                f"stage {down} at {self.addresses[down]} went down ({reason}) with the request inside"
+            )
+            failure.lost = True  # type: ignore[attr-defined]
+            pending.future.set_exception(failure)
+
+    async def _states(self, request_id: str) -> list[tuple[str, str]]:
+        import grpc
+
+        async def ask(k: int) -> tuple[str, str]:
+            call = self._channels[k].unary_unary(
+                wire.method("Status"),
+                request_serializer=wire.StatusRequest.SerializeToString,
+                response_deserializer=wire.StatusReply.FromString,
+            )
+            try:
+                reply = await call(
+                    wire.StatusRequest(request_id=request_id),
+                    timeout=0.5,
+                    metadata=auth_metadata(self.endpoints.token),
+                )
+                return reply.state, reply.detail
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    return "no answer", "it did not answer within 0.5 s (stalled?)"
+                return "unreachable", f"{exc.code().name}: {exc.details()}"
+
+        return list(await asyncio.gather(*(ask(k) for k in range(len(self.addresses)))))
+
+    async def _trace(self, request_id: str) -> str:
+        """Where a request is (or was lost), for a timeout's error message."""
+        states = await self._states(request_id)
+        for k, (state, detail) in enumerate(states):
+            where = f"stage {k} at {self.addresses[k]}"
+            if state in ("no answer", "unreachable"):
+                return f"lost at {where}: {detail}"
+            if state in ("queued", "running", "forwarding"):
+                return f"still {state} at {where}" + (f" ({detail})" if detail else "")
+            if state == "unknown":
+                previous = f" after stage {k - 1} handed it on" if k > 0 else ""
+                return f"lost at {where}: it has no record of the request{previous}"
+        return "every stage handed it on, but the answer did not arrive"
+
+    def _fail_all(self, reason: str) -> None:
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(StageFailure(reason))

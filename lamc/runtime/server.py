@@ -1,0 +1,501 @@
+"""One stage as a gRPC microservice (`lamc serve OUT --stage K --listen HOST:PORT`).
+
+Requests flow one way: the client submits to stage 0; each stage runs its engine and
+submits its outputs straight to the next stage; the last stage delivers the answer to the
+client over the client's subscription stream. Any stage that cannot carry a request on
+delivers a failure naming itself to the client the same way, so an accepted request is
+always answered or failed.
+
+- `Submit` checks the token, the deadline and every tensor against the manifest, then
+  enqueues; a full queue answers RESOURCE_EXHAUSTED at once (it never blocks).
+- One worker runs the engine, request after request; while it runs the next request,
+  earlier outputs are being forwarded.
+- Forwarding retries only while the next stage has *not accepted* the request (it is
+  down, restarting, or its queue is full), until the request's deadline. A request a stage
+  accepted is never sent again from here.
+- Health (the standard grpc.health.v1 service) is SERVING only after the engine is loaded
+  and has run once; on SIGTERM it turns NOT_SERVING, new requests are refused, and the
+  server stops once every accepted request has left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lamc.dims import eval_dim
+from lamc.errors import UsageError
+from lamc.manifest import Manifest, StageSpec, verify
+from lamc.runtime import wire
+from lamc.runtime.executor import StageRunner, load_stage
+from lamc.runtime.security import (
+    TlsConfig,
+    auth_metadata,
+    channel_options,
+    check_bind,
+    token_matches,
+)
+from lamc.runtime.tensors import TensorMismatch, check_all
+
+log = logging.getLogger("lamc.serve")
+_STATE_LIMIT = 10_000
+_PENDING_LIMIT = 1_000
+
+
+@dataclass
+class Job:
+    request_id: str
+    client_id: str
+    deadline: float  # time.monotonic() on this host
+    tensors: dict[str, np.ndarray]
+    sequence_id: str = ""
+    attempt: int = 0
+    accepted_at: float = field(default_factory=time.monotonic)
+
+    def remaining_ms(self) -> float:
+        return max((self.deadline - time.monotonic()) * 1000.0, 0.0)
+
+
+def max_message_bytes(manifest: Manifest) -> int:
+    """gRPC's message limit for this pipeline: the largest set of tensors crossing one
+    boundary at the dims' maximum sizes, plus room for framing (at most 2 GiB - 1)."""
+    largest_dims = {name: bounds.max for name, bounds in manifest.dims.items()}
+    largest = 0
+    for edge in manifest.edges:
+        total = 0
+        for tensor in edge.tensors:
+            spec = manifest.tensors[tensor.name]
+            try:
+                count = int(np.prod([eval_dim(d, largest_dims) for d in spec.shape]))
+            except ValueError:
+                count = 0
+            total += count * np.dtype(spec.dtype).itemsize
+        largest = max(largest, total)
+    return int(min(largest * 1.05 + (4 << 20), 2**31 - 1))
+
+
+class StageService:
+    def __init__(
+        self,
+        out_dir: Path,
+        index: int,
+        *,
+        listen: str,
+        next_address: str | None = None,
+        queue_size: int = 16,
+        tls: TlsConfig | None = None,
+        insecure: bool = False,
+        token: str | None = None,
+        providers: tuple[str, ...] | None = None,
+        threads: int | None = None,
+        next_tls: TlsConfig | None = None,
+        delay_ms: float = 0.0,
+    ) -> None:
+        check_bind(listen, tls, insecure)
+        self.manifest = verify(out_dir)
+        if not 0 <= index < len(self.manifest.stages):
+            raise UsageError(
+                f"--stage {index}: the pipeline has stages 0..{len(self.manifest.stages) - 1}"
+            )
+        self.spec: StageSpec = self.manifest.stages[index]
+        self.index = index
+        self.last = index == len(self.manifest.stages) - 1
+        if not self.last and next_address is None:
+            raise UsageError(
+                f"stage {index} needs the address of stage {index + 1}",
+                hint="pass --next HOST:PORT or --hosts hosts.yaml",
+            )
+        self.listen = listen
+        self.next_address = next_address
+        self.token = token
+        self.tls = tls
+        self.next_tls = next_tls
+        self.queue_size = queue_size
+        self.delay_ms = delay_ms  # emulated link latency on the way out (tests, benchmarks)
+        self.codec_out = self._codecs(index + 1)
+        self.max_message = max_message_bytes(self.manifest)
+        self.runner: StageRunner = load_stage(
+            out_dir, self.spec, providers=providers, threads=threads
+        )
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{index}")
+        self.queue: asyncio.Queue[Job] | None = None
+        self.subscribers: dict[str, asyncio.Queue[Any]] = {}
+        self.pending: dict[str, collections.deque[tuple[float, Any]]] = collections.defaultdict(
+            lambda: collections.deque(maxlen=_PENDING_LIMIT)
+        )
+        self.states: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
+        self.in_flight = 0  # accepted and not yet handed on (queued, running or forwarding)
+        self.draining = False
+        self.counts = collections.Counter[str]()
+        self._server: Any = None
+        self._health: Any = None
+        self._next: Any = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _codecs(self, edge_index: int) -> dict[str, str]:
+        edge = next((e for e in self.manifest.edges if e.target == edge_index), None)
+        return {t.name: t.codec for t in edge.tensors} if edge else {}
+
+    # ------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from grpc_health.v1.health import aio as health_aio
+
+        self.queue = asyncio.Queue(maxsize=self.queue_size)
+        options = channel_options(self.max_message, None)
+        self._server = grpc.aio.server(options=options)
+        handlers = {
+            "Submit": grpc.unary_unary_rpc_method_handler(
+                self.submit,
+                request_deserializer=wire.SubmitRequest.FromString,
+                response_serializer=wire.Ack.SerializeToString,
+            ),
+            "Subscribe": grpc.unary_stream_rpc_method_handler(
+                self.subscribe,
+                request_deserializer=wire.SubscribeRequest.FromString,
+                response_serializer=wire.Delivery.SerializeToString,
+            ),
+            "Status": grpc.unary_unary_rpc_method_handler(
+                self.status,
+                request_deserializer=wire.StatusRequest.FromString,
+                response_serializer=wire.StatusReply.SerializeToString,
+            ),
+        }
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(wire.SERVICE, handlers),)
+        )
+        self._health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._health.set(wire.SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.tls is not None:
+            port = self._server.add_secure_port(self.listen, self.tls.server_credentials())
+        else:
+            port = self._server.add_insecure_port(self.listen)
+        if port == 0:
+            raise UsageError(f"cannot listen on {self.listen} (address in use or not available)")
+        await self._server.start()
+        if not self.last:
+            assert self.next_address is not None
+            target_options = channel_options(self.max_message, self.next_tls)
+            if self.next_tls is not None:
+                self._next = grpc.aio.secure_channel(
+                    self.next_address, self.next_tls.channel_credentials(), options=target_options
+                )
+            else:
+                self._next = grpc.aio.insecure_channel(self.next_address, options=target_options)
+        await self._warm_up()
+        self._spawn(self._worker())
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(wire.SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        log.info("stage %d serving on %s", self.index, self.listen)
+
+    async def _warm_up(self) -> None:
+        """Run the engine once on inputs of the smallest sizes before reporting ready."""
+        binding = {name: max(bounds.min, 1) for name, bounds in self.manifest.dims.items()}
+        binding.update(
+            {k: v for k, v in self.manifest.plan.get("binding", {}).items() if k in binding}
+        )
+        rng = np.random.default_rng(0)
+        feeds = {}
+        for name in self.spec.inputs:
+            spec = self.manifest.tensors[name]
+            shape = tuple(eval_dim(d, binding) for d in spec.shape)
+            dtype = np.dtype(spec.dtype)
+            feeds[name] = (
+                np.zeros(shape) if dtype.kind in "iub" else rng.standard_normal(shape)
+            ).astype(dtype)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._compute, self.runner.run, feeds)
+        except Exception as exc:
+            # Shape-computing inputs (e.g. target shapes) make random warm-up inputs invalid;
+            # the engine is loaded either way, and the first real request warms it.
+            log.info("stage %d warm-up skipped: %s", self.index, str(exc).splitlines()[0][:200])
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+    async def drain(self, grace_s: float = 30.0) -> None:
+        """Stop taking requests, let every accepted one leave, then stop."""
+        from grpc_health.v1 import health_pb2
+
+        self.draining = True
+        await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._health.set(wire.SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        deadline = time.monotonic() + grace_s
+        while self.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        # Give subscribers a moment to receive the last deliveries.
+        deadline = time.monotonic() + 2.0
+        while any(not q.empty() for q in self.subscribers.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await self._server.stop(grace=1.0)
+        if self._next is not None:
+            await self._next.close()
+        self._compute.shutdown(wait=False)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ----------------------------------------------------------------------------- RPCs
+
+    async def submit(self, request: Any, context: Any) -> Any:
+        if not token_matches(self.token, context.invocation_metadata()):
+            return wire.Ack(
+                accepted=False, code="UNAUTHENTICATED", message="missing or wrong token"
+            )
+        if self.draining:
+            return wire.Ack(
+                accepted=False, code="UNAVAILABLE", message=f"stage {self.index} is shutting down"
+            )
+        if request.timeout_ms <= 0:
+            return wire.Ack(
+                accepted=False,
+                code="DEADLINE_EXCEEDED",
+                message=f"the request reached stage {self.index} after its deadline",
+            )
+        try:
+            arriving = {t.name: wire.decode(t) for t in request.tensors}
+            unknown = sorted(set(arriving) - set(self.spec.receives))
+            if unknown:
+                raise TensorMismatch(f"stage {self.index}: unknown tensor(s) {', '.join(unknown)}")
+            tensors = check_all(
+                self.spec.receives,
+                self.manifest.tensors,
+                arriving,
+                self.manifest.dims,
+                {},
+                f"stage {self.index}",
+            )
+        except (ValueError, TensorMismatch) as exc:
+            self.counts["invalid"] += 1
+            return wire.Ack(accepted=False, code="INVALID_ARGUMENT", message=str(exc))
+        job = Job(
+            request.request_id,
+            request.client_id,
+            time.monotonic() + request.timeout_ms / 1000.0,
+            tensors,
+            request.sequence_id,
+            request.attempt,
+        )
+        assert self.queue is not None
+        try:
+            self.queue.put_nowait(job)
+        except asyncio.QueueFull:
+            self.counts["rejected"] += 1
+            return wire.Ack(
+                accepted=False,
+                code="RESOURCE_EXHAUSTED",
+                message=f"stage {self.index} queue is full ({self.queue_size} requests)",
+            )
+        self.in_flight += 1
+        self.counts["accepted"] += 1
+        self._state(job.request_id, "queued")
+        return wire.Ack(accepted=True)
+
+    async def subscribe(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        if not token_matches(self.token, context.invocation_metadata()):
+            import grpc
+
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+        client = request.client_id
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.subscribers[client] = queue
+        # Headers now, so that the client knows it is subscribed before the first delivery.
+        await context.send_initial_metadata(())
+        now = time.monotonic()
+        for expires, delivery in self.pending.pop(client, ()):
+            if expires > now:
+                queue.put_nowait(delivery)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            if self.subscribers.get(client) is queue:
+                del self.subscribers[client]
+
+    async def status(self, request: Any, context: Any) -> Any:
+        if not token_matches(self.token, context.invocation_metadata()):
+            return wire.StatusReply(state="unauthenticated", stage=self.index)
+        state, detail = self.states.get(request.request_id, ("unknown", ""))
+        return wire.StatusReply(state=state, detail=detail, stage=self.index)
+
+    # --------------------------------------------------------------------------- work
+
+    async def _worker(self) -> None:
+        assert self.queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            job = await self.queue.get()
+            if time.monotonic() >= job.deadline:
+                self._fail(job, f"deadline exceeded while queued at stage {self.index}")
+                continue
+            self._state(job.request_id, "running")
+            try:
+                produced = await loop.run_in_executor(self._compute, self.runner.run, job.tensors)
+                produced = check_all(
+                    self.spec.outputs,
+                    self.manifest.tensors,
+                    produced,
+                    self.manifest.dims,
+                    {},
+                    f"stage {self.index} output",
+                )
+            except Exception as exc:
+                self._fail(
+                    job,
+                    f"stage {self.index} engine failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+                )
+                continue
+            sends = {
+                name: produced[name] if name in produced else job.tensors[name]
+                for name in self.spec.sends
+            }
+            if self.last:
+                self._deliver_result(job, sends)
+            else:
+                self._spawn(self._forward(job, sends))
+
+    async def _forward(self, job: Job, tensors: dict[str, np.ndarray]) -> None:
+        """Hand the request to the next stage; retry only while it has not accepted it."""
+        import grpc
+
+        self._state(job.request_id, "forwarding")
+        message = wire.SubmitRequest(
+            request_id=job.request_id,
+            client_id=job.client_id,
+            sequence_id=job.sequence_id,
+            attempt=job.attempt,
+            tensors=[
+                wire.encode(name, value, self.codec_out.get(name, "raw"))
+                for name, value in tensors.items()
+            ],
+        )
+        call = self._next.unary_unary(
+            wire.method("Submit"),
+            request_serializer=lambda b: b,
+            response_deserializer=wire.Ack.FromString,
+        )
+        if self.delay_ms > 0:
+            await asyncio.sleep(self.delay_ms / 1000.0)
+        backoff = 0.01
+        last_problem = "no answer"
+        while True:
+            remaining = job.remaining_ms()
+            if remaining <= 0:
+                self._fail(
+                    job,
+                    f"stage {self.index + 1} at {self.next_address} did not accept the request before its deadline ({last_problem})",
+                )
+                return
+            message.timeout_ms = remaining
+            try:
+                ack = await call(
+                    message.SerializeToString(),
+                    timeout=remaining / 1000.0,
+                    metadata=auth_metadata(self.token),
+                    wait_for_ready=False,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    last_problem = f"{exc.code().name}: {exc.details()}"
+                    await asyncio.sleep(min(backoff, remaining / 1000.0))
+                    backoff = min(backoff * 2, 0.5)
+                    continue
+                self._fail(
+                    job,
+                    f"stage {self.index + 1} at {self.next_address}: {exc.code().name}: {exc.details()}",
+                )
+                return
+            if ack.accepted:
+                self._state(
+                    job.request_id, "forwarded", f"to stage {self.index + 1} at {self.next_address}"
+                )
+                self.in_flight -= 1
+                self.counts["forwarded"] += 1
+                return
+            if ack.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE"):
+                last_problem = f"{ack.code}: {ack.message}"
+                await asyncio.sleep(min(backoff, remaining / 1000.0))
+                backoff = min(backoff * 2, 0.5)
+                continue
+            self._fail(
+                job,
+                f"stage {self.index + 1} at {self.next_address} refused it: {ack.code}: {ack.message}",
+            )
+            return
+
+    # ------------------------------------------------------------------------ delivery
+
+    def _deliver_result(self, job: Job, tensors: dict[str, np.ndarray]) -> None:
+        delivery = wire.Delivery(
+            request_id=job.request_id,
+            stage=self.index,
+            where=self.listen,
+            tensors=[wire.encode(n, v) for n, v in tensors.items()],
+        )
+        self._deliver(job, delivery)
+        self._state(job.request_id, "delivered")
+        self.in_flight -= 1
+        self.counts["delivered"] += 1
+
+    def _fail(self, job: Job, reason: str) -> None:
+        self._deliver(
+            job,
+            wire.Delivery(
+                request_id=job.request_id,
+                stage=self.index,
+                where=self.listen,
+                error=reason,
+                retryable=True,
+            ),
+        )
+        self._state(job.request_id, "failed", reason)
+        self.in_flight -= 1
+        self.counts["failed"] += 1
+
+    def _deliver(self, job: Job, delivery: Any) -> None:
+        queue = self.subscribers.get(job.client_id)
+        if queue is not None:
+            queue.put_nowait(delivery)
+        else:
+            # The client is (re)subscribing: keep the delivery until the request's deadline.
+            self.pending[job.client_id].append(
+                (max(job.deadline, time.monotonic() + 5.0), delivery)
+            )
+
+    def _state(self, request_id: str, state: str, detail: str = "") -> None:
+        self.states[request_id] = (state, detail)
+        self.states.move_to_end(request_id)
+        while len(self.states) > _STATE_LIMIT:
+            self.states.popitem(last=False)
+
+
+async def serve_forever(service: StageService) -> None:
+    """Start, then run until SIGTERM or SIGINT, draining before exit."""
+    import signal
+
+    await service.start()
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    waiter = asyncio.ensure_future(service.wait())
+    stopper = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if stopping.is_set():
+        await service.drain()
+    waiter.cancel()

@@ -1,0 +1,206 @@
+"""What travels between stages: tensors in the KServe v2 style (name, datatype, shape, raw
+bytes), plus the codec a link uses, and the few messages of lamc's stage service.
+
+The message classes are built from a descriptor at import time (no protoc step, no
+generated code to keep in step with the protobuf runtime). Servers parse nothing but these
+messages, and tensors become numpy arrays only through `decode`, checked against the
+manifest: there is no pickle anywhere on the wire.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+SERVICE = "lamc.v1.Stage"
+PACKAGE = "lamc.v1"
+
+# KServe v2 datatype names <-> numpy.
+DATATYPES = {
+    "FP32": "float32",
+    "FP16": "float16",
+    "FP64": "float64",
+    "INT64": "int64",
+    "INT32": "int32",
+    "INT16": "int16",
+    "INT8": "int8",
+    "UINT8": "uint8",
+    "BOOL": "bool",
+}
+NUMPY_TO_DATATYPE = {v: k for k, v in DATATYPES.items()}
+CODECS = ("raw", "fp16", "int8")
+
+_T = descriptor_pb2.FieldDescriptorProto
+
+
+def _messages() -> dict[str, Any]:
+    file = descriptor_pb2.FileDescriptorProto(
+        name="lamc/v1/stage.proto", package=PACKAGE, syntax="proto3"
+    )
+
+    def message(name: str, fields: list[tuple[str, int, int, int, str | None]]) -> None:
+        proto = file.message_type.add(name=name)
+        for field_name, number, kind, label, type_name in fields:
+            entry = proto.field.add(name=field_name, number=number, type=kind, label=label)
+            if type_name:
+                entry.type_name = type_name
+
+    one, many = _T.LABEL_OPTIONAL, _T.LABEL_REPEATED
+    message(
+        "Tensor",
+        [
+            ("name", 1, _T.TYPE_STRING, one, None),
+            ("datatype", 2, _T.TYPE_STRING, one, None),  # the tensor's dtype in the manifest
+            ("shape", 3, _T.TYPE_INT64, many, None),
+            ("raw", 4, _T.TYPE_BYTES, one, None),  # the encoded contents
+            ("codec", 5, _T.TYPE_STRING, one, None),  # raw | fp16 | int8
+            ("scale", 6, _T.TYPE_FLOAT, one, None),  # int8: value = code * scale
+        ],
+    )
+    message(
+        "SubmitRequest",
+        [
+            ("request_id", 1, _T.TYPE_STRING, one, None),
+            ("client_id", 2, _T.TYPE_STRING, one, None),
+            ("timeout_ms", 3, _T.TYPE_DOUBLE, one, None),  # the time left, at sending
+            ("tensors", 4, _T.TYPE_MESSAGE, many, f".{PACKAGE}.Tensor"),
+            ("sequence_id", 5, _T.TYPE_STRING, one, None),  # decoders: whose KV cache
+            ("attempt", 6, _T.TYPE_INT32, one, None),
+        ],
+    )
+    message(
+        "Ack",
+        [
+            ("accepted", 1, _T.TYPE_BOOL, one, None),
+            ("code", 2, _T.TYPE_STRING, one, None),
+            ("message", 3, _T.TYPE_STRING, one, None),
+        ],
+    )
+    message("SubscribeRequest", [("client_id", 1, _T.TYPE_STRING, one, None)])
+    message(
+        "Delivery",
+        [
+            ("request_id", 1, _T.TYPE_STRING, one, None),
+            ("tensors", 2, _T.TYPE_MESSAGE, many, f".{PACKAGE}.Tensor"),
+            ("error", 3, _T.TYPE_STRING, one, None),
+            ("stage", 4, _T.TYPE_INT32, one, None),
+            ("where", 5, _T.TYPE_STRING, one, None),  # the stage's address
+            ("retryable", 6, _T.TYPE_BOOL, one, None),
+        ],
+    )
+    message("StatusRequest", [("request_id", 1, _T.TYPE_STRING, one, None)])
+    message(
+        "StatusReply",
+        [
+            ("state", 1, _T.TYPE_STRING, one, None),
+            ("detail", 2, _T.TYPE_STRING, one, None),
+            ("stage", 3, _T.TYPE_INT32, one, None),
+        ],
+    )
+    message("ResetRequest", [("sequence_id", 1, _T.TYPE_STRING, one, None)])
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    names = [
+        "Tensor",
+        "SubmitRequest",
+        "Ack",
+        "SubscribeRequest",
+        "Delivery",
+        "StatusRequest",
+        "StatusReply",
+        "ResetRequest",
+    ]
+    return {
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{PACKAGE}.{name}"))
+        for name in names
+    }
+
+
+_CLASSES = _messages()
+Tensor = _CLASSES["Tensor"]
+SubmitRequest = _CLASSES["SubmitRequest"]
+Ack = _CLASSES["Ack"]
+SubscribeRequest = _CLASSES["SubscribeRequest"]
+Delivery = _CLASSES["Delivery"]
+StatusRequest = _CLASSES["StatusRequest"]
+StatusReply = _CLASSES["StatusReply"]
+ResetRequest = _CLASSES["ResetRequest"]
+
+
+def method(name: str) -> str:
+    return f"/{SERVICE}/{name}"
+
+
+# ---------------------------------------------------------------------------------- codecs
+
+
+def encode(name: str, array: np.ndarray, codec: str = "raw") -> Any:
+    """A tensor for the wire. Lossy codecs apply to floating-point tensors only; integer
+    and boolean tensors (token ids, masks, shapes) always travel raw."""
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}")
+    array = np.ascontiguousarray(array)
+    datatype = NUMPY_TO_DATATYPE.get(array.dtype.name)
+    if datatype is None:
+        raise ValueError(f"{name}: dtype {array.dtype} cannot travel between stages")
+    message = Tensor(name=name, datatype=datatype, shape=list(array.shape), codec="raw")
+    floating = array.dtype.kind == "f"
+    if codec == "fp16" and floating:
+        message.raw = array.astype(np.float16).tobytes()
+        message.codec = "fp16"
+    elif codec == "int8" and floating:
+        peak = float(np.max(np.abs(array))) if array.size else 0.0
+        scale = peak / 127.0 if peak > 0 else 1.0
+        message.raw = np.clip(np.rint(array / scale), -127, 127).astype(np.int8).tobytes()
+        message.codec = "int8"
+        message.scale = scale
+    else:
+        message.raw = array.tobytes()
+    return message
+
+
+def decode(message: Any) -> np.ndarray:
+    """A wire tensor back to numpy, in its original dtype (lossy codecs decoded)."""
+    dtype = DATATYPES.get(message.datatype)
+    if dtype is None:
+        raise ValueError(f"{message.name}: unknown datatype {message.datatype!r}")
+    shape = tuple(int(d) for d in message.shape)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{message.name}: negative dimension in {list(shape)}")
+    count = int(np.prod(shape)) if shape else 1
+    codec = message.codec or "raw"
+    wire_dtype = {
+        "raw": np.dtype(dtype),
+        "fp16": np.dtype(np.float16),
+        "int8": np.dtype(np.int8),
+    }.get(codec)
+    if wire_dtype is None:
+        raise ValueError(f"{message.name}: unknown codec {codec!r}")
+    if len(message.raw) != count * wire_dtype.itemsize:
+        raise ValueError(
+            f"{message.name}: expected {count * wire_dtype.itemsize} bytes for {message.datatype}{list(shape)} ({codec}), got {len(message.raw)}"
+        )
+    values = np.frombuffer(message.raw, dtype=wire_dtype).reshape(shape)
+    if codec == "fp16":
+        return values.astype(dtype)
+    if codec == "int8":
+        return (values.astype(np.float32) * np.float32(message.scale)).astype(dtype)
+    return values
+
+
+def roundtrip(array: np.ndarray, codec: str) -> np.ndarray:
+    """What the next stage receives when `array` crosses a link with `codec` (the
+    in-process executor applies the same loss, so `lamc validate` measures it)."""
+    if codec == "raw" or array.dtype.kind != "f":
+        return array
+    return decode(encode("t", array, codec))
+
+
+def encoded_bytes(nbytes: float, dtype: str, codec: str) -> float:
+    """Bytes on the wire for a tensor of `nbytes` in `dtype` under `codec`."""
+    if dtype.startswith("float") and codec in ("fp16", "int8"):
+        itemsize = np.dtype(dtype).itemsize
+        return nbytes * (2 if codec == "fp16" else 1) / itemsize
+    return nbytes
