@@ -104,6 +104,12 @@ def random_feeds(manifest: object, sizes: dict[str, int], seed: int) -> dict[str
     show_default=True,
     help="Seconds a request may take across the stage servers.",
 )
+@click.option(
+    "--ray",
+    "ray_address",
+    metavar="ADDRESS",
+    help="Run on the pipeline deployed with `lamc serve OUT --ray ADDRESS`.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @lamc_command("run")
@@ -117,6 +123,7 @@ def run_command(
     hosts_file: Path | None,
     endpoints: tuple[str, ...],
     timeout_s: float,
+    ray_address: str | None,
     seed: int,
     as_json: bool,
 ) -> str:
@@ -124,8 +131,15 @@ def run_command(
     from lamc.runtime.executor import Pipeline, parse_providers
 
     started = time.perf_counter()
-    if hosts_file is not None or endpoints:
-        pipeline: Any = _remote(out, hosts_file, endpoints, timeout_s)
+    if ray_address is not None:
+        if hosts_file is not None or endpoints:
+            raise UsageError("give --ray or --hosts/--endpoint, not both")
+        from lamc.runtime.ray_serve import RayPipeline
+
+        pipeline: Any = RayPipeline(out, ray_address, timeout_s=timeout_s)
+        where = f"Ray Serve at {ray_address}"
+    elif hosts_file is not None or endpoints:
+        pipeline = _remote(out, hosts_file, endpoints, timeout_s)
         where = f"stage servers {', '.join(pipeline.addresses)}"
     else:
         pipeline = Pipeline.open(out, providers=parse_providers(providers), threads=threads)

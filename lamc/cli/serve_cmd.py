@@ -41,7 +41,7 @@ from lamc.errors import UsageError
     type=click.IntRange(min=1),
     default=16,
     show_default=True,
-    help="Requests waiting at most; more are rejected at once.",
+    help="Requests held at most (waiting, running or being handed on); more are rejected at once.",
 )
 @click.option(
     "--tls-cert", type=click.Path(dir_okay=False, path_type=Path), help="Server certificate (PEM)."

@@ -216,6 +216,7 @@ class RemotePipeline:
                     grpc.aio.Metadata(),
                     grpc.aio.Metadata(),
                     "stream ended",
+                    None,
                 )
             except asyncio.CancelledError:
                 return

@@ -149,8 +149,8 @@ class StageService:
 
     async def start(self) -> None:
         import grpc
+        from grpc_health.v1 import _async as health_aio
         from grpc_health.v1 import health_pb2, health_pb2_grpc
-        from grpc_health.v1.health import aio as health_aio
 
         self.queue = asyncio.Queue(maxsize=self.queue_size)
         options = channel_options(self.max_message, None)
@@ -293,6 +293,10 @@ class StageService:
         )
         assert self.queue is not None
         try:
+            # The bound covers every request the stage holds (waiting, running or being
+            # handed on), so a slow next hop pushes back on the previous one.
+            if self.in_flight >= self.queue_size:
+                raise asyncio.QueueFull
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
             self.counts["rejected"] += 1

@@ -1,0 +1,148 @@
+"""Start `lamc serve` stage processes for tests and benchmarks, and wait until they are ready."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lamc.runtime import wire
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_serving(
+    address: str,
+    timeout_s: float = 60.0,
+    process: subprocess.Popen[bytes] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
+    """Block until the gRPC health service at `address` says SERVING (ready: loaded and warm)."""
+    deadline = time.monotonic() + timeout_s
+    channel = (
+        grpc.secure_channel(address, credentials)
+        if credentials is not None
+        else grpc.insecure_channel(address)
+    )
+    with channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"stage server for {address} exited with {process.returncode}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=wire.SERVICE), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"stage server at {address} not serving after {timeout_s} s")
+
+
+class StageServers:
+    """One `lamc serve` process per stage of `out`, on loopback ports, chained together."""
+
+    def __init__(
+        self,
+        out: Path,
+        stages: int,
+        *,
+        extra: dict[int, Sequence[str]] | None = None,
+        common: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.credentials = credentials
+        self.out = out
+        self.ports = [free_port() for _ in range(stages)]
+        self.addresses = [f"127.0.0.1:{p}" for p in self.ports]
+        self.extra = extra or {}
+        self.common = tuple(common)
+        self.env = {**os.environ, **(env or {})}
+        self.log_dir = log_dir
+        self.processes: list[subprocess.Popen[bytes] | None] = [None] * stages
+
+    def command(self, k: int) -> list[str]:
+        command = [
+            sys.executable,
+            "-m",
+            "lamc",
+            "serve",
+            str(self.out),
+            "--stage",
+            str(k),
+            "--listen",
+            self.addresses[k],
+            *self.common,
+            *self.extra.get(k, ()),
+        ]
+        if k + 1 < len(self.addresses):
+            command += ["--next", self.addresses[k + 1]]
+        return command
+
+    def start(self, k: int, wait: bool = True) -> None:
+        log = (
+            open(self.log_dir / f"stage{k}.log", "ab")  # noqa: SIM115 - owned by the process
+            if self.log_dir
+            else subprocess.DEVNULL
+        )
+        self.processes[k] = subprocess.Popen(
+            self.command(k), stdout=log, stderr=subprocess.STDOUT, env=self.env
+        )
+        if wait:
+            wait_serving(self.addresses[k], process=self.processes[k], credentials=self.credentials)
+
+    def __enter__(self) -> StageServers:
+        for k in range(len(self.addresses)):
+            self.start(k, wait=False)
+        try:
+            for k, address in enumerate(self.addresses):
+                wait_serving(address, process=self.processes[k], credentials=self.credentials)
+        except BaseException:
+            self.stop_all()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    def signal(self, k: int, sig: int) -> None:
+        process = self.processes[k]
+        assert process is not None
+        process.send_signal(sig)
+
+    def kill(self, k: int) -> None:
+        process = self.processes[k]
+        assert process is not None
+        process.kill()
+        process.wait(timeout=10)
+
+    def terminate(self, k: int, timeout_s: float = 30.0) -> int:
+        """SIGTERM (drain) and the exit status."""
+        process = self.processes[k]
+        assert process is not None
+        process.send_signal(signal.SIGTERM)
+        return process.wait(timeout=timeout_s)
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.kill()
+        for process in self.processes:
+            if process is not None:
+                process.wait(timeout=10)
