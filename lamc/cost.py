@@ -141,7 +141,11 @@ class CostModel:
     `kv_tokens` is context x batch for decoders: the KV cache each stage must hold.
     """
 
-    def __init__(self, workload: Workload, topology: Topology, *, kv_tokens: int = 0) -> None:
+    def __init__(
+        self, workload: Workload, topology: Topology, *, kv_tokens: int = 0, codec: str = "raw"
+    ) -> None:
+        from lamc.runtime.wire import encoded_bytes
+
         self.workload = workload
         self.topology = topology
         self.devices = list(topology.devices)
@@ -164,6 +168,12 @@ class CostModel:
         self._prefix = np.concatenate([zeros, np.cumsum(self.unit_ms, axis=1)], axis=1)
         self._prefix_cached = np.concatenate([zeros, np.cumsum(cached_ms, axis=1)], axis=1)
         self.cut_bytes = np.array([c.bytes for c in workload.cuts], dtype=np.float64)
+        # Between stages tensors travel under the link codec; to and from the client, raw.
+        self.codec = codec
+        self.link_bytes = np.array(
+            [sum(encoded_bytes(t.bytes, t.dtype, codec) for t in c.tensors) for c in workload.cuts],
+            dtype=np.float64,
+        )
         self._params = _segment_params(workload)
         self._activations = _segment_max(
             np.array([u.peak_activation_bytes for u in workload.units], dtype=np.float64)
@@ -193,7 +203,7 @@ class CostModel:
 
     def transfer_ms(self, a: int, b: int, cut: int) -> float:
         return self.topology.transfer_ms(
-            self.devices[a].name, self.devices[b].name, self.cut_bytes[cut]
+            self.devices[a].name, self.devices[b].name, self.link_bytes[cut]
         )
 
     def client_ms(self, d: int, cut: int, *, inbound: bool) -> float:
@@ -246,7 +256,7 @@ class CostModel:
                     table[a, b, :] = math.inf
                     continue
                 options = np.stack(
-                    [r.latency_ms + 1000.0 * self.cut_bytes / r.bandwidth for r in routes]
+                    [r.latency_ms + 1000.0 * self.link_bytes / r.bandwidth for r in routes]
                 )
                 table[a, b, :] = options.min(axis=0)
         return table

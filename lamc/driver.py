@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lamc.frontend import Captured, CaptureOptions, capture
 from lamc.workload import Workload
@@ -71,6 +71,7 @@ class CompileOptions:
     check: bool = True  # run the ONNX checker and load every stage in ONNX Runtime
     dump_ir: Path | None = None
     granularity: str = "block"
+    max_error: float = 0.01  # accuracy budget for lossy choices (link codecs, compression)
 
 
 @dataclass
@@ -147,6 +148,16 @@ def compile_model(
 
             manifest = build_manifest(captured, workload, topology, best, graphs, artifacts, tmp)
             (tmp / "manifest.json").write_text(manifest.to_json())
+        if request.codec != "raw" and len(best.stages) > 1:
+            with timer.step("link codecs"):
+                manifest = choose_codecs(
+                    captured, workload, manifest, tmp, request.codec, options.max_error
+                )
+                (tmp / "manifest.json").write_text(manifest.to_json())
+                checks.append(
+                    f"link codecs {', '.join(e.tensors[0].codec if e.tensors else 'raw' for e in manifest.edges[1:-1])}: "
+                    f"output error {manifest.plan['measured_error']:.3g} within the budget {options.max_error:g}"
+                )
     return CompileResult(out, manifest, best, timer.seconds, checks)
 
 
@@ -212,3 +223,94 @@ class _Timer:
         else:
             yield
         self.seconds[name] = time.perf_counter() - started
+
+
+# ----------------------------------------------------------------------------- codecs
+
+LOSSY_CODECS = ("int8", "fp16")  # most compressive first
+
+
+def output_error(
+    pipeline: Any,
+    reference: Any,
+    cases: list[tuple[str, dict[str, Any]]],
+) -> float:
+    """Max over cases and outputs of max |out - ref| / max |ref| (normwise relative error)."""
+    import numpy as np
+
+    worst = 0.0
+    for _, feeds in cases:
+        got = pipeline.run(feeds)
+        for name, want in reference(feeds).items():
+            want64 = np.asarray(want, dtype=np.float64)
+            diff = np.abs(got[name].astype(np.float64) - want64)
+            scale = float(np.abs(want64).max()) if want64.size else 0.0
+            error = float(diff.max()) if diff.size else 0.0
+            worst = max(worst, error / scale if scale > 0 else error)
+    return worst
+
+
+def choose_codecs(
+    captured: Captured,
+    workload: Workload,
+    manifest: Manifest,
+    out: Path,
+    codec: str,
+    max_error: float,
+) -> Manifest:
+    """Give each edge between stages its codec and measure the model's output error with
+    them on calibration inputs (the example inputs and random ones in the dynamic ranges).
+
+    `auto` tries, edge by edge, int8 then fp16 and keeps the first that leaves the whole
+    model within `max_error`; a fixed lossy codec that breaks the budget is an accuracy
+    error (exit 7)."""
+    from dataclasses import replace
+
+    from lamc.errors import AccuracyError
+    from lamc.manifest import EdgeTensor
+    from lamc.runtime.executor import Pipeline
+    from lamc.runtime.wire import encoded_bytes
+    from lamc.validate import inputs_for
+
+    if captured.reference is None:
+        raise AccuracyError("lossy link codecs need the model's weights to measure their error")
+    pipeline = Pipeline.open(out)
+    cases = inputs_for(captured, manifest, samples=2, seed=1)
+    inner = range(1, len(manifest.stages))
+    chosen = {k: "raw" for k in inner}
+
+    def measure(trial: dict[int, str]) -> float:
+        pipeline.codecs = {
+            k: {t.name: c for t in manifest.edges[k].tensors} for k, c in trial.items()
+        }
+        return output_error(pipeline, captured.reference, cases)
+
+    if codec == "auto":
+        error = measure(chosen)
+        for k in inner:
+            for candidate in LOSSY_CODECS:
+                trial_error = measure({**chosen, k: candidate})
+                if trial_error <= max_error:
+                    chosen[k], error = candidate, trial_error
+                    break
+    else:
+        chosen = {k: codec for k in inner}
+        error = measure(chosen)
+        if error > max_error:
+            raise AccuracyError(
+                f"--codec {codec} puts the model outputs {error:.3g} (relative) from the source model, over the budget --max-error {max_error:g}",
+                hint="use --codec auto (it keeps the error within the budget), fp16 or raw, or raise --max-error",
+            )
+    sizes = {t.name: (t.bytes, t.dtype) for cut in workload.cuts for t in cut.tensors}
+    edges = []
+    for edge in manifest.edges:
+        codec_k = chosen.get(edge.target, "raw") if edge.source >= 0 else "raw"
+        nbytes = edge.bytes
+        if codec_k != "raw":
+            nbytes = int(
+                sum(encoded_bytes(*sizes.get(t.name, (0, "")), codec_k) for t in edge.tensors)
+            )
+        tensors = tuple(EdgeTensor(t.name, codec_k) for t in edge.tensors)
+        edges.append(replace(edge, tensors=tensors, bytes=nbytes))
+    plan = {**manifest.plan, "codec": codec, "max_error": max_error, "measured_error": error}
+    return replace(manifest, edges=tuple(edges), plan=plan)

@@ -90,6 +90,7 @@ def compile_command(
             backend=backend,
             check=not no_check,
             dump_ir=options["dump_ir"],
+            max_error=options["max_error"],
         ),
         analysed=analysed,
         steps=steps,

@@ -93,6 +93,20 @@ def plan_options(fn: Any) -> Any:
             show_default=True,
             help="Decoders: sequences whose KV cache is held at once.",
         ),
+        click.option(
+            "--codec",
+            type=click.Choice(["raw", "fp16", "int8", "auto"]),
+            default="raw",
+            show_default=True,
+            help="How activations travel between stages; auto: the smallest within --max-error.",
+        ),
+        click.option(
+            "--max-error",
+            type=click.FloatRange(min=0, min_open=True),
+            default=0.01,
+            show_default=True,
+            help="Accuracy budget: max |out - ref| / max |ref| of the model outputs.",
+        ),
     ]
     for decorator in reversed(decorators):
         fn = decorator(fn)
@@ -112,6 +126,7 @@ def plan_request(
     min_memory_headroom: str | None,
     kv_tokens: int,
     compare: bool,
+    codec: str = "raw",
 ) -> Any:
     from lamc.passes.partition.planner import PlanRequest
     from lamc.topology import Budgets, Constraints, parse_fraction
@@ -144,6 +159,7 @@ def plan_request(
         budgets=budgets,
         kv_tokens=kv_tokens,
         compare=compare,
+        codec=codec,
     )
 
 
@@ -232,6 +248,7 @@ def _request(options: dict[str, Any], compare: bool) -> Any:
         options["min_memory_headroom"],
         kv_tokens,
         compare,
+        options.get("codec") or "raw",
     )
 
 

@@ -22,6 +22,11 @@ from lamc.errors import ExitCode
 @click.option("--atol", type=float, default=1e-4, show_default=True)
 @click.option("--rtol", type=float, default=1e-4, show_default=True)
 @click.option(
+    "--max-error",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Accept outputs within this relative error (default: the budget a lossy pipeline was compiled for).",
+)
+@click.option(
     "--samples",
     type=click.IntRange(min=0),
     default=3,
@@ -38,6 +43,7 @@ def validate_command(
     model: str | None,
     atol: float,
     rtol: float,
+    max_error: float | None,
     samples: int,
     providers: str | None,
     as_json: bool,
@@ -62,6 +68,9 @@ def validate_command(
             int(ExitCode.USAGE),
             f"{source} was captured without weights; validate needs the real model",
         )
+    lossy = any(t.codec != "raw" for e in pipeline.manifest.edges for t in e.tensors)
+    if max_error is None and lossy:
+        max_error = pipeline.manifest.plan.get("max_error")
     with steps.step("compare"):
         report = compare(
             pipeline,
@@ -69,11 +78,13 @@ def validate_command(
             inputs_for(captured, pipeline.manifest, samples),
             atol=atol,
             rtol=rtol,
+            max_error=max_error,
         )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     else:
-        table = Table(title=f"{out} vs {source} (atol {atol:g}, rtol {rtol:g})")
+        budget = f", or relative error <= {max_error:g}" if max_error is not None else ""
+        table = Table(title=f"{out} vs {source} (atol {atol:g}, rtol {rtol:g}{budget})")
         for column in (
             "inputs",
             "output",
@@ -97,7 +108,10 @@ def validate_command(
         worst = max(report.rows, key=lambda r: r.max_abs)
         raise CommandOutcome(
             int(ExitCode.ACCURACY),
-            f"{out}: {worst.output} differs by {worst.max_abs:.3g} (atol {atol:g}, rtol {rtol:g}) on {worst.case}",
+            f"{out}: {worst.output} differs by {worst.max_abs:.3g} (relative {worst.max_rel:.3g}; atol {atol:g}, rtol {rtol:g}"
+            + (f", budget {max_error:g}" if max_error is not None else "")
+            + f") on {worst.case}",
         )
     worst_abs = max((r.max_abs for r in report.rows), default=0.0)
-    return f"{out} vs {source}: {len(report.rows)} comparison(s), max abs error {worst_abs:.3g}"
+    worst_rel = max((r.max_rel for r in report.rows), default=0.0)
+    return f"{out} vs {source}: {len(report.rows)} comparison(s), max abs error {worst_abs:.3g}, max relative error {worst_rel:.3g}"

@@ -92,6 +92,13 @@ class Pipeline:
         self.out_dir = out_dir
         self.manifest = manifest
         self.stages = stages
+        # Edge k (into stage k) -> tensor -> codec: the in-process pipeline applies each
+        # link's loss, so what `lamc validate` measures is what stage servers compute.
+        self.codecs: dict[int, dict[str, str]] = {
+            e.target: {t.name: t.codec for t in e.tensors}
+            for e in manifest.edges
+            if 0 < e.target < len(manifest.stages) and any(t.codec != "raw" for t in e.tensors)
+        }
 
     @classmethod
     def open(
@@ -145,4 +152,11 @@ class Pipeline:
             env = {
                 name: produced[name] if name in produced else arriving[name] for name in spec.sends
             }
+            codecs = self.codecs.get(spec.index + 1)
+            if codecs:
+                from lamc.runtime.wire import roundtrip
+
+                env = {
+                    name: roundtrip(value, codecs.get(name, "raw")) for name, value in env.items()
+                }
         return {name: env[name] for name in manifest.outputs}

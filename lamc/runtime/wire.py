@@ -198,9 +198,13 @@ def roundtrip(array: np.ndarray, codec: str) -> np.ndarray:
     return decode(encode("t", array, codec))
 
 
+# Floating-point item sizes by numpy and ONNX IR dtype names (lossy codecs apply to these).
+_FLOAT_ITEMSIZE = {"float32": 4, "float": 4, "float16": 2, "float64": 8, "double": 8, "bfloat16": 2}
+
+
 def encoded_bytes(nbytes: float, dtype: str, codec: str) -> float:
-    """Bytes on the wire for a tensor of `nbytes` in `dtype` under `codec`."""
-    if dtype.startswith("float") and codec in ("fp16", "int8"):
-        itemsize = np.dtype(dtype).itemsize
-        return nbytes * (2 if codec == "fp16" else 1) / itemsize
-    return nbytes
+    """Bytes on the wire for a tensor of `nbytes` in `dtype` (numpy or IR name) under `codec`."""
+    itemsize = _FLOAT_ITEMSIZE.get(dtype.lower())
+    if itemsize is None or codec not in ("fp16", "int8"):
+        return nbytes
+    return nbytes * min(itemsize, 2 if codec == "fp16" else 1) / itemsize

@@ -36,6 +36,7 @@ class PlanRequest:
     budgets: Budgets | None = None
     kv_tokens: int = 0  # context x batch, for decoders
     compare: bool = False
+    codec: str = "raw"  # link codec between stages (auto plans with raw, then chooses)
 
 
 def plan(
@@ -44,7 +45,8 @@ def plan(
     request = request or PlanRequest()
     if request.objective not in (THROUGHPUT, LATENCY):
         raise ValueError(f"unknown objective {request.objective!r}")
-    cost = CostModel(workload, topology, kv_tokens=request.kv_tokens)
+    codec = request.codec if request.codec in ("fp16", "int8") else "raw"
+    cost = CostModel(workload, topology, kv_tokens=request.kv_tokens, codec=codec)
     file_constraints = cons.resolve(topology.constraints, workload, topology, from_file=True)
     cli_constraints = cons.resolve(request.constraints or Constraints(), workload, topology)
     applied = _override(file_constraints, cli_constraints)
@@ -307,9 +309,9 @@ def _to_plan(
         if i + 1 < len(segments):
             nxt = cost.devices[segments[i + 1].device]
             transfer = cost.transfer_ms(seg.device, segments[i + 1].device, seg.end)
-            route = topology.best_route(device.name, nxt.name, cost.cut_bytes[seg.end])
+            route = topology.best_route(device.name, nxt.name, cost.link_bytes[seg.end])
             hops = tuple(f"{h.a}->{h.b}" for h in route.hops) if route else ()
-            nbytes = float(cost.cut_bytes[seg.end])
+            nbytes = float(cost.link_bytes[seg.end])
         else:
             transfer = cost.client_ms(seg.device, cost.n, inbound=False)
             hops = ()

@@ -226,3 +226,31 @@ def test_mutual_tls_with_token(gpt2_3: Path, pki: Path) -> None:
         plaintext = Endpoints(stages, None, "s3cret-token")
         with pytest.raises(StageFailure):
             RemotePipeline(gpt2_3, plaintext, timeout_s=3)
+
+
+def test_lossy_link_codec_matches_the_in_process_pipeline(tmp_path: Path) -> None:
+    """With fp16 links the stage servers compute exactly what the in-process executor
+    (and so `lamc validate`) computes: the same loss at the same places."""
+    from lamc.driver import CompileOptions, compile_model
+    from lamc.passes.partition.planner import PlanRequest
+    from lamc.topology import Constraints
+    from tests.compiled import MINIPCS
+    from tests.conftest import analysed_model
+
+    out = tmp_path / "fp16"
+    request = PlanRequest(constraints=Constraints(stages=3), codec="fp16")
+    result = compile_model(
+        MODEL, MINIPCS, out, CompileOptions(request=request), analysed=analysed_model(MODEL)
+    )
+    assert all(t.codec == "fp16" for e in result.manifest.edges[1:-1] for t in e.tensors)
+    feeds = _feeds(3, seed=5)
+    local = Pipeline.open(out)
+    want = [local.run(f) for f in feeds]
+    with (
+        StageServers(out, 3) as servers,
+        RemotePipeline(out, Endpoints(dict(enumerate(servers.addresses)))) as client,
+    ):
+        got = client.run_many(feeds)
+    for g, w in zip(got, want, strict=True):
+        assert isinstance(g, dict), g
+        assert np.array_equal(g["logits"], w["logits"])
