@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lamc.runtime import wire
+from tests.runtime.netns import EmulatedLinks
 
 
 def free_port() -> int:
@@ -65,11 +66,17 @@ class StageServers:
         env: dict[str, str] | None = None,
         log_dir: Path | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        net: EmulatedLinks | None = None,
     ) -> None:
         self.credentials = credentials
+        self.net = net
         self.out = out
         self.ports = [free_port() for _ in range(stages)]
-        self.addresses = [f"127.0.0.1:{p}" for p in self.ports]
+        # Where the client reaches each stage (in a namespace: over its client link).
+        self.addresses = [
+            f"{net.client_address(k) if net else '127.0.0.1'}:{port}"
+            for k, port in enumerate(self.ports)
+        ]
         self.extra = extra or {}
         self.common = tuple(common)
         self.env = {**os.environ, **(env or {})}
@@ -77,7 +84,10 @@ class StageServers:
         self.processes: list[subprocess.Popen[bytes] | None] = [None] * stages
 
     def command(self, k: int) -> list[str]:
+        net = self.net
+        listen = f"0.0.0.0:{self.ports[k]}" if net else self.addresses[k]
         command = [
+            *(net.prefix(k) if net else []),
             sys.executable,
             "-m",
             "lamc",
@@ -86,12 +96,14 @@ class StageServers:
             "--stage",
             str(k),
             "--listen",
-            self.addresses[k],
+            listen,
+            *(["--insecure"] if net else []),
             *self.common,
             *self.extra.get(k, ()),
         ]
         if k + 1 < len(self.addresses):
-            command += ["--next", self.addresses[k + 1]]
+            nxt = net.next_address(k) if net else "127.0.0.1"
+            command += ["--next", f"{nxt}:{self.ports[k + 1]}"]
         return command
 
     def start(self, k: int, wait: bool = True) -> None:

@@ -254,3 +254,45 @@ def test_lossy_link_codec_matches_the_in_process_pipeline(tmp_path: Path) -> Non
     for g, w in zip(got, want, strict=True):
         assert isinstance(g, dict), g
         assert np.array_equal(g["logits"], w["logits"])
+
+
+# ----------------------------------------------------------------------- emulated links
+
+
+@pytest.mark.netns
+def test_stages_in_network_namespaces_over_shaped_links(gpt2_3: Path) -> None:
+    """Each stage in its own namespace, the stage links shaped with tbf and delayed in
+    user space: the pipeline still computes exactly what one process computes, and one
+    request takes at least the links' serialisation time plus their latency."""
+    from tests.runtime.netns import EmulatedLinks, NetnsUnavailable, check_available
+
+    try:
+        check_available()
+    except NetnsUnavailable as exc:
+        pytest.skip(f"emulated links need network namespaces: {exc}")
+    feeds = _feeds(4, seed=9)
+    local = Pipeline.open(gpt2_3)
+    want = [local.run(f) for f in feeds]
+    rate_mbit, delay_ms = 1.0, 20.0
+    edge_bytes = [e.bytes for e in local.manifest.edges[1:-1]]
+    delay = ["--delay-ms", str(delay_ms)]
+    with (
+        EmulatedLinks(3, rate_mbit=rate_mbit) as net,
+        StageServers(gpt2_3, 3, extra={0: delay, 1: delay}, net=net) as servers,
+        RemotePipeline(gpt2_3, Endpoints(dict(enumerate(servers.addresses)))) as client,
+    ):
+        assert servers.addresses[0].startswith("10.")
+        client.run(feeds[0])
+        started = time.monotonic()
+        got = client.run(feeds[1])
+        elapsed_ms = (time.monotonic() - started) * 1000
+        # After an idle spell tbf lets a burst through at once; the rest waits for tokens.
+        floor_ms = sum(
+            8 * max(b - net.burst_bytes, 0) / (rate_mbit * 1e6) * 1000 + delay_ms
+            for b in edge_bytes
+        )
+        assert elapsed_ms >= 0.9 * floor_ms, (elapsed_ms, floor_ms)
+        assert np.array_equal(got["logits"], want[1]["logits"])
+        for g, w in zip(client.run_many(feeds), want, strict=True):
+            assert isinstance(g, dict) and np.array_equal(g["logits"], w["logits"])
+        _balanced(client)
