@@ -72,6 +72,7 @@ class CompileOptions:
     dump_ir: Path | None = None
     granularity: str = "block"
     max_error: float = 0.01  # accuracy budget for lossy choices (link codecs, compression)
+    compress: str | None = None  # --compress SPEC: a method, or DEVICE_OR_KIND=METHOD,...
 
 
 @dataclass
@@ -126,6 +127,7 @@ def compile_model(
     TagStages(best, len(workload.units))(captured.model)
     backends = _choose_backends(best, topology, options.backend)
     _check_support(captured, best, backends)
+    methods = _compression(options.compress, best, topology, backends)
     with timer.step("slice"):
         from lamc.backends.slice import slice_stages
 
@@ -135,8 +137,11 @@ def compile_model(
         artifacts = []
         with timer.step("build"):
             for graph, stage in zip(graphs, best.stages):
+                extra = (
+                    {"compression": methods[stage.index]} if methods[stage.index] != "fp32" else {}
+                )
                 artifact = backends[stage.index].build(
-                    graph, topology.device(stage.device), tmp, check=options.check
+                    graph, topology.device(stage.device), tmp, check=options.check, **extra
                 )
                 artifacts.append(artifact)
                 if options.check:
@@ -147,7 +152,22 @@ def compile_model(
             from lamc.manifest_build import build_manifest
 
             manifest = build_manifest(captured, workload, topology, best, graphs, artifacts, tmp)
+            if any(m != "fp32" for m in methods.values()):
+                from dataclasses import replace
+
+                manifest = replace(
+                    manifest,
+                    stages=tuple(replace(s, precision=methods[s.index]) for s in manifest.stages),
+                )
             (tmp / "manifest.json").write_text(manifest.to_json())
+        if any(m != "fp32" for m in methods.values()):
+            with timer.step("accuracy"):
+                manifest = check_compression(captured, manifest, tmp, options.max_error)
+                (tmp / "manifest.json").write_text(manifest.to_json())
+                checks.append(
+                    f"compression {', '.join(methods[k] for k in sorted(methods))}: output error "
+                    f"{manifest.plan['compression_error']:.3g} within the budget {options.max_error:g}"
+                )
         if request.codec != "raw" and len(best.stages) > 1:
             with timer.step("link codecs"):
                 manifest = choose_codecs(
@@ -314,3 +334,54 @@ def choose_codecs(
         edges.append(replace(edge, tensors=tensors, bytes=nbytes))
     plan = {**manifest.plan, "codec": codec, "max_error": max_error, "measured_error": error}
     return replace(manifest, edges=tuple(edges), plan=plan)
+
+
+# ------------------------------------------------------------------------ compression
+
+
+def _compression(
+    spec: str | None, best: Plan, topology: Topology, backends: dict[int, ModuleType]
+) -> dict[int, str]:
+    """Stage index -> compression method, from `--compress SPEC`."""
+    from lamc.errors import UsageError
+    from lamc.passes.compress import CompressionError, parse_spec
+
+    if not spec:
+        return {s.index: "fp32" for s in best.stages}
+    try:
+        by_device = parse_spec(spec, [(d.name, d.kind) for d in topology.devices])
+    except CompressionError as exc:
+        raise UsageError(str(exc)) from None
+    methods = {s.index: by_device[s.device] for s in best.stages}
+    for index, method in methods.items():
+        if method != "fp32" and backends[index].NAME != "onnxruntime":
+            raise UsageError(
+                f"stage {index}: --compress {method} needs the onnxruntime backend "
+                f"(this stage builds for {backends[index].NAME})"
+            )
+    return methods
+
+
+def check_compression(
+    captured: Captured, manifest: Manifest, out: Path, max_error: float
+) -> Manifest:
+    """Measure the compressed pipeline's output error against the source model on
+    calibration inputs; over `max_error` is an accuracy error (exit 7)."""
+    from dataclasses import replace
+
+    from lamc.errors import AccuracyError
+    from lamc.runtime.executor import Pipeline
+    from lamc.validate import inputs_for
+
+    if captured.reference is None:
+        raise AccuracyError("compression needs the model's weights to measure its error")
+    cases = inputs_for(captured, manifest, samples=2, seed=1)
+    error = output_error(Pipeline.open(out), captured.reference, cases)
+    if error > max_error:
+        stages = ", ".join(f"stage {s.index} {s.precision}" for s in manifest.stages)
+        raise AccuracyError(
+            f"compression ({stages}) puts the model outputs {error:.3g} (relative) from the source model, over the budget --max-error {max_error:g}",
+            hint="compress less (fp16, or fp32 on some devices: --compress gpu=fp16,cpu=fp32) or raise --max-error",
+        )
+    plan = {**manifest.plan, "max_error": max_error, "compression_error": error}
+    return replace(manifest, plan=plan)

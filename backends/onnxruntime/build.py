@@ -74,11 +74,22 @@ def providers_for(device: Device) -> tuple[str, ...]:
     )
 
 
-def build(stage: StageGraph, device: Device, out_dir: Path, *, check: bool = True) -> Artifact:
-    """Write stage `stage.index` under `out_dir/stage-K/` and prove it loads."""
+def build(
+    stage: StageGraph,
+    device: Device,
+    out_dir: Path,
+    *,
+    check: bool = True,
+    compression: str = "fp32",
+) -> Artifact:
+    """Write stage `stage.index` under `out_dir/stage-K/` (compressed with `compression`)
+    and prove it loads."""
     folder = f"stage-{stage.index}"
-    written = stage.write(out_dir / folder)
-    files = tuple(ArtifactFile(f"{folder}/{w.name}", w.sha256, w.size) for w in written)
+    if compression == "fp32":
+        written = stage.write(out_dir / folder)
+        files = tuple(ArtifactFile(f"{folder}/{w.name}", w.sha256, w.size) for w in written)
+    else:
+        files = _write_compressed(stage, out_dir, folder, compression)
     if check:
         _check(out_dir / folder / "model.onnx", stage.index)
     return Artifact(
@@ -106,3 +117,42 @@ def _check(path: Path, index: int) -> None:
         raise EngineBuildError(
             f"stage {index}: ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0]}"
         ) from exc
+
+
+def _write_compressed(
+    stage: StageGraph, out_dir: Path, folder: str, method: str
+) -> tuple[ArtifactFile, ...]:
+    """The stage compressed with `method`: weights in `model.onnx.data` beside the graph."""
+    import hashlib
+
+    from lamc.passes.compress import CompressionError, compress
+
+    try:
+        model = compress(stage.proto(), method)
+    except CompressionError as exc:
+        raise EngineBuildError(f"stage {stage.index}: {exc}") from None
+    except Exception as exc:
+        raise EngineBuildError(
+            f"stage {stage.index}: {method} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        ) from exc
+    directory = out_dir / folder
+    directory.mkdir(parents=True, exist_ok=True)
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    onnx.save_model(
+        model,
+        str(directory / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=1024,
+    )
+    files = []
+    for name in ("model.onnx", "model.onnx.data"):
+        path = directory / name
+        if path.exists():
+            data = path.read_bytes()
+            files.append(
+                ArtifactFile(f"{folder}/{name}", hashlib.sha256(data).hexdigest(), len(data))
+            )
+    return tuple(files)

@@ -35,6 +35,12 @@ from lamc.quantity import format_bytes
     show_default=True,
     help="Engine per stage: auto takes each device's first backend lamc can build here.",
 )
+@click.option(
+    "--compress",
+    "compress",
+    metavar="SPEC",
+    help="Compress stages: METHOD, or DEVICE_OR_KIND=METHOD,... (fp32, fp16, int8-dynamic, int4-weight, lowrank).",
+)
 @click.option("--dry-run", is_flag=True, help="Plan only (same as `lamc plan`); write nothing.")
 @click.option(
     "--no-check",
@@ -91,6 +97,7 @@ def compile_command(
             check=not no_check,
             dump_ir=options["dump_ir"],
             max_error=options["max_error"],
+            compress=options.get("compress"),
         ),
         analysed=analysed,
         steps=steps,
