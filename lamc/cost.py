@@ -106,16 +106,49 @@ def op_time(
     )
 
 
-def unit_time(unit: Unit, device: Device, *, weights_cached: bool = False) -> UnitTime:
+# Compression methods (passes/compress): the bytes of a weight after each, per fp32 byte
+# (int4: 4 bits plus one fp32 scale per block of 32), and the dtype its MatMuls run in.
+WEIGHT_RATIO = {
+    "fp32": 1.0,
+    "fp16": 0.5,
+    "int8-dynamic": 0.25,
+    "int8-static": 0.25,
+    "int4-weight": (4 + 32 / 32) / 32,
+    "lowrank": 0.6,
+}
+METHOD_DTYPE = {
+    "fp32": "fp32",
+    "fp16": "fp16",
+    "int8-dynamic": "int8",
+    "int8-static": "int8",
+    "int4-weight": "int4",
+    "lowrank": "fp32",
+}
+# Most precise first: where the accuracy budget is broken, lamc steps back along this list.
+PRECISION_ORDER = ("fp32", "fp16", "int8-static", "int8-dynamic", "int4-weight", "lowrank")
+
+
+def unit_time(
+    unit: Unit, device: Device, *, weights_cached: bool = False, method: str = "fp32"
+) -> UnitTime:
+    """One unit's time on `device`; with a compression `method`, its weighted ops read the
+    compressed weights and run in the method's dtype (the device's measured peak for it,
+    or its fp32 rate where it declares none)."""
     compute = memory = overhead = 0.0
+    ratio = WEIGHT_RATIO[method]
     for op in unit.ops:
+        weight, dtype = op.weight_bytes, op.dtype
+        if method != "fp32" and weight > 0:
+            weight = op.weight_bytes * ratio
+            if op.op_class == "matmul":
+                dtype = METHOD_DTYPE[method]
         t = op_time(
             device,
             op.op_class,
             op.flops,
-            op.moved_bytes,
-            op.dtype,
-            op.weight_bytes,
+            op.moved_bytes - op.weight_bytes + weight,
+            dtype,
+            weight,
             weights_cached=weights_cached,
         )
         overhead += t.overhead_ms
@@ -142,7 +175,13 @@ class CostModel:
     """
 
     def __init__(
-        self, workload: Workload, topology: Topology, *, kv_tokens: int = 0, codec: str = "raw"
+        self,
+        workload: Workload,
+        topology: Topology,
+        *,
+        kv_tokens: int = 0,
+        codec: str = "raw",
+        method: str = "fp32",
     ) -> None:
         from lamc.runtime.wire import encoded_bytes
 
@@ -154,9 +193,13 @@ class CostModel:
         self.n = n
         # Unit times with weights streamed from memory, and with them held in the cache
         # (a stage whose weights fit in the device's cache keeps them there across requests).
-        self.unit_times = [[unit_time(u, d) for u in workload.units] for d in self.devices]
+        self.method = method
+        self.unit_times = [
+            [unit_time(u, d, method=method) for u in workload.units] for d in self.devices
+        ]
         self.cached_times = [
-            [unit_time(u, d, weights_cached=True) for u in workload.units] for d in self.devices
+            [unit_time(u, d, weights_cached=True, method=method) for u in workload.units]
+            for d in self.devices
         ]
         self.unit_ms = np.array(
             [[t.total_ms for t in row] for row in self.unit_times], dtype=np.float64
@@ -174,7 +217,7 @@ class CostModel:
             [sum(encoded_bytes(t.bytes, t.dtype, codec) for t in c.tensors) for c in workload.cuts],
             dtype=np.float64,
         )
-        self._params = _segment_params(workload)
+        self._params = _segment_params(workload) * WEIGHT_RATIO[method]
         self._activations = _segment_max(
             np.array([u.peak_activation_bytes for u in workload.units], dtype=np.float64)
         )

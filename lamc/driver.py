@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lamc.errors import AccuracyError
 from lamc.frontend import Captured, CaptureOptions, capture
 from lamc.workload import Workload
 
@@ -73,6 +74,7 @@ class CompileOptions:
     granularity: str = "block"
     max_error: float = 0.01  # accuracy budget for lossy choices (link codecs, compression)
     compress: str | None = None  # --compress SPEC: a method, or DEVICE_OR_KIND=METHOD,...
+    calibration: Path | None = None  # .npz of input samples (int8-static; default: generated)
 
 
 @dataclass
@@ -93,11 +95,12 @@ def compile_model(
     analysed: Analysed | None = None,
     steps: object | None = None,
 ) -> CompileResult:
-    """capture -> passes -> plan -> tag -> slice -> build -> manifest, written atomically."""
-    from lamc.atomic import atomic_directory
+    """capture -> passes -> plan -> tag -> slice -> build -> manifest, written atomically.
+
+    With `--compress auto`, a plan whose compression breaks the accuracy budget is planned
+    again with its least precise method taken from that device, until it holds."""
     from lamc.errors import UsageError
     from lamc.passes.partition.planner import PlanRequest, plan
-    from lamc.passes.partition.tag import TagStages, unit_stages
     from lamc.topology import load_topology
 
     options = options or CompileOptions()
@@ -114,8 +117,66 @@ def compile_model(
             "a shapes-only capture (--no-weights) cannot be compiled: the stages need the weights"
         )
     request = options.request or PlanRequest()
-    with timer.step("partition"):
-        best, _ = plan(workload, topology, request)
+    if options.compress:
+        from dataclasses import replace
+
+        from lamc.precision import CompressionError, resolve_methods
+
+        try:
+            request = replace(request, methods=resolve_methods(options.compress, topology))
+        except CompressionError as exc:
+            raise UsageError(str(exc)) from None
+    notes: list[str] = []
+    while True:
+        with timer.step("partition"):
+            best, _ = plan(workload, topology, request)
+        try:
+            manifest, checks = _build_pipeline(
+                captured, workload, topology, best, out, options, request, timer
+            )
+        except AccuracyError as exc:
+            request = _step_back(options.compress, request, best, exc, notes)
+            continue
+        return CompileResult(out, manifest, best, timer.seconds, notes + checks)
+
+
+def _step_back(
+    spec: str | None, request: PlanRequest, best: Plan, exc: AccuracyError, notes: list[str]
+) -> PlanRequest:
+    """`--compress auto` broke the accuracy budget: take the least precise method of the
+    plan away from its device and plan again (never past fp32, so this ends)."""
+    from dataclasses import replace
+
+    from lamc.cost import PRECISION_ORDER
+
+    if spec != "auto" or request.methods is None:
+        raise exc
+    worst = max(best.stages, key=lambda s: PRECISION_ORDER.index(s.precision))
+    if worst.precision == "fp32":
+        raise exc
+    allowed = dict(request.methods)
+    allowed[worst.device] = tuple(m for m in allowed[worst.device] if m != worst.precision)
+    notes.append(
+        f"--compress auto: {worst.precision} on {worst.device} broke the accuracy budget "
+        f"({exc.message}); planned again without it"
+    )
+    return replace(request, methods=allowed)
+
+
+def _build_pipeline(
+    captured: Captured,
+    workload: Workload,
+    topology: Topology,
+    best: Plan,
+    out: Path,
+    options: CompileOptions,
+    request: PlanRequest,
+    timer: _Timer,
+) -> tuple[Manifest, list[str]]:
+    """tag -> slice -> (calibrate) -> build -> manifest -> accuracy checks, atomically."""
+    from lamc.atomic import atomic_directory
+    from lamc.passes.partition.tag import TagStages, unit_stages
+
     if not best.budgets_ok:
         from lamc.errors import DoesNotFitError
 
@@ -127,19 +188,25 @@ def compile_model(
     TagStages(best, len(workload.units))(captured.model)
     backends = _choose_backends(best, topology, options.backend)
     _check_support(captured, best, backends)
-    methods = _compression(options.compress, best, topology, backends)
+    methods = _compression(best, backends)
     with timer.step("slice"):
         from lamc.backends.slice import slice_stages
 
         graphs = slice_stages(captured.model, stage_of_unit, len(best.stages))
     checks: list[str] = []
+    calibration = None
+    if any(m == "int8-static" for m in methods.values()):
+        with timer.step("calibrate"):
+            calibration = stage_samples(graphs, calibration_inputs(captured, options.calibration))
     with atomic_directory(out) as tmp:
         artifacts = []
         with timer.step("build"):
             for graph, stage in zip(graphs, best.stages):
-                extra = (
-                    {"compression": methods[stage.index]} if methods[stage.index] != "fp32" else {}
-                )
+                extra: dict[str, Any] = {}
+                if methods[stage.index] != "fp32":
+                    extra["compression"] = methods[stage.index]
+                if calibration is not None:
+                    extra["calibration"] = calibration[stage.index]
                 artifact = backends[stage.index].build(
                     graph, topology.device(stage.device), tmp, check=options.check, **extra
                 )
@@ -178,7 +245,7 @@ def compile_model(
                     f"link codecs {', '.join(e.tensors[0].codec if e.tensors else 'raw' for e in manifest.edges[1:-1])}: "
                     f"output error {manifest.plan['measured_error']:.3g} within the budget {options.max_error:g}"
                 )
-    return CompileResult(out, manifest, best, timer.seconds, checks)
+    return manifest, checks
 
 
 def _choose_backends(best: Plan, topology: Topology, requested: str) -> dict[int, ModuleType]:
@@ -339,20 +406,11 @@ def choose_codecs(
 # ------------------------------------------------------------------------ compression
 
 
-def _compression(
-    spec: str | None, best: Plan, topology: Topology, backends: dict[int, ModuleType]
-) -> dict[int, str]:
-    """Stage index -> compression method, from `--compress SPEC`."""
+def _compression(best: Plan, backends: dict[int, ModuleType]) -> dict[int, str]:
+    """Stage index -> compression method, as the plan chose (fp32 without --compress)."""
     from lamc.errors import UsageError
-    from lamc.passes.compress import CompressionError, parse_spec
 
-    if not spec:
-        return {s.index: "fp32" for s in best.stages}
-    try:
-        by_device = parse_spec(spec, [(d.name, d.kind) for d in topology.devices])
-    except CompressionError as exc:
-        raise UsageError(str(exc)) from None
-    methods = {s.index: by_device[s.device] for s in best.stages}
+    methods = {s.index: s.precision for s in best.stages}
     for index, method in methods.items():
         if method != "fp32" and backends[index].NAME != "onnxruntime":
             raise UsageError(
@@ -385,3 +443,54 @@ def check_compression(
         )
     plan = {**manifest.plan, "max_error": max_error, "compression_error": error}
     return replace(manifest, plan=plan)
+
+
+def calibration_inputs(
+    captured: Captured, path: Path | None, count: int = 16
+) -> list[dict[str, Any]]:
+    """Input samples for static quantisation: from an .npz (`NAME` for one sample, or
+    `K/NAME` for sample K), else generated in the dynamic ranges at the operating point."""
+    import numpy as np
+
+    from lamc.errors import UsageError
+    from lamc.frontend import random_inputs
+
+    if path is None:
+        rng = np.random.default_rng(7)
+        samples = [dict(captured.example_inputs)]
+        for _ in range(count - 1):
+            samples.append(random_inputs(captured, captured.operating_point, rng))
+        return samples
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--calibration {path}: not a readable .npz ({exc})") from None
+    grouped: dict[str, dict[str, Any]] = {}
+    for key in data.files:
+        index, _, name = key.rpartition("/")
+        grouped.setdefault(index or "0", {})[name] = data[key]
+    samples = []
+    for index, sample in sorted(grouped.items(), key=lambda kv: (len(kv[0]), kv[0])):
+        missing = sorted(set(captured.input_names) - set(sample))
+        if missing:
+            raise UsageError(
+                f"--calibration {path}: sample {index} lacks {', '.join(missing)} (keys are NAME or K/NAME)"
+            )
+        samples.append({n: sample[n] for n in captured.input_names})
+    return samples
+
+
+def stage_samples(graphs: list[Any], samples: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """What arrives at each stage when the fp32 stages run on `samples`."""
+    from lamc.backends.onnxruntime.run import new_session
+
+    sessions = [new_session(g.proto().SerializeToString(), optimization="basic") for g in graphs]
+    per_stage: list[list[dict[str, Any]]] = [[] for _ in graphs]
+    for sample in samples:
+        env = dict(sample)
+        for k, (graph, session) in enumerate(zip(graphs, sessions)):
+            arriving = {n: env[n] for n in graph.inputs}
+            per_stage[k].append(arriving)
+            names = [o.name for o in session.get_outputs()]
+            env.update(zip(names, session.run(names, arriving)))
+    return per_stage

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
+CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
 
 
 def checkpoint() -> Path | None:
@@ -15,8 +16,8 @@ def checkpoint() -> Path | None:
     return minilm_checkpoint()
 
 
-def sentences() -> list[str]:
-    return [s for s in SENTENCES.read_text().splitlines() if s.strip()]
+def sentences(path: Path = SENTENCES) -> list[str]:
+    return [s for s in path.read_text().splitlines() if s.strip()]
 
 
 def tokenize(texts: list[str], path: Path) -> list[dict[str, np.ndarray]]:

@@ -9,8 +9,8 @@ import pytest
 
 from lamc.driver import CompileOptions, compile_model
 from lamc.errors import AccuracyError, UsageError
-from lamc.passes.compress import parse_spec
 from lamc.passes.partition.planner import PlanRequest
+from lamc.precision import parse_spec
 from lamc.runtime.executor import Pipeline
 from lamc.topology import Constraints
 from tests import minilm
@@ -18,13 +18,17 @@ from tests.compiled import MINIPCS
 from tests.conftest import analysed_model
 
 
-def _compile(ref: str, out: Path, compress: str, max_error: float = 1.0) -> object:
+def _compile(
+    ref: str, out: Path, compress: str, max_error: float = 1.0, calibration: Path | None = None
+) -> object:
     request = PlanRequest(constraints=Constraints(stages=2))
     return compile_model(
         ref,
         MINIPCS,
         out,
-        CompileOptions(request=request, compress=compress, max_error=max_error),
+        CompileOptions(
+            request=request, compress=compress, max_error=max_error, calibration=calibration
+        ),
         analysed=analysed_model(ref),
     )
 
@@ -62,7 +66,12 @@ def test_unknown_device_in_spec_is_a_usage_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     # (method, floor of the mean cosine, floor of the worst sentence's cosine)
     ("method", "mean_floor", "min_floor"),
-    [("fp16", 0.999, 0.999), ("int8-dynamic", 0.99, 0.985), ("int4-weight", 0.95, 0.9)],
+    [
+        ("fp16", 0.999, 0.999),
+        ("int8-dynamic", 0.99, 0.985),
+        ("int8-static", 0.99, 0.985),
+        ("int4-weight", 0.95, 0.9),
+    ],
 )
 def test_minilm_sentence_embeddings_keep_their_meaning(
     method: str, mean_floor: float, min_floor: float, tmp_path: Path
@@ -73,7 +82,18 @@ def test_minilm_sentence_embeddings_keep_their_meaning(
     feeds = minilm.tokenize(minilm.sentences(), path)
     assert len(feeds) == 50
     want = minilm.reference(feeds, path)
-    result = _compile("zoo:bert", tmp_path / method, method)
+    calibration = None
+    if method == "int8-static":
+        # Calibrated on 16 other sentences (tests/data/calibration.txt), never the 50 scored.
+        import numpy as np
+
+        texts = minilm.sentences(minilm.CALIBRATION)
+        samples = minilm.tokenize(texts, path)
+        calibration = tmp_path / "calibration.npz"
+        np.savez(
+            calibration, **{f"{k}/{n}": v for k, s in enumerate(samples) for n, v in s.items()}
+        )
+    result = _compile("zoo:bert", tmp_path / method, method, calibration=calibration)
     manifest = result.manifest  # type: ignore[attr-defined]
     assert [s.precision for s in manifest.stages] == [method, method]
     got = minilm.embed(Pipeline.open(tmp_path / method), feeds)
@@ -81,3 +101,77 @@ def test_minilm_sentence_embeddings_keep_their_meaning(
     print(f"{method}: cosine min {cos.min():.5f} mean {cos.mean():.5f}")
     assert cos.mean() >= mean_floor, (method, float(cos.mean()))
     assert cos.min() >= min_floor, (method, float(cos.min()))
+
+
+SMALL = """\
+lamc_topology: 1
+name: two-tiny-boards
+devices:
+  - {name: a, host: a, kind: cpu, memory: 450KiB, runtime_memory: 0B, peak: {fp32: 20GFLOPS, int8: 80GOPS}, memory_bandwidth: 4GB/s}
+  - {name: b, host: b, kind: cpu, memory: 450KiB, runtime_memory: 0B, peak: {fp32: 20GFLOPS, int8: 80GOPS}, memory_bandwidth: 4GB/s}
+links:
+  - {a: a, b: b, bandwidth: 100Mbit/s, latency: 1ms}
+"""
+
+
+def _small_topology(tmp_path: Path) -> Path:
+    path = tmp_path / "small.yaml"
+    path.write_text(SMALL)
+    return path
+
+
+def test_model_that_does_not_fit_in_fp32_fits_with_auto(tmp_path: Path) -> None:
+    from lamc.errors import DoesNotFitError
+    from lamc.passes.partition.planner import plan
+    from lamc.precision import resolve_methods
+    from lamc.topology import load_topology
+
+    topology = load_topology(_small_topology(tmp_path))
+    workload = analysed_model("zoo:gpt2:test").workload
+    with pytest.raises(DoesNotFitError):
+        plan(workload, topology, PlanRequest())
+    request = PlanRequest(methods=resolve_methods("auto", topology))
+    best, _ = plan(workload, topology, request)
+    for stage in best.stages:
+        assert stage.precision in ("int8-dynamic", "int4-weight"), stage
+        assert stage.memory_bytes <= stage.capacity_bytes
+        assert stage.precision_reason.startswith("fastest of"), stage.precision_reason
+        assert "fp32" not in stage.precision_reason.split(" that fit")[0]  # fp32 did not fit
+    # And it compiles, within the budget, with each stage's method in the manifest.
+    result = compile_model(
+        "zoo:gpt2:test",
+        _small_topology(tmp_path),
+        tmp_path / "out",
+        CompileOptions(request=PlanRequest(), compress="auto", max_error=0.5),
+        analysed=analysed_model("zoo:gpt2:test"),
+    )
+    manifest = result.manifest
+    assert [s.precision for s in manifest.stages] == [s.precision for s in result.plan.stages]
+    assert manifest.plan["compression_error"] <= 0.5
+
+
+def test_auto_steps_back_to_a_more_precise_method_under_a_tight_budget(tmp_path: Path) -> None:
+    """On the roomy topology auto prefers int8 (faster); a budget int8 breaks makes it
+    plan again without int8 on that device, ending on a more precise method."""
+    loose = compile_model(
+        "zoo:gpt2:test",
+        MINIPCS,
+        tmp_path / "loose",
+        CompileOptions(
+            request=PlanRequest(constraints=Constraints(stages=2)), compress="auto", max_error=0.5
+        ),
+        analysed=analysed_model("zoo:gpt2:test"),
+    )
+    assert {s.precision for s in loose.plan.stages} == {"int8-dynamic"}
+    tight = compile_model(
+        "zoo:gpt2:test",
+        MINIPCS,
+        tmp_path / "tight",
+        CompileOptions(
+            request=PlanRequest(constraints=Constraints(stages=2)), compress="auto", max_error=1e-4
+        ),
+        analysed=analysed_model("zoo:gpt2:test"),
+    )
+    assert {s.precision for s in tight.plan.stages} == {"fp32"}
+    assert any("broke the accuracy budget" in c for c in tight.checks)
+    assert tight.manifest.plan.get("compression_error") is None  # nothing compressed in the end

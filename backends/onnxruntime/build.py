@@ -7,6 +7,7 @@ from the device's backend list in the topology (`onnxruntime-cuda` -> CUDA, then
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnx_ir as ir
@@ -81,6 +82,7 @@ def build(
     *,
     check: bool = True,
     compression: str = "fp32",
+    calibration: list[dict[str, Any]] | None = None,
 ) -> Artifact:
     """Write stage `stage.index` under `out_dir/stage-K/` (compressed with `compression`)
     and prove it loads."""
@@ -89,7 +91,7 @@ def build(
         written = stage.write(out_dir / folder)
         files = tuple(ArtifactFile(f"{folder}/{w.name}", w.sha256, w.size) for w in written)
     else:
-        files = _write_compressed(stage, out_dir, folder, compression)
+        files = _write_compressed(stage, out_dir, folder, compression, calibration)
     if check:
         _check(out_dir / folder / "model.onnx", stage.index)
     return Artifact(
@@ -120,7 +122,11 @@ def _check(path: Path, index: int) -> None:
 
 
 def _write_compressed(
-    stage: StageGraph, out_dir: Path, folder: str, method: str
+    stage: StageGraph,
+    out_dir: Path,
+    folder: str,
+    method: str,
+    calibration: list[dict[str, Any]] | None,
 ) -> tuple[ArtifactFile, ...]:
     """The stage compressed with `method`: weights in `model.onnx.data` beside the graph."""
     import hashlib
@@ -128,7 +134,7 @@ def _write_compressed(
     from lamc.passes.compress import CompressionError, compress
 
     try:
-        model = compress(stage.proto(), method)
+        model = compress(stage.proto(), method, calibration=calibration)
     except CompressionError as exc:
         raise EngineBuildError(f"stage {stage.index}: {exc}") from None
     except Exception as exc:

@@ -36,10 +36,9 @@ from lamc.quantity import format_bytes
     help="Engine per stage: auto takes each device's first backend lamc can build here.",
 )
 @click.option(
-    "--compress",
-    "compress",
-    metavar="SPEC",
-    help="Compress stages: METHOD, or DEVICE_OR_KIND=METHOD,... (fp32, fp16, int8-dynamic, int4-weight, lowrank).",
+    "--calibration",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Input samples for int8-static (.npz: NAME, or K/NAME for sample K); default: generated.",
 )
 @click.option("--dry-run", is_flag=True, help="Plan only (same as `lamc plan`); write nothing.")
 @click.option(
@@ -80,10 +79,14 @@ def compile_command(
         )
     _attach_kv(analysed, options)
     if dry_run:
+        from lamc.cli.plan_cmd import with_methods
         from lamc.passes.partition.planner import plan
         from lamc.topology import load_topology
 
-        best, cost = plan(analysed.workload, load_topology(topology_path), request)
+        topology = load_topology(topology_path)
+        best, cost = plan(
+            analysed.workload, topology, with_methods(request, options.get("compress"), topology)
+        )
         render_plan(best, cost, explain=False)
         return f"(dry run) {describe(model, best)}"
     result = compile_model(
@@ -98,6 +101,7 @@ def compile_command(
             dump_ir=options["dump_ir"],
             max_error=options["max_error"],
             compress=options.get("compress"),
+            calibration=options.get("calibration"),
         ),
         analysed=analysed,
         steps=steps,

@@ -94,6 +94,13 @@ def plan_options(fn: Any) -> Any:
             help="Decoders: sequences whose KV cache is held at once.",
         ),
         click.option(
+            "--compress",
+            "compress",
+            metavar="SPEC",
+            help="Compress stages: auto (the planner chooses per stage), METHOD, or DEVICE_OR_KIND=METHOD,... "
+            "(fp32, fp16, int8-dynamic, int8-static, int4-weight, lowrank).",
+        ),
+        click.option(
             "--codec",
             type=click.Choice(["raw", "fp16", "int8", "auto"]),
             default="raw",
@@ -198,7 +205,7 @@ def plan_command(
 
     steps = Steps()
     topology = load_topology(topology_path)
-    request = _request(options, compare)
+    request = with_methods(_request(options, compare), options.get("compress"), topology)
     with steps.step("capture and analyse"):
         result = analyse(
             model,
@@ -265,6 +272,18 @@ def describe(model: str, best: Any) -> str:
     )
 
 
+def with_methods(request: Any, spec: str | None, topology: Any) -> Any:
+    """The request with the compression methods each device may use."""
+    from dataclasses import replace
+
+    from lamc.precision import CompressionError, resolve_methods
+
+    try:
+        return replace(request, methods=resolve_methods(spec, topology))
+    except CompressionError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def render_plan(best: Any, cost: Any, *, explain: bool) -> None:
     console = stdout_console()
     binding = ", ".join(f"{k}={v}" for k, v in best.binding.items())
@@ -274,6 +293,7 @@ def render_plan(best: Any, cost: Any, *, explain: bool) -> None:
         "device",
         "units",
         "params",
+        "precision",
         "memory / capacity",
         "compute",
         "transfer to next",
@@ -293,6 +313,7 @@ def render_plan(best: Any, cost: Any, *, explain: bool) -> None:
             f"{s.device} ({s.kind}, {s.backend})",
             units,
             format_bytes(s.params_bytes),
+            s.precision,
             f"{format_bytes(s.memory_bytes)} / {format_bytes(s.capacity_bytes)} ({s.memory_bytes / s.capacity_bytes:.0%})",
             format_ms(s.compute_ms),
             to_next,
@@ -310,6 +331,9 @@ def render_plan(best: Any, cost: Any, *, explain: bool) -> None:
     console.print(
         f"best {'bottleneck' if best.objective == 'throughput' else 'latency'} by number of stages: {counts}"
     )
+    for s in best.stages:
+        if s.precision_reason:
+            console.print(f"stage {s.index} precision {s.precision}: {s.precision_reason}")
     for name, reason in sorted(best.unused.items()):
         console.print(f"unused: {name}: {reason}")
     for c in best.constraints:

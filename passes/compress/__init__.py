@@ -9,7 +9,8 @@ where they can; the low-rank factorisation is lamc's own.
 |---------------|-----------------------------|------------------------------------------|
 | fp32          | as captured                 | as captured                              |
 | fp16          | float16                     | float16, but LayerNorm/Softmax/reductions and the stage's inputs and outputs in float32 |
-| int8-dynamic  | MatMul/Gemm weights int8 per tensor | activations quantised per call (DynamicQuantizeMatMul / MatMulInteger) |
+| int8-dynamic  | MatMul/Gemm/Gather weights int8 per channel | activations quantised per call (DynamicQuantizeMatMul / MatMulInteger) |
+| int8-static   | QDQ: weights int8 per channel | activations int8 with ranges from calibration inputs |
 | int4-weight   | MatMul weights 4-bit, blocks of 32 (or 128), fp32 scales | MatMulNBits (dequantised in the kernel) |
 | lowrank       | large MatMul weights W ~ A @ B (SVD, rank by retained energy) | two MatMuls |
 """
@@ -19,21 +20,16 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-METHODS = ("fp32", "fp16", "int8-dynamic", "int4-weight", "lowrank")
-# Bytes per fp32 weight byte after each method, for planning (int4: 4 bits + one fp32 scale
-# per block of 32; lowrank: a typical retained fraction).
-WEIGHT_RATIO = {
-    "fp32": 1.0,
-    "fp16": 0.5,
-    "int8-dynamic": 0.25,
-    "int4-weight": (4 + 32 / 32) / 32,
-    "lowrank": 0.6,
-}
+from lamc.precision import METHODS, CompressionError
+
+# Methods that need calibration inputs (each stage's arriving tensors).
+CALIBRATED = ("int8-static",)
 # Ops that stay in float32 under fp16: statistics and normalisations that overflow or lose
 # too much in half precision.
 FP32_OPS = [
@@ -53,10 +49,6 @@ FP32_OPS = [
 ]
 
 
-class CompressionError(ValueError):
-    pass
-
-
 @dataclass(frozen=True)
 class Options:
     block_size: int = 32  # int4-weight: 32 or 128
@@ -65,9 +57,13 @@ class Options:
 
 
 def compress(
-    model: onnx.ModelProto, method: str, options: Options | None = None
+    model: onnx.ModelProto,
+    method: str,
+    options: Options | None = None,
+    calibration: list[dict[str, np.ndarray]] | None = None,
 ) -> onnx.ModelProto:
-    """`model` (weights inline) compressed with `method`; the input is not modified."""
+    """`model` (weights inline) compressed with `method`; the input is not modified.
+    `calibration`: samples of the model's inputs (int8-static)."""
     options = options or Options()
     if method not in METHODS:
         raise CompressionError(f"unknown compression {method!r}; methods: {', '.join(METHODS)}")
@@ -77,6 +73,10 @@ def compress(
         return _fp16(model)
     if method == "int8-dynamic":
         return _int8_dynamic(model)
+    if method == "int8-static":
+        if not calibration:
+            raise CompressionError("int8-static needs calibration inputs")
+        return _int8_static(model, calibration)
     if method == "int4-weight":
         return _int4(model, options)
     return lowrank(model, options)
@@ -120,20 +120,139 @@ def toposort(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def fold_transposed_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`MatMul(x, Transpose(W))` with a constant W (a tied lm_head) -> `MatMul(x, W.T)` with
+    W.T stored, so that weight quantisers, which need a constant B, see it."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    drop = []
+    for node in graph.node:
+        if node.op_type != "Transpose" or node.input[0] not in inits or node.output[0] in outputs:
+            continue
+        consumers = users.get(node.output[0], [])
+        if not consumers or any(
+            c.op_type != "MatMul" or list(c.input).index(node.output[0]) != 1 for c in consumers
+        ):
+            continue
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        value = numpy_helper.to_array(inits[node.input[0]])
+        folded = np.ascontiguousarray(np.transpose(value, perm) if perm else value.T)
+        graph.initializer.append(numpy_helper.from_array(folded, node.output[0]))
+        drop.append(node)
+    for node in drop:
+        graph.node.remove(node)
+    still_used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in still_used or t.name in outputs]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return model
+
+
 def _int8_dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    model = fold_transposed_weights(onnx.ModelProto.FromString(model.SerializeToString()))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q.onnx"
         quantize_dynamic(
             model,
             out,
-            op_types_to_quantize=["MatMul", "Gemm"],
+            op_types_to_quantize=["MatMul", "Gemm", "Gather"],
             weight_type=QuantType.QInt8,
             per_channel=True,
             extra_options={"MatMulConstBOnly": True},
         )
         return onnx.load(str(out))
+
+
+def _int8_static(
+    model: onnx.ModelProto, calibration: list[dict[str, np.ndarray]]
+) -> onnx.ModelProto:
+    """QDQ int8 with activation ranges from `calibration`. ONNX Runtime's calibrator makes
+    sessions of its own, which a process using one global thread pool (lamc's multi-stage
+    executor) cannot create: it runs in a fresh child process."""
+    import concurrent.futures
+    import multiprocessing
+
+    model = fold_transposed_weights(onnx.ModelProto.FromString(model.SerializeToString()))
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out, data = Path(tmp) / "in.onnx", Path(tmp) / "q.onnx", Path(tmp) / "cal.npz"
+        onnx.save_model(
+            model,
+            str(src),
+            save_as_external_data=True,
+            location="in.onnx.data",
+            size_threshold=1024,
+        )
+        names = [i.name for i in model.graph.input]
+        arrays: dict[str, Any] = {
+            f"{k}/{n}": s[n] for k, s in enumerate(calibration) for n in names
+        }
+        np.savez(data, **arrays)
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+            pool.submit(_int8_static_files, str(src), str(out), str(data)).result()
+        return onnx.load(str(out))
+
+
+def _int8_static_files(src: str, out: str, data: str) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    model = onnx.load(src)
+    arrays = np.load(data)
+    samples: dict[str, dict[str, np.ndarray]] = {}
+    for key in arrays.files:
+        index, _, name = key.partition("/")
+        samples.setdefault(index, {})[name] = arrays[key]
+    ordered = [samples[k] for k in sorted(samples, key=int)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.samples = iter(ordered)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.samples, None)
+
+    # Weight MatMuls only: attention's activation x activation products (softmax
+    # probabilities above all) lose too much in int8. Down-projections (weights wider in
+    # than out: a transformer's FFN output, fed by heavy-tailed GELU activations) stay
+    # fp32 too: one range per tensor cannot hold their outliers and their bulk.
+    constants = {t.name: t for t in model.graph.initializer}
+    weighted = [
+        n.name
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm")
+        and len(n.input) > 1
+        and n.input[1] in constants
+        and not (
+            len(constants[n.input[1]].dims) == 2
+            and constants[n.input[1]].dims[0] > constants[n.input[1]].dims[1]
+        )
+    ]
+    quantize_static(
+        model,
+        out,
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul", "Gemm"],
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        nodes_to_quantize=weighted,
+        extra_options={"MatMulConstBOnly": True},
+    )
 
 
 def _int4(model: onnx.ModelProto, options: Options) -> onnx.ModelProto:
@@ -142,11 +261,13 @@ def _int4(model: onnx.ModelProto, options: Options) -> onnx.ModelProto:
     if options.block_size not in (32, 64, 128):
         raise CompressionError(f"int4-weight block size {options.block_size}: use 32 or 128")
     quantizer = MatMulNBitsQuantizer(
-        onnx.ModelProto.FromString(model.SerializeToString()),
+        fold_transposed_weights(onnx.ModelProto.FromString(model.SerializeToString())),
         bits=4,
         block_size=options.block_size,
         is_symmetric=True,
         accuracy_level=4,
+        op_types_to_quantize=("MatMul", "Gather"),
+        quant_axes=(("MatMul", 0), ("Gather", 1)),
     )
     quantizer.process()
     result: onnx.ModelProto = quantizer.model.model
@@ -210,37 +331,3 @@ def lowrank(model: onnx.ModelProto, options: Options) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(new_nodes)
     return model
-
-
-def parse_spec(spec: str, devices: list[tuple[str, str]]) -> dict[str, str]:
-    """`--compress SPEC` -> device name -> method.
-
-    `int8-dynamic` (every device), or `gpu=fp16,cpu=int8-dynamic` (by device kind), or
-    `jetson=fp16,cpu=int8-dynamic` (a device name wins over its kind). `devices` lists
-    (name, kind); devices no entry names stay fp32."""
-    spec = spec.strip()
-    if not spec:
-        raise CompressionError("--compress is empty")
-    if "=" not in spec:
-        if spec not in METHODS:
-            raise CompressionError(
-                f"--compress {spec}: unknown method; methods: {', '.join(METHODS)}"
-            )
-        return {name: spec for name, _ in devices}
-    by_key: dict[str, str] = {}
-    for item in spec.split(","):
-        key, sep, method = (p.strip() for p in item.partition("="))
-        if not sep or not key or method not in METHODS:
-            raise CompressionError(
-                f"--compress {item!r}: expected DEVICE_OR_KIND=METHOD with a method of {', '.join(METHODS)}"
-            )
-        by_key[key] = method
-    names = {name for name, _ in devices}
-    kinds = {kind for _, kind in devices}
-    unknown = sorted(set(by_key) - names - kinds)
-    if unknown:
-        raise CompressionError(
-            f"--compress: {', '.join(unknown)} is neither a device nor a device kind of the topology "
-            f"(devices: {', '.join(sorted(names))}; kinds: {', '.join(sorted(kinds))})"
-        )
-    return {name: by_key.get(name, by_key.get(kind, "fp32")) for name, kind in devices}

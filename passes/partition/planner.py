@@ -37,6 +37,9 @@ class PlanRequest:
     kv_tokens: int = 0  # context x batch, for decoders
     compare: bool = False
     codec: str = "raw"  # link codec between stages (auto plans with raw, then chooses)
+    # Compression methods each device may use (device name -> candidates); the planner
+    # picks, per stage, the one that serves the objective best among those that fit.
+    methods: dict[str, tuple[str, ...]] | None = None
 
 
 def plan(
@@ -56,6 +59,13 @@ def plan(
     memory = cost.memory_table()
     capacity = np.array([d.memory_bytes for d in cost.devices])[:, None, None]
     fits = memory <= capacity
+    choice: np.ndarray | None = None
+    costs = {"fp32": cost}
+    method_names = ["fp32"]
+    if request.methods:
+        compute, memory, fits, choice, costs, method_names = _with_methods(
+            workload, topology, request, codec, cost, capacity
+        )
     transfer = cost.transfer_table()
     inbound = np.array([cost.client_ms(d, 0, inbound=True) for d in range(len(cost.devices))])
     outbound = np.array(
@@ -96,12 +106,111 @@ def plan(
         if not any(c.kind == "exclude" and d in c.devices for c in applied)
     ]
     result = _to_plan(workload, topology, cost, solution, request.objective, applied)
+    if choice is not None:
+        _set_precisions(result, solution, choice, method_names, costs, request)
     result.fluid_bound_ms = fluid_bound_ms(cost, usable)
     result.budgets = _budget_checks(result, budgets)
     result.unused = _unused_reasons(cost, solution, applied)
     if request.compare:
         result.alternatives = alternatives(base, fits, cost, usable, request.objective)
     return result, cost
+
+
+def _with_methods(
+    workload: Workload,
+    topology: Topology,
+    request: PlanRequest,
+    codec: str,
+    fp32: CostModel,
+    capacity: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, CostModel], list[str]]:
+    """Per device and stage [j, k), the best allowed compression method that fits: its
+    compute time and memory, and which one it is (an index into the sorted methods).
+
+    A stage's method changes only its own time and memory (its inputs and outputs stay in
+    the manifest's dtypes), so choosing it per entry of the cost tables keeps the
+    partitioner exact over cut points, devices and methods together."""
+    from lamc.cost import PRECISION_ORDER
+
+    assert request.methods is not None
+    names = [d.name for d in fp32.devices]
+    wanted = sorted(
+        {m for d in names for m in request.methods.get(d, ("fp32",))}, key=PRECISION_ORDER.index
+    )
+    costs = {
+        m: fp32
+        if m == "fp32"
+        else CostModel(workload, topology, kv_tokens=request.kv_tokens, codec=codec, method=m)
+        for m in wanted
+    }
+    shape = fp32.compute_table().shape
+    best = np.full(shape, math.inf)
+    best_memory = np.full(shape, math.inf)
+    smallest = np.full(shape, math.inf)
+    choice = np.full(shape, -1, dtype=np.int64)
+    for index, m in enumerate(wanted):
+        allowed = np.array([m in request.methods.get(d, ("fp32",)) for d in names])[:, None, None]
+        compute_m = costs[m].compute_table()
+        memory_m = costs[m].memory_table()
+        smallest = np.where(allowed, np.minimum(smallest, memory_m), smallest)
+        ok = allowed & (memory_m <= capacity)
+        # Strictly faster wins; ties keep the more precise method (earlier in the order).
+        better = ok & (compute_m < best * (1 - 1e-9))
+        best = np.where(better, compute_m, best)
+        best_memory = np.where(better, memory_m, best_memory)
+        choice = np.where(better, index, choice)
+    fits = choice >= 0
+    memory = np.where(fits, best_memory, smallest)
+    compute = np.where(fits, best, fp32.compute_table())
+    choice = np.where(fits, choice, 0)
+    return compute, memory, fits, choice, costs, wanted
+
+
+def _set_precisions(
+    plan_: Plan,
+    solution: Solution,
+    choice: np.ndarray,
+    names: list[str],
+    costs: dict[str, CostModel],
+    request: PlanRequest,
+) -> None:
+    """Each stage's method, with its memory and time, and why it was chosen."""
+    from dataclasses import replace
+
+    assert request.methods is not None
+    stages = []
+    for stage, seg in zip(plan_.stages, solution.segments, strict=True):
+        method = names[int(choice[seg.device, seg.start, seg.end])]
+        cost = costs[method]
+        mem = cost.memory(seg.device, seg.start, seg.end)
+        options = request.methods.get(stage.device, ("fp32",))
+        fits = [
+            m
+            for m in options
+            if costs[m].memory(seg.device, seg.start, seg.end).total <= mem.capacity
+        ]
+        if len(options) == 1:
+            reason = "as asked"
+        elif method == "fp32":
+            reason = "fp32 fits and no allowed method is faster here"
+        else:
+            too_big = [m for m in options if m not in fits]
+            reason = f"fastest of {', '.join(fits)} that fit" + (
+                f" ({', '.join(too_big)} do not fit in {mem.capacity / 2**30:.3g} GiB)"
+                if too_big
+                else ""
+            )
+        stages.append(
+            replace(
+                stage,
+                precision=method,
+                precision_reason=reason,
+                params_bytes=mem.params,
+                memory_bytes=mem.total,
+                compute_ms=cost.compute_ms(seg.device, seg.start, seg.end),
+            )
+        )
+    plan_.stages = tuple(stages)
 
 
 def _override(file: list[cons.Constraint], cli: list[cons.Constraint]) -> list[cons.Constraint]:
