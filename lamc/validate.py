@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,18 +20,53 @@ class Comparison:
     max_rel: float  # max |a - b| / max |b|: normwise, so near-zero elements do not explode it
     cosine: float
     ok: bool
+    mean_rel: float = 0.0  # mean |a - b| / mean |b|
+
+
+@dataclass(frozen=True)
+class StageComparison:
+    """One stage's outputs (fed by the pipeline's own upstream stages) against the same
+    tensors of the source model: where the error of a compressed pipeline comes from."""
+
+    stage: int
+    device: str
+    precision: str
+    max_rel: float
+    mean_rel: float
+    cosine: float
+
+
+def errors(have: np.ndarray, want: np.ndarray) -> tuple[float, float, float, float]:
+    """(max abs, max relative, mean relative, cosine) of `have` against `want`."""
+    a = np.asarray(have, dtype=np.float64)
+    b = np.asarray(want, dtype=np.float64)
+    diff = np.abs(a - b)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.abs(b).max()) if b.size else 0.0
+    mean_scale = float(np.abs(b).mean()) if b.size else 0.0
+    denominator = float(np.linalg.norm(a) * np.linalg.norm(b))
+    cosine = float(np.dot(a.ravel(), b.ravel()) / denominator) if denominator > 0 else 1.0
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    mean_abs = float(diff.mean()) if diff.size else 0.0
+    mean_rel = mean_abs / mean_scale if mean_scale > 0 else mean_abs
+    return max_abs, max_rel, mean_rel, cosine
 
 
 @dataclass
 class Report:
     rows: list[Comparison]
+    stages: list[StageComparison] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return all(r.ok for r in self.rows)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "rows": [asdict(r) for r in self.rows]}
+        return {
+            "ok": self.ok,
+            "rows": [asdict(r) for r in self.rows],
+            "stages": [asdict(s) for s in self.stages],
+        }
 
 
 def inputs_for(
@@ -71,20 +106,33 @@ def compare(
         got = pipeline.run(feeds)
         expected = reference(feeds)
         for name, want in expected.items():
-            have = got[name].astype(np.float64)
-            want64 = np.asarray(want, dtype=np.float64)
-            diff = np.abs(have - want64)
-            max_abs = float(diff.max()) if diff.size else 0.0
-            scale = float(np.abs(want64).max()) if want64.size else 0.0
-            denominator = float(np.linalg.norm(have) * np.linalg.norm(want64))
-            cosine = (
-                float(np.dot(have.ravel(), want64.ravel()) / denominator)
-                if denominator > 0
-                else 1.0
-            )
-            max_rel = max_abs / scale if scale > 0 else max_abs
-            ok = bool(np.allclose(have, want64, atol=atol, rtol=rtol))
+            max_abs, max_rel, mean_rel, cosine = errors(got[name], want)
+            ok = bool(np.allclose(got[name].astype(np.float64), want, atol=atol, rtol=rtol))
             if max_error is not None:
                 ok = ok or max_rel <= max_error
-            rows.append(Comparison(label, name, max_abs, max_rel, cosine, ok))
+            rows.append(Comparison(label, name, max_abs, max_rel, cosine, ok, mean_rel))
     return Report(rows)
+
+
+def stage_report(
+    pipeline: Any, model: Any, cases: list[tuple[str, dict[str, np.ndarray]]]
+) -> list[StageComparison]:
+    """Each stage's floating-point outputs against the source model's same tensors (the
+    captured IR run whole in ONNX Runtime), worst over outputs and cases."""
+    from lamc.backends.onnxruntime.measure import activations
+
+    specs = pipeline.manifest.stages
+    worst: dict[int, list[float]] = {s.index: [0.0, 0.0, 1.0] for s in specs}
+    for _, feeds in cases:
+        trace: dict[int, dict[str, np.ndarray]] = {}
+        pipeline.run(feeds, trace=trace)
+        names = {n for outputs in trace.values() for n in outputs}
+        values = activations(model, names, feeds)
+        for index, outputs in trace.items():
+            for name, have in outputs.items():
+                if have.dtype.kind != "f" or name not in values:
+                    continue
+                _, max_rel, mean_rel, cosine = errors(have, values[name])
+                w = worst[index]
+                w[0], w[1], w[2] = max(w[0], max_rel), max(w[1], mean_rel), min(w[2], cosine)
+    return [StageComparison(s.index, s.device, s.precision, *worst[s.index]) for s in specs]

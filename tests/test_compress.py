@@ -175,3 +175,24 @@ def test_auto_steps_back_to_a_more_precise_method_under_a_tight_budget(tmp_path:
     assert {s.precision for s in tight.plan.stages} == {"fp32"}
     assert any("broke the accuracy budget" in c for c in tight.checks)
     assert tight.manifest.plan.get("compression_error") is None  # nothing compressed in the end
+
+
+def test_validate_reports_each_stage_and_holds_the_compiled_budget(tmp_path: Path) -> None:
+    import json
+
+    from tests.cli.helpers import lamc
+
+    _compile("zoo:gpt2:test", tmp_path / "out", "int8-dynamic", max_error=0.2)
+    outcome = lamc("validate", str(tmp_path / "out"), "--samples", "1", "--json")
+    assert outcome.code == 0, outcome.stdout
+    report = json.loads(outcome.stdout[outcome.stdout.index("{") :].rsplit("}", 1)[0] + "}")
+    stages = report["stages"]
+    assert [s["precision"] for s in stages] == ["int8-dynamic", "int8-dynamic"]
+    for s in stages:
+        assert 0 < s["max_rel"] <= 0.2 and 0 < s["mean_rel"] <= s["max_rel"] * 10
+        assert s["cosine"] > 0.99
+    # The error grows along the pipeline: the last stage carries the first one's too.
+    assert stages[1]["mean_rel"] >= stages[0]["mean_rel"] * 0.5
+    assert all("mean_rel" in row for row in report["rows"])
+    strict = lamc("validate", str(tmp_path / "out"), "--samples", "1", "--max-error", "1e-7")
+    assert strict.code == 7

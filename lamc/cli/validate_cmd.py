@@ -53,7 +53,7 @@ def validate_command(
     require_compile_extra()
     from lamc.frontend import capture
     from lamc.runtime.executor import Pipeline, parse_providers
-    from lamc.validate import compare, inputs_for
+    from lamc.validate import compare, inputs_for, stage_report
 
     steps = Steps()
     with steps.step("verify and load"):
@@ -68,18 +68,18 @@ def validate_command(
             int(ExitCode.USAGE),
             f"{source} was captured without weights; validate needs the real model",
         )
-    lossy = any(t.codec != "raw" for e in pipeline.manifest.edges for t in e.tensors)
+    lossy = any(t.codec != "raw" for e in pipeline.manifest.edges for t in e.tensors) or any(
+        s.precision != "fp32" for s in pipeline.manifest.stages
+    )
     if max_error is None and lossy:
         max_error = pipeline.manifest.plan.get("max_error")
+    cases = inputs_for(captured, pipeline.manifest, samples)
     with steps.step("compare"):
         report = compare(
-            pipeline,
-            captured.reference,
-            inputs_for(captured, pipeline.manifest, samples),
-            atol=atol,
-            rtol=rtol,
-            max_error=max_error,
+            pipeline, captured.reference, cases, atol=atol, rtol=rtol, max_error=max_error
         )
+    with steps.step("compare stage by stage"):
+        report.stages = stage_report(pipeline, captured.model, cases)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     else:
@@ -90,6 +90,7 @@ def validate_command(
             "output",
             "max abs error",
             "max rel error",
+            "mean rel error",
             "cosine",
             "within tolerance",
         ):
@@ -100,10 +101,24 @@ def validate_command(
                 row.output,
                 f"{row.max_abs:.3g}",
                 f"{row.max_rel:.3g}",
+                f"{row.mean_rel:.3g}",
                 f"{row.cosine:.6f}",
                 "yes" if row.ok else "NO",
             )
         stdout_console().print(table)
+        per_stage = Table(title="stage by stage: each stage's outputs vs the source model's")
+        for column in ("stage", "device", "precision", "max rel error", "mean rel error", "cosine"):
+            per_stage.add_column(column)
+        for s in report.stages:
+            per_stage.add_row(
+                str(s.stage),
+                s.device,
+                s.precision,
+                f"{s.max_rel:.3g}",
+                f"{s.mean_rel:.3g}",
+                f"{s.cosine:.6f}",
+            )
+        stdout_console().print(per_stage)
     if not report.ok:
         worst = max(report.rows, key=lambda r: r.max_abs)
         raise CommandOutcome(

@@ -120,8 +120,13 @@ class Pipeline:
         ]
         return cls(out, manifest, stages)
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one request through every stage; tensors are checked at every hop."""
+    def run(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        trace: dict[int, dict[str, np.ndarray]] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run one request through every stage; tensors are checked at every hop. With
+        `trace`, each stage's outputs are recorded in it by stage index."""
         manifest = self.manifest
         unknown = sorted(set(feeds) - set(manifest.inputs))
         if unknown:
@@ -149,6 +154,8 @@ class Pipeline:
                 binding,
                 f"stage {spec.index} ({spec.device}) output",
             )
+            if trace is not None:
+                trace[spec.index] = produced
             env = {
                 name: produced[name] if name in produced else arriving[name] for name in spec.sends
             }
