@@ -182,15 +182,15 @@ def test_validate_reports_each_stage_and_holds_the_compiled_budget(tmp_path: Pat
 
     from tests.cli.helpers import lamc
 
-    _compile("zoo:gpt2:test", tmp_path / "out", "int8-dynamic", max_error=0.2)
+    _compile("zoo:gpt2:test", tmp_path / "out", "int8-dynamic", max_error=0.5)
     outcome = lamc("validate", str(tmp_path / "out"), "--samples", "1", "--json")
     assert outcome.code == 0, outcome.stdout
     report = json.loads(outcome.stdout[outcome.stdout.index("{") :].rsplit("}", 1)[0] + "}")
     stages = report["stages"]
     assert [s["precision"] for s in stages] == ["int8-dynamic", "int8-dynamic"]
     for s in stages:
-        assert 0 < s["max_rel"] <= 0.2 and 0 < s["mean_rel"] <= s["max_rel"] * 10
-        assert s["cosine"] > 0.99
+        assert 0 < s["max_rel"] <= 0.5 and 0 < s["mean_rel"] <= s["max_rel"] * 10
+        assert s["cosine"] > 0.95
     # The error grows along the pipeline: the last stage carries the first one's too.
     assert stages[1]["mean_rel"] >= stages[0]["mean_rel"] * 0.5
     assert all("mean_rel" in row for row in report["rows"])
