@@ -196,7 +196,7 @@ def _set_precisions(
         else:
             too_big = [m for m in options if m not in fits]
             reason = f"fastest of {', '.join(fits)} that fit" + (
-                f" ({', '.join(too_big)} do not fit in {mem.capacity / 2**30:.3g} GiB)"
+                f" ({', '.join(too_big)} would not fit in {format_bytes(mem.capacity)})"
                 if too_big
                 else ""
             )
