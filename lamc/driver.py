@@ -58,7 +58,45 @@ def analyse(
     manager.run(captured.model)
     seconds["analyse"] = time.perf_counter() - started
     workload: Workload = captured.model.meta["lamc.workload"]
+    workload = attach_kv_bytes(captured, workload)
     return Analysed(captured, workload, seconds)
+
+
+def attach_kv_bytes(captured: Captured, workload: Workload) -> Workload:
+    """A decoder's KV cache per token and sequence, charged to the unit of each layer's
+    attention (the unit that reads the layer's past keys): what planning with `--context`
+    adds to each stage's memory."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from lamc.ir import annotation
+
+    kv = captured.kv_cache
+    if kv is None:
+        return workload
+    inputs = {v.name: v for v in captured.model.graph.inputs}
+    extra = [0] * len(workload.units)
+    names = [u.name for u in workload.units]
+    for layer, (key, value) in enumerate(kv.past_inputs):
+        scope = kv.layer_scopes[layer] if layer < len(kv.layer_scopes) else ""
+        for name in (key, value):
+            tensor = inputs.get(name)
+            if tensor is None:
+                continue
+            users = [annotation(use.node, "lamc.unit") for use in tensor.uses()]
+            readers = sorted({u for u in users if isinstance(u, int)})
+            if not readers:
+                continue
+            # The layer's own unit (other units may read only the past length).
+            own = [u for u in readers if scope and scope in names[u].split("+")[0]]
+            readers = own or readers[-1:]
+            itemsize = np.dtype(tensor.dtype.numpy()).itemsize if tensor.dtype else 4
+            extra[readers[0]] += kv.kv_heads * kv.head_dim * itemsize
+    units = tuple(
+        replace(u, kv_bytes_per_token=u.kv_bytes_per_token + extra[u.index]) for u in workload.units
+    )
+    return replace(workload, units=units)
 
 
 # ------------------------------------------------------------------------------ compile

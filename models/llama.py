@@ -217,6 +217,9 @@ def build(config: str | None = None) -> ModelSpec:
     cfg = replace(
         CONFIGS[base],
         num_hidden_layers=override_int(overrides, "layers", CONFIGS[base].num_hidden_layers),
+        max_position_embeddings=override_int(
+            overrides, "context", CONFIGS[base].max_position_embeddings
+        ),
     )
     kv = override_bool(overrides, "kv", False)
     seq = override_int(overrides, "seq", 16 if base == "test" else 128)
