@@ -256,7 +256,9 @@ def _build_pipeline(
         with timer.step("manifest"):
             from lamc.manifest_build import build_manifest
 
-            manifest = build_manifest(captured, workload, topology, best, graphs, artifacts, tmp)
+            manifest = build_manifest(
+                captured, workload, topology, best, graphs, artifacts, tmp, request.context
+            )
             if any(m != "fp32" for m in methods.values()):
                 from dataclasses import replace
 

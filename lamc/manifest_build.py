@@ -20,7 +20,15 @@ from lamc.backends.slice import StageGraph
 from lamc.errors import InternalError
 from lamc.frontend.capture import Captured
 from lamc.ir import dims_text
-from lamc.manifest import DimRange, Edge, EdgeTensor, Manifest, StageSpec, TensorSpec
+from lamc.manifest import (
+    DimRange,
+    Edge,
+    EdgeTensor,
+    KVCache,
+    Manifest,
+    StageSpec,
+    TensorSpec,
+)
 from lamc.plan import Plan
 from lamc.topology import Topology
 from lamc.workload import Workload
@@ -34,6 +42,7 @@ def build_manifest(
     graphs: Sequence[StageGraph],
     artifacts: Sequence[Artifact],
     out_dir: Path,
+    context: int = 0,
 ) -> Manifest:
     values = _values(captured.model)
     stages: list[StageSpec] = []
@@ -67,6 +76,7 @@ def build_manifest(
                     "transfer_ms": planned.transfer_ms,
                     "transfer_bytes": planned.transfer_bytes,
                 },
+                kv_cache=_kv_ownership(captured, graph, context),
             )
         )
     tensors = {name: _spec(values[name]) for name in sorted(names)}
@@ -181,3 +191,43 @@ def _version(module: str) -> str | None:
             return None
     version: Any = getattr(sys.modules[module], "__version__", None)
     return str(version) if version is not None else None
+
+
+def _kv_ownership(captured: Captured, graph: StageGraph, context: int) -> KVCache | None:
+    """The cache tensors of the layers this stage holds: they stay on the stage (fed back
+    from its own presents), and only hidden states travel between stages."""
+    kv = captured.kv_cache
+    if kv is None:
+        return None
+    inputs = set(graph.inputs)
+    outputs = set(graph.outputs)
+    layers: list[int] = []
+    past: list[str] = []
+    present: list[str] = []
+    dtype = "float32"
+    values = {v.name: v for v in captured.model.graph.inputs}
+    for layer, (pasts, presents) in enumerate(zip(kv.past_inputs, kv.present_outputs)):
+        # The owner is the stage that produces the layer's presents (another stage may
+        # read a past tensor only for its length).
+        if not any(name in outputs for name in presents):
+            continue
+        layers.append(layer)
+        past.extend(n for n in pasts if n in inputs)
+        present.extend(n for n in presents if n in outputs)
+        value = values.get(pasts[0])
+        if value is not None and value.dtype is not None:
+            dtype = value.dtype.numpy().name
+    if not layers:
+        return None
+    import numpy as np
+
+    per_token = len(layers) * 2 * kv.kv_heads * kv.head_dim * np.dtype(dtype).itemsize
+    return KVCache(
+        layers=tuple(layers),
+        past_inputs=tuple(past),
+        present_outputs=tuple(present),
+        dtype=dtype,
+        bytes_per_token=per_token,
+        max_context=context or kv.max_context,
+        past_dim=kv.past_dim,
+    )

@@ -134,6 +134,7 @@ def plan_request(
     kv_tokens: int,
     compare: bool,
     codec: str = "raw",
+    context: int = 0,
 ) -> Any:
     from lamc.passes.partition.planner import PlanRequest
     from lamc.topology import Budgets, Constraints, parse_fraction
@@ -167,6 +168,7 @@ def plan_request(
         kv_tokens=kv_tokens,
         compare=compare,
         codec=codec,
+        context=context,
     )
 
 
@@ -256,6 +258,7 @@ def _request(options: dict[str, Any], compare: bool) -> Any:
         kv_tokens,
         compare,
         options.get("codec") or "raw",
+        options.get("context") or 0,
     )
 
 

@@ -35,6 +35,7 @@ class PlanRequest:
     constraints: Constraints | None = None  # from the command line, on top of the file's
     budgets: Budgets | None = None
     kv_tokens: int = 0  # context x batch, for decoders
+    context: int = 0  # the context length planned for (recorded in the manifest)
     compare: bool = False
     codec: str = "raw"  # link codec between stages (auto plans with raw, then chooses)
     # Compression methods each device may use (device name -> candidates); the planner

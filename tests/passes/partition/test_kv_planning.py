@@ -51,3 +51,34 @@ def test_fits_one_device_at_512_must_split_at_8192_and_refuses_at_32768(topology
         plan(workload, topology, PlanRequest(objective="latency", kv_tokens=32768))  # type: ignore[arg-type]
     assert info.value.exit_code == 6
     assert "32.00 MiB of KV cache" in str(info.value)
+
+
+def test_manifest_records_each_stages_kv_ownership(tmp_path: Path) -> None:
+    from lamc.driver import CompileOptions, compile_model
+    from lamc.topology import Constraints
+    from tests.compiled import MINIPCS
+
+    model = "zoo:gpt2:test,kv=1"
+    request = PlanRequest(constraints=Constraints(stages=2), kv_tokens=128, context=128)
+    result = compile_model(
+        model,
+        MINIPCS,
+        tmp_path / "out",
+        CompileOptions(request=request),
+        analysed=analysed_model(model),
+    )
+    from lamc.manifest import read_manifest
+
+    manifest = read_manifest(tmp_path / "out")
+    owned = [s.kv_cache for s in manifest.stages]
+    assert all(k is not None for k in owned)
+    layers = [layer for k in owned for layer in k.layers]  # type: ignore[union-attr]
+    assert sorted(layers) == [0, 1, 2, 3]  # every layer's cache on exactly one stage
+    for stage, kv in zip(manifest.stages, owned, strict=True):
+        assert kv is not None
+        assert set(kv.past_inputs) <= set(stage.inputs)
+        assert set(kv.present_outputs) <= set(stage.outputs)
+        assert len(kv.past_inputs) == len(kv.present_outputs) == 2 * len(kv.layers)
+        assert kv.bytes_per_token == len(kv.layers) * 2 * 4 * 16 * 4  # 4 heads x 16 dims, fp32
+        assert kv.max_context == 128 and kv.dtype == "float32"
+    assert result.plan.stages[0].kv_bytes > 0
