@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from lamc.cli import (  # noqa: F401
     compile_cmd,
+    generate_cmd,
     inspect_cmd,
     plan_cmd,
     profile_cmd,

@@ -1,0 +1,113 @@
+"""`lamc generate OUT`: prefill and decode through a compiled decoder, streaming tokens."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lamc.cli.main import cli, lamc_command
+from lamc.errors import UsageError
+
+
+@cli.command("generate")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--prompt-ids", metavar="ID,ID,...", help="The prompt as token ids.")
+@click.option(
+    "--prompt", "prompt_text", metavar="TEXT", help="The prompt as text (needs --tokenizer)."
+)
+@click.option(
+    "--tokenizer",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A Hugging Face tokenizer directory (lamc[hf]).",
+)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="0: greedy.",
+)
+@click.option("--top-k", type=click.IntRange(min=0), default=0, help="Sample from the k likeliest.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--hosts",
+    "hosts_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Generate through stage servers (`lamc serve`) listed in this file.",
+)
+@click.option("--providers", metavar="cpu|cuda,cpu|...", help="Override the execution providers.")
+@lamc_command("generate")
+def generate_command(
+    out: Path,
+    prompt_ids: str | None,
+    prompt_text: str | None,
+    tokenizer: Path | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    seed: int,
+    hosts_file: Path | None,
+    providers: str | None,
+) -> str:
+    """Generate tokens one step at a time; each is printed as soon as it is known."""
+    from lamc.runtime.executor import Pipeline, parse_providers
+    from lamc.runtime.generate import Sampling, generate
+
+    decode = _tokenizer(tokenizer)
+    if (prompt_ids is None) == (prompt_text is None):
+        raise UsageError("give --prompt-ids 1,2,3 or --prompt TEXT --tokenizer DIR")
+    if prompt_text is not None:
+        if decode is None:
+            raise UsageError("--prompt needs --tokenizer DIR")
+        ids = list(decode.encode(prompt_text))
+    else:
+        try:
+            ids = [int(t) for t in (prompt_ids or "").split(",") if t.strip()]
+        except ValueError:
+            raise UsageError(f"--prompt-ids {prompt_ids!r}: expected integers like 1,2,3") from None
+    pipeline: Any
+    if hosts_file is not None:
+        from lamc.runtime.hosts import load_hosts
+        from lamc.runtime.remote import RemotePipeline
+
+        pipeline = RemotePipeline(out, load_hosts(hosts_file))
+    else:
+        pipeline = Pipeline.open(out, providers=parse_providers(providers))
+    started = time.perf_counter()
+    first = None
+    produced = []
+    try:
+        for token in generate(pipeline, [ids], max_new_tokens, Sampling(temperature, top_k, seed)):
+            first = first or time.perf_counter()
+            produced.append(int(token[0]))
+            text = decode.decode([produced[-1]]) if decode is not None else f"{produced[-1]} "
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    finally:
+        if hasattr(pipeline, "close"):
+            pipeline.close()
+    sys.stdout.write("\n")
+    done = time.perf_counter()
+    rate = (len(produced) - 1) / (done - first) if first and len(produced) > 1 else 0.0
+    return (
+        f"{out}: {len(produced)} token(s) after a {len(ids)}-token prompt; first in "
+        f"{((first or done) - started) * 1000:.1f} ms, then {rate:.1f} tokens/s"
+    )
+
+
+def _tokenizer(path: Path | None) -> Any:
+    if path is None:
+        return None
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise UsageError("--tokenizer needs the hf extra: pip install 'lamc[hf]'") from None
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except OSError as exc:
+        raise UsageError(f"--tokenizer {path}: {exc}") from None

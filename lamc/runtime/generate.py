@@ -1,0 +1,135 @@
+"""Autoregressive generation through a compiled decoder (captured with its KV cache).
+
+One graph serves prefill and decode: the first step feeds the prompt with empty caches
+(past length 0), each later step feeds the last token with the caches the previous step
+returned. Each step is one call of the pipeline (in process, or across stage servers),
+so every stage runs its own layers against its own layers' cache tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lamc.errors import UsageError
+from lamc.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: the whole vocabulary
+    seed: int = 0
+
+
+def cache_names(manifest: Manifest) -> list[tuple[str, str]]:
+    """(past input, present output) pairs of every layer, from the stages' KV ownership."""
+    pairs: list[tuple[str, str]] = []
+    for stage in manifest.stages:
+        kv = stage.kv_cache
+        if kv is None:
+            continue
+        if len(kv.past_inputs) != len(kv.present_outputs):
+            raise UsageError(
+                f"stage {stage.index}: its KV cache lists {len(kv.past_inputs)} past and "
+                f"{len(kv.present_outputs)} present tensors"
+            )
+        pairs.extend(zip(kv.past_inputs, kv.present_outputs, strict=True))
+    if not pairs:
+        raise UsageError(
+            "this pipeline has no KV cache: compile a decoder captured with it (for the zoo: kv=1)"
+        )
+    return pairs
+
+
+def empty_caches(manifest: Manifest, batch: int) -> dict[str, np.ndarray]:
+    """Zero-length caches (past = 0) in the manifest's shapes and dtypes."""
+    from lamc.dims import eval_dim
+
+    caches = {}
+    for past, _ in cache_names(manifest):
+        spec = manifest.tensors[past]
+        binding = {"batch": batch, "past": 0}
+        shape = tuple(eval_dim(d, binding) for d in spec.shape)
+        caches[past] = np.zeros(shape, dtype=np.dtype(spec.dtype))
+    return caches
+
+
+def _pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
+    """Next token per sequence from the last position's logits [batch, vocab]."""
+    if sampling.temperature <= 0:
+        return np.argmax(logits, axis=-1)
+    scaled = logits.astype(np.float64) / sampling.temperature
+    if sampling.top_k > 0:
+        kth = np.sort(scaled, axis=-1)[:, -min(sampling.top_k, scaled.shape[-1])][:, None]
+        scaled = np.where(scaled < kth, -np.inf, scaled)
+    scaled -= scaled.max(axis=-1, keepdims=True)
+    probs = np.exp(scaled)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return np.array([rng.choice(len(p), p=p) for p in probs])
+
+
+def generate(
+    pipeline: Any,
+    prompt: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: Sampling | None = None,
+    *,
+    logits_name: str = "logits",
+) -> Iterator[np.ndarray]:
+    """Yield the next token of every sequence ([batch] int64), step by step.
+
+    `pipeline` is anything with `manifest` and `run(feeds)`: the in-process Pipeline or
+    a RemotePipeline over stage servers. Prompts must have equal lengths."""
+    sampling = sampling or Sampling()
+    manifest: Manifest = pipeline.manifest
+    lengths = {len(p) for p in prompt}
+    if len(lengths) != 1 or 0 in lengths:
+        raise UsageError("prompts must be non-empty and of equal length")
+    pairs = cache_names(manifest)
+    limit = min(
+        (s.kv_cache.max_context for s in manifest.stages if s.kv_cache is not None),
+        default=0,
+    )
+    total = lengths.pop() + max_new_tokens
+    if limit and total > limit:
+        raise UsageError(
+            f"prompt + {max_new_tokens} new tokens = {total} tokens, over the context the "
+            f"pipeline was compiled for ({limit}); compile with a larger --context"
+        )
+    rng = np.random.default_rng(sampling.seed)
+    ids = np.asarray(prompt, dtype=np.int64)
+    caches = empty_caches(manifest, ids.shape[0])
+    for _ in range(max_new_tokens):
+        outputs = pipeline.run({"input_ids": ids, **caches})
+        token = _pick(outputs[logits_name][:, -1, :], sampling, rng).astype(np.int64)
+        yield token
+        caches = {past: outputs[present] for past, present in pairs}
+        ids = token[:, None]
+
+
+def reference_greedy(
+    reference: Any,
+    manifest: Manifest,
+    prompt: Sequence[Sequence[int]],
+    max_new_tokens: int,
+) -> np.ndarray:
+    """Greedy tokens from the source model run on the whole sequence at every step (no
+    cache reuse): the check for `generate`."""
+    ids = np.asarray(prompt, dtype=np.int64)
+    caches = empty_caches(manifest, ids.shape[0])
+    new = []
+    for _ in range(max_new_tokens):
+        logits = reference({"input_ids": ids, **caches})["logits"]
+        token = np.argmax(logits[:, -1, :], axis=-1).astype(np.int64)
+        new.append(token)
+        ids = np.concatenate([ids, token[:, None]], axis=1)
+    return np.stack(new, axis=1)
+
+
+def tokens_of(steps: Iterator[np.ndarray]) -> np.ndarray:
+    """[batch, new tokens] from `generate`'s steps."""
+    return np.stack(list(steps), axis=1)
