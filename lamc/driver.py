@@ -112,7 +112,7 @@ class CompileOptions:
     granularity: str = "block"
     max_error: float = 0.01  # accuracy budget for lossy choices (link codecs, compression)
     compress: str | None = None  # --compress SPEC: a method, or DEVICE_OR_KIND=METHOD,...
-    calibration: Path | None = None  # .npz of input samples (int8-static; default: generated)
+    calibration: Path | None = None  # .npz of input samples (int8; default: generated)
 
 
 @dataclass
@@ -232,8 +232,10 @@ def _build_pipeline(
 
         graphs = slice_stages(captured.model, stage_of_unit, len(best.stages))
     checks: list[str] = []
+    from lamc.passes.compress import CALIBRATED
+
     calibration = None
-    if any(m == "int8-static" for m in methods.values()):
+    if any(m in CALIBRATED for m in methods.values()):
         with timer.step("calibrate"):
             calibration = stage_samples(graphs, calibration_inputs(captured, options.calibration))
     with atomic_directory(out) as tmp:

@@ -38,7 +38,7 @@ from lamc.quantity import format_bytes
 @click.option(
     "--calibration",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Input samples for int8-static (.npz: NAME, or K/NAME for sample K); default: generated.",
+    help="Input samples for int8 (activation ranges, outlier detection; .npz: NAME, or K/NAME for sample K); default: generated.",
 )
 @click.option("--dry-run", is_flag=True, help="Plan only (same as `lamc plan`); write nothing.")
 @click.option(
