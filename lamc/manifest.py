@@ -75,6 +75,9 @@ class KVCache:
     bytes_per_token: int  # per sequence, all of this stage's layers
     max_context: int
     past_dim: str = "past"
+    # Other stages' past inputs this stage reads only for their length (the exporter's
+    # position and mask arithmetic): fed as zeros of that length when caches stay local.
+    length_only: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ class Manifest:
                 bytes_per_token=int(raw["bytes_per_token"]),
                 max_context=int(raw["max_context"]),
                 past_dim=raw.get("past_dim", "past"),
+                length_only=tuple(raw.get("length_only", ())),
             )
 
         stages = tuple(

@@ -206,10 +206,12 @@ def _kv_ownership(captured: Captured, graph: StageGraph, context: int) -> KVCach
     present: list[str] = []
     dtype = "float32"
     values = {v.name: v for v in captured.model.graph.inputs}
+    length_only: list[str] = []
     for layer, (pasts, presents) in enumerate(zip(kv.past_inputs, kv.present_outputs)):
         # The owner is the stage that produces the layer's presents (another stage may
         # read a past tensor only for its length).
         if not any(name in outputs for name in presents):
+            length_only.extend(n for n in pasts if n in inputs and _shape_only(graph, n))
             continue
         layers.append(layer)
         past.extend(n for n in pasts if n in inputs)
@@ -217,7 +219,7 @@ def _kv_ownership(captured: Captured, graph: StageGraph, context: int) -> KVCach
         value = values.get(pasts[0])
         if value is not None and value.dtype is not None:
             dtype = value.dtype.numpy().name
-    if not layers:
+    if not layers and not length_only:
         return None
     import numpy as np
 
@@ -230,4 +232,14 @@ def _kv_ownership(captured: Captured, graph: StageGraph, context: int) -> KVCach
         bytes_per_token=per_token,
         max_context=context or kv.max_context,
         past_dim=kv.past_dim,
+        length_only=tuple(length_only),
     )
+
+
+def _shape_only(graph: StageGraph, name: str) -> bool:
+    """Whether the stage reads input `name` only through Shape (its values never used)."""
+    value = next((v for v in graph.view.inputs if v.name == name), None)
+    if value is None:
+        return False
+    here = {id(node) for node in graph.view}  # the value's uses span every stage
+    return all(use.node.op_type == "Shape" for use in value.uses() if id(use.node) in here)

@@ -44,6 +44,13 @@ from lamc.errors import UsageError
     help="Requests held at most (waiting, running or being handed on); more are rejected at once.",
 )
 @click.option(
+    "--max-sequences",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Decoders: sequences whose KV caches the stage keeps; beyond it the least recently used is dropped.",
+)
+@click.option(
     "--tls-cert", type=click.Path(dir_okay=False, path_type=Path), help="Server certificate (PEM)."
 )
 @click.option(
@@ -94,6 +101,7 @@ def serve_command(
     next_address: str | None,
     hosts_file: Path | None,
     queue_size: int,
+    max_sequences: int,
     tls_cert: Path | None,
     tls_key: Path | None,
     tls_ca: Path | None,
@@ -143,6 +151,7 @@ def serve_command(
         listen=listen,
         next_address=next_address,
         queue_size=queue_size,
+        max_sequences=max_sequences,
         tls=tls,
         insecure=insecure,
         token=token,

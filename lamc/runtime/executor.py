@@ -16,6 +16,7 @@ import numpy as np
 
 from lamc.errors import UsageError
 from lamc.manifest import Manifest, StageSpec, verify
+from lamc.runtime.kvcache import StageCaches, Step, local_outputs, unsupported
 from lamc.runtime.tensors import TensorMismatch, check_all
 
 # Backend name -> module with `load(model_path, providers, ...) -> Runner`.
@@ -99,6 +100,8 @@ class Pipeline:
             for e in manifest.edges
             if 0 < e.target < len(manifest.stages) and any(t.codec != "raw" for t in e.tensors)
         }
+        self.caches = [StageCaches(manifest, s.spec) for s in stages]
+        self.local_kv = unsupported(manifest)  # None: caches can stay in their stages
 
     @classmethod
     def open(
@@ -124,9 +127,15 @@ class Pipeline:
         self,
         feeds: Mapping[str, np.ndarray],
         trace: dict[int, dict[str, np.ndarray]] | None = None,
+        *,
+        sequence: Step | None = None,
     ) -> dict[str, np.ndarray]:
         """Run one request through every stage; tensors are checked at every hop. With
-        `trace`, each stage's outputs are recorded in it by stage index."""
+        `trace`, each stage's outputs are recorded in it by stage index. With `sequence`
+        (a decoder step), each stage keeps its own KV caches: `feeds` hold no cache
+        tensors and the outputs no presents."""
+        if sequence is not None:
+            return self._run_step(feeds, sequence)
         manifest = self.manifest
         unknown = sorted(set(feeds) - set(manifest.inputs))
         if unknown:
@@ -167,3 +176,46 @@ class Pipeline:
                     name: roundtrip(value, codecs.get(name, "raw")) for name, value in env.items()
                 }
         return {name: env[name] for name in manifest.outputs}
+
+    def release(self, sequence_id: str) -> None:
+        """Drop a sequence's KV caches from every stage (a generation stopped early)."""
+        for caches in self.caches:
+            caches.drop(sequence_id)
+
+    def _run_step(self, feeds: Mapping[str, np.ndarray], step: Step) -> dict[str, np.ndarray]:
+        if self.local_kv is not None:
+            raise UsageError(f"stage-local KV caches are not possible: {self.local_kv}")
+        manifest = self.manifest
+        env = dict(feeds)
+        try:
+            for stage, caches in zip(self.stages, self.caches):
+                spec = stage.spec
+                unknown = sorted(set(env) - set(caches.receives))
+                if unknown:
+                    raise TensorMismatch(
+                        f"stage {spec.index} input: unknown tensor(s) {', '.join(unknown)}"
+                    )
+                arriving = caches.feeds(step, env)
+                produced = check_all(
+                    spec.outputs,
+                    manifest.tensors,
+                    stage.run(arriving),
+                    manifest.dims,
+                    {},
+                    f"stage {spec.index} ({spec.device}) output",
+                )
+                caches.keep(step, produced)
+                env = {
+                    name: produced[name] if name in produced else arriving[name]
+                    for name in caches.sends
+                }
+                codecs = self.codecs.get(spec.index + 1)
+                if codecs:
+                    from lamc.runtime.wire import roundtrip
+
+                    env = {n: roundtrip(v, codecs.get(n, "raw")) for n, v in env.items()}
+        except BaseException:
+            for caches in self.caches:
+                caches.drop(step.id)  # a step that failed half-way leaves no stale cache
+            raise
+        return {name: env[name] for name in local_outputs(manifest)}

@@ -1,13 +1,17 @@
 """Autoregressive generation through a compiled decoder (captured with its KV cache).
 
 One graph serves prefill and decode: the first step feeds the prompt with empty caches
-(past length 0), each later step feeds the last token with the caches the previous step
-returned. Each step is one call of the pipeline (in process, or across stage servers),
-so every stage runs its own layers against its own layers' cache tensors.
+(past length 0), each later step feeds the last token. Each step is one call of the
+pipeline (in process, or across stage servers) carrying the sequence's id and position:
+every stage keeps its own layers' caches (`lamc.runtime.kvcache`), and only hidden states
+travel between stages. Where a pipeline cannot keep caches in its stages (a stage reads
+another stage's cache values), `generate` says so; `local=False` makes the caches travel
+with every step instead.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +20,7 @@ import numpy as np
 
 from lamc.errors import UsageError
 from lamc.manifest import Manifest
+from lamc.runtime.kvcache import Step, unsupported
 
 
 @dataclass(frozen=True)
@@ -79,11 +84,13 @@ def generate(
     sampling: Sampling | None = None,
     *,
     logits_name: str = "logits",
+    local: bool = True,
 ) -> Iterator[np.ndarray]:
     """Yield the next token of every sequence ([batch] int64), step by step.
 
-    `pipeline` is anything with `manifest` and `run(feeds)`: the in-process Pipeline or
-    a RemotePipeline over stage servers. Prompts must have equal lengths."""
+    `pipeline` is anything with `manifest` and `run(feeds, sequence=...)`: the in-process
+    Pipeline or a RemotePipeline over stage servers. Prompts must have equal lengths.
+    `local`: caches stay in their stages (else they travel with each step)."""
     sampling = sampling or Sampling()
     manifest: Manifest = pipeline.manifest
     lengths = {len(p) for p in prompt}
@@ -102,6 +109,12 @@ def generate(
         )
     rng = np.random.default_rng(sampling.seed)
     ids = np.asarray(prompt, dtype=np.int64)
+    if local:
+        why = unsupported(manifest)
+        if why is not None:
+            raise UsageError(f"stage-local KV caches are not possible: {why}")
+        yield from _local_steps(pipeline, ids, max_new_tokens, sampling, rng, logits_name)
+        return
     caches = empty_caches(manifest, ids.shape[0])
     for _ in range(max_new_tokens):
         outputs = pipeline.run({"input_ids": ids, **caches})
@@ -109,6 +122,32 @@ def generate(
         yield token
         caches = {past: outputs[present] for past, present in pairs}
         ids = token[:, None]
+
+
+def _local_steps(
+    pipeline: Any,
+    ids: np.ndarray,
+    max_new_tokens: int,
+    sampling: Sampling,
+    rng: np.random.Generator,
+    logits_name: str,
+) -> Iterator[np.ndarray]:
+    sequence = uuid.uuid4().hex
+    position = 0
+    ended = False
+    try:
+        for k in range(max_new_tokens):
+            ended = k == max_new_tokens - 1
+            step = Step(sequence, position, end=ended)
+            outputs = pipeline.run({"input_ids": ids}, sequence=step)
+            position += ids.shape[1]
+            token = _pick(outputs[logits_name][:, -1, :], sampling, rng).astype(np.int64)
+            ids = token[:, None]
+            yield token
+    finally:
+        release = getattr(pipeline, "release", None)
+        if not ended and release is not None:
+            release(sequence)  # stopped early: free the stages' caches now
 
 
 def reference_greedy(

@@ -30,6 +30,7 @@ from lamc.errors import RuntimeEnvironmentError, UsageError
 from lamc.manifest import read_manifest
 from lamc.runtime import wire
 from lamc.runtime.hosts import Endpoints
+from lamc.runtime.kvcache import Step, cache_tensors, local_outputs, unsupported
 from lamc.runtime.security import auth_metadata, channel_options
 from lamc.runtime.server import max_message_bytes
 from lamc.runtime.tensors import TensorMismatch, check_all
@@ -52,6 +53,7 @@ class _Pending:
     future: asyncio.Future[dict[str, np.ndarray]]
     deadline: float
     submitted: float
+    outputs: tuple[str, ...] = ()
 
 
 class RemotePipeline:
@@ -68,6 +70,7 @@ class RemotePipeline:
         self.addresses = [endpoints.address(i) for i in range(len(self.manifest.stages))]
         self.timeout_s = timeout_s
         self.stateless = all(s.kv_cache is None for s in self.manifest.stages)
+        self.local_kv = unsupported(self.manifest)  # None: caches can stay in their stages
         self.retry = retry_stateless and self.stateless
         self.client_id = uuid.uuid4().hex
         self.counts: collections.Counter[str] = collections.Counter()
@@ -97,11 +100,15 @@ class RemotePipeline:
         feeds: Mapping[str, np.ndarray],
         *,
         timeout_s: float | None = None,
-        sequence_id: str = "",
+        sequence: Step | None = None,
     ) -> concurrent.futures.Future[dict[str, np.ndarray]]:
-        """Start a request; the future resolves to the outputs or raises StageFailure/Rejected."""
+        """Start a request; the future resolves to the outputs or raises StageFailure/Rejected.
+        With `sequence` (a decoder step) every stage keeps its own KV caches: `feeds` hold
+        no cache tensors and the outputs no presents."""
+        if sequence is not None and self.local_kv is not None:
+            raise UsageError(f"stage-local KV caches are not possible: {self.local_kv}")
         return asyncio.run_coroutine_threadsafe(
-            self._request(dict(feeds), timeout_s or self.timeout_s, sequence_id), self._loop
+            self._request(dict(feeds), timeout_s or self.timeout_s, sequence), self._loop
         )
 
     def run(
@@ -109,9 +116,9 @@ class RemotePipeline:
         feeds: Mapping[str, np.ndarray],
         *,
         timeout_s: float | None = None,
-        sequence_id: str = "",
+        sequence: Step | None = None,
     ) -> dict[str, np.ndarray]:
-        return self.submit(feeds, timeout_s=timeout_s, sequence_id=sequence_id).result()
+        return self.submit(feeds, timeout_s=timeout_s, sequence=sequence).result()
 
     def run_many(
         self,
@@ -127,7 +134,7 @@ class RemotePipeline:
 
             async def one(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
                 async with gate:
-                    return await self._request(dict(feeds), timeout_s or self.timeout_s, "")
+                    return await self._request(dict(feeds), timeout_s or self.timeout_s, None)
 
             return list(await asyncio.gather(*(one(f) for f in requests), return_exceptions=True))
 
@@ -236,13 +243,13 @@ class RemotePipeline:
     # ------------------------------------------------------------------------ requests
 
     async def _request(
-        self, feeds: dict[str, np.ndarray], timeout_s: float, sequence_id: str
+        self, feeds: dict[str, np.ndarray], timeout_s: float, sequence: Step | None
     ) -> dict[str, np.ndarray]:
         deadline = time.monotonic() + timeout_s
         attempt = 0
         while True:
             try:
-                return await self._attempt(feeds, deadline, sequence_id, attempt)
+                return await self._attempt(feeds, deadline, sequence, attempt)
             except StageFailure as exc:
                 lost = getattr(exc, "lost", False)
                 if self.retry and lost and attempt == 0 and time.monotonic() < deadline - 0.05:
@@ -252,26 +259,36 @@ class RemotePipeline:
                 raise
 
     async def _attempt(
-        self, feeds: dict[str, np.ndarray], deadline: float, sequence_id: str, attempt: int
+        self,
+        feeds: dict[str, np.ndarray],
+        deadline: float,
+        sequence: Step | None,
+        attempt: int,
     ) -> dict[str, np.ndarray]:
         import grpc
 
         manifest = self.manifest
-        unknown = sorted(set(feeds) - set(manifest.inputs))
+        takes, gives = manifest.inputs, manifest.outputs
+        if sequence is not None:
+            caches = cache_tensors(manifest)
+            takes = tuple(n for n in takes if n not in caches)
+            gives = local_outputs(manifest)
+        unknown = sorted(set(feeds) - set(takes))
         if unknown:
             raise TensorMismatch(
-                f"input: unknown tensor(s) {', '.join(unknown)}; the model takes {', '.join(manifest.inputs)}"
+                f"input: unknown tensor(s) {', '.join(unknown)}; the model takes {', '.join(takes)}"
             )
-        inputs = check_all(
-            manifest.stages[0].receives, manifest.tensors, feeds, manifest.dims, {}, "input"
-        )
+        receives = [n for n in manifest.stages[0].receives if n in set(takes)]
+        inputs = check_all(receives, manifest.tensors, feeds, manifest.dims, {}, "input")
         request_id = uuid.uuid4().hex
         remaining = deadline - time.monotonic()
         message = wire.SubmitRequest(
             request_id=request_id,
             client_id=self.client_id,
             timeout_ms=remaining * 1000.0,
-            sequence_id=sequence_id,
+            sequence_id=sequence.id if sequence else "",
+            position=sequence.position if sequence else 0,
+            end=sequence.end if sequence else False,
             attempt=attempt,
             tensors=[
                 wire.encode(name, value, self.codec_in.get(name, "raw"))
@@ -279,7 +296,7 @@ class RemotePipeline:
             ],
         )
         loop = asyncio.get_running_loop()
-        pending = _Pending(loop.create_future(), deadline, time.monotonic())
+        pending = _Pending(loop.create_future(), deadline, time.monotonic(), gives)
         self._pending[request_id] = pending
         self.counts["submitted"] += 1
         call = self._channels[0].unary_unary(
@@ -331,7 +348,7 @@ class RemotePipeline:
         try:
             outputs = {t.name: wire.decode(t) for t in delivery.tensors}
             outputs = check_all(
-                self.manifest.outputs,
+                pending.outputs or self.manifest.outputs,
                 self.manifest.tensors,
                 outputs,
                 self.manifest.dims,

@@ -37,6 +37,7 @@ from lamc.errors import UsageError
 from lamc.manifest import Manifest, StageSpec, verify
 from lamc.runtime import wire
 from lamc.runtime.executor import StageRunner, load_stage
+from lamc.runtime.kvcache import CacheLost, StageCaches, Step
 from lamc.runtime.security import (
     TlsConfig,
     auth_metadata,
@@ -57,7 +58,7 @@ class Job:
     client_id: str
     deadline: float  # time.monotonic() on this host
     tensors: dict[str, np.ndarray]
-    sequence_id: str = ""
+    step: Step | None = None  # a decoder step: this stage's KV caches stay here
     attempt: int = 0
     accepted_at: float = field(default_factory=time.monotonic)
 
@@ -99,6 +100,7 @@ class StageService:
         threads: int | None = None,
         next_tls: TlsConfig | None = None,
         delay_ms: float = 0.0,
+        max_sequences: int = 64,
     ) -> None:
         check_bind(listen, tls, insecure)
         self.manifest = verify(out_dir)
@@ -126,6 +128,8 @@ class StageService:
         self.runner: StageRunner = load_stage(
             out_dir, self.spec, providers=providers, threads=threads
         )
+        # The sequences whose KV caches this stage holds (touched by the compute thread only).
+        self.caches = StageCaches(self.manifest, self.spec, capacity=max_sequences)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{index}")
         self.queue: asyncio.Queue[Job] | None = None
         self.subscribers: dict[str, asyncio.Queue[Any]] = {}
@@ -267,13 +271,19 @@ class StageService:
                 code="DEADLINE_EXCEEDED",
                 message=f"the request reached stage {self.index} after its deadline",
             )
+        step = (
+            Step(request.sequence_id, int(request.position), bool(request.end))
+            if request.sequence_id
+            else None
+        )
+        receives = self.caches.receives if step is not None else self.spec.receives
         try:
             arriving = {t.name: wire.decode(t) for t in request.tensors}
-            unknown = sorted(set(arriving) - set(self.spec.receives))
+            unknown = sorted(set(arriving) - set(receives))
             if unknown:
                 raise TensorMismatch(f"stage {self.index}: unknown tensor(s) {', '.join(unknown)}")
             tensors = check_all(
-                self.spec.receives,
+                receives,
                 self.manifest.tensors,
                 arriving,
                 self.manifest.dims,
@@ -288,7 +298,7 @@ class StageService:
             request.client_id,
             time.monotonic() + request.timeout_ms / 1000.0,
             tensors,
-            request.sequence_id,
+            step,
             request.attempt,
         )
         assert self.queue is not None
@@ -349,29 +359,39 @@ class StageService:
                 continue
             self._state(job.request_id, "running")
             try:
-                produced = await loop.run_in_executor(self._compute, self.runner.run, job.tensors)
-                produced = check_all(
-                    self.spec.outputs,
-                    self.manifest.tensors,
-                    produced,
-                    self.manifest.dims,
-                    {},
-                    f"stage {self.index} output",
-                )
+                sends = await loop.run_in_executor(self._compute, self._compute_step, job)
+            except CacheLost as exc:
+                self._fail(job, str(exc))
+                continue
             except Exception as exc:
+                if job.step is not None:
+                    self._compute.submit(self.caches.drop, job.step.id)
                 self._fail(
                     job,
                     f"stage {self.index} engine failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
                 )
                 continue
-            sends = {
-                name: produced[name] if name in produced else job.tensors[name]
-                for name in self.spec.sends
-            }
             if self.last:
                 self._deliver_result(job, sends)
             else:
                 self._spawn(self._forward(job, sends))
+
+    def _compute_step(self, job: Job) -> dict[str, np.ndarray]:
+        """Run the engine on the compute thread; what the stage hands on."""
+        step = job.step
+        arriving = self.caches.feeds(step, job.tensors) if step is not None else job.tensors
+        produced = check_all(
+            self.spec.outputs,
+            self.manifest.tensors,
+            self.runner.run(arriving),
+            self.manifest.dims,
+            {},
+            f"stage {self.index} output",
+        )
+        if step is not None:
+            self.caches.keep(step, produced)
+        sends = self.caches.sends if step is not None else self.spec.sends
+        return {name: produced[name] if name in produced else arriving[name] for name in sends}
 
     async def _forward(self, job: Job, tensors: dict[str, np.ndarray]) -> None:
         """Hand the request to the next stage; retry only while it has not accepted it."""
@@ -381,7 +401,9 @@ class StageService:
         message = wire.SubmitRequest(
             request_id=job.request_id,
             client_id=job.client_id,
-            sequence_id=job.sequence_id,
+            sequence_id=job.step.id if job.step else "",
+            position=job.step.position if job.step else 0,
+            end=job.step.end if job.step else False,
             attempt=job.attempt,
             tensors=[
                 wire.encode(name, value, self.codec_out.get(name, "raw"))

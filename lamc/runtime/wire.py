@@ -68,6 +68,8 @@ def _messages() -> dict[str, Any]:
             ("tensors", 4, _T.TYPE_MESSAGE, many, f".{PACKAGE}.Tensor"),
             ("sequence_id", 5, _T.TYPE_STRING, one, None),  # decoders: whose KV cache
             ("attempt", 6, _T.TYPE_INT32, one, None),
+            ("position", 7, _T.TYPE_INT64, one, None),  # tokens the stages hold cached
+            ("end", 8, _T.TYPE_BOOL, one, None),  # drop the sequence's caches after this
         ],
     )
     message(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,9 @@ from lamc.errors import UsageError
 from lamc.runtime.executor import Pipeline
 from lamc.runtime.generate import Sampling, generate, reference_greedy, tokens_of
 from lamc.runtime.hosts import Endpoints
-from lamc.runtime.remote import RemotePipeline
+from lamc.runtime.kvcache import Step
+from lamc.runtime.remote import RemotePipeline, StageFailure
+from lamc.runtime.tensors import TensorMismatch
 from tests.compiled import compile_zoo
 from tests.conftest import analysed_model
 from tests.runtime.servers import StageServers
@@ -43,8 +46,63 @@ def test_greedy_tokens_over_stage_servers(tmp_path: Path) -> None:
     ):
         remote = tokens_of(generate(client, PROMPT, 64))
         assert client.counts["succeeded"] == 64
+        # Several sequences in flight at once, each stage keeping each one's caches apart.
+        prompts = [[[t + i for t in PROMPT[0]]] for i in range(3)]
+        alone = [tokens_of(generate(Pipeline.open(out), p, 24)) for p in prompts]
+        together: list[np.ndarray | None] = [None] * 3
+
+        def one(i: int) -> None:
+            together[i] = tokens_of(generate(client, prompts[i], 24))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i in range(3):
+            assert np.array_equal(together[i], alone[i]), i
+        # Only the tokens travel from the client; a cache tensor is refused.
+        ids = np.asarray(PROMPT, dtype=np.int64)
+        with pytest.raises(TensorMismatch, match="unknown tensor"):
+            client.run(
+                {"input_ids": ids, "past.0.key": np.zeros((1, 4, 0, 16), np.float32)},
+                sequence=Step("s", 0),
+            )
+        # A step for caches a stage does not hold fails, naming the stage and the sequence.
+        with pytest.raises(
+            StageFailure, match=r"stage 0 has no KV cache for sequence 'gone' at position 8"
+        ):
+            client.run({"input_ids": ids[:, :1]}, sequence=Step("gone", 8))
     assert np.array_equal(remote, local)
     assert len(set(local[0].tolist())) > 3  # a real sequence, not one token repeated
+
+
+def test_caches_stay_in_their_stages(tmp_path: Path) -> None:
+    """Each stage holds its own layers' caches by sequence, at the sequence's length; only
+    hidden states pass between stages; the caches go at the sequence's end (or when the
+    caller stops early); the same tokens come out as with caches travelling each step."""
+    out = tmp_path / "out"
+    compile_zoo("zoo:gpt2:test,kv=1", out, 3)
+    pipeline = Pipeline.open(out)
+    manifest = pipeline.manifest
+    for caches in pipeline.caches:
+        assert not [n for n in caches.sends if n.startswith(("past.", "present."))], caches.sends
+        assert not [n for n in caches.receives if n.startswith(("past.", "present."))]
+    assert manifest.stages[0].kv_cache.length_only  # stage 0 reads later layers' lengths
+    steps = generate(pipeline, PROMPT, 12)
+    for k in range(5):
+        next(steps)
+        for stage, caches in zip(manifest.stages, pipeline.caches):
+            (entry,) = caches.sequences.values()
+            assert sorted(entry.caches) == sorted(stage.kv_cache.past_inputs)
+            assert entry.length == len(PROMPT[0]) + k
+            assert all(v.shape[2] == entry.length for v in entry.caches.values())
+    steps.close()  # stopped early: released
+    assert all(len(c) == 0 for c in pipeline.caches)
+    local = tokens_of(generate(pipeline, PROMPT, 12))
+    assert all(len(c) == 0 for c in pipeline.caches)  # the last step ended the sequence
+    travelling = tokens_of(generate(pipeline, PROMPT, 12, local=False))
+    assert np.array_equal(local, travelling)
 
 
 def test_sampling_is_seeded_and_top_1_is_greedy(tmp_path: Path) -> None:
