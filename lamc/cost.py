@@ -210,11 +210,22 @@ class CostModel:
         zeros = np.zeros((len(self.devices), 1))
         self._prefix = np.concatenate([zeros, np.cumsum(self.unit_ms, axis=1)], axis=1)
         self._prefix_cached = np.concatenate([zeros, np.cumsum(cached_ms, axis=1)], axis=1)
-        self.cut_bytes = np.array([c.bytes for c in workload.cuts], dtype=np.float64)
+        resident = workload.resident
+        self.cut_bytes = np.array(
+            [sum(t.bytes for t in c.tensors if t.name not in resident) for c in workload.cuts],
+            dtype=np.float64,
+        )
         # Between stages tensors travel under the link codec; to and from the client, raw.
         self.codec = codec
         self.link_bytes = np.array(
-            [sum(encoded_bytes(t.bytes, t.dtype, codec) for t in c.tensors) for c in workload.cuts],
+            [
+                sum(
+                    encoded_bytes(t.bytes, t.dtype, codec)
+                    for t in c.tensors
+                    if t.name not in resident
+                )
+                for c in workload.cuts
+            ],
             dtype=np.float64,
         )
         self._params = _segment_params(workload) * WEIGHT_RATIO[method]
@@ -223,6 +234,21 @@ class CostModel:
         )
         kv = np.array([u.kv_bytes_per_token for u in workload.units], dtype=np.float64) * kv_tokens
         self._kv = _segment_sum(kv)
+
+    def with_method(self, method: str) -> CostModel:
+        """The same workload and topology under compression `method` (cached)."""
+        if method == self.method:
+            return self
+        cache: dict[str, CostModel] = self.__dict__.setdefault("_by_method", {})
+        if method not in cache:
+            cache[method] = CostModel(
+                self.workload,
+                self.topology,
+                kv_tokens=self.kv_tokens,
+                codec=self.codec,
+                method=method,
+            )
+        return cache[method]
 
     # ---------------------------------------------------------------- per stage [j, k)
 

@@ -30,6 +30,7 @@ class Analysed:
     captured: Captured
     workload: Workload
     seconds: dict[str, float] = field(default_factory=dict)
+    granularity: str = "block"
 
 
 def analyse(
@@ -59,7 +60,7 @@ def analyse(
     seconds["analyse"] = time.perf_counter() - started
     workload: Workload = captured.model.meta["lamc.workload"]
     workload = attach_kv_bytes(captured, workload)
-    return Analysed(captured, workload, seconds)
+    return Analysed(captured, workload, seconds, granularity)
 
 
 def attach_kv_bytes(captured: Captured, workload: Workload) -> Workload:
@@ -96,7 +97,69 @@ def attach_kv_bytes(captured: Captured, workload: Workload) -> Workload:
     units = tuple(
         replace(u, kv_bytes_per_token=u.kv_bytes_per_token + extra[u.index]) for u in workload.units
     )
-    return replace(workload, units=units)
+    # The caches stay in their stages (lamc.runtime.kvcache): no link carries them.
+    resident = frozenset(n for pair in (*kv.past_inputs, *kv.present_outputs) for n in pair)
+    return replace(workload, units=units, resident=resident)
+
+
+def prepare_request(request: PlanRequest, analysed: Analysed) -> PlanRequest:
+    """Resolve objective `auto` (generate for a decoder with its KV cache, else
+    throughput) and give objective `generate` the decode step's workload."""
+    from dataclasses import replace
+
+    from lamc.passes.partition.planner import GENERATE, THROUGHPUT
+
+    objective = request.objective
+    if objective == "auto":
+        objective = GENERATE if analysed.captured.kv_cache is not None else THROUGHPUT
+    if objective == GENERATE and request.decode is None:
+        return replace(
+            request, objective=objective, decode=decode_workload(analysed, request.context)
+        )
+    return replace(request, objective=objective)
+
+
+def decode_workload(analysed: Analysed, context: int = 0) -> Workload:
+    """The workload of one decode step of a decoder: one new token per sequence against a
+    cache of half the planned context (the average over a generation). The same units
+    as the prefill workload, so the two cost tables add up entry by entry."""
+    from lamc.errors import UsageError
+    from lamc.passes.analyze import Analyze
+    from lamc.passes.base import PassManager
+    from lamc.passes.units import BuildUnits
+
+    captured, prefill = analysed.captured, analysed.workload
+    kv = captured.kv_cache
+    if kv is None:
+        raise UsageError(
+            "--objective generate needs a decoder captured with its KV cache (for the zoo: kv=1)"
+        )
+    binding = dict(captured.operating_point)
+    seq = next((d for d in binding if d not in (kv.past_dim, "batch")), None)
+    if seq is not None:
+        binding[seq] = 1
+    low, high = captured.dims.get(kv.past_dim, (0, kv.max_context))
+    binding[kv.past_dim] = min(max((context or kv.max_context) // 2, low), high)
+    granularity = analysed.granularity
+    model = captured.model
+    saved = model.meta.get("lamc.workload")
+    try:
+        PassManager([Analyze(binding), BuildUnits(captured.name, granularity=granularity)]).run(
+            model
+        )
+        step: Workload = model.meta["lamc.workload"]
+    finally:
+        # The IR's annotations go back to the operating point the rest of the compile uses.
+        PassManager(
+            [Analyze(captured.operating_point), BuildUnits(captured.name, granularity=granularity)]
+        ).run(model)
+        if saved is not None:
+            model.meta["lamc.workload"] = saved
+    if [u.name for u in step.units] != [u.name for u in prefill.units]:
+        from lamc.errors import InternalError
+
+        raise InternalError("the decode step's units differ from the prefill's")
+    return attach_kv_bytes(captured, step)
 
 
 # ------------------------------------------------------------------------------ compile
@@ -154,7 +217,7 @@ def compile_model(
         raise UsageError(
             "a shapes-only capture (--no-weights) cannot be compiled: the stages need the weights"
         )
-    request = options.request or PlanRequest()
+    request = prepare_request(options.request or PlanRequest(), analysed)
     if options.compress:
         from dataclasses import replace
 

@@ -115,6 +115,7 @@ def build_manifest(
             "throughput_rps": plan.throughput_rps,
             "fluid_bound_ms": plan.fluid_bound_ms,
             "limited_by": plan.bottleneck,
+            **({"generation": plan.generation} if plan.generation else {}),
         },
     )
 

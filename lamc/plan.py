@@ -77,6 +77,9 @@ class Plan:
     budgets: tuple[BudgetCheck, ...] = ()
     constraints: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    # Objective generate: prefill ms, decode ms per token, their total over new_tokens,
+    # and why the plan has as many stages as it has.
+    generation: dict[str, Any] = field(default_factory=dict)
 
     @property
     def throughput_rps(self) -> float:

@@ -70,6 +70,9 @@ class Workload:
     shared_params: dict[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
     # Unit DAG edges: (producer unit, consumer unit) -> bytes.
     edges: dict[tuple[int, int], int] = field(default_factory=dict)
+    # Tensors that stay on their stage and never cross a link (a decoder's KV caches):
+    # listed in the cuts, not charged to transfers.
+    resident: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if len(self.cuts) != len(self.units) + 1:

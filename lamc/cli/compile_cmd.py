@@ -83,10 +83,13 @@ def compile_command(
         from lamc.passes.partition.planner import plan
         from lamc.topology import load_topology
 
+        from lamc.driver import prepare_request
+
         topology = load_topology(topology_path)
-        best, cost = plan(
-            analysed.workload, topology, with_methods(request, options.get("compress"), topology)
+        request = prepare_request(
+            with_methods(request, options.get("compress"), topology), analysed
         )
+        best, cost = plan(analysed.workload, topology, request)
         render_plan(best, cost, explain=False)
         return f"(dry run) {describe(model, best)}"
     result = compile_model(

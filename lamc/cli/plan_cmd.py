@@ -31,10 +31,19 @@ def plan_options(fn: Any) -> Any:
         ),
         click.option(
             "--objective",
-            type=click.Choice(["throughput", "latency"]),
-            default="throughput",
+            type=click.Choice(["auto", "throughput", "latency", "generate"]),
+            default="auto",
             show_default=True,
-            help="Minimise the bottleneck (pipelined requests) or the time of one request.",
+            help="Minimise the bottleneck (pipelined requests), the time of one request, or "
+            "(decoders) prefill + --new-tokens decode steps; auto: generate for a decoder "
+            "captured with its KV cache, else throughput.",
+        ),
+        click.option(
+            "--new-tokens",
+            type=click.IntRange(min=1),
+            default=128,
+            show_default=True,
+            help="Objective generate: tokens generated per prompt.",
         ),
         click.option("--stages", type=click.IntRange(min=1), help="Use exactly this many stages."),
         click.option(
@@ -135,6 +144,7 @@ def plan_request(
     compare: bool,
     codec: str = "raw",
     context: int = 0,
+    new_tokens: int = 128,
 ) -> Any:
     from lamc.passes.partition.planner import PlanRequest
     from lamc.topology import Budgets, Constraints, parse_fraction
@@ -169,6 +179,7 @@ def plan_request(
         compare=compare,
         codec=codec,
         context=context,
+        new_tokens=new_tokens,
     )
 
 
@@ -219,6 +230,9 @@ def plan_command(
         )
     _attach_kv(result, options)
     with steps.step("partition"):
+        from lamc.driver import prepare_request
+
+        request = prepare_request(request, result)
         best, cost = plan(result.workload, topology, request)
     if plot_path is not None:
         from lamc.cli.plot import plot_plan
@@ -259,6 +273,7 @@ def _request(options: dict[str, Any], compare: bool) -> Any:
         compare,
         options.get("codec") or "raw",
         options.get("context") or 0,
+        options.get("new_tokens") or 128,
     )
 
 
@@ -331,9 +346,19 @@ def render_plan(best: Any, cost: Any, *, explain: bool) -> None:
         f"{k}: {format_ms(v) if math.isfinite(v) else 'none'}"
         for k, v in sorted(best.best_by_stages.items())
     )
-    console.print(
-        f"best {'bottleneck' if best.objective == 'throughput' else 'latency'} by number of stages: {counts}"
+    measure = {"throughput": "bottleneck", "latency": "latency"}.get(
+        best.objective, f"prefill + {best.generation.get('new_tokens', 0)} decode steps"
     )
+    console.print(f"best {measure} by number of stages: {counts}")
+    if best.generation:
+        g = best.generation
+        past = ", ".join(f"{k}={v}" for k, v in g["decode_binding"].items())
+        console.print(
+            f"generation: prefill {format_ms(g['prefill_ms'])}, decode {format_ms(g['decode_ms_per_token'])}/token "
+            f"({past}), {g['new_tokens']} tokens in {format_ms(g['total_ms'])}"
+        )
+        for line in g["why"]:
+            console.print(f"  why {len(best.stages)} stage(s): {line}")
     for s in best.stages:
         if s.precision_reason:
             console.print(f"stage {s.index} precision {s.precision}: {s.precision_reason}")

@@ -7,7 +7,7 @@ cost model -> stage / transfer tables -> memory, constraint and budget masks -> 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from lamc.passes.partition.dp import (
     LATENCY,
     THROUGHPUT,
     PartitionProblem,
+    Segment,
     Solution,
     evaluate,
     solve,
@@ -27,6 +28,8 @@ from lamc.plan import BudgetCheck, Plan, StagePlan
 from lamc.quantity import format_bytes
 from lamc.topology import Budgets, Constraints, Topology
 from lamc.workload import Workload
+
+GENERATE = "generate"  # decoders: prefill + new_tokens decode steps, one sequence
 
 
 @dataclass
@@ -41,22 +44,39 @@ class PlanRequest:
     # Compression methods each device may use (device name -> candidates); the planner
     # picks, per stage, the one that serves the objective best among those that fit.
     methods: dict[str, tuple[str, ...]] | None = None
+    # Objective `generate`: the workload of one decode step (driver.decode_workload) and
+    # the tokens generated per prompt. The plan minimises prefill + new_tokens x decode
+    # step, each with its compute, link transfers and link latencies: a split that makes
+    # decoding slower than it saves is not taken.
+    decode: Workload | None = None
+    new_tokens: int = 128
 
 
 def plan(
     workload: Workload, topology: Topology, request: PlanRequest | None = None
 ) -> tuple[Plan, CostModel]:
     request = request or PlanRequest()
-    if request.objective not in (THROUGHPUT, LATENCY):
+    if request.objective == "auto":
+        request = replace(request, objective=GENERATE if request.decode is not None else THROUGHPUT)
+    if request.objective not in (THROUGHPUT, LATENCY, GENERATE):
         raise ValueError(f"unknown objective {request.objective!r}")
+    if request.objective == GENERATE and request.decode is None:
+        raise ConfigError("objective generate needs the decode step's workload (a decoder)")
     codec = request.codec if request.codec in ("fp16", "int8") else "raw"
     cost = CostModel(workload, topology, kv_tokens=request.kv_tokens, codec=codec)
+    step: Generation | None = None
+    if request.objective == GENERATE:
+        assert request.decode is not None
+        step = Generation(
+            CostModel(request.decode, topology, kv_tokens=request.kv_tokens, codec=codec),
+            request.new_tokens,
+        )
     file_constraints = cons.resolve(topology.constraints, workload, topology, from_file=True)
     cli_constraints = cons.resolve(request.constraints or Constraints(), workload, topology)
     applied = _override(file_constraints, cli_constraints)
     budgets = topology.budgets.merged(request.budgets or Budgets())
 
-    compute = cost.compute_table()
+    compute = step.compute(cost) if step else cost.compute_table()
     memory = cost.memory_table()
     capacity = np.array([d.memory_bytes for d in cost.devices])[:, None, None]
     fits = memory <= capacity
@@ -65,14 +85,13 @@ def plan(
     method_names = ["fp32"]
     if request.methods:
         compute, memory, fits, choice, costs, method_names = _with_methods(
-            workload, topology, request, codec, cost, capacity
+            workload, topology, request, codec, cost, capacity, step
         )
-    transfer = cost.transfer_table()
-    inbound = np.array([cost.client_ms(d, 0, inbound=True) for d in range(len(cost.devices))])
-    outbound = np.array(
-        [cost.client_ms(d, cost.n, inbound=False) for d in range(len(cost.devices))]
-    )
+    transfer, inbound, outbound = _links(cost)
+    if step is not None:
+        transfer, inbound, outbound = step.links(transfer, inbound, outbound)
     base = PartitionProblem(np.where(fits, compute, math.inf), transfer, inbound, outbound)
+    objective = LATENCY if step is not None else request.objective
 
     # 1. Does the model fit the devices at all (memory and routes only)?
     if solve(base, LATENCY) is None:
@@ -90,7 +109,7 @@ def plan(
 
     # 3. Under the budgets.
     problem = _apply_budgets(problem, memory, capacity, budgets)
-    solution = solve(problem, request.objective)
+    solution = solve(problem, objective)
     if (
         solution is not None
         and budgets.max_latency_ms is not None
@@ -109,12 +128,111 @@ def plan(
     result = _to_plan(workload, topology, cost, solution, request.objective, applied)
     if choice is not None:
         _set_precisions(result, solution, choice, method_names, costs, request)
+    if step is not None:
+        _explain_generation(result, solution, problem, step, cost, costs, choice, method_names)
     result.fluid_bound_ms = fluid_bound_ms(cost, usable)
     result.budgets = _budget_checks(result, budgets)
     result.unused = _unused_reasons(cost, solution, applied)
     if request.compare:
-        result.alternatives = alternatives(base, fits, cost, usable, request.objective)
+        result.alternatives = alternatives(base, fits, cost, usable, objective)
     return result, cost
+
+
+def _links(cost: CostModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    devices = range(len(cost.devices))
+    inbound = np.array([cost.client_ms(d, 0, inbound=True) for d in devices])
+    outbound = np.array([cost.client_ms(d, cost.n, inbound=False) for d in devices])
+    return cost.transfer_table(), inbound, outbound
+
+
+@dataclass
+class Generation:
+    """The decode step's costs beside the prefill's: what objective `generate` adds up."""
+
+    decode: CostModel
+    new_tokens: int
+
+    def compute(self, prefill: CostModel, decode: CostModel | None = None) -> np.ndarray:
+        return prefill.compute_table() + self.new_tokens * (decode or self.decode).compute_table()
+
+    def links(
+        self, transfer: np.ndarray, inbound: np.ndarray, outbound: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        t, i, o = _links(self.decode)
+        n = self.new_tokens
+        return transfer + n * t, inbound + n * i, outbound + n * o
+
+
+def _explain_generation(
+    result: Plan,
+    solution: Solution,
+    problem: PartitionProblem,
+    step: Generation,
+    prefill: CostModel,
+    costs: dict[str, CostModel],
+    choice: np.ndarray | None,
+    names: list[str],
+) -> None:
+    """Prefill and per-token decode time of the plan, and why it uses as many stages as it
+    does: the best plans with one stage more and one fewer, by the same measure."""
+    links = {"prefill": _links(prefill), "decode": _links(step.decode)}
+
+    def times(segments: tuple[Segment, ...]) -> tuple[float, float]:
+        out = []
+        for phase in ("prefill", "decode"):
+            transfer, inbound, outbound = links[phase]
+            total = float(inbound[segments[0].device] + outbound[segments[-1].device])
+            for k, seg in enumerate(segments):
+                method = (
+                    names[int(choice[seg.device, seg.start, seg.end])]
+                    if choice is not None
+                    else "fp32"
+                )
+                cost = (
+                    costs.get(method, prefill)
+                    if phase == "prefill"
+                    else step.decode.with_method(method)
+                )
+                total += cost.compute_ms(seg.device, seg.start, seg.end)
+                if k + 1 < len(segments):
+                    total += float(transfer[seg.device, segments[k + 1].device, seg.end])
+            out.append(total)
+        return out[0], out[1]
+
+    prefill_ms, decode_ms = times(solution.segments)
+    total_ms = prefill_ms + step.new_tokens * decode_ms
+    # The plan's own figures are the prefill's (one prompt through the pipeline).
+    result.bottleneck_ms = max(
+        [s.compute_ms for s in result.stages] + [s.transfer_ms for s in result.stages]
+    )
+    result.latency_ms = prefill_ms
+    why = []
+    count = len(solution.segments)
+    if problem.stages is not None:
+        why.append(f"{count} stage(s), as asked")
+    for k in (count - 1, count + 1):
+        if k < 1 or k > problem.n_devices or problem.stages is not None:
+            continue
+        other = solve(replace(problem, stages=k), LATENCY)
+        if other is None:
+            why.append(f"no plan with {k} stage(s) fits the devices and constraints")
+            continue
+        other_prefill, other_decode = times(other.segments)
+        other_total = other_prefill + step.new_tokens * other_decode
+        verdict = "slower" if other_total > total_ms else "not faster"
+        why.append(
+            f"{k} stage(s) would be {verdict}: decode {other_decode:.3g} ms/token "
+            f"(vs {decode_ms:.3g}), prefill {other_prefill:.3g} ms (vs {prefill_ms:.3g}), "
+            f"{other_total:.4g} ms for {step.new_tokens} tokens (vs {total_ms:.4g})"
+        )
+    result.generation = {
+        "new_tokens": step.new_tokens,
+        "prefill_ms": prefill_ms,
+        "decode_ms_per_token": decode_ms,
+        "total_ms": total_ms,
+        "decode_binding": dict(sorted(step.decode.workload.binding.items())),
+        "why": why,
+    }
 
 
 def _with_methods(
@@ -124,6 +242,7 @@ def _with_methods(
     codec: str,
     fp32: CostModel,
     capacity: np.ndarray,
+    step: Generation | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, CostModel], list[str]]:
     """Per device and stage [j, k), the best allowed compression method that fits: its
     compute time and memory, and which one it is (an index into the sorted methods).
@@ -151,7 +270,11 @@ def _with_methods(
     choice = np.full(shape, -1, dtype=np.int64)
     for index, m in enumerate(wanted):
         allowed = np.array([m in request.methods.get(d, ("fp32",)) for d in names])[:, None, None]
-        compute_m = costs[m].compute_table()
+        compute_m = (
+            step.compute(costs[m], step.decode.with_method(m))
+            if step is not None
+            else costs[m].compute_table()
+        )
         memory_m = costs[m].memory_table()
         smallest = np.where(allowed, np.minimum(smallest, memory_m), smallest)
         ok = allowed & (memory_m <= capacity)
@@ -162,7 +285,7 @@ def _with_methods(
         choice = np.where(better, index, choice)
     fits = choice >= 0
     memory = np.where(fits, best_memory, smallest)
-    compute = np.where(fits, best, fp32.compute_table())
+    compute = np.where(fits, best, step.compute(fp32) if step else fp32.compute_table())
     choice = np.where(fits, choice, 0)
     return compute, memory, fits, choice, costs, wanted
 

@@ -82,3 +82,88 @@ def test_manifest_records_each_stages_kv_ownership(tmp_path: Path) -> None:
         assert kv.bytes_per_token == len(kv.layers) * 2 * 4 * 16 * 4  # 4 heads x 16 dims, fp32
         assert kv.max_context == 128 and kv.dtype == "float32"
     assert result.plan.stages[0].kv_bytes > 0
+
+
+ONE_LINK = """\
+lamc_topology: 1
+name: two-boards-2ms
+devices:
+  - {name: a, host: a, kind: cpu, memory: 64MiB, runtime_memory: 0B, peak: {fp32: 20GFLOPS}, memory_bandwidth: 4GB/s}
+  - {name: b, host: b, kind: cpu, memory: 64MiB, runtime_memory: 0B, peak: {fp32: 20GFLOPS}, memory_bandwidth: 4GB/s}
+links:
+  - {a: a, b: b, bandwidth: 100Mbit/s, latency: 2ms}
+"""
+
+
+def test_generate_objective_does_not_split_when_splitting_slows_decoding(
+    tmp_path: Path,
+) -> None:
+    """Two equal boards joined by a 2 ms link. For pipelined requests splitting pays
+    (throughput); for generating tokens one at a time every step would cross the link,
+    so the plan keeps one stage and says what two would cost."""
+    from lamc.driver import decode_workload
+
+    path = tmp_path / "t.yaml"
+    path.write_text(ONE_LINK)
+    topology = load_topology(path)
+    analysed = analysed_model(MODEL)
+    split, _ = plan(analysed.workload, topology, PlanRequest(kv_tokens=256))
+    assert len(split.stages) == 2  # throughput: two stages beat one
+    step = decode_workload(analysed, 256)
+    assert step.binding["seq"] == 1 and step.binding["past"] == 128
+    assert [u.name for u in step.units] == [u.name for u in analysed.workload.units]
+    request = PlanRequest(objective="generate", kv_tokens=256, decode=step, new_tokens=64)
+    whole, _ = plan(analysed.workload, topology, request)
+    assert len(whole.stages) == 1
+    g = whole.generation
+    assert g["total_ms"] == pytest.approx(g["prefill_ms"] + 64 * g["decode_ms_per_token"])
+    (why,) = g["why"]
+    assert why.startswith("2 stage(s) would be slower: decode")
+    two_decode = float(why.split("decode ")[1].split(" ms/token")[0])
+    # Each decode step of the split would add the link's 2 ms (and the hidden state's transfer).
+    assert two_decode > g["decode_ms_per_token"] + 2.0
+    # Caches stay in their stages: no link is charged for them.
+    assert all(t.startswith(("past.", "present.")) for t in analysed.workload.resident)
+    cut = analysed.workload.cuts[split.stages[0].end_unit]
+    resident = [t for t in cut.tensors if t.name in analysed.workload.resident]
+    assert resident  # the cut lists cache tensors (they pass through in the graph) ...
+    moving = sum(t.bytes for t in cut.tensors if t.name not in analysed.workload.resident)
+    assert split.stages[0].transfer_bytes == moving  # ... but only the rest is charged
+
+
+def test_generate_objective_splits_when_one_device_cannot_hold_the_cache(
+    topology: object,
+) -> None:
+    from lamc.driver import decode_workload
+
+    analysed = analysed_model(MODEL)
+    request = PlanRequest(
+        objective="generate", kv_tokens=8192, decode=decode_workload(analysed, 8192)
+    )
+    best, _ = plan(analysed.workload, topology, request)  # type: ignore[arg-type]
+    assert len(best.stages) == 2
+    assert best.generation["why"] == ["no plan with 1 stage(s) fits the devices and constraints"]
+
+
+def test_plan_command_picks_generate_for_a_decoder_and_says_why(tmp_path: Path) -> None:
+    from tests.cli.helpers import lamc
+
+    path = tmp_path / "t.yaml"
+    path.write_text(ONE_LINK)
+    out = lamc("plan", "zoo:llama:test,kv=1", "-t", str(path), "--context", "256")
+    assert out.code == 0, out.stderr
+    assert "generation: prefill" in out.stdout + out.stderr
+    assert "why 1 stage(s): 2 stage(s) would be slower" in out.stdout + out.stderr
+    out = lamc(
+        "plan",
+        "zoo:llama:test,kv=1",
+        "-t",
+        str(path),
+        "--context",
+        "256",
+        "--objective",
+        "throughput",
+    )
+    assert out.code == 0 and "generation:" not in out.stdout + out.stderr
+    out = lamc("plan", "zoo:gpt2:test", "-t", str(path), "--objective", "generate")
+    assert out.code == 2 and "needs a decoder captured with its KV cache" in out.stdout + out.stderr
