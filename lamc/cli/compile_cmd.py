@@ -80,10 +80,9 @@ def compile_command(
     _attach_kv(analysed, options)
     if dry_run:
         from lamc.cli.plan_cmd import with_methods
+        from lamc.driver import prepare_request
         from lamc.passes.partition.planner import plan
         from lamc.topology import load_topology
-
-        from lamc.driver import prepare_request
 
         topology = load_topology(topology_path)
         request = prepare_request(
