@@ -12,13 +12,18 @@ from lamc.cli.options import parse_ranges, parse_sizes
 
 
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--dynamic, --dims, --trust-pickle, --no-weights, --dump-ir."""
+    """--dynamic, --dims, --trust-pickle, --no-weights, --kv-cache, --dump-ir."""
     fn = click.option(
         "--granularity",
         type=click.Choice(["block", "fine"]),
         default="block",
         show_default=True,
         help="Units: each repeated block, or each module inside a block (cuts inside blocks).",
+    )(fn)
+    fn = click.option(
+        "--kv-cache",
+        is_flag=True,
+        help="Hugging Face causal LMs: capture with past keys/values as inputs and present ones as outputs (for lamc generate).",
     )(fn)
     fn = click.option(
         "--no-weights",
@@ -51,7 +56,11 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def capture_options(
-    dynamic: str | None, dims: str | None, trust_pickle: bool, no_weights: bool = False
+    dynamic: str | None,
+    dims: str | None,
+    trust_pickle: bool,
+    no_weights: bool = False,
+    kv_cache: bool = False,
 ) -> Any:
     from lamc.frontend import CaptureOptions
 
@@ -60,6 +69,7 @@ def capture_options(
         dims=parse_sizes(dims),
         trust_pickle=trust_pickle,
         weights=not no_weights,
+        kv_cache=kv_cache,
     )
 
 

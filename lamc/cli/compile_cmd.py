@@ -70,7 +70,11 @@ def compile_command(
     _terminate_as_interrupt()
     steps = Steps()
     capture = capture_options(
-        options["dynamic"], options["dims"], options["trust_pickle"], options["no_weights"]
+        options["dynamic"],
+        options["dims"],
+        options["trust_pickle"],
+        options["no_weights"],
+        options["kv_cache"],
     )
     request = _request(options, compare=False)
     with steps.step("capture and analyse"):

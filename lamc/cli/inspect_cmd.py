@@ -25,6 +25,7 @@ def inspect_command(
     dims: str | None,
     trust_pickle: bool,
     no_weights: bool,
+    kv_cache: bool,
     granularity: str,
     dump_ir: Path | None,
     as_json: bool,
@@ -41,7 +42,7 @@ def inspect_command(
     with steps.step("capture and analyse"):
         result = analyse(
             model,
-            capture_options(dynamic, dims, trust_pickle, no_weights),
+            capture_options(dynamic, dims, trust_pickle, no_weights, kv_cache),
             dump_ir=dump_ir,
             granularity=granularity,
         )

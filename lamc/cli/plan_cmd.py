@@ -223,7 +223,11 @@ def plan_command(
         result = analyse(
             model,
             capture_options(
-                options["dynamic"], options["dims"], options["trust_pickle"], options["no_weights"]
+                options["dynamic"],
+                options["dims"],
+                options["trust_pickle"],
+                options["no_weights"],
+                options["kv_cache"],
             ),
             dump_ir=options["dump_ir"],
             granularity=options["granularity"],

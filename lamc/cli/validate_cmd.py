@@ -60,8 +60,13 @@ def validate_command(
         pipeline = Pipeline.open(out, providers=parse_providers(providers))
     source = model or pipeline.manifest.model["source"]
     with steps.step("capture the source model"):
+        # A pipeline compiled with its KV cache is checked against the source captured so.
+        kv = Path(source).is_dir() and any(s.kv_cache for s in pipeline.manifest.stages)
         captured = capture(
-            source, capture_options(options["dynamic"], options["dims"], options["trust_pickle"])
+            source,
+            capture_options(
+                options["dynamic"], options["dims"], options["trust_pickle"], kv_cache=kv
+            ),
         )
     if captured.reference is None:
         raise CommandOutcome(

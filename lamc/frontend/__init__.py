@@ -37,6 +37,8 @@ class CaptureOptions:
     # False: build the model on PyTorch's meta device and capture shapes only (no weights
     # are allocated). Enough to inspect and plan a model larger than this machine's memory.
     weights: bool = True
+    # Hugging Face causal LMs: capture with the KV cache as inputs and outputs.
+    kv_cache: bool = False
 
 
 def capture(ref: str, options: CaptureOptions | None = None) -> Captured:
@@ -47,6 +49,11 @@ def capture(ref: str, options: CaptureOptions | None = None) -> Captured:
     except ImportError:
         if not ref.endswith(".onnx"):
             raise missing_extra("torch", "compile") from None
+    if options.kv_cache and not Path(ref).is_dir():
+        raise UsageError(
+            "--kv-cache applies to Hugging Face checkpoint directories",
+            hint="zoo decoders take kv=1 (zoo:gpt2:small,kv=1); your own modules return their cache",
+        )
     captured = _capture(ref, options)
     for name, size in options.dims.items():
         if name not in captured.dims:
@@ -164,7 +171,7 @@ def _capture_hf(path: Path, options: CaptureOptions) -> Captured:
     from lamc.frontend.hf import spec_from_checkpoint
     from lamc.frontend.torch import capture_spec
 
-    spec = spec_from_checkpoint(path, trust_pickle=options.trust_pickle)
+    spec = spec_from_checkpoint(path, trust_pickle=options.trust_pickle, kv_cache=options.kv_cache)
     captured = capture_spec(spec, source=str(path), dynamic_overrides=options.dynamic)
     digest = hashlib.sha256()
     for weights in sorted([*path.glob("*.safetensors"), path / "config.json"]):

@@ -19,7 +19,7 @@ _PICKLE = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "mod
 
 
 def spec_from_checkpoint(
-    directory: Path, *, trust_pickle: bool, seq: int = 128, batch: int = 1
+    directory: Path, *, trust_pickle: bool, seq: int = 128, batch: int = 1, kv_cache: bool = False
 ) -> ModelSpec:
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -44,6 +44,10 @@ def spec_from_checkpoint(
 
     architectures = config.get("architectures") or []
     causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures)
+    if kv_cache and not causal:
+        raise CaptureError(
+            f"--kv-cache needs a causal language model; {directory} is {', '.join(architectures) or 'not one'}"
+        )
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     try:
         model = auto.from_pretrained(
@@ -64,6 +68,8 @@ def spec_from_checkpoint(
     ids = torch.randint(0, vocab, (2, t), generator=gen)
     mask = torch.ones(2, t, dtype=torch.int64)
     batch_dim, seq_dim = Dim("batch", 1, 64), Dim("seq", 1, max_pos)
+    if kv_cache:
+        return _decoder_spec(model, directory, vocab, max_pos, seq, batch)
     output = "logits" if causal else "last_hidden_state"
     return ModelSpec(
         module=_OutputAdapter(model, output),
@@ -77,6 +83,92 @@ def spec_from_checkpoint(
         name=directory.resolve().name,
         operating_point={"batch": batch, "seq": seq},
     )
+
+
+def _decoder_spec(
+    model: torch.nn.Module, directory: Path, vocab: int, max_pos: int, seq: int, batch: int
+) -> ModelSpec:
+    """A causal LM with its KV cache as flat tensors: `past.{i}.key|value` inputs
+    [batch, kv_heads, past, head_dim] and `present.{i}.key|value` outputs, dynamic past
+    length, one graph for prefill and decode."""
+    from lamc.models.spec import KVCacheSpec
+
+    config: Any = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = int(getattr(text, "num_hidden_layers", 0) or getattr(text, "n_layer", 0))
+    heads = int(getattr(text, "num_attention_heads", 0) or getattr(text, "n_head", 0))
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0))
+    head_dim = int(getattr(text, "head_dim", None) or (hidden // heads if heads else 0))
+    blocks = next(
+        (
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.ModuleList) and len(module) == layers
+        ),
+        None,
+    )
+    if not layers or not head_dim or blocks is None:
+        raise CaptureError(
+            f"{directory}: cannot tell the decoder's layers and head size from its config"
+        )
+    gen = torch.Generator().manual_seed(0)
+    batch_dim, seq_dim = Dim("batch", 1, 64), Dim("seq", 1, max_pos)
+    past_dim = Dim("past", 0, max_pos)
+    inputs = {"input_ids": torch.randint(0, vocab, (2, min(seq, 8)), generator=gen)}
+    dynamic: dict[str, dict[int, Dim]] = {"input_ids": {0: batch_dim, 1: seq_dim}}
+    past, present = [], []
+    for i in range(layers):
+        for kind in ("key", "value"):
+            inputs[f"past.{i}.{kind}"] = torch.randn(2, kv_heads, 3, head_dim, generator=gen)
+            dynamic[f"past.{i}.{kind}"] = {0: batch_dim, 2: past_dim}
+        past.append((f"past.{i}.key", f"past.{i}.value"))
+        present.append((f"present.{i}.key", f"present.{i}.value"))
+    return ModelSpec(
+        module=_DecoderAdapter(model, layers),
+        example_inputs=inputs,
+        dynamic=dynamic,
+        output_names=["logits"] + [n for pair in present for n in pair],
+        int_ranges={"input_ids": (0, vocab)},
+        name=directory.resolve().name,
+        kv_cache=KVCacheSpec(
+            past_inputs=tuple(past),
+            present_outputs=tuple(present),
+            layer_scopes=tuple(f"model.{blocks}.{i}" for i in range(layers)),
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            max_context=max_pos,
+        ),
+        operating_point={"batch": batch, "seq": seq, "past": 0},
+    )
+
+
+class _DecoderAdapter(torch.nn.Module):
+    """Flat past tensors in, logits and flat present tensors out: the transformers cache
+    object is built and read inside, so the exported graph has plain tensors only."""
+
+    def __init__(self, model: torch.nn.Module, layers: int) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = layers
+
+    def forward(self, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+
+        try:
+            cache = DynamicCache(config=getattr(self.model, "config", None))
+        except TypeError:
+            cache = DynamicCache()
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(
+            input_ids=input_ids, past_key_values=cache, use_cache=True, return_dict=True
+        )
+        presents: list[torch.Tensor] = []
+        for i in range(self.layers):
+            layer = out.past_key_values.layers[i]
+            presents += [layer.keys, layer.values]
+        return (out.logits, *presents)
 
 
 class _OutputAdapter(torch.nn.Module):

@@ -72,7 +72,8 @@ def check(
         raise TensorMismatch(
             f"{where}: {spec.name}: byte length {array.nbytes} does not match its shape"
         )
-    return np.ascontiguousarray(array)
+    # (ascontiguousarray would turn a 0-d tensor into shape [1]; 0-d is always contiguous.)
+    return np.ascontiguousarray(array) if array.ndim else array
 
 
 def check_all(

@@ -132,3 +132,92 @@ def test_generate_command_streams_tokens(tmp_path: Path) -> None:
     assert "8 token(s) after a 3-token prompt" in outcome.final
     bad = lamc("generate", str(tmp_path / "out"), "--prompt-ids", "a,b")
     assert bad.code == 2
+
+
+def _tiny_checkpoint(kind: str, directory: Path) -> Path:
+    """A random-init causal LM saved as a Hugging Face checkpoint (safetensors)."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(
+            n_layer=3,
+            n_embd=64,
+            n_head=4,
+            vocab_size=512,
+            n_positions=256,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(
+            num_hidden_layers=3,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            vocab_size=512,
+            max_position_embeddings=256,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    return directory
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_hugging_face_decoder_with_its_kv_cache(kind: str, tmp_path: Path) -> None:
+    """A transformers checkpoint captured with --kv-cache: flat past/present tensors, the
+    caches owned per stage, greedy tokens equal to the transformers model's own."""
+    from lamc.driver import CompileOptions, analyse, compile_model
+    from lamc.frontend import CaptureOptions, capture
+    from lamc.passes.partition.planner import PlanRequest
+    from lamc.topology import Constraints
+    from tests.compiled import MINIPCS
+
+    checkpoint = _tiny_checkpoint(kind, tmp_path / kind)
+    captured = capture(str(checkpoint), CaptureOptions(kv_cache=True))
+    assert captured.kv_cache is not None and len(captured.kv_cache.past_inputs) == 3
+    analysed = analyse(str(checkpoint), captured=captured)
+    charged = [u.name for u in analysed.workload.units if u.kv_bytes_per_token]
+    assert len(charged) == 3, charged  # each layer's cache charged to its own block
+    request = PlanRequest(constraints=Constraints(stages=2))
+    compile_model(
+        str(checkpoint),
+        MINIPCS,
+        tmp_path / "out",
+        CompileOptions(request=request),
+        analysed=analysed,
+    )
+    pipeline = Pipeline.open(tmp_path / "out")
+    assert [len(s.kv_cache.layers) for s in pipeline.manifest.stages if s.kv_cache] in (
+        [1, 2],
+        [2, 1],
+    )
+    got = tokens_of(generate(pipeline, PROMPT, 32))
+    want = reference_greedy(captured.reference, pipeline.manifest, PROMPT, 32)
+    assert np.array_equal(got, want), np.flatnonzero(got != want)[:5]
+    # And the transformers model's own generate(): the same tokens.
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint)).eval()
+    with torch.no_grad():
+        own = model.generate(
+            torch.tensor(PROMPT),
+            max_new_tokens=32,
+            do_sample=False,
+            min_new_tokens=32,
+            pad_token_id=0,
+        )
+    assert np.array_equal(got, own[:, len(PROMPT[0]) :].numpy())
+
+
+def test_kv_cache_flag_needs_a_checkpoint_directory() -> None:
+    from lamc.frontend import CaptureOptions, capture
+
+    with pytest.raises(UsageError, match="--kv-cache applies to Hugging Face"):
+        capture("zoo:gpt2:test", CaptureOptions(kv_cache=True))

@@ -150,3 +150,17 @@ def test_missing_provider_is_an_error_unless_overridden(copy: Path) -> None:
     )
     pipeline = Pipeline.open(copy, providers=("CPUExecutionProvider",))
     assert pipeline.run({"input_ids": np.zeros((1, 4), np.int64)})["logits"].shape == (1, 4, 512)
+
+
+def test_a_scalar_tensor_stays_a_scalar() -> None:
+    """0-d tensors (a sequence length handed between stages) keep rank 0 through checks."""
+    import numpy as np
+
+    from lamc.manifest import TensorSpec
+    from lamc.runtime.tensors import TensorMismatch, check
+
+    spec = TensorSpec("length", "int64", ())
+    out = check(spec, np.array(8, dtype=np.int64), {}, {}, "stage 1")
+    assert out.shape == () and int(out) == 8
+    with pytest.raises(TensorMismatch, match="expected rank 0"):
+        check(spec, np.array([8], dtype=np.int64), {}, {}, "stage 1")
