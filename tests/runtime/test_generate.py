@@ -35,17 +35,24 @@ def test_greedy_tokens_match_the_torch_model(ref: str, stages: int, tmp_path: Pa
     assert np.array_equal(got, want), np.flatnonzero(got != want)[:5]
 
 
-def test_greedy_tokens_over_stage_servers(tmp_path: Path) -> None:
-    ref = "zoo:llama:test,kv=1"
+@pytest.mark.parametrize(("ref", "stages"), [("zoo:gpt2:test,kv=1", 2), ("zoo:llama:test,kv=1", 3)])
+def test_greedy_tokens_over_stage_servers(ref: str, stages: int, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    compile_zoo(ref, out, 3)
+    compile_zoo(ref, out, stages)
     local = tokens_of(generate(Pipeline.open(out), PROMPT, 64))
+    want = reference_greedy(
+        analysed_model(ref).captured.reference, Pipeline.open(out).manifest, PROMPT, 64
+    )
+    assert np.array_equal(local, want)
     with (
-        StageServers(out, 3) as servers,
+        StageServers(out, stages) as servers,
         RemotePipeline(out, Endpoints(dict(enumerate(servers.addresses)))) as client,
     ):
         remote = tokens_of(generate(client, PROMPT, 64))
         assert client.counts["succeeded"] == 64
+        assert np.array_equal(remote, local)
+        if stages == 2:
+            return
         # Several sequences in flight at once, each stage keeping each one's caches apart.
         prompts = [[[t + i for t in PROMPT[0]]] for i in range(3)]
         alone = [tokens_of(generate(Pipeline.open(out), p, 24)) for p in prompts]
