@@ -132,7 +132,9 @@ def plan(
         _explain_generation(result, solution, problem, step, cost, costs, choice, method_names)
     result.fluid_bound_ms = fluid_bound_ms(cost, usable)
     result.budgets = _budget_checks(result, budgets)
-    result.unused = _unused_reasons(cost, solution, applied)
+    result.unused = _unused_reasons(
+        cost, solution, applied, "generation time" if step is not None else None
+    )
     if request.compare:
         result.alternatives = alternatives(base, fits, cost, usable, objective)
     return result, cost
@@ -624,12 +626,12 @@ def _budget_checks(result: Plan, budgets: Budgets) -> tuple[BudgetCheck, ...]:
 
 
 def _unused_reasons(
-    cost: CostModel, solution: Solution, applied: list[cons.Constraint]
+    cost: CostModel, solution: Solution, applied: list[cons.Constraint], what: str | None = None
 ) -> dict[str, str]:
     used = {s.device for s in solution.segments}
     reasons: dict[str, str] = {}
     chosen = len(solution.segments)
-    what = "bottleneck" if solution.objective == THROUGHPUT else "latency"
+    what = what or ("bottleneck" if solution.objective == THROUGHPUT else "latency")
     more = {k: v for k, v in solution.best_by_stages.items() if k > chosen}
     for d, device in enumerate(cost.devices):
         if d in used:
