@@ -1,6 +1,8 @@
 """Slice the partitioned IR into one ONNX model per stage.
 
-A stage model holds only its stage's nodes and the weights they use. Its inputs are the
+The partitioner only tags (`lamc.stage` on every node, by `TagStages`); this module reads
+those tags and nothing else. A stage model holds only its stage's nodes and the weights
+they use. Its inputs are the
 tensors it consumes from earlier stages (or the model inputs); its outputs are the
 tensors it produces that later stages or the model's outputs need. Tensors that only
 pass through a stage (a skip connection spanning it) are forwarded by the executor and do
@@ -12,8 +14,8 @@ across compiles of the same model.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from lamc.errors import InternalError
-from lamc.ir import annotation
-from lamc.passes.units import CONST
+from lamc.ir import CONST, STAGE, annotation
 
 # Weights of this size and above go to the stage's external data file (any size of model
 # works, since protobuf never holds the weights); smaller tensors stay inside the model:
@@ -53,6 +54,44 @@ class StageGraph:
     opset_imports: dict[str, int]
     ir_version: int
     functions: list[ir.Function]
+    # The model's metadata (what a compression pass recorded, e.g. lamc.int8.kept_fp32).
+    metadata: dict[str, str] = field(default_factory=dict)
+    precision: str = "fp32"  # the compression method this stage's model went through
+
+    def to_model(self) -> ir.Model:
+        """The stage as a standalone IR model (weights shared with the source IR, lazily
+        serialised): what a stage pass, such as compression, rewrites."""
+        return ir.serde.deserialize_model(self.proto())
+
+    @classmethod
+    def from_model(cls, index: int, model: ir.Model, precision: str) -> StageGraph:
+        """A stage from a rewritten stage model (its inputs and outputs unchanged)."""
+        graph = model.graph
+        view = ir.GraphView(
+            inputs=list(graph.inputs),
+            outputs=list(graph.outputs),
+            nodes=list(graph),
+            initializers=list(graph.initializers.values()),
+            opset_imports=dict(graph.opset_imports),
+            name=f"stage{index}",
+        )
+        return cls(
+            index,
+            view,
+            [v.name or "" for v in graph.inputs],
+            [v.name or "" for v in graph.outputs],
+            len(graph),
+            sum(
+                int(v.const_value.nbytes)
+                for v in view.initializers.values()
+                if v.const_value is not None
+            ),
+            dict(graph.opset_imports),
+            model.ir_version or 10,
+            list(model.functions.values()),
+            dict(model.metadata_props),
+            precision,
+        )
 
     def proto(self, *, weights: bool = True) -> onnx.ModelProto:
         """The stage as one ModelProto; with `weights=False` large initializers are left out
@@ -77,6 +116,9 @@ class StageGraph:
         for init in graph_proto.initializer:
             del init.metadata_props[:]
         proto = onnx.ModelProto(ir_version=self.ir_version, graph=graph_proto, producer_name="lamc")
+        for key, text in sorted(self.metadata.items()):
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, text
         for domain, version in sorted(self.opset_imports.items()):
             proto.opset_import.add(domain=domain, version=version)
         for function in self.functions:
@@ -139,8 +181,8 @@ def _raw(value: ir.Value) -> memoryview:
     return np.ascontiguousarray(tensor.numpy()).data.cast("B")
 
 
-def slice_stages(model: ir.Model, unit_to_stage: Sequence[int], n_stages: int) -> list[StageGraph]:
-    """Cut `model` into `n_stages` sub-models; `unit_to_stage[u]` is the stage of unit u."""
+def slice_stages(model: ir.Model) -> list[StageGraph]:
+    """Cut `model` into one sub-model per stage, as its nodes' `lamc.stage` tags say."""
     graph = model.graph
     nodes = list(graph)
     const_ids = {id(n) for n in nodes if annotation(n, CONST)}
@@ -148,10 +190,16 @@ def slice_stages(model: ir.Model, unit_to_stage: Sequence[int], n_stages: int) -
     for node in nodes:
         if id(node) in const_ids:
             continue
-        unit = annotation(node, "lamc.unit")
-        if unit is None:
-            raise InternalError(f"node {node.name} has no unit; run BuildUnits before slicing")
-        stage_of[id(node)] = unit_to_stage[unit]
+        stage = annotation(node, STAGE)
+        if not isinstance(stage, int) or stage < 0:
+            raise InternalError(f"node {node.name} has no stage tag; run TagStages before slicing")
+        stage_of[id(node)] = stage
+    if not stage_of:
+        raise InternalError("the model has no tagged node to slice")
+    n_stages = max(stage_of.values()) + 1
+    missing = sorted(set(range(n_stages)) - set(stage_of.values()))
+    if missing:
+        raise InternalError(f"stage(s) {missing} have no node; the tags skip a stage")
     graph_outputs = {id(v) for v in graph.outputs}
     stages = []
     for k in range(n_stages):

@@ -20,7 +20,7 @@ import warnings
 import torch
 
 from lamc import models
-from lamc.driver import analyse
+from lamc.compiler import analyse
 from lamc.frontend.torch import capture_spec
 
 

@@ -31,7 +31,7 @@ import torch
 
 from lamc import models
 from lamc.backends.onnxruntime.run import new_session, use_global_pool
-from lamc.driver import CompileOptions, analyse, compile_model
+from lamc.compiler import CompileOptions, analyse, compile_model
 from lamc.frontend.torch import capture_spec
 from lamc.passes.partition.planner import PlanRequest
 from lamc.runtime.executor import Pipeline

@@ -32,7 +32,7 @@ METHODS = ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight", "lowran
 def compile_with(
     ref: str, out: Path, method: str, analysed: object, calibration: Path | None
 ) -> object:
-    from lamc.driver import CompileOptions, compile_model
+    from lamc.compiler import CompileOptions, compile_model
     from lamc.passes.partition.planner import PlanRequest
     from lamc.topology import Constraints
 
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--skip-gpt2", action="store_true")
     args = parser.parse_args()
 
-    from lamc.driver import analyse
+    from lamc.compiler import analyse
     from lamc.frontend import random_inputs
     from lamc.runtime.executor import Pipeline
     from tests import minilm

@@ -29,7 +29,7 @@ PROMPT = [5, 17, 42, 7, 99, 3, 250, 11]
 
 
 def compile_stages(ref: str, out: Path, stages: int, analysed: object) -> None:
-    from lamc.driver import CompileOptions, compile_model
+    from lamc.compiler import CompileOptions, compile_model
     from lamc.passes.partition.planner import PlanRequest
     from lamc.topology import Constraints
 
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from lamc.driver import analyse
+    from lamc.compiler import analyse
     from lamc.runtime.executor import Pipeline
     from lamc.runtime.hosts import Endpoints
     from lamc.runtime.remote import RemotePipeline

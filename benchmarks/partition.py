@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lamc.driver import analyse
+from lamc.compiler import analyse
 from lamc.frontend import CaptureOptions
 from lamc.passes.partition.planner import PlanRequest, plan
 from lamc.topology import load_topology, parse_topology

@@ -49,7 +49,7 @@ DEVICE = (
 
 
 def compile_for(out: Path, rate_mbit: float, analysed: object) -> object:
-    from lamc.driver import CompileOptions, compile_model
+    from lamc.compiler import CompileOptions, compile_model
     from lamc.passes.partition.planner import PlanRequest
     from lamc.topology import Constraints
 
@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--rate-mbit", type=float, default=20.0)
     args = parser.parse_args()
 
-    from lamc.driver import analyse
+    from lamc.compiler import analyse
     from lamc.frontend import random_inputs
     from tests.runtime.netns import EmulatedLinks, NetnsUnavailable, check_available
     from tests.runtime.servers import StageServers

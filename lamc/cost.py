@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lamc.codecs import encoded_bytes
 from lamc.topology import Device, Topology
 from lamc.workload import Unit, Workload
 
@@ -106,42 +107,32 @@ def op_time(
     )
 
 
-# Compression methods (passes/compress): the bytes of a weight after each, per fp32 byte
-# (int4: 4 bits plus one fp32 scale per block of 32), and the dtype its MatMuls run in.
-WEIGHT_RATIO = {
-    "fp32": 1.0,
-    "fp16": 0.5,
-    "int8-dynamic": 0.25,
-    "int8-static": 0.25,
-    "int4-weight": (4 + 32 / 32) / 32,
-    "lowrank": 0.6,
-}
-METHOD_DTYPE = {
-    "fp32": "fp32",
-    "fp16": "fp16",
-    "int8-dynamic": "int8",
-    "int8-static": "int8",
-    "int4-weight": "int4",
-    "lowrank": "fp32",
-}
-# Most precise first: where the accuracy budget is broken, lamc steps back along this list.
-PRECISION_ORDER = ("fp32", "fp16", "int8-static", "int8-dynamic", "int4-weight", "lowrank")
+@dataclass(frozen=True)
+class MethodCost:
+    """What a compression method (lamc.passes.compress) does to cost: the bytes of a weight
+    after it, per fp32 byte, and the dtype its MatMuls run in."""
+
+    name: str
+    weight_ratio: float
+    dtype: str
+
+
+FP32 = MethodCost("fp32", 1.0, "fp32")
 
 
 def unit_time(
-    unit: Unit, device: Device, *, weights_cached: bool = False, method: str = "fp32"
+    unit: Unit, device: Device, *, weights_cached: bool = False, method: MethodCost = FP32
 ) -> UnitTime:
     """One unit's time on `device`; with a compression `method`, its weighted ops read the
     compressed weights and run in the method's dtype (the device's measured peak for it,
     or its fp32 rate where it declares none)."""
     compute = memory = overhead = 0.0
-    ratio = WEIGHT_RATIO[method]
     for op in unit.ops:
         weight, dtype = op.weight_bytes, op.dtype
-        if method != "fp32" and weight > 0:
-            weight = op.weight_bytes * ratio
+        if method.name != "fp32" and weight > 0:
+            weight = op.weight_bytes * method.weight_ratio
             if op.op_class == "matmul":
-                dtype = METHOD_DTYPE[method]
+                dtype = method.dtype
         t = op_time(
             device,
             op.op_class,
@@ -181,10 +172,8 @@ class CostModel:
         *,
         kv_tokens: int = 0,
         codec: str = "raw",
-        method: str = "fp32",
+        method: MethodCost = FP32,
     ) -> None:
-        from lamc.runtime.wire import encoded_bytes
-
         self.workload = workload
         self.topology = topology
         self.devices = list(topology.devices)
@@ -228,27 +217,27 @@ class CostModel:
             ],
             dtype=np.float64,
         )
-        self._params = _segment_params(workload) * WEIGHT_RATIO[method]
+        self._params = _segment_params(workload) * method.weight_ratio
         self._activations = _segment_max(
             np.array([u.peak_activation_bytes for u in workload.units], dtype=np.float64)
         )
         kv = np.array([u.kv_bytes_per_token for u in workload.units], dtype=np.float64) * kv_tokens
         self._kv = _segment_sum(kv)
 
-    def with_method(self, method: str) -> CostModel:
+    def with_method(self, method: MethodCost) -> CostModel:
         """The same workload and topology under compression `method` (cached)."""
         if method == self.method:
             return self
         cache: dict[str, CostModel] = self.__dict__.setdefault("_by_method", {})
-        if method not in cache:
-            cache[method] = CostModel(
+        if method.name not in cache:
+            cache[method.name] = CostModel(
                 self.workload,
                 self.topology,
                 kv_tokens=self.kv_tokens,
                 codec=self.codec,
                 method=method,
             )
-        return cache[method]
+        return cache[method.name]
 
     # ---------------------------------------------------------------- per stage [j, k)
 

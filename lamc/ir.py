@@ -25,6 +25,8 @@ SCOPE = "lamc.scope"
 COST = "lamc.cost"
 UNIT = "lamc.unit"
 STAGE = "lamc.stage"
+# Constant-only subgraphs: copied into every stage that uses them instead of crossing a cut.
+CONST = "lamc.rematerialize"
 
 _TORCH_SCOPES = "pkg.torch.onnx.name_scopes"
 _TORCH_CLASSES = "pkg.torch.onnx.class_hierarchy"

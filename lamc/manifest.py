@@ -101,6 +101,47 @@ class StageSpec:
     kv_cache: KVCache | None = None
 
 
+@dataclass(frozen=True)
+class PlanSummary:
+    """The manifest's `plan` section: the plan the stages were built for, its predicted
+    costs, and what the compile measured (link codecs, compression error)."""
+
+    objective: str
+    binding: dict[str, int]
+    bottleneck_ms: float
+    latency_ms: float
+    throughput_rps: float
+    fluid_bound_ms: float
+    limited_by: str
+    text: str = ""  # the placement's compact text form (lamc.plan.parse_placement)
+    generation: dict[str, Any] | None = None
+    codec: str | None = None  # --codec, when not raw
+    max_error: float | None = None  # the accuracy budget lossy choices were held to
+    measured_error: float | None = None  # with the link codecs chosen
+    compression_error: float | None = None  # with the stages' compression
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Dict-style access (what `lamc inspect` and scripts reading the JSON expect)."""
+        if key not in self.__dataclass_fields__:
+            return default
+        value = getattr(self, key)
+        return default if value is None else value
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PlanSummary:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
 @dataclass
 class Manifest:
     model: dict[str, Any]
@@ -112,20 +153,21 @@ class Manifest:
     outputs: tuple[str, ...]
     stages: tuple[StageSpec, ...]
     edges: tuple[Edge, ...]
-    plan: dict[str, Any]
+    plan: PlanSummary
     requires: dict[str, str] = field(
         default_factory=lambda: {"onnxruntime": f">={MIN_ONNXRUNTIME[0]}.{MIN_ONNXRUNTIME[1]}"}
     )
     lamc_manifest: int = VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        from lamc.plan import _rounded
+        from lamc.plan import rounded
 
         data = asdict(self)
+        data["plan"] = self.plan.to_dict()
         data["dims"] = {k: asdict(v) for k, v in sorted(self.dims.items())}
         data["tensors"] = {k: asdict(v) for k, v in sorted(self.tensors.items())}
-        rounded: dict[str, Any] = _rounded(data)
-        return rounded
+        result: dict[str, Any] = rounded(data)
+        return result
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -194,7 +236,7 @@ class Manifest:
                 )
                 for e in data["edges"]
             ),
-            plan=dict(data["plan"]),
+            plan=PlanSummary.from_dict(data["plan"]),
             requires=dict(data.get("requires", {})),
             lamc_manifest=int(data["lamc_manifest"]),
         )

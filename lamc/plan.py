@@ -1,14 +1,22 @@
 """A plan: the pipeline of stages the partitioner chose, with its predicted costs.
 
-Plans are data first: printable, comparable, and serialised deterministically (sorted
-keys, floats rounded to 6 significant digits), so the same inputs give byte-identical
-`lamc plan --json`.
+Plans are values: immutable, printable, comparable, and serialised deterministically
+(sorted keys, floats rounded to 6 significant digits), so the same inputs give
+byte-identical `lamc plan --json`. A plan's placement has a compact text form that parses
+back (as a pipeline schedule's does):
+
+    laptop[0:7]fp32 >raw> jetson[7:13]fp16
+
+is two stages: units 0-6 on `laptop` in fp32, sending raw tensors to units 7-12 on
+`jetson` in fp16.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,6 +44,7 @@ class StagePlan:
     route: tuple[str, ...]
     precision: str = "fp32"
     precision_reason: str = ""
+    codec: str = "raw"  # how this stage's outputs travel to the next ("auto": chosen at compile)
 
 
 @dataclass(frozen=True)
@@ -60,7 +69,68 @@ class BudgetCheck:
     unit: str
 
 
-@dataclass
+@dataclass(frozen=True)
+class Placement:
+    """One stage of a plan's placement: the part of the text form that parses back."""
+
+    device: str
+    start_unit: int
+    end_unit: int  # exclusive
+    precision: str = "fp32"
+    codec: str = "raw"  # to the next stage
+
+    def __str__(self) -> str:
+        return f"{self.device}[{self.start_unit}:{self.end_unit}]{self.precision}"
+
+
+_STAGE_TEXT = re.compile(
+    r"^(?P<device>[^\s\[\]>]+)\[(?P<start>\d+):(?P<end>\d+)\](?P<precision>[\w.-]+)$"
+)
+
+
+def format_placement(stages: tuple[Placement, ...]) -> str:
+    """The compact text form: `dev[j:k]precision >codec> dev[k:l]precision ...`."""
+    parts: list[str] = []
+    for k, stage in enumerate(stages):
+        if k:
+            parts.append(f">{stages[k - 1].codec}>")
+        parts.append(str(stage))
+    return " ".join(parts)
+
+
+def parse_placement(text: str) -> tuple[Placement, ...]:
+    """The inverse of `format_placement`; a malformed text raises ValueError naming the
+    token that is wrong."""
+    tokens = text.split()
+    if not tokens or len(tokens) % 2 == 0:
+        raise ValueError(f"plan text {text!r}: expected STAGE (>CODEC> STAGE)*")
+    stages: list[Placement] = []
+    codecs = [t[1:-1] for t in tokens[1::2]]
+    for k, token in enumerate(tokens[0::2]):
+        match = _STAGE_TEXT.match(token)
+        if match is None:
+            raise ValueError(f"plan text: stage {k} {token!r} is not DEVICE[START:END]PRECISION")
+        stages.append(
+            Placement(
+                match["device"],
+                int(match["start"]),
+                int(match["end"]),
+                match["precision"],
+                codecs[k] if k < len(codecs) else "raw",
+            )
+        )
+    for k, link in enumerate(tokens[1::2]):
+        if not (link.startswith(">") and link.endswith(">") and len(link) > 2):
+            raise ValueError(f"plan text: link {k} {link!r} is not >CODEC>")
+    for a, b in itertools.pairwise(stages):
+        if a.end_unit != b.start_unit:
+            raise ValueError(f"plan text: {a} and {b} do not meet (units must be contiguous)")
+    if any(s.end_unit <= s.start_unit for s in stages):
+        raise ValueError(f"plan text {text!r}: a stage holds no unit")
+    return tuple(stages)
+
+
+@dataclass(frozen=True)
 class Plan:
     model: str
     topology: str
@@ -77,9 +147,22 @@ class Plan:
     budgets: tuple[BudgetCheck, ...] = ()
     constraints: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    # Units kept off a device because its backend cannot run them, with the reason.
+    support: tuple[str, ...] = ()
     # Objective generate: prefill ms, decode ms per token, their total over new_tokens,
     # and why the plan has as many stages as it has.
     generation: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def placement(self) -> tuple[Placement, ...]:
+        return tuple(
+            Placement(s.device, s.start_unit, s.end_unit, s.precision, s.codec) for s in self.stages
+        )
+
+    @property
+    def text(self) -> str:
+        """The placement in its compact text form (see `parse_placement`)."""
+        return format_placement(self.placement)
 
     @property
     def throughput_rps(self) -> float:
@@ -118,19 +201,21 @@ class Plan:
         data["fluid_ratio"] = self.fluid_ratio
         data["limited_by"] = self.bottleneck
         data["best_by_stages"] = {str(k): v for k, v in sorted(self.best_by_stages.items())}
-        return _rounded(data)
+        data["text"] = self.text
+        return rounded(data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-def _rounded(value: Any) -> Any:
+def rounded(value: Any) -> Any:
+    """JSON-ready `value`: floats to 6 significant digits (inf and nan as null)."""
     if isinstance(value, float):
         if math.isinf(value) or math.isnan(value):
             return None
         return float(f"{value:.6g}")
     if isinstance(value, dict):
-        return {str(k): _rounded(v) for k, v in value.items()}
+        return {str(k): rounded(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_rounded(v) for v in value]
+        return [rounded(v) for v in value]
     return value

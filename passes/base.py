@@ -13,15 +13,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx_ir as ir
-from onnx_ir.passes import InPlacePass, PassResult
+from onnx_ir.passes import FunctionalPass, InPlacePass, PassResult
 
 from lamc.errors import InternalError, LamcError
 
-__all__ = ["Pass", "PassManager", "PassResult", "PassTiming"]
+__all__ = ["Pass", "PassManager", "PassResult", "PassTiming", "RewritePass"]
 
 
 class Pass(InPlacePass):
     """A lamc pass: edits or annotates the model in place."""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+
+class RewritePass(FunctionalPass):
+    """A lamc pass that returns a new model (compression of a stage's model)."""
 
     @property
     def name(self) -> str:
@@ -37,17 +45,21 @@ class PassTiming:
 
 @dataclass
 class PassManager:
-    passes: Sequence[Pass]
+    passes: Sequence[Pass | RewritePass]
     dump_ir: Path | None = None
     timings: list[PassTiming] = field(default_factory=list)
+    # Number of the first pass in the dump: a later pipeline continues an earlier one's
+    # numbering (capture's passes, then the partitioner's tags) in the same directory.
+    first: int = 1
 
     def run(self, model: ir.Model) -> PassResult:
         modified = False
         if self.dump_ir is not None:
             self.dump_ir.mkdir(parents=True, exist_ok=True)
-            _dump(model, self.dump_ir / "00-input")
-        for i, pass_ in enumerate(self.passes, start=1):
-            before = [p.name for p in self.passes[: i - 1]]
+            if self.first == 1:
+                _dump(model, self.dump_ir / "00-input")
+        for i, pass_ in enumerate(self.passes, start=self.first):
+            before = [p.name for p in self.passes[: i - self.first]]
             context = f"in pass {pass_.name}" + (
                 f" (after {', '.join(before)})" if before else " (the first pass)"
             )

@@ -21,12 +21,21 @@ import networkx as nx
 import onnx_ir as ir
 
 from lamc.errors import InternalError
-from lamc.ir import COST, UNIT, UnresolvedDim, annotate, annotation, eval_shape, itemsize, numel
+from lamc.ir import (
+    CONST,
+    COST,
+    UNIT,
+    UnresolvedDim,
+    annotate,
+    annotation,
+    eval_shape,
+    itemsize,
+    numel,
+)
 from lamc.passes.base import Pass, PassResult
 from lamc.workload import Cut, CutTensor, OpWork, Unit, Workload
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
-CONST = "lamc.rematerialize"
 # block: each repeated block is a unit; fine: each child module of a block is (cuts can then
 # fall inside a block, across its skip connection).
 GRANULARITIES = ("block", "fine")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lamc.driver import CompileOptions, CompileResult, compile_model
+from lamc.compiler import CompileOptions, CompileResult, compile_model
 from lamc.passes.partition.planner import PlanRequest
 from lamc.topology import Constraints
 from tests.conftest import analysed_model
@@ -38,7 +38,7 @@ _FINE: dict[str, object] = {}
 
 
 def _fine(ref: str) -> object:
-    from lamc.driver import analyse
+    from lamc.compiler import analyse
     from lamc.frontend import capture
 
     if ref not in _FINE:

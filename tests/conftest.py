@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from lamc.driver import Analysed, analyse
+from lamc.compiler import Analysed, analyse
 from lamc.frontend import CaptureOptions
 
 os.environ.setdefault("CI", "true")

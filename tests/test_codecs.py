@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lamc.driver import CompileOptions, compile_model
+from lamc.codecs import encoded_bytes
+from lamc.compiler import CompileOptions, compile_model
 from lamc.errors import AccuracyError
 from lamc.passes.partition.planner import PlanRequest, plan
 from lamc.runtime.executor import Pipeline
-from lamc.runtime.wire import encoded_bytes, roundtrip
+from lamc.runtime.wire import roundtrip
 from lamc.topology import Constraints, load_topology
 from tests.compiled import MINIPCS
 from tests.conftest import analysed_model

@@ -30,7 +30,7 @@ def _tree(path: Path) -> dict[str, str]:
 
 def test_two_compiles_are_byte_identical(tmp_path: Path) -> None:
     """Two compiles from two fresh captures of the same model and topology."""
-    from lamc.driver import CompileOptions, compile_model
+    from lamc.compiler import CompileOptions, compile_model
     from lamc.passes.partition.planner import PlanRequest
     from lamc.topology import Constraints
 
@@ -68,7 +68,7 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path: Path) -> None:
 
 
 def test_budget_failure_writes_nothing(tmp_path: Path) -> None:
-    from lamc.driver import CompileOptions, compile_model
+    from lamc.compiler import CompileOptions, compile_model
     from lamc.passes.partition.planner import PlanRequest
     from lamc.topology import Budgets
     from tests.conftest import analysed_model
@@ -85,7 +85,7 @@ def test_budget_failure_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_shapes_only_capture_cannot_compile(tmp_path: Path) -> None:
-    from lamc.driver import CompileOptions, compile_model
+    from lamc.compiler import CompileOptions, compile_model
 
     with pytest.raises(UsageError, match="shapes-only"):
         compile_model(

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from lamc.backends.reason import Artifact, Reason
+from lamc.backends.protocol import Artifact, Reason
 from lamc.backends.slice import StageGraph
 from lamc.errors import EngineBuildError, RuntimeEnvironmentError
 from lamc.manifest import ArtifactFile
 from lamc.topology import Device
 
-NAME = "tensorrt"
 # Ops the ONNX parser of TensorRT 10 does not take (lamc's compression emits them for
 # ONNX Runtime); a stage holding one must use the onnxruntime backend.
 _UNSUPPORTED = {
@@ -48,18 +47,38 @@ def is_available() -> bool:
     return builder is not None
 
 
-def supports(node: ir.Node) -> Reason | None:
-    if node.op_type in _UNSUPPORTED or (node.domain or "") not in ("", "ai.onnx"):
+class TensorRTBackend:
+    """Serialized TensorRT engines, built here or on the target (`lamc build-engines`)."""
+
+    name = "tensorrt"
+
+    def serves(self, device_backend: str) -> bool:
+        return device_backend == "tensorrt"
+
+    def is_available(self) -> bool:
+        return is_available()
+
+    def supports(self, node: ir.Node) -> Reason | None:
+        if node.op_type in _UNSUPPORTED or (node.domain or "") not in ("", "ai.onnx"):
+            return Reason(
+                node.name or node.op_type,
+                f"TensorRT's ONNX parser has no {node.domain or 'ai.onnx'}::{node.op_type}",
+            )
+        return None
+
+    def accepts(self, method: str) -> Reason | None:
+        if method == "fp32":
+            return None
         return Reason(
-            node.name or node.op_type,
-            f"TensorRT's ONNX parser has no {node.domain or 'ai.onnx'}::{node.op_type}",
+            method,
+            f"--compress {method} needs the onnxruntime backend (TensorRT chooses its own precisions)",
         )
-    return None
+
+    def build(self, stage: StageGraph, device: Device, out_dir: Path, *, check: bool) -> Artifact:
+        return _build(stage, device, out_dir)
 
 
-def build(
-    stage: StageGraph, device: Device, out_dir: Path, *, check: bool = True, fp16: bool = False
-) -> Artifact:
+def _build(stage: StageGraph, device: Device, out_dir: Path, *, fp16: bool = False) -> Artifact:
     if not is_available():
         raise RuntimeEnvironmentError(
             "TensorRT is not installed here (or there is no GPU to build on)",
@@ -105,7 +124,7 @@ def build(
         ArtifactFile(f"{folder}/model.engine", hashlib.sha256(engine).hexdigest(), len(engine))
     )
     return Artifact(
-        backend=NAME,
+        backend=TensorRTBackend.name,
         model=f"{folder}/model.engine",
         files=tuple(files),
         providers=(),

@@ -11,7 +11,8 @@ import click
 
 from lamc.cli.common import capture_options, model_options, require_compile_extra
 from lamc.cli.main import cli, lamc_command
-from lamc.cli.plan_cmd import _attach_kv, _request, describe, plan_options, render_plan
+from lamc.cli.plan_options import describe, plan_options, request_from_options
+from lamc.cli.plan_view import render_plan
 from lamc.cli.ui import Steps, stdout_console
 from lamc.quantity import format_bytes
 
@@ -65,7 +66,7 @@ def compile_command(
 ) -> str:
     """Compile MODEL into a pipeline of per-device engines and a hash-pinned manifest."""
     require_compile_extra()
-    from lamc.driver import CompileOptions, analyse, compile_model
+    from lamc.compiler import CompileOptions, analyse, compile_model
 
     _terminate_as_interrupt()
     steps = Steps()
@@ -76,23 +77,22 @@ def compile_command(
         options["no_weights"],
         options["kv_cache"],
     )
-    request = _request(options, compare=False)
+    request = request_from_options(options, compare=False)
     with steps.step("capture and analyse"):
         analysed = analyse(
             model, capture, dump_ir=options["dump_ir"], granularity=options["granularity"]
         )
-    _attach_kv(analysed, options)
     if dry_run:
-        from lamc.cli.plan_cmd import with_methods
-        from lamc.driver import prepare_request
-        from lamc.passes.partition.planner import plan
+        from lamc.compiler import plan_model
         from lamc.topology import load_topology
 
-        topology = load_topology(topology_path)
-        request = prepare_request(
-            with_methods(request, options.get("compress"), topology), analysed
+        best, cost = plan_model(
+            analysed,
+            load_topology(topology_path),
+            request,
+            compress=options.get("compress"),
+            backend=backend,
         )
-        best, cost = plan(analysed.workload, topology, request)
         render_plan(best, cost, explain=False)
         return f"(dry run) {describe(model, best)}"
     result = compile_model(

@@ -36,7 +36,7 @@ def inspect_command(
 
         return show_manifest(Path(model), as_json=as_json)
     require_compile_extra()
-    from lamc.driver import analyse
+    from lamc.compiler import analyse
 
     steps = Steps()
     with steps.step("capture and analyse"):

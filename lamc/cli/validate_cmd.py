@@ -51,9 +51,9 @@ def validate_command(
 ) -> str:
     """Run the source model and the pipeline on the same inputs; exit 7 past the tolerances."""
     require_compile_extra()
+    from lamc.compiler.validate import compare, inputs_for, stage_report
     from lamc.frontend import capture
     from lamc.runtime.executor import Pipeline, parse_providers
-    from lamc.validate import compare, inputs_for, stage_report
 
     steps = Steps()
     with steps.step("verify and load"):

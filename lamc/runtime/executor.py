@@ -16,7 +16,7 @@ import numpy as np
 
 from lamc.errors import UsageError
 from lamc.manifest import Manifest, StageSpec, verify
-from lamc.runtime.kvcache import StageCaches, Step, local_outputs, unsupported
+from lamc.runtime.kvcache import StageCaches, Step, local_inputs, local_outputs, unsupported
 from lamc.runtime.tensors import TensorMismatch, check_all
 
 # Backend name -> module with `load(model_path, providers, ...) -> Runner`.
@@ -57,6 +57,42 @@ class StageRunner:
             {name: tensors[name] for name in self.spec.inputs}
         )
         return outputs
+
+    def hop(
+        self,
+        manifest: Manifest,
+        arriving: Mapping[str, np.ndarray],
+        binding: dict[str, int],
+        caches: StageCaches | None = None,
+        step: Step | None = None,
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """One stage on its arriving tensors (already checked, their dims in `binding`):
+        its checked outputs, and what it hands on. With `step` the stage's KV caches come
+        from and go back to `caches`, and no cache tensor is handed on."""
+        spec = self.spec
+        feeds = (
+            caches.feeds(step, arriving, binding)
+            if caches is not None and step is not None
+            else arriving
+        )
+        try:
+            produced = check_all(
+                spec.outputs,
+                manifest.tensors,
+                self.run(feeds),
+                manifest.dims,
+                binding,
+                f"stage {spec.index} ({spec.device}) output",
+            )
+        except Exception:
+            if caches is not None and step is not None:
+                caches.drop(step.id)  # a failed step leaves no stale cache behind
+            raise
+        sends = spec.sends
+        if caches is not None and step is not None:
+            caches.keep(step, produced)
+            sends = caches.sends
+        return produced, {n: produced[n] if n in produced else feeds[n] for n in sends}
 
 
 def load_stage(
@@ -102,6 +138,7 @@ class Pipeline:
         }
         self.caches = [StageCaches(manifest, s.spec) for s in stages]
         self.local_kv = unsupported(manifest)  # None: caches can stay in their stages
+        self.step_inputs, self.step_outputs = local_inputs(manifest), local_outputs(manifest)
 
     @classmethod
     def open(
@@ -113,7 +150,19 @@ class Pipeline:
     ) -> Pipeline:
         """Verify `out_dir` (hashes, sizes, paths) before loading any stage."""
         out = Path(out_dir)
-        manifest = verify(out)
+        return cls.load(out, verify(out), providers=providers, threads=threads)
+
+    @classmethod
+    def load(
+        cls,
+        out: Path,
+        manifest: Manifest,
+        *,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+    ) -> Pipeline:
+        """Load the stages of a manifest already verified, or just built by this process
+        (the compiler measures a pipeline before it writes the manifest)."""
         # Stages in one process take turns: they share one thread pool (a pool each would
         # keep spinning on the cores the running stage needs).
         shared = len(manifest.stages) > 1
@@ -134,88 +183,45 @@ class Pipeline:
         `trace`, each stage's outputs are recorded in it by stage index. With `sequence`
         (a decoder step), each stage keeps its own KV caches: `feeds` hold no cache
         tensors and the outputs no presents."""
-        if sequence is not None:
-            return self._run_step(feeds, sequence)
         manifest = self.manifest
-        unknown = sorted(set(feeds) - set(manifest.inputs))
+        takes, gives = manifest.inputs, manifest.outputs
+        if sequence is not None:
+            if self.local_kv is not None:
+                raise UsageError(f"stage-local KV caches are not possible: {self.local_kv}")
+            takes, gives = self.step_inputs, self.step_outputs
+        unknown = sorted(set(feeds) - set(takes))
         if unknown:
             raise TensorMismatch(
-                f"input: unknown tensor(s) {', '.join(unknown)}; the model takes {', '.join(manifest.inputs)}"
+                f"input: unknown tensor(s) {', '.join(unknown)}; the model takes {', '.join(takes)}"
             )
         binding: dict[str, int] = {}
-        env = check_all(manifest.inputs, manifest.tensors, feeds, manifest.dims, binding, "input")
-        for stage in self.stages:
-            spec = stage.spec
-            arriving = check_all(
-                spec.receives,
-                manifest.tensors,
-                env,
-                manifest.dims,
-                binding,
-                f"stage {spec.index} ({spec.device}) input",
-            )
-            produced = stage.run(arriving)
-            produced = check_all(
-                spec.outputs,
-                manifest.tensors,
-                produced,
-                manifest.dims,
-                binding,
-                f"stage {spec.index} ({spec.device}) output",
-            )
-            if trace is not None:
-                trace[spec.index] = produced
-            env = {
-                name: produced[name] if name in produced else arriving[name] for name in spec.sends
-            }
-            codecs = self.codecs.get(spec.index + 1)
-            if codecs:
-                from lamc.runtime.wire import roundtrip
-
-                env = {
-                    name: roundtrip(value, codecs.get(name, "raw")) for name, value in env.items()
-                }
-        return {name: env[name] for name in manifest.outputs}
-
-    def release(self, sequence_id: str) -> None:
-        """Drop a sequence's KV caches from every stage (a generation stopped early)."""
-        for caches in self.caches:
-            caches.drop(sequence_id)
-
-    def _run_step(self, feeds: Mapping[str, np.ndarray], step: Step) -> dict[str, np.ndarray]:
-        if self.local_kv is not None:
-            raise UsageError(f"stage-local KV caches are not possible: {self.local_kv}")
-        manifest = self.manifest
-        env = dict(feeds)
+        env = check_all(takes, manifest.tensors, feeds, manifest.dims, binding, "input")
         try:
             for stage, caches in zip(self.stages, self.caches):
                 spec = stage.spec
-                unknown = sorted(set(env) - set(caches.receives))
-                if unknown:
-                    raise TensorMismatch(
-                        f"stage {spec.index} input: unknown tensor(s) {', '.join(unknown)}"
-                    )
-                arriving = caches.feeds(step, env)
-                produced = check_all(
-                    spec.outputs,
+                arriving = check_all(
+                    caches.receives if sequence else spec.receives,
                     manifest.tensors,
-                    stage.run(arriving),
+                    env,
                     manifest.dims,
-                    {},
-                    f"stage {spec.index} ({spec.device}) output",
+                    binding,
+                    f"stage {spec.index} ({spec.device}) input",
                 )
-                caches.keep(step, produced)
-                env = {
-                    name: produced[name] if name in produced else arriving[name]
-                    for name in caches.sends
-                }
+                produced, env = stage.hop(manifest, arriving, binding, caches, sequence)
+                if trace is not None:
+                    trace[spec.index] = produced
                 codecs = self.codecs.get(spec.index + 1)
                 if codecs:
                     from lamc.runtime.wire import roundtrip
 
                     env = {n: roundtrip(v, codecs.get(n, "raw")) for n, v in env.items()}
         except BaseException:
-            for caches in self.caches:
-                caches.drop(step.id)  # a step that failed half-way leaves no stale cache
+            if sequence is not None:
+                self.release(sequence.id)  # stages before the failure have moved on
             raise
-        return {name: env[name] for name in local_outputs(manifest)}
+        return {name: env[name] for name in gives}
+
+    def release(self, sequence_id: str) -> None:
+        """Drop a sequence's KV caches from every stage (a generation stopped early)."""
+        for caches in self.caches:
+            caches.drop(sequence_id)

@@ -20,7 +20,7 @@ import numpy as np
 
 from lamc.errors import UsageError
 from lamc.manifest import Manifest
-from lamc.runtime.kvcache import Step, unsupported
+from lamc.runtime.kvcache import Step, zeros
 
 
 @dataclass(frozen=True)
@@ -52,15 +52,9 @@ def cache_names(manifest: Manifest) -> list[tuple[str, str]]:
 
 def empty_caches(manifest: Manifest, batch: int) -> dict[str, np.ndarray]:
     """Zero-length caches (past = 0) in the manifest's shapes and dtypes."""
-    from lamc.dims import eval_dim
-
-    caches = {}
-    for past, _ in cache_names(manifest):
-        spec = manifest.tensors[past]
-        binding = {"batch": batch, "past": 0}
-        shape = tuple(eval_dim(d, binding) for d in spec.shape)
-        caches[past] = np.zeros(shape, dtype=np.dtype(spec.dtype))
-    return caches
+    pairs = cache_names(manifest)
+    past_dim = next(s.kv_cache.past_dim for s in manifest.stages if s.kv_cache is not None)
+    return {past: zeros(manifest, past, {"batch": batch}, past_dim, 0) for past, _ in pairs}
 
 
 def _pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
@@ -110,9 +104,6 @@ def generate(
     rng = np.random.default_rng(sampling.seed)
     ids = np.asarray(prompt, dtype=np.int64)
     if local:
-        why = unsupported(manifest)
-        if why is not None:
-            raise UsageError(f"stage-local KV caches are not possible: {why}")
         yield from _local_steps(pipeline, ids, max_new_tokens, sampling, rng, logits_name)
         return
     caches = empty_caches(manifest, ids.shape[0])

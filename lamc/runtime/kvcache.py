@@ -20,7 +20,6 @@ import numpy as np
 from lamc.dims import eval_dim
 from lamc.errors import UsageError
 from lamc.manifest import Manifest, StageSpec
-from lamc.runtime.tensors import check_all
 
 
 @dataclass(frozen=True)
@@ -45,10 +44,25 @@ def cache_tensors(manifest: Manifest) -> set[str]:
     return names
 
 
+def local_inputs(manifest: Manifest) -> tuple[str, ...]:
+    """The pipeline's inputs when caches stay in their stages (no pasts)."""
+    caches = cache_tensors(manifest)
+    return tuple(n for n in manifest.inputs if n not in caches)
+
+
 def local_outputs(manifest: Manifest) -> tuple[str, ...]:
     """The pipeline's outputs when caches stay in their stages (no presents)."""
     caches = cache_tensors(manifest)
     return tuple(n for n in manifest.outputs if n not in caches)
+
+
+def zeros(
+    manifest: Manifest, name: str, binding: Mapping[str, int], past_dim: str, length: int
+) -> np.ndarray:
+    """Cache tensor `name` in its manifest shape and dtype, `length` tokens long, zeros."""
+    spec = manifest.tensors[name]
+    values = {**binding, past_dim: length}
+    return np.zeros(tuple(eval_dim(d, values) for d in spec.shape), dtype=np.dtype(spec.dtype))
 
 
 def unsupported(manifest: Manifest) -> str | None:
@@ -86,6 +100,10 @@ class StageCaches:
         self.pairs = list(zip(kv.past_inputs, kv.present_outputs)) if kv else []
         self.length_only = tuple(kv.length_only) if kv else ()
         self.past_dim = kv.past_dim if kv else "past"
+        # The axis of the cache tensors that grows with the sequence.
+        self.past_axis = (
+            manifest.tensors[self.pairs[0][0]].shape.index(self.past_dim) if self.pairs else 0
+        )
         every = cache_tensors(manifest)
         self.receives = tuple(n for n in spec.receives if n not in every)
         self.sends = tuple(n for n in spec.sends if n not in every)
@@ -95,25 +113,16 @@ class StageCaches:
         return len(self.sequences)
 
     def _zeros(self, name: str, binding: Mapping[str, int], length: int) -> np.ndarray:
-        spec = self.manifest.tensors[name]
-        values = {**binding, self.past_dim: length}
-        shape = tuple(eval_dim(d, values) for d in spec.shape)
-        return np.zeros(shape, dtype=np.dtype(spec.dtype))
+        return zeros(self.manifest, name, binding, self.past_dim, length)
 
-    def feeds(self, step: Step, arriving: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """What the stage's engine consumes: the arriving tensors, this sequence's caches,
-        and zeros of the right length for past tensors read only for their length."""
+    def feeds(
+        self, step: Step, arriving: Mapping[str, np.ndarray], binding: Mapping[str, int]
+    ) -> dict[str, np.ndarray]:
+        """What the stage's engine consumes: the arriving tensors (checked against
+        `receives`, their dims in `binding`), this sequence's caches, and zeros of the
+        right length for past tensors read only for their length."""
         if step.position < 0:
             raise UsageError(f"sequence {step.id!r}: position {step.position} is negative")
-        binding: dict[str, int] = {}
-        arriving = check_all(
-            self.receives,
-            self.manifest.tensors,
-            arriving,
-            self.manifest.dims,
-            binding,
-            f"stage {self.index}",
-        )
         if not self.pairs:
             entry = _Entry(step.position)
         elif step.position == 0:
@@ -151,14 +160,9 @@ class StageCaches:
             del self.sequences[step.id]
             return
         entry.caches = {past: produced[present] for past, present in self.pairs}
-        axis = self._past_axis()
-        entry.length = int(entry.caches[self.pairs[0][0]].shape[axis])
+        entry.length = int(entry.caches[self.pairs[0][0]].shape[self.past_axis])
         while len(self.sequences) > self.capacity:
             self.sequences.popitem(last=False)
-
-    def _past_axis(self) -> int:
-        shape = self.manifest.tensors[self.pairs[0][0]].shape
-        return next(k for k, d in enumerate(shape) if d == self.past_dim)
 
     def drop(self, sequence_id: str) -> None:
         self.sequences.pop(sequence_id, None)

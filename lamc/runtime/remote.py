@@ -30,7 +30,7 @@ from lamc.errors import RuntimeEnvironmentError, UsageError
 from lamc.manifest import read_manifest
 from lamc.runtime import wire
 from lamc.runtime.hosts import Endpoints
-from lamc.runtime.kvcache import Step, cache_tensors, local_outputs, unsupported
+from lamc.runtime.kvcache import Step, local_inputs, local_outputs, unsupported
 from lamc.runtime.security import auth_metadata, channel_options
 from lamc.runtime.server import max_message_bytes
 from lamc.runtime.tensors import TensorMismatch, check_all
@@ -71,6 +71,8 @@ class RemotePipeline:
         self.timeout_s = timeout_s
         self.stateless = all(s.kv_cache is None for s in self.manifest.stages)
         self.local_kv = unsupported(self.manifest)  # None: caches can stay in their stages
+        self.step_inputs = local_inputs(self.manifest)
+        self.step_outputs = local_outputs(self.manifest)
         self.retry = retry_stateless and self.stateless
         self.client_id = uuid.uuid4().hex
         self.counts: collections.Counter[str] = collections.Counter()
@@ -270,9 +272,7 @@ class RemotePipeline:
         manifest = self.manifest
         takes, gives = manifest.inputs, manifest.outputs
         if sequence is not None:
-            caches = cache_tensors(manifest)
-            takes = tuple(n for n in takes if n not in caches)
-            gives = local_outputs(manifest)
+            takes, gives = self.step_inputs, self.step_outputs
         unknown = sorted(set(feeds) - set(takes))
         if unknown:
             raise TensorMismatch(

@@ -61,6 +61,7 @@ class Job:
     step: Step | None = None  # a decoder step: this stage's KV caches stay here
     attempt: int = 0
     accepted_at: float = field(default_factory=time.monotonic)
+    binding: dict[str, int] = field(default_factory=dict)  # dims of the arriving tensors
 
     def remaining_ms(self) -> float:
         return max((self.deadline - time.monotonic()) * 1000.0, 0.0)
@@ -277,6 +278,7 @@ class StageService:
             else None
         )
         receives = self.caches.receives if step is not None else self.spec.receives
+        binding: dict[str, int] = {}
         try:
             arriving = {t.name: wire.decode(t) for t in request.tensors}
             unknown = sorted(set(arriving) - set(receives))
@@ -287,7 +289,7 @@ class StageService:
                 self.manifest.tensors,
                 arriving,
                 self.manifest.dims,
-                {},
+                binding,
                 f"stage {self.index}",
             )
         except (ValueError, TensorMismatch) as exc:
@@ -300,6 +302,7 @@ class StageService:
             tensors,
             step,
             request.attempt,
+            binding=binding,
         )
         assert self.queue is not None
         try:
@@ -359,13 +362,19 @@ class StageService:
                 continue
             self._state(job.request_id, "running")
             try:
-                sends = await loop.run_in_executor(self._compute, self._compute_step, job)
+                _, sends = await loop.run_in_executor(
+                    self._compute,
+                    self.runner.hop,
+                    self.manifest,
+                    job.tensors,
+                    job.binding,
+                    self.caches,
+                    job.step,
+                )
             except CacheLost as exc:
                 self._fail(job, str(exc))
                 continue
             except Exception as exc:
-                if job.step is not None:
-                    self._compute.submit(self.caches.drop, job.step.id)
                 self._fail(
                     job,
                     f"stage {self.index} engine failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
@@ -375,23 +384,6 @@ class StageService:
                 self._deliver_result(job, sends)
             else:
                 self._spawn(self._forward(job, sends))
-
-    def _compute_step(self, job: Job) -> dict[str, np.ndarray]:
-        """Run the engine on the compute thread; what the stage hands on."""
-        step = job.step
-        arriving = self.caches.feeds(step, job.tensors) if step is not None else job.tensors
-        produced = check_all(
-            self.spec.outputs,
-            self.manifest.tensors,
-            self.runner.run(arriving),
-            self.manifest.dims,
-            {},
-            f"stage {self.index} output",
-        )
-        if step is not None:
-            self.caches.keep(step, produced)
-        sends = self.caches.sends if step is not None else self.spec.sends
-        return {name: produced[name] if name in produced else arriving[name] for name in sends}
 
     async def _forward(self, job: Job, tensors: dict[str, np.ndarray]) -> None:
         """Hand the request to the next stage; retry only while it has not accepted it."""

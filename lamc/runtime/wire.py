@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from lamc.codecs import CODECS
+
 SERVICE = "lamc.v1.Stage"
 PACKAGE = "lamc.v1"
 
@@ -30,7 +32,6 @@ DATATYPES = {
     "BOOL": "bool",
 }
 NUMPY_TO_DATATYPE = {v: k for k, v in DATATYPES.items()}
-CODECS = ("raw", "fp16", "int8")
 
 _T = descriptor_pb2.FieldDescriptorProto
 
@@ -198,15 +199,3 @@ def roundtrip(array: np.ndarray, codec: str) -> np.ndarray:
     if codec == "raw" or array.dtype.kind != "f":
         return array
     return decode(encode("t", array, codec))
-
-
-# Floating-point item sizes by numpy and ONNX IR dtype names (lossy codecs apply to these).
-_FLOAT_ITEMSIZE = {"float32": 4, "float": 4, "float16": 2, "float64": 8, "double": 8, "bfloat16": 2}
-
-
-def encoded_bytes(nbytes: float, dtype: str, codec: str) -> float:
-    """Bytes on the wire for a tensor of `nbytes` in `dtype` (numpy or IR name) under `codec`."""
-    itemsize = _FLOAT_ITEMSIZE.get(dtype.lower())
-    if itemsize is None or codec not in ("fp16", "int8"):
-        return nbytes
-    return nbytes * min(itemsize, 2 if codec == "fp16" else 1) / itemsize

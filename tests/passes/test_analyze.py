@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from lamc import models
-from lamc.driver import Analysed, analyse
+from lamc.compiler import Analysed, analyse
 from lamc.ir import COST, annotation
 from lamc.passes.analyze import Analyze
 from lamc.passes.base import PassManager

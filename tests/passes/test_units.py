@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lamc.backends.onnxruntime.run import new_session
-from lamc.driver import analyse
+from lamc.compiler import analyse
 from lamc.frontend import random_inputs
 from lamc.frontend.torch import capture_spec
 from lamc.models import Dim, ModelSpec
@@ -115,8 +115,7 @@ def test_unit_totals_cover_the_graph() -> None:
     summary = result.captured.model.meta["lamc.analysis"]
     assert sum(u.nodes for u in workload.units) == summary.nodes
     # Constant-only nodes are folded at load time: they count as nodes but not as work per run.
-    from lamc.ir import COST, annotation
-    from lamc.passes.units import CONST
+    from lamc.ir import CONST, COST, annotation
 
     folded = sum(
         annotation(n, COST).flops for n in result.captured.model.graph if annotation(n, CONST)

@@ -179,7 +179,7 @@ def _tiny_checkpoint(kind: str, directory: Path) -> Path:
 def test_hugging_face_decoder_with_its_kv_cache(kind: str, tmp_path: Path) -> None:
     """A transformers checkpoint captured with --kv-cache: flat past/present tensors, the
     caches owned per stage, greedy tokens equal to the transformers model's own."""
-    from lamc.driver import CompileOptions, analyse, compile_model
+    from lamc.compiler import CompileOptions, analyse, compile_model
     from lamc.frontend import CaptureOptions, capture
     from lamc.passes.partition.planner import PlanRequest
     from lamc.topology import Constraints

@@ -55,7 +55,7 @@ def test_cut_across_resnet_skip_connections(tmp_path: object) -> None:
 
 def test_long_skip_forwarded_through_a_middle_stage(tmp_path: object) -> None:
     """A tensor produced in stage 0 and used in stage 2 passes through stage 1 untouched."""
-    from lamc.driver import CompileOptions, compile_model
+    from lamc.compiler import CompileOptions, compile_model
     from lamc.passes.partition.planner import PlanRequest
     from lamc.topology import Constraints
     from tests.compiled import MINIPCS

@@ -231,7 +231,7 @@ def test_mutual_tls_with_token(gpt2_3: Path, pki: Path) -> None:
 def test_lossy_link_codec_matches_the_in_process_pipeline(tmp_path: Path) -> None:
     """With fp16 links the stage servers compute exactly what the in-process executor
     (and so `lamc validate`) computes: the same loss at the same places."""
-    from lamc.driver import CompileOptions, compile_model
+    from lamc.compiler import CompileOptions, compile_model
     from lamc.passes.partition.planner import PlanRequest
     from lamc.topology import Constraints
     from tests.compiled import MINIPCS

@@ -54,7 +54,7 @@ def test_fits_one_device_at_512_must_split_at_8192_and_refuses_at_32768(topology
 
 
 def test_manifest_records_each_stages_kv_ownership(tmp_path: Path) -> None:
-    from lamc.driver import CompileOptions, compile_model
+    from lamc.compiler import CompileOptions, compile_model
     from lamc.topology import Constraints
     from tests.compiled import MINIPCS
 
@@ -101,7 +101,7 @@ def test_generate_objective_does_not_split_when_splitting_slows_decoding(
     """Two equal boards joined by a 2 ms link. For pipelined requests splitting pays
     (throughput); for generating tokens one at a time every step would cross the link,
     so the plan keeps one stage and says what two would cost."""
-    from lamc.driver import decode_workload
+    from lamc.compiler import decode_workload
 
     path = tmp_path / "t.yaml"
     path.write_text(ONE_LINK)
@@ -134,7 +134,7 @@ def test_generate_objective_does_not_split_when_splitting_slows_decoding(
 def test_generate_objective_splits_when_one_device_cannot_hold_the_cache(
     topology: object,
 ) -> None:
-    from lamc.driver import decode_workload
+    from lamc.compiler import decode_workload
 
     analysed = analysed_model(MODEL)
     request = PlanRequest(

@@ -1,19 +1,11 @@
-"""Compression methods a stage may use, and `--compress SPEC` resolved against a topology.
-
-The methods themselves are passes (lamc.passes.compress); their effect on bytes and
-speed is in the cost model (lamc.cost.WEIGHT_RATIO, METHOD_DTYPE).
-"""
+"""`--compress SPEC` resolved against a topology: the methods each device may use."""
 
 from __future__ import annotations
 
-from lamc.cost import PRECISION_ORDER
+from typing import Any
 
-METHODS = ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight", "lowrank")
-assert set(METHODS) == set(PRECISION_ORDER)
-
-
-class CompressionError(ValueError):
-    pass
+from lamc.passes.compress.common import CompressionError
+from lamc.passes.compress.registry import METHODS
 
 
 def auto_candidates(kind: str, backends: tuple[str, ...]) -> tuple[str, ...]:
@@ -42,7 +34,7 @@ def parse_spec(spec: str, devices: list[tuple[str, str]]) -> dict[str, str]:
     if "=" not in spec:
         if spec not in METHODS:
             raise CompressionError(
-                f"--compress {spec}: unknown method; methods: {', '.join(METHODS)}"
+                f"--compress {spec}: unknown method; methods: {', '.join(list(METHODS))}"
             )
         return {name: spec for name, _ in devices}
     by_key: dict[str, str] = {}
@@ -50,7 +42,7 @@ def parse_spec(spec: str, devices: list[tuple[str, str]]) -> dict[str, str]:
         key, sep, method = (p.strip() for p in item.partition("="))
         if not sep or not key or method not in METHODS:
             raise CompressionError(
-                f"--compress {item!r}: expected DEVICE_OR_KIND=METHOD with a method of {', '.join(METHODS)}"
+                f"--compress {item!r}: expected DEVICE_OR_KIND=METHOD with a method of {', '.join(list(METHODS))}"
             )
         by_key[key] = method
     names = {name for name, _ in devices}
@@ -64,11 +56,11 @@ def parse_spec(spec: str, devices: list[tuple[str, str]]) -> dict[str, str]:
     return {name: by_key.get(name, by_key.get(kind, "fp32")) for name, kind in devices}
 
 
-def resolve_methods(spec: str | None, topology: object) -> dict[str, tuple[str, ...]] | None:
+def resolve_methods(spec: str | None, topology: Any) -> dict[str, tuple[str, ...]] | None:
     """Device name -> the methods the planner may pick from (None: no compression)."""
     if not spec:
         return None
-    devices = topology.devices  # type: ignore[attr-defined]
+    devices = topology.devices
     if spec.strip() == "auto":
         return {d.name: auto_candidates(d.kind, d.backends) for d in devices}
     chosen = parse_spec(spec, [(d.name, d.kind) for d in devices])

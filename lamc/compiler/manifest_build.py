@@ -15,7 +15,7 @@ from typing import Any
 import onnx_ir as ir
 
 from lamc import __version__
-from lamc.backends.reason import Artifact
+from lamc.backends.protocol import Artifact
 from lamc.backends.slice import StageGraph
 from lamc.errors import InternalError
 from lamc.frontend.capture import Captured
@@ -26,6 +26,7 @@ from lamc.manifest import (
     EdgeTensor,
     KVCache,
     Manifest,
+    PlanSummary,
     StageSpec,
     TensorSpec,
 )
@@ -107,16 +108,17 @@ def build_manifest(
         outputs=tuple(captured.output_names),
         stages=tuple(stages),
         edges=tuple(edges),
-        plan={
-            "objective": plan.objective,
-            "binding": dict(plan.binding),
-            "bottleneck_ms": plan.bottleneck_ms,
-            "latency_ms": plan.latency_ms,
-            "throughput_rps": plan.throughput_rps,
-            "fluid_bound_ms": plan.fluid_bound_ms,
-            "limited_by": plan.bottleneck,
-            **({"generation": plan.generation} if plan.generation else {}),
-        },
+        plan=PlanSummary(
+            objective=plan.objective,
+            binding=dict(plan.binding),
+            bottleneck_ms=plan.bottleneck_ms,
+            latency_ms=plan.latency_ms,
+            throughput_rps=plan.throughput_rps,
+            fluid_bound_ms=plan.fluid_bound_ms,
+            limited_by=plan.bottleneck,
+            text=plan.text,
+            generation=plan.generation or None,
+        ),
     )
 
 

@@ -1,0 +1,40 @@
+"""fp16: weights and compute in float16, statistics and normalisations kept in float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from lamc.passes.compress.common import Options, toposort
+
+FP32_OPS = [
+    "LayerNormalization",
+    "SimplifiedLayerNormalization",
+    "SkipLayerNormalization",
+    "Softmax",
+    "ReduceMean",
+    "ReduceSum",
+    "Pow",
+    "Sqrt",
+    "Reciprocal",
+    "Erf",
+    "Exp",
+    "Range",
+    "CumSum",
+]
+
+
+def fp16(
+    model: onnx.ModelProto, options: Options, samples: list[dict[str, np.ndarray]]
+) -> onnx.ModelProto:
+    from onnxruntime.transformers import float16
+
+    converted: onnx.ModelProto = float16.convert_float_to_float16(
+        model,
+        keep_io_types=True,
+        op_block_list=sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(FP32_OPS)),
+        disable_shape_infer=True,
+    )
+    # Intermediate type annotations are stale after the conversion: let ONNX infer them.
+    del converted.graph.value_info[:]
+    return toposort(converted)
