@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.lamc-installed
 # The CPU build of torch, installed before the project so nothing pulls a CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install demo test lint typecheck pytest bench clean
+.PHONY: install demo test test-fast lint typecheck layers pytest bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,7 @@ lint: install
 	$(BIN)/ruff check lamc passes backends models tests benchmarks examples scripts
 	$(BIN)/ruff format --check lamc passes backends models tests benchmarks examples scripts
 	$(MAKE) --no-print-directory typecheck
+	$(MAKE) --no-print-directory layers
 
 # mypy checks a tree laid out as the package installs (package-dir mapping), with the
 # TensorRT backend checked against tensorrt-stubs (see scripts/typecheck_tree.py).
@@ -36,8 +37,17 @@ typecheck: install
 	$(BIN)/python scripts/typecheck_tree.py
 	cd build/typecheck && MYPYPATH=stubs "$(CURDIR)/$(BIN)/mypy" --config-file "$(CURDIR)/pyproject.toml" -p lamc
 
+# The floors of DESIGN.md as import-linter contracts (pyproject.toml), on the same tree.
+layers: install
+	$(BIN)/python scripts/typecheck_tree.py
+	cd build/typecheck && PYTHONPATH=. "$(CURDIR)/$(BIN)/lint-imports" --config "$(CURDIR)/pyproject.toml" --no-cache
+
 pytest: install
 	$(BIN)/pytest -q
+
+# The inner loop: lint, types, layers and every test but the slow end-to-end ones.
+test-fast: install lint
+	$(BIN)/pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/capture.py

@@ -19,12 +19,12 @@ import statistics
 import numpy as np
 
 from lamc.backends.onnxruntime.measure import activations, median_ms
-from lamc.backends.onnxruntime.profile import describe, profile_machine
 from lamc.backends.slice import slice_nodes
 from lamc.compiler import analyse
 from lamc.cost import unit_time
 from lamc.frontend import random_inputs
 from lamc.ir import annotation
+from lamc.profile import describe, profile_machine
 from lamc.topology import Device
 
 

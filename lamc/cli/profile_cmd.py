@@ -47,7 +47,7 @@ def profile_command(
     """Measure GEMM throughput per dtype, memory and cache bandwidth, per-op-class
     efficiency and overheads with ONNX Runtime on this machine."""
     require_compile_extra()
-    from lamc.backends.onnxruntime.profile import describe, profile_machine
+    from lamc.profile import describe, profile_machine
 
     steps = Steps()
     with steps.step("profile"):

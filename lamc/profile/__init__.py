@@ -1,0 +1,187 @@
+"""Measure this machine with ONNX Runtime, for the cost model (`lamc profile`).
+
+probes (the models) -> timing (medians, best of rounds) -> fitting (peaks, bandwidths,
+efficiencies, overheads) -> writer (a topology entry).
+
+Each probe is a small ONNX model of one op (or a chain of ops) at a size typical of real
+models. Its FLOPs and bytes come from lamc's own analysis pass, so the profile and the
+model use one definition of work. From the timings:
+
+- call overhead: one session.run of a trivial graph;
+- op overhead: the extra time per op of a chain of tiny ops;
+- peak FLOP/s per dtype: the best GEMM rate (fp32 MatMul, int8 MatMulInteger, 4-bit
+  MatMulNBits), overheads removed;
+- memory bandwidth: the best rate of a large element-wise Add (bytes read + written);
+- efficiency per op class: the fraction of the roofline (max of FLOPs at peak, bytes at
+  bandwidth) that the class's probes reach, as total roofline time over total measured
+  time (overheads removed), so larger probes weigh more, as they do in a model.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lamc.backends.onnxruntime.run import check_providers, session_options
+from lamc.cost import op_time
+from lamc.profile.host import cache_bytes, memory_bytes
+from lamc.profile.model import DeviceProfile
+from lamc.profile.probes import Probe, analyse, chain, conv, matmul, probes, unary
+from lamc.profile.report import describe
+from lamc.topology import Device
+
+__all__ = ["DeviceProfile", "Probe", "describe", "profile_machine"]
+
+
+def time_probe(probe: Probe, options: Any, providers: list[str], budget_s: float) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(
+        probe.model.SerializeToString(), sess_options=options, providers=providers
+    )
+    run: Callable[[], Any] = lambda: session.run(None, probe.feeds)  # noqa: E731
+    for _ in range(3):
+        run()
+    samples: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(samples) < 7 or (time.perf_counter() < deadline and len(samples) < 200):
+        started = time.perf_counter()
+        run()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def profile_machine(
+    *,
+    name: str | None = None,
+    host: str | None = None,
+    provider: str = "cpu",
+    threads: int = 0,
+    budget_s: float = 0.4,
+    rounds: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> DeviceProfile:
+    """Measure this machine. Each probe's time is the median of its runs, and the best such
+    median over `rounds` passes: interference from other work only ever adds time."""
+    providers = check_providers(
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if provider == "cuda"
+        else ["CPUExecutionProvider"]
+    )
+    options = session_options(threads=threads, optimization="all")
+    # Call overhead: a graph that does (almost) nothing.
+    trivial = unary("Identity", [1], "overhead")
+    call_s = time_probe(trivial, options, providers, budget_s)
+    ops = chain(64)
+    op_s = max((time_probe(ops, options, providers, budget_s) - call_s) / ops.ops, 0.0)
+
+    measured: list[Probe] = []
+    candidates = probes()
+    for round_index in range(rounds):
+        for probe in candidates:
+            if progress:
+                progress(probe.name)
+            try:
+                seconds = time_probe(probe, options, providers, budget_s)
+            except Exception:
+                probe.seconds = math.nan  # an op this build of ONNX Runtime lacks (a contrib op)
+                continue
+            probe.seconds = seconds if round_index == 0 else min(probe.seconds, seconds)
+    for probe in candidates:
+        if math.isnan(probe.seconds) or probe.seconds <= 0:
+            continue
+        analyse(probe)
+        if probe.flops > 0 or probe.moved_bytes > 0:
+            measured.append(probe)
+
+    def busy(p: Probe) -> float:
+        return max(p.seconds - call_s - op_s * p.ops, 1e-9)
+
+    peak: dict[str, float] = {}
+    for dtype in ("fp32", "fp16", "int8", "int4"):
+        rates = [p.flops / busy(p) for p in measured if p.op_class == "matmul" and p.dtype == dtype]
+        if rates:
+            peak[dtype] = max(rates)
+    cache = cache_bytes()
+    streams = [p for p in measured if p.op_class == "elementwise"]
+    # Memory bandwidth from element-wise probes far larger than the cache, cache
+    # bandwidth from those that fit in it.
+    big = [p for p in streams if p.moved_bytes > 2 * cache] or streams
+    bandwidth = max(p.moved_bytes / busy(p) for p in big)
+    small = [p for p in streams if p.moved_bytes <= cache] if cache else []
+    cache_bandwidth = max((p.moved_bytes / busy(p) for p in small), default=0.0)
+    if cache_bandwidth <= bandwidth:
+        cache = cache_bandwidth = 0.0
+
+    ideal = Device(
+        name="probe",
+        host="probe",
+        kind="cpu",
+        memory_bytes=1.0,
+        peak_flops=peak,
+        memory_bandwidth=bandwidth,
+        backends=("onnxruntime",),
+        efficiency={
+            d: dict.fromkeys(("matmul", "conv", "elementwise", "norm", "data"), 1.0) for d in peak
+        },
+        op_overhead_ms=0.0,
+        call_overhead_ms=0.0,
+        runtime_memory_bytes=0.0,
+        cache_bytes=cache,
+        cache_bandwidth=cache_bandwidth,
+    )
+    # Launch cost per op class, measured on tiny ops of the class (a GEMM or a conv also
+    # pays for its thread-pool dispatch and layout work); other classes pay the chain's.
+    class_overhead: dict[str, float] = {}
+    for op_class, tiny in (("matmul", matmul(4, 16, 16)), ("conv", conv(8, 8, 8, 3))):
+        class_overhead[op_class] = (
+            max(time_probe(tiny, options, providers, budget_s) - call_s, op_s) * 1000
+        )
+    efficiency: dict[str, dict[str, float]] = {}
+    for dtype in ("fp32", "int8", "int4"):
+        if dtype not in peak:
+            continue
+        table: dict[str, float] = {}
+        for op_class in ("matmul", "conv", "elementwise", "norm", "data"):
+            group = [p for p in measured if p.op_class == op_class and p.dtype == dtype]
+            if not group:
+                continue
+            overhead_s = class_overhead.get(op_class, op_s * 1000) / 1000
+            roofline_s = sum(
+                op_time(
+                    ideal,
+                    op_class,
+                    p.flops,
+                    p.moved_bytes,
+                    dtype,
+                    p.weight_bytes,
+                    weights_cached=p.weight_bytes <= cache,
+                ).total_ms
+                / 1000
+                for p in group
+            )
+            busy_s = sum(max(p.seconds - call_s - overhead_s * p.ops, 1e-9) for p in group)
+            table[op_class] = min(max(roofline_s / busy_s, 0.005), 1.0)
+        efficiency[dtype] = table
+    hostname = socket.gethostname()
+    return DeviceProfile(
+        name=name or hostname,
+        host=host or hostname,
+        kind="gpu" if provider == "cuda" else "cpu",
+        memory_bytes=memory_bytes(),
+        peak_flops=peak,
+        memory_bandwidth=bandwidth,
+        cache_bytes=cache,
+        cache_bandwidth=cache_bandwidth,
+        efficiency=efficiency,
+        class_overhead_ms=class_overhead,
+        op_overhead_ms=op_s * 1000,
+        call_overhead_ms=call_s * 1000,
+        providers=providers,
+        threads=threads,
+        probes=measured,
+    )

@@ -1,0 +1,32 @@
+"""A measured device: what `lamc profile` found, before it becomes a topology entry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lamc.profile.probes import Probe
+
+
+@dataclass
+class DeviceProfile:
+    name: str
+    host: str
+    kind: str
+    memory_bytes: float
+    peak_flops: dict[str, float]
+    memory_bandwidth: float
+    cache_bytes: float
+    cache_bandwidth: float
+    efficiency: dict[str, dict[str, float]]
+    class_overhead_ms: dict[str, float]
+    op_overhead_ms: float
+    call_overhead_ms: float
+    providers: list[str]
+    threads: int
+    probes: list[Probe] = field(default_factory=list)
+
+    def to_yaml(self) -> str:
+        """A device entry that a topology can `include:`."""
+        from lamc.profile.writer import device_yaml
+
+        return device_yaml(self)
