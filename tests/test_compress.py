@@ -9,8 +9,8 @@ import pytest
 
 from lamc.compiler import CompileOptions, compile_model
 from lamc.errors import AccuracyError, UsageError
-from lamc.passes.partition.planner import PlanRequest
 from lamc.passes.compress.spec import parse_spec
+from lamc.passes.partition.planner import PlanRequest
 from lamc.runtime.executor import Pipeline
 from lamc.topology import Constraints
 from tests import minilm
@@ -122,8 +122,8 @@ def _small_topology(tmp_path: Path) -> Path:
 
 def test_model_that_does_not_fit_in_fp32_fits_with_auto(tmp_path: Path) -> None:
     from lamc.errors import DoesNotFitError
-    from lamc.passes.partition.planner import plan
     from lamc.passes.compress.spec import resolve_methods
+    from lamc.passes.partition.planner import plan
     from lamc.topology import load_topology
 
     topology = load_topology(_small_topology(tmp_path))
