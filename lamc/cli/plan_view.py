@@ -72,6 +72,13 @@ def render_plan(best: Any, cost: Any, *, explain: bool) -> None:
     for s in best.stages:
         if s.precision_reason:
             console.print(f"stage {s.index} precision {s.precision}: {s.precision_reason}")
+    if best.support and explain:
+        for line in best.support:
+            console.print(f"backend: {line}")
+    elif best.support:
+        console.print(
+            f"backend: {len(best.support)} unit(s) kept off a device whose backend cannot run them (--explain lists them)"
+        )
     for name, reason in sorted(best.unused.items()):
         console.print(f"unused: {name}: {reason}")
     for c in best.constraints:

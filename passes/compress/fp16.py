@@ -29,6 +29,11 @@ def fp16(
 ) -> onnx.ModelProto:
     from onnxruntime.transformers import float16
 
+    # The converter casts the inputs of the ops kept in float32 by the types it reads in
+    # value_info: a value without one would reach such an op in float16, which is invalid.
+    typed = {v.name for v in (*model.graph.input, *model.graph.value_info, *model.graph.output)}
+    if any(o not in typed for n in model.graph.node for o in n.output if o):
+        model = onnx.shape_inference.infer_shapes(model)
     converted: onnx.ModelProto = float16.convert_float_to_float16(
         model,
         keep_io_types=True,

@@ -143,3 +143,79 @@ def test_ci_gate_script(tmp_path: Path) -> None:
     )
     assert broken.returncode == 6
     assert "budget not met" in broken.stderr
+
+
+def _quantised_mlp(path: Path) -> Path:
+    """An ONNX MLP whose fourth layer is integer-quantised in standard ONNX ops
+    (DynamicQuantizeLinear + MatMulInteger), which ONNX Runtime runs and TensorRT's parser
+    does not."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    width, nodes, inits = 512, [], []
+    x = "x"
+    for k in range(8):
+        w = numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32), f"w{k}")
+        if k == 3:
+            q = numpy_helper.from_array(
+                rng.integers(-127, 127, (width, width)).astype(np.int8), f"qw{k}"
+            )
+            inits.append(q)
+            nodes += [
+                helper.make_node(
+                    "DynamicQuantizeLinear", [x], [f"xq{k}", f"xs{k}", f"xz{k}"], name=f"dq{k}"
+                ),
+                helper.make_node(
+                    "MatMulInteger", [f"xq{k}", f"qw{k}", f"xz{k}"], [f"mi{k}"], name=f"mmi{k}"
+                ),
+                helper.make_node(
+                    "Cast", [f"mi{k}"], [f"mf{k}"], to=TensorProto.FLOAT, name=f"cast{k}"
+                ),
+                helper.make_node("Mul", [f"mf{k}", f"xs{k}"], [f"h{k}"], name=f"scale{k}"),
+            ]
+        else:
+            inits.append(w)
+            nodes.append(helper.make_node("MatMul", [x, f"w{k}"], [f"m{k}"], name=f"mm{k}"))
+            nodes.append(helper.make_node("Relu", [f"m{k}"], [f"h{k}"], name=f"relu{k}"))
+        x = f"h{k}"
+    graph = helper.make_graph(
+        nodes,
+        "qmlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [512, width])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [512, width])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_an_op_a_backend_cannot_run_moves_its_stage_and_explain_says_why(tmp_path: Path) -> None:
+    model = _quantised_mlp(tmp_path / "qmlp.onnx")
+    topology = tmp_path / "trt.yaml"
+    topology.write_text(
+        "lamc_topology: 1\nname: trt-and-cpu\ndevices:\n"
+        "  - {name: orin, host: orin, kind: gpu, memory: 8GiB, peak: {fp32: 5TFLOPS}, memory_bandwidth: 100GB/s, backends: [tensorrt]}\n"
+        "  - {name: pc, host: pc, kind: cpu, memory: 8GiB, peak: {fp32: 200GFLOPS}, memory_bandwidth: 20GB/s, backends: [onnxruntime]}\n"
+        "links:\n  - {a: orin, b: pc, bandwidth: 10Gbit/s, latency: 0.5ms}\n"
+    )
+    out = lamc(
+        "plan", str(model), "-t", str(topology), "--explain", "--objective", "latency", "--json"
+    )
+    assert out.code == 0, out.stdout + out.stderr
+    data = json.loads(out.stdout[: out.stdout.rindex("}") + 1])
+    refused = [line.split(" kept off ")[0] for line in data["support"]]
+    holders = [s for s in data["stages"] if set(refused) & set(s["units"])]
+    assert refused and holders and all(s["device"] == "pc" for s in holders)
+    assert any(s["device"] == "orin" for s in data["stages"])  # the rest stays on the GPU
+    assert data["support"] and all("kept off orin" in line for line in data["support"])
+    assert any(
+        "MatMulInteger" in line or "DynamicQuantizeLinear" in line for line in data["support"]
+    )
+    text = lamc("plan", str(model), "-t", str(topology), "--explain", "--objective", "latency")
+    assert text.code == 0, text.stdout + text.stderr
+    assert "backend:" in text.stdout and "TensorRT's ONNX parser has no" in text.stdout
