@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from lamc.errors import ConfigError, ExitCode, LamcError
 from lamc.topology import load_topology, parse_topology
 
+ROOT = Path(__file__).parent.parent
+
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples" / "topologies").glob("*.yaml"))
 
 VALID = """\
@@ -270,3 +272,54 @@ def test_random_documents_load_or_raise_lamc_error(doc: object) -> None:
 def test_random_text_loads_or_raises_lamc_error(text: str) -> None:
     with contextlib.suppress(LamcError):
         parse_topology(text, "random.yaml")
+
+
+def test_every_error_of_a_file_is_reported(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "devices:\n"
+        "  - {name: a, kind: cpu, memory: 0GiB, peak: {fp32: 1TFLOPS}, memory_bandwidth: 1GB/s}\n"
+        "  - {name: b, kind: tpu, memory: 1GiB, peak: {fp32: 1TFLOPS}, memory_bandwidth: 1GB/s}\n"
+        "  - {name: c, kind: cpu, memory: 1GiB, peak: {fp32: 1TFLOPS}, memory_bandwidth: 1GB/s}\n"
+        "links:\n"
+        "  - {a: a, b: c, bandwidth: 1Gbit/s, latency: 1ms}\n"
+        "  - {a: c, b: nowhere, bandwidth: 1Gbit/s, latency: 1ms}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_topology(bad)
+    message = caught.value.message
+    assert "3 errors" in message
+    assert f"{bad}:2: devices[0].memory" in message  # the zero memory
+    assert f"{bad}:3: devices[1].kind" in message  # the unknown kind
+    assert f"{bad}:7: links[1].b" in message and "nowhere" in message
+    # The link to the broken device `a` adds no error of its own.
+    assert "links[0]" not in message
+
+
+def test_a_boolean_is_not_version_1() -> None:
+    with pytest.raises(ConfigError, match="unsupported version True"):
+        parse_topology("lamc_topology: true\ndevices: []\n")
+
+
+def test_example_topologies_match_the_json_schema_editors_use() -> None:
+    import json
+    from importlib import resources
+
+    import jsonschema
+    import yaml
+
+    schema = json.loads(
+        resources.files("lamc.schemas").joinpath("topology.schema.json").read_text()
+    )
+    validator = jsonschema.Draft202012Validator(schema)
+    examples = sorted((ROOT / "examples" / "topologies").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        errors = list(validator.iter_errors(yaml.safe_load(path.read_text())))
+        assert not errors, f"{path.name}: {errors[0].message}"
+    wrong = {
+        "devices": [
+            {"name": "a", "kind": "tpu", "memory": "1GiB", "peak": {}, "memory_bandwidth": "1GB/s"}
+        ]
+    }
+    assert list(validator.iter_errors(wrong))

@@ -1,0 +1,229 @@
+"""Devices, links, routes and the topology that holds them."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+from lamc.topology.constraints import Budgets, Constraints
+
+KINDS = ("cpu", "gpu", "npu")
+DTYPES = ("fp32", "fp16", "bf16", "int8", "int4")
+OP_CLASSES = ("matmul", "conv", "elementwise", "norm", "data")
+# Backend names a device may list, and the ONNX Runtime execution providers they mean.
+BACKENDS: dict[str, tuple[str, ...]] = {
+    "onnxruntime": ("CPUExecutionProvider",),
+    "onnxruntime-cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "onnxruntime-tensorrt": (
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ),
+    "onnxruntime-rocm": ("ROCMExecutionProvider", "CPUExecutionProvider"),
+    "onnxruntime-openvino": ("OpenVINOExecutionProvider", "CPUExecutionProvider"),
+    "onnxruntime-coreml": ("CoreMLExecutionProvider", "CPUExecutionProvider"),
+    "onnxruntime-qnn": ("QNNExecutionProvider", "CPUExecutionProvider"),
+    "onnxruntime-directml": ("DmlExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": (),
+}
+# Assumed fractions of peak reached per op class until `lamc profile` measures them:
+# compute-bound classes use peak FLOP/s, the others memory bandwidth.
+DEFAULT_EFFICIENCY = {
+    "cpu": {"matmul": 0.6, "conv": 0.5, "elementwise": 0.5, "norm": 0.4, "data": 0.4},
+    "gpu": {"matmul": 0.6, "conv": 0.5, "elementwise": 0.7, "norm": 0.5, "data": 0.5},
+    "npu": {"matmul": 0.4, "conv": 0.4, "elementwise": 0.4, "norm": 0.3, "data": 0.3},
+}
+DEFAULT_OVERHEAD_MS = {
+    "cpu": (0.004, 0.05),
+    "gpu": (0.008, 0.2),
+    "npu": (0.02, 0.5),
+}  # per op, per call
+DEFAULT_RUNTIME_MEMORY = {"cpu": 256 * 2**20, "gpu": 512 * 2**20, "npu": 256 * 2**20}
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    host: str
+    kind: str
+    memory_bytes: float
+    peak_flops: dict[str, float]
+    memory_bandwidth: float
+    backends: tuple[str, ...]
+    efficiency: dict[str, dict[str, float]]
+    op_overhead_ms: float
+    call_overhead_ms: float
+    runtime_memory_bytes: float
+    line: int = field(default=0, compare=False)
+    # A last-level cache: activations that fit move at cache speed, weights stream from memory.
+    cache_bytes: float = 0.0
+    cache_bandwidth: float = 0.0
+    # Per op class launch overhead where it differs from op_overhead_ms (parallel GEMMs).
+    class_overhead_ms: dict[str, float] = field(default_factory=dict)
+
+    def overhead_ms(self, op_class: str) -> float:
+        return self.class_overhead_ms.get(op_class, self.op_overhead_ms)
+
+    def peak(self, dtype: str) -> float:
+        """Peak FLOP/s for `dtype`; a dtype with no entry runs at the fp32 rate."""
+        return (
+            self.peak_flops.get(dtype)
+            or self.peak_flops.get("fp32")
+            or max(self.peak_flops.values())
+        )
+
+    def op_efficiency(self, dtype: str, op_class: str) -> float:
+        for key in (dtype, "fp32"):
+            table = self.efficiency.get(key)
+            if table and op_class in table:
+                return table[op_class]
+        return DEFAULT_EFFICIENCY[self.kind].get(op_class, 0.5)
+
+
+@dataclass(frozen=True)
+class Link:
+    a: str
+    b: str
+    bandwidth: float  # bytes per second
+    latency_ms: float
+    line: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True)
+class Hop:
+    a: str
+    b: str
+    bandwidth: float
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class Route:
+    """A path between two devices: transfer time = latency + bytes / bandwidth."""
+
+    hops: tuple[Hop, ...]
+
+    @property
+    def latency_ms(self) -> float:
+        return sum(h.latency_ms for h in self.hops)
+
+    @property
+    def bandwidth(self) -> float:
+        return min((h.bandwidth for h in self.hops), default=math.inf)
+
+    def transfer_ms(self, nbytes: float) -> float:
+        if not self.hops:
+            return 0.0
+        return self.latency_ms + 1000.0 * nbytes / self.bandwidth
+
+
+@dataclass
+class Topology:
+    name: str
+    devices: tuple[Device, ...]
+    links: tuple[Link, ...]
+    client: str | None = None
+    host_link: tuple[float, float] = (16e9, 0.01)  # bandwidth B/s, latency ms
+    constraints: Constraints = field(default_factory=Constraints)
+    budgets: Budgets = field(default_factory=Budgets)
+    path: str = "<topology>"
+    sha256: str = ""
+    _routes: dict[tuple[str, str], tuple[Route, ...]] = field(default_factory=dict, repr=False)
+
+    def device(self, name: str) -> Device:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def names(self) -> list[str]:
+        return [d.name for d in self.devices]
+
+    def without(self, names: set[str]) -> Topology:
+        """The same topology without some devices (links and routes re-derived)."""
+        return Topology(
+            name=self.name,
+            devices=tuple(d for d in self.devices if d.name not in names),
+            links=self.links,
+            client=self.client,
+            host_link=self.host_link,
+            constraints=self.constraints,
+            budgets=self.budgets,
+            path=self.path,
+            sha256=self.sha256,
+        )
+
+    def routes(self, a: str, b: str) -> tuple[Route, ...]:
+        """The Pareto-optimal routes (latency vs bandwidth) from node `a` to node `b`;
+        empty when there is no path. `a` and `b` are device or host names."""
+        key = (a, b)
+        if key not in self._routes:
+            self._routes[key] = _pareto_routes(self._graph(), a, b)
+        return self._routes[key]
+
+    def transfer_ms(self, a: str, b: str, nbytes: float) -> float:
+        """Fastest transfer of `nbytes` from `a` to `b` (inf without a path)."""
+        if a == b:
+            return 0.0
+        routes = self.routes(a, b)
+        return min((r.transfer_ms(nbytes) for r in routes), default=math.inf)
+
+    def best_route(self, a: str, b: str, nbytes: float) -> Route | None:
+        routes = self.routes(a, b)
+        return min(routes, key=lambda r: r.transfer_ms(nbytes)) if routes else None
+
+    def _graph(self) -> dict[str, list[Hop]]:
+        graph: dict[str, list[Hop]] = {}
+
+        def add(a: str, b: str, bandwidth: float, latency: float) -> None:
+            graph.setdefault(a, []).append(Hop(a, b, bandwidth, latency))
+            graph.setdefault(b, []).append(Hop(b, a, bandwidth, latency))
+
+        bandwidth, latency = self.host_link
+        for d in self.devices:
+            # A device reaches its host's other devices and network links through the host.
+            add(d.name, f"host:{d.host}", bandwidth, latency / 2)
+        names = {d.name for d in self.devices}
+        for link in self.links:
+            a = link.a if link.a in names else f"host:{link.a}"
+            b = link.b if link.b in names else f"host:{link.b}"
+            add(a, b, link.bandwidth, link.latency_ms)
+        return graph
+
+
+def _pareto_routes(
+    graph: dict[str, list[Hop]], a: str, b: str, limit: int = 4096
+) -> tuple[Route, ...]:
+    """Simple paths from a to b, keeping those no other path beats on both latency and
+    bandwidth. Topologies are small (a handful of hosts), so enumeration is cheap."""
+    if a not in graph or b not in graph:
+        return ()
+    found: list[Route] = []
+    stack: list[tuple[str, tuple[Hop, ...], frozenset[str]]] = [(a, (), frozenset([a]))]
+    while stack and len(found) < limit:
+        node, hops, seen = stack.pop()
+        if node == b:
+            found.append(Route(hops))
+            continue
+        for hop in sorted(graph.get(node, ()), key=lambda h: h.b):
+            if hop.b not in seen:
+                stack.append((hop.b, (*hops, hop), seen | {hop.b}))
+    pareto = [
+        r
+        for r in found
+        if not any(
+            (o.latency_ms <= r.latency_ms and o.bandwidth >= r.bandwidth)
+            and (o.latency_ms < r.latency_ms or o.bandwidth > r.bandwidth)
+            for o in found
+        )
+    ]
+    unique: dict[tuple[float, float], Route] = {}
+    for route in sorted(pareto, key=lambda r: (r.latency_ms, -r.bandwidth, len(r.hops))):
+        unique.setdefault((route.latency_ms, route.bandwidth), route)
+    return tuple(unique.values())
+
+
+def all_routes_exist(topology: Topology, names: list[str]) -> list[tuple[str, str]]:
+    """Pairs of the named devices with no path between them."""
+    return [(a, b) for a, b in itertools.combinations(names, 2) if not topology.routes(a, b)]
