@@ -1,11 +1,10 @@
 """The client of a pipeline served across hosts (`lamc run OUT --hosts hosts.yaml`).
 
 It submits each request to stage 0 and waits for the answer on its subscription to the
-last stage. It subscribes to every stage, so a stage that goes down is noticed at once
-(its stream breaks), and any stage that fails a request tells the client which stage and
-host it was. A request that times out is traced through the stages (`Status`) so the error
-says where it was lost. Every accepted request ends in a result or an error: `counts`
-keeps the books (accepted == succeeded + failed once all have ended).
+last stage. It subscribes to every stage, so a stage that goes down is noticed at once,
+and a stage that fails a request names itself and its host. A request that times out is
+traced through the stages (`whereabouts`) so the error says where it was lost. Every
+accepted request ends in a result or an error (accepted == succeeded + failed).
 
 Requests lost with a stage are sent again only when every stage is stateless (no KV
 cache): re-running a stateful stage would apply a step twice.
@@ -34,6 +33,7 @@ from lamc.runtime.kvcache import Step, local_inputs, local_outputs, unsupported
 from lamc.runtime.security import auth_metadata, channel_options
 from lamc.runtime.server import max_message_bytes
 from lamc.runtime.tensors import TensorMismatch, check_all
+from lamc.runtime.whereabouts import Whereabouts, lost_inside
 
 
 class StageFailure(RuntimeEnvironmentError):
@@ -84,6 +84,7 @@ class RemotePipeline:
             target=self._loop.run_forever, name="lamc-client", daemon=True
         )
         self._channels: list[Any] = []
+        self._whereabouts = Whereabouts(self._channels, self.addresses, endpoints.token)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._thread.start()
@@ -368,7 +369,7 @@ class RemotePipeline:
         pending = self._pending.get(request_id)
         if pending is None or pending.future.done():
             return
-        where = await self._trace(request_id)
+        where = await self._whereabouts.trace(request_id)
         if not pending.future.done():
             failure = StageFailure(
                 f"request timed out after {time.monotonic() - pending.submitted:.2f} s: {where}"
@@ -386,63 +387,13 @@ class RemotePipeline:
         pending = self._pending.get(request_id)
         if pending is None or pending.future.done():
             return
-        states = await self._states(request_id)
-        holders = [
-            k for k, (state, _) in enumerate(states) if state in ("queued", "running", "forwarding")
-        ]
-        reached = [
-            k
-            for k, (state, _) in enumerate(states)
-            if state in ("forwarded", "delivered", "failed")
-        ]
-        beyond = max(reached, default=-1)
-        if holders and all(k != down for k in holders):
-            return  # still on its way through live stages
-        if beyond >= down:
-            return  # already past the stage that went down
-        if not pending.future.done():
+        states = await self._whereabouts.states(request_id)
+        if lost_inside(states, down) and not pending.future.done():
             failure = StageFailure(
                 f"stage {down} at {self.addresses[down]} went down ({reason}) with the request inside"
             )
             failure.lost = True  # type: ignore[attr-defined]
             pending.future.set_exception(failure)
-
-    async def _states(self, request_id: str) -> list[tuple[str, str]]:
-        import grpc
-
-        async def ask(k: int) -> tuple[str, str]:
-            call = self._channels[k].unary_unary(
-                wire.method("Status"),
-                request_serializer=wire.StatusRequest.SerializeToString,
-                response_deserializer=wire.StatusReply.FromString,
-            )
-            try:
-                reply = await call(
-                    wire.StatusRequest(request_id=request_id),
-                    timeout=0.5,
-                    metadata=auth_metadata(self.endpoints.token),
-                )
-                return reply.state, reply.detail
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    return "no answer", "it did not answer within 0.5 s (stalled?)"
-                return "unreachable", f"{exc.code().name}: {exc.details()}"
-
-        return list(await asyncio.gather(*(ask(k) for k in range(len(self.addresses)))))
-
-    async def _trace(self, request_id: str) -> str:
-        """Where a request is (or was lost), for a timeout's error message."""
-        states = await self._states(request_id)
-        for k, (state, detail) in enumerate(states):
-            where = f"stage {k} at {self.addresses[k]}"
-            if state in ("no answer", "unreachable"):
-                return f"lost at {where}: {detail}"
-            if state in ("queued", "running", "forwarding"):
-                return f"still {state} at {where}" + (f" ({detail})" if detail else "")
-            if state == "unknown":
-                previous = f" after stage {k - 1} handed it on" if k > 0 else ""
-                return f"lost at {where}: it has no record of the request{previous}"
-        return "every stage handed it on, but the answer did not arrive"
 
     def _fail_all(self, reason: str) -> None:
         for pending in self._pending.values():

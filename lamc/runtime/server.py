@@ -10,9 +10,11 @@ always answered or failed.
   enqueues; a full queue answers RESOURCE_EXHAUSTED at once (it never blocks).
 - One worker runs the engine, request after request; while it runs the next request,
   earlier outputs are being forwarded.
-- Forwarding retries only while the next stage has *not accepted* the request (it is
-  down, restarting, or its queue is full), until the request's deadline. A request a stage
-  accepted is never sent again from here.
+- Forwarding (`forward.Forwarder`) retries only while the next stage has *not accepted*
+  the request (it is down, restarting, or its queue is full), until the request's
+  deadline. A request a stage accepted is never sent again from here.
+- The ledger (`ledger.Ledger`) delivers every answer or failure to the client that sent
+  the request, and counts them.
 - Health (the standard grpc.health.v1 service) is SERVING only after the engine is loaded
   and has run once; on SIGTERM it turns NOT_SERVING, new requests are refused, and the
   server stops once every accepted request has left.
@@ -21,12 +23,10 @@ always answered or failed.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,34 +37,13 @@ from lamc.errors import UsageError
 from lamc.manifest import Manifest, StageSpec, verify
 from lamc.runtime import wire
 from lamc.runtime.executor import StageRunner, load_stage
+from lamc.runtime.forward import Forwarder
 from lamc.runtime.kvcache import CacheLost, StageCaches, Step
-from lamc.runtime.security import (
-    TlsConfig,
-    auth_metadata,
-    channel_options,
-    check_bind,
-    token_matches,
-)
+from lamc.runtime.ledger import Job, Ledger
+from lamc.runtime.security import TlsConfig, channel_options, check_bind, token_matches
 from lamc.runtime.tensors import TensorMismatch, check_all
 
 log = logging.getLogger("lamc.serve")
-_STATE_LIMIT = 10_000
-_PENDING_LIMIT = 1_000
-
-
-@dataclass
-class Job:
-    request_id: str
-    client_id: str
-    deadline: float  # time.monotonic() on this host
-    tensors: dict[str, np.ndarray]
-    step: Step | None = None  # a decoder step: this stage's KV caches stay here
-    attempt: int = 0
-    accepted_at: float = field(default_factory=time.monotonic)
-    binding: dict[str, int] = field(default_factory=dict)  # dims of the arriving tensors
-
-    def remaining_ms(self) -> float:
-        return max((self.deadline - time.monotonic()) * 1000.0, 0.0)
 
 
 def max_message_bytes(manifest: Manifest) -> int:
@@ -123,8 +102,6 @@ class StageService:
         self.tls = tls
         self.next_tls = next_tls
         self.queue_size = queue_size
-        self.delay_ms = delay_ms  # emulated link latency on the way out (tests, benchmarks)
-        self.codec_out = self._codecs(index + 1)
         self.max_message = max_message_bytes(self.manifest)
         self.runner: StageRunner = load_stage(
             out_dir, self.spec, providers=providers, threads=threads
@@ -133,17 +110,24 @@ class StageService:
         self.caches = StageCaches(self.manifest, self.spec, capacity=max_sequences)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{index}")
         self.queue: asyncio.Queue[Job] | None = None
-        self.subscribers: dict[str, asyncio.Queue[Any]] = {}
-        self.pending: dict[str, collections.deque[tuple[float, Any]]] = collections.defaultdict(
-            lambda: collections.deque(maxlen=_PENDING_LIMIT)
-        )
-        self.states: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
-        self.in_flight = 0  # accepted and not yet handed on (queued, running or forwarding)
+        self.ledger = Ledger(index, listen)
+        self.counts = self.ledger.counts
         self.draining = False
-        self.counts = collections.Counter[str]()
         self._server: Any = None
         self._health: Any = None
-        self._next: Any = None
+        self._next = (
+            Forwarder(
+                index,
+                next_address,
+                tls=next_tls,
+                token=token,
+                max_message=self.max_message,
+                codecs=self._codecs(index + 1),
+                delay_ms=delay_ms,
+            )
+            if next_address is not None and not self.last
+            else None
+        )
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _codecs(self, edge_index: int) -> dict[str, str]:
@@ -191,15 +175,8 @@ class StageService:
         if port == 0:
             raise UsageError(f"cannot listen on {self.listen} (address in use or not available)")
         await self._server.start()
-        if not self.last:
-            assert self.next_address is not None
-            target_options = channel_options(self.max_message, self.next_tls)
-            if self.next_tls is not None:
-                self._next = grpc.aio.secure_channel(
-                    self.next_address, self.next_tls.channel_credentials(), options=target_options
-                )
-            else:
-                self._next = grpc.aio.insecure_channel(self.next_address, options=target_options)
+        if self._next is not None:
+            self._next.connect()
         await self._warm_up()
         self._spawn(self._worker())
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -239,11 +216,11 @@ class StageService:
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._health.set(wire.SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         deadline = time.monotonic() + grace_s
-        while self.in_flight > 0 and time.monotonic() < deadline:
+        while self.ledger.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         # Give subscribers a moment to receive the last deliveries.
         deadline = time.monotonic() + 2.0
-        while any(not q.empty() for q in self.subscribers.values()) and time.monotonic() < deadline:
+        while self.ledger.undelivered() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         await self._server.stop(grace=1.0)
         if self._next is not None:
@@ -308,7 +285,7 @@ class StageService:
         try:
             # The bound covers every request the stage holds (waiting, running or being
             # handed on), so a slow next hop pushes back on the previous one.
-            if self.in_flight >= self.queue_size:
+            if self.ledger.in_flight >= self.queue_size:
                 raise asyncio.QueueFull
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -318,9 +295,7 @@ class StageService:
                 code="RESOURCE_EXHAUSTED",
                 message=f"stage {self.index} queue is full ({self.queue_size} requests)",
             )
-        self.in_flight += 1
-        self.counts["accepted"] += 1
-        self._state(job.request_id, "queued")
+        self.ledger.accepted(job)
         return wire.Ack(accepted=True)
 
     async def subscribe(self, request: Any, context: Any) -> AsyncIterator[Any]:
@@ -329,25 +304,19 @@ class StageService:
 
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
         client = request.client_id
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.subscribers[client] = queue
+        queue = self.ledger.subscribe(client)
         # Headers now, so that the client knows it is subscribed before the first delivery.
         await context.send_initial_metadata(())
-        now = time.monotonic()
-        for expires, delivery in self.pending.pop(client, ()):
-            if expires > now:
-                queue.put_nowait(delivery)
         try:
             while True:
                 yield await queue.get()
         finally:
-            if self.subscribers.get(client) is queue:
-                del self.subscribers[client]
+            self.ledger.unsubscribe(client, queue)
 
     async def status(self, request: Any, context: Any) -> Any:
         if not token_matches(self.token, context.invocation_metadata()):
             return wire.StatusReply(state="unauthenticated", stage=self.index)
-        state, detail = self.states.get(request.request_id, ("unknown", ""))
+        state, detail = self.ledger.states.get(request.request_id, ("unknown", ""))
         return wire.StatusReply(state=state, detail=detail, stage=self.index)
 
     # --------------------------------------------------------------------------- work
@@ -358,9 +327,9 @@ class StageService:
         while True:
             job = await self.queue.get()
             if time.monotonic() >= job.deadline:
-                self._fail(job, f"deadline exceeded while queued at stage {self.index}")
+                self.ledger.fail(job, f"deadline exceeded while queued at stage {self.index}")
                 continue
-            self._state(job.request_id, "running")
+            self.ledger.state(job.request_id, "running")
             try:
                 _, sends = await loop.run_in_executor(
                     self._compute,
@@ -372,134 +341,28 @@ class StageService:
                     job.step,
                 )
             except CacheLost as exc:
-                self._fail(job, str(exc))
+                self.ledger.fail(job, str(exc))
                 continue
             except Exception as exc:
-                self._fail(
+                self.ledger.fail(
                     job,
                     f"stage {self.index} engine failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
                 )
                 continue
             if self.last:
-                self._deliver_result(job, sends)
+                self.ledger.result(job, sends)
             else:
                 self._spawn(self._forward(job, sends))
 
     async def _forward(self, job: Job, tensors: dict[str, np.ndarray]) -> None:
         """Hand the request to the next stage; retry only while it has not accepted it."""
-        import grpc
-
-        self._state(job.request_id, "forwarding")
-        message = wire.SubmitRequest(
-            request_id=job.request_id,
-            client_id=job.client_id,
-            sequence_id=job.step.id if job.step else "",
-            position=job.step.position if job.step else 0,
-            end=job.step.end if job.step else False,
-            attempt=job.attempt,
-            tensors=[
-                wire.encode(name, value, self.codec_out.get(name, "raw"))
-                for name, value in tensors.items()
-            ],
-        )
-        call = self._next.unary_unary(
-            wire.method("Submit"),
-            request_serializer=lambda b: b,
-            response_deserializer=wire.Ack.FromString,
-        )
-        if self.delay_ms > 0:
-            await asyncio.sleep(self.delay_ms / 1000.0)
-        backoff = 0.01
-        last_problem = "no answer"
-        while True:
-            remaining = job.remaining_ms()
-            if remaining <= 0:
-                self._fail(
-                    job,
-                    f"stage {self.index + 1} at {self.next_address} did not accept the request before its deadline ({last_problem})",
-                )
-                return
-            message.timeout_ms = remaining
-            try:
-                ack = await call(
-                    message.SerializeToString(),
-                    timeout=remaining / 1000.0,
-                    metadata=auth_metadata(self.token),
-                    wait_for_ready=False,
-                )
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    last_problem = f"{exc.code().name}: {exc.details()}"
-                    await asyncio.sleep(min(backoff, remaining / 1000.0))
-                    backoff = min(backoff * 2, 0.5)
-                    continue
-                self._fail(
-                    job,
-                    f"stage {self.index + 1} at {self.next_address}: {exc.code().name}: {exc.details()}",
-                )
-                return
-            if ack.accepted:
-                self._state(
-                    job.request_id, "forwarded", f"to stage {self.index + 1} at {self.next_address}"
-                )
-                self.in_flight -= 1
-                self.counts["forwarded"] += 1
-                return
-            if ack.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE"):
-                last_problem = f"{ack.code}: {ack.message}"
-                await asyncio.sleep(min(backoff, remaining / 1000.0))
-                backoff = min(backoff * 2, 0.5)
-                continue
-            self._fail(
-                job,
-                f"stage {self.index + 1} at {self.next_address} refused it: {ack.code}: {ack.message}",
-            )
-            return
-
-    # ------------------------------------------------------------------------ delivery
-
-    def _deliver_result(self, job: Job, tensors: dict[str, np.ndarray]) -> None:
-        delivery = wire.Delivery(
-            request_id=job.request_id,
-            stage=self.index,
-            where=self.listen,
-            tensors=[wire.encode(n, v) for n, v in tensors.items()],
-        )
-        self._deliver(job, delivery)
-        self._state(job.request_id, "delivered")
-        self.in_flight -= 1
-        self.counts["delivered"] += 1
-
-    def _fail(self, job: Job, reason: str) -> None:
-        self._deliver(
-            job,
-            wire.Delivery(
-                request_id=job.request_id,
-                stage=self.index,
-                where=self.listen,
-                error=reason,
-                retryable=True,
-            ),
-        )
-        self._state(job.request_id, "failed", reason)
-        self.in_flight -= 1
-        self.counts["failed"] += 1
-
-    def _deliver(self, job: Job, delivery: Any) -> None:
-        queue = self.subscribers.get(job.client_id)
-        if queue is not None:
-            queue.put_nowait(delivery)
+        assert self._next is not None
+        self.ledger.state(job.request_id, "forwarding")
+        problem = await self._next.send(job, tensors)
+        if problem is None:
+            self.ledger.forwarded(job, f"to stage {self.index + 1} at {self.next_address}")
         else:
-            # The client is (re)subscribing: keep the delivery until the request's deadline.
-            self.pending[job.client_id].append(
-                (max(job.deadline, time.monotonic() + 5.0), delivery)
-            )
-
-    def _state(self, request_id: str, state: str, detail: str = "") -> None:
-        self.states[request_id] = (state, detail)
-        self.states.move_to_end(request_id)
-        while len(self.states) > _STATE_LIMIT:
-            self.states.popitem(last=False)
+            self.ledger.fail(job, problem)
 
 
 async def serve_forever(service: StageService) -> None:

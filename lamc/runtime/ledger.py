@@ -1,0 +1,119 @@
+"""A stage's ledger of requests: who gets each answer (the client's subscription, or a
+pending box while it resubscribes), each request's last state, and the counts a stage
+reports when it stops. One job: every accepted request is answered or failed, once."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lamc.runtime import wire
+from lamc.runtime.kvcache import Step
+
+_STATE_LIMIT = 10_000
+_PENDING_LIMIT = 1_000
+
+
+@dataclass
+class Job:
+    request_id: str
+    client_id: str
+    deadline: float  # time.monotonic() on this host
+    tensors: dict[str, np.ndarray]
+    step: Step | None = None  # a decoder step: this stage's KV caches stay here
+    attempt: int = 0
+    accepted_at: float = field(default_factory=time.monotonic)
+    binding: dict[str, int] = field(default_factory=dict)  # dims of the arriving tensors
+
+    def remaining_ms(self) -> float:
+        return max((self.deadline - time.monotonic()) * 1000.0, 0.0)
+
+
+class Ledger:
+    def __init__(self, stage: int, where: str) -> None:
+        self.stage = stage
+        self.where = where
+        self.subscribers: dict[str, asyncio.Queue[Any]] = {}
+        self.pending: dict[str, collections.deque[tuple[float, Any]]] = collections.defaultdict(
+            lambda: collections.deque(maxlen=_PENDING_LIMIT)
+        )
+        self.states: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
+        self.in_flight = 0  # accepted and not yet handed on (queued, running or forwarding)
+        self.counts = collections.Counter[str]()
+
+    def accepted(self, job: Job) -> None:
+        self.in_flight += 1
+        self.counts["accepted"] += 1
+        self.state(job.request_id, "queued")
+
+    def forwarded(self, job: Job, to: str) -> None:
+        self.state(job.request_id, "forwarded", to)
+        self.in_flight -= 1
+        self.counts["forwarded"] += 1
+
+    def result(self, job: Job, tensors: dict[str, np.ndarray]) -> None:
+        """The last stage's answer, to the client that sent the request."""
+        delivery = wire.Delivery(
+            request_id=job.request_id,
+            stage=self.stage,
+            where=self.where,
+            tensors=[wire.encode(n, v) for n, v in tensors.items()],
+        )
+        self._deliver(job, delivery)
+        self.state(job.request_id, "delivered")
+        self.in_flight -= 1
+        self.counts["delivered"] += 1
+
+    def fail(self, job: Job, reason: str) -> None:
+        """A failure naming this stage, to the client that sent the request."""
+        self._deliver(
+            job,
+            wire.Delivery(
+                request_id=job.request_id,
+                stage=self.stage,
+                where=self.where,
+                error=reason,
+                retryable=True,
+            ),
+        )
+        self.state(job.request_id, "failed", reason)
+        self.in_flight -= 1
+        self.counts["failed"] += 1
+
+    def subscribe(self, client: str) -> asyncio.Queue[Any]:
+        """The client's delivery queue, holding what waited for it while it was away."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.subscribers[client] = queue
+        now = time.monotonic()
+        for expires, delivery in self.pending.pop(client, ()):
+            if expires > now:
+                queue.put_nowait(delivery)
+        return queue
+
+    def unsubscribe(self, client: str, queue: asyncio.Queue[Any]) -> None:
+        if self.subscribers.get(client) is queue:
+            del self.subscribers[client]
+
+    def undelivered(self) -> bool:
+        return any(not q.empty() for q in self.subscribers.values())
+
+    def _deliver(self, job: Job, delivery: Any) -> None:
+        queue = self.subscribers.get(job.client_id)
+        if queue is not None:
+            queue.put_nowait(delivery)
+        else:
+            # The client is (re)subscribing: keep the delivery until the request's deadline.
+            self.pending[job.client_id].append(
+                (max(job.deadline, time.monotonic() + 5.0), delivery)
+            )
+
+    def state(self, request_id: str, state: str, detail: str = "") -> None:
+        self.states[request_id] = (state, detail)
+        self.states.move_to_end(request_id)
+        while len(self.states) > _STATE_LIMIT:
+            self.states.popitem(last=False)
