@@ -7,7 +7,7 @@ traced through the stages (`whereabouts`) so the error says where it was lost. E
 accepted request ends in a result or an error (accepted == succeeded + failed).
 
 Requests lost with a stage are sent again only when every stage is stateless (no KV
-cache): re-running a stateful stage would apply a step twice.
+cache; re-running a stateful stage would apply a step twice).
 """
 
 from __future__ import annotations
@@ -105,9 +105,8 @@ class RemotePipeline:
         timeout_s: float | None = None,
         sequence: Step | None = None,
     ) -> concurrent.futures.Future[dict[str, np.ndarray]]:
-        """Start a request; the future resolves to the outputs or raises StageFailure/Rejected.
-        With `sequence` (a decoder step) every stage keeps its own KV caches: `feeds` hold
-        no cache tensors and the outputs no presents."""
+        """Start a request: a future of the outputs, or of StageFailure/Rejected. With
+        `sequence` (a decoder step) the stages keep their own KV caches."""
         if sequence is not None and self.local_kv is not None:
             raise UsageError(f"stage-local KV caches are not possible: {self.local_kv}")
         return asyncio.run_coroutine_threadsafe(
