@@ -15,8 +15,8 @@ from torch import nn
 
 from lamc.models.spec import (
     Dim,
-    KVCacheSpec,
     ModelSpec,
+    decoder_cache,
     override_bool,
     override_int,
     parse_config,
@@ -164,25 +164,18 @@ def build(config: str | None = None) -> ModelSpec:
     kv_spec = None
     operating_point = {"batch": batch, "seq": seq}
     if kv:
-        head_dim = cfg.n_embd // cfg.n_head
-        past_dim = Dim("past", 0, cfg.n_positions)
-        past_names, present_names = [], []
-        for i in range(cfg.n_layer):
-            for kind in ("key", "value"):
-                name = f"past.{i}.{kind}"
-                inputs[name] = torch.randn(2, cfg.n_head, 3, head_dim, generator=gen)
-                dynamic[name] = {0: batch_dim, 2: past_dim}
-            past_names.append((f"past.{i}.key", f"past.{i}.value"))
-            present_names.append((f"present.{i}.key", f"present.{i}.value"))
-        outputs += [n for pair in present_names for n in pair]
-        kv_spec = KVCacheSpec(
-            past_inputs=tuple(past_names),
-            present_outputs=tuple(present_names),
-            layer_scopes=tuple(f"transformer.h.{i}" for i in range(cfg.n_layer)),
+        kv_spec, presents = decoder_cache(
+            inputs,
+            dynamic,
+            layers=cfg.n_layer,
             kv_heads=cfg.n_head,
-            head_dim=head_dim,
+            head_dim=cfg.n_embd // cfg.n_head,
             max_context=cfg.n_positions,
+            layer_scope="transformer.h.{i}",
+            batch_dim=batch_dim,
+            generator=gen,
         )
+        outputs += presents
         operating_point["past"] = 0
     return ModelSpec(
         module=model,

@@ -15,8 +15,8 @@ from torch import nn
 
 from lamc.models.spec import (
     Dim,
-    KVCacheSpec,
     ModelSpec,
+    decoder_cache,
     override_bool,
     override_int,
     parse_config,
@@ -237,25 +237,18 @@ def build(config: str | None = None) -> ModelSpec:
     kv_spec = None
     operating_point = {"batch": batch, "seq": seq}
     if kv:
-        head_dim = cfg.hidden_size // cfg.num_attention_heads
-        past_dim = Dim("past", 0, cfg.max_position_embeddings)
-        past_names, present_names = [], []
-        for i in range(cfg.num_hidden_layers):
-            for kind in ("key", "value"):
-                name = f"past.{i}.{kind}"
-                inputs[name] = torch.randn(2, cfg.num_key_value_heads, 3, head_dim, generator=gen)
-                dynamic[name] = {0: batch_dim, 2: past_dim}
-            past_names.append((f"past.{i}.key", f"past.{i}.value"))
-            present_names.append((f"present.{i}.key", f"present.{i}.value"))
-        outputs += [n for pair in present_names for n in pair]
-        kv_spec = KVCacheSpec(
-            past_inputs=tuple(past_names),
-            present_outputs=tuple(present_names),
-            layer_scopes=tuple(f"model.layers.{i}" for i in range(cfg.num_hidden_layers)),
+        kv_spec, presents = decoder_cache(
+            inputs,
+            dynamic,
+            layers=cfg.num_hidden_layers,
             kv_heads=cfg.num_key_value_heads,
-            head_dim=head_dim,
+            head_dim=cfg.hidden_size // cfg.num_attention_heads,
             max_context=cfg.max_position_embeddings,
+            layer_scope="model.layers.{i}",
+            batch_dim=batch_dim,
+            generator=gen,
         )
+        outputs += presents
         operating_point["past"] = 0
     return ModelSpec(
         module=model,

@@ -47,6 +47,42 @@ class KVCacheSpec:
     max_context: int = 1024
 
 
+def decoder_cache(
+    inputs: dict[str, torch.Tensor],
+    dynamic: dict[str, dict[int, Dim]],
+    *,
+    layers: int,
+    kv_heads: int,
+    head_dim: int,
+    max_context: int,
+    layer_scope: str,
+    batch_dim: Dim,
+    generator: torch.Generator,
+) -> tuple[KVCacheSpec, list[str]]:
+    """A decoder's flat KV cache, the one layout lamc captures: per layer `past.{i}.key`
+    and `past.{i}.value` inputs [batch, kv_heads, past, head_dim] (added to `inputs` and
+    `dynamic`), and `present.{i}.*` outputs. `layer_scope` names layer i's module with
+    `{i}` (`transformer.h.{i}`). Returns the spec and the present output names."""
+    past_dim = Dim("past", 0, max_context)
+    past, present = [], []
+    for i in range(layers):
+        for kind in ("key", "value"):
+            name = f"past.{i}.{kind}"
+            inputs[name] = torch.randn(2, kv_heads, 3, head_dim, generator=generator)
+            dynamic[name] = {0: batch_dim, 2: past_dim}
+        past.append((f"past.{i}.key", f"past.{i}.value"))
+        present.append((f"present.{i}.key", f"present.{i}.value"))
+    spec = KVCacheSpec(
+        past_inputs=tuple(past),
+        present_outputs=tuple(present),
+        layer_scopes=tuple(layer_scope.format(i=i) for i in range(layers)),
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        max_context=max_context,
+    )
+    return spec, [n for pair in present for n in pair]
+
+
 @dataclass
 class ModelSpec:
     """A model ready to capture: module, example inputs and dynamic dimensions."""

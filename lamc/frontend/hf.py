@@ -91,7 +91,7 @@ def _decoder_spec(
     """A causal LM with its KV cache as flat tensors: `past.{i}.key|value` inputs
     [batch, kv_heads, past, head_dim] and `present.{i}.key|value` outputs, dynamic past
     length, one graph for prefill and decode."""
-    from lamc.models.spec import KVCacheSpec
+    from lamc.models.spec import decoder_cache
 
     config: Any = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -114,31 +114,27 @@ def _decoder_spec(
         )
     gen = torch.Generator().manual_seed(0)
     batch_dim, seq_dim = Dim("batch", 1, 64), Dim("seq", 1, max_pos)
-    past_dim = Dim("past", 0, max_pos)
     inputs = {"input_ids": torch.randint(0, vocab, (2, min(seq, 8)), generator=gen)}
     dynamic: dict[str, dict[int, Dim]] = {"input_ids": {0: batch_dim, 1: seq_dim}}
-    past, present = [], []
-    for i in range(layers):
-        for kind in ("key", "value"):
-            inputs[f"past.{i}.{kind}"] = torch.randn(2, kv_heads, 3, head_dim, generator=gen)
-            dynamic[f"past.{i}.{kind}"] = {0: batch_dim, 2: past_dim}
-        past.append((f"past.{i}.key", f"past.{i}.value"))
-        present.append((f"present.{i}.key", f"present.{i}.value"))
+    kv_cache, presents = decoder_cache(
+        inputs,
+        dynamic,
+        layers=layers,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        max_context=max_pos,
+        layer_scope=f"model.{blocks}.{{i}}",
+        batch_dim=batch_dim,
+        generator=gen,
+    )
     return ModelSpec(
         module=_DecoderAdapter(model, layers),
         example_inputs=inputs,
         dynamic=dynamic,
-        output_names=["logits"] + [n for pair in present for n in pair],
+        output_names=["logits", *presents],
         int_ranges={"input_ids": (0, vocab)},
         name=directory.resolve().name,
-        kv_cache=KVCacheSpec(
-            past_inputs=tuple(past),
-            present_outputs=tuple(present),
-            layer_scopes=tuple(f"model.{blocks}.{i}" for i in range(layers)),
-            kv_heads=kv_heads,
-            head_dim=head_dim,
-            max_context=max_pos,
-        ),
+        kv_cache=kv_cache,
         operating_point={"batch": batch, "seq": seq, "past": 0},
     )
 
