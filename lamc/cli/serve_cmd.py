@@ -44,6 +44,13 @@ from lamc.errors import UsageError
     help="Requests held at most (waiting, running or being handed on); more are rejected at once.",
 )
 @click.option(
+    "--max-deadline-s",
+    type=click.FloatRange(min=0.001, max=86400.0),
+    default=600.0,
+    show_default=True,
+    help="The longest deadline a request may carry; longer ones are cut to it (non-finite ones are refused).",
+)
+@click.option(
     "--max-sequences",
     type=click.IntRange(min=1),
     default=64,
@@ -102,6 +109,7 @@ def serve_command(
     hosts_file: Path | None,
     queue_size: int,
     max_sequences: int,
+    max_deadline_s: float,
     tls_cert: Path | None,
     tls_key: Path | None,
     tls_ca: Path | None,
@@ -152,6 +160,7 @@ def serve_command(
         next_address=next_address,
         queue_size=queue_size,
         max_sequences=max_sequences,
+        max_deadline_s=max_deadline_s,
         tls=tls,
         insecure=insecure,
         token=token,
@@ -162,4 +171,11 @@ def serve_command(
     )
     asyncio.run(serve_forever(service))
     counts = service.counts
-    return f"stage {stage} on {listen}: {counts['accepted']} accepted, {counts['forwarded'] + counts['delivered']} handed on, {counts['failed']} failed, {counts['rejected']} rejected"
+    refused = counts["rejected"] + counts["invalid"] + counts["late"] + counts["unauthenticated"]
+    return (
+        f"stage {stage} on {listen}: {counts['accepted'] + refused} received, "
+        f"{counts['accepted']} accepted, {counts['forwarded'] + counts['delivered']} handed on, "
+        f"{counts['failed']} failed, {refused} refused ({counts['rejected']} busy, "
+        f"{counts['invalid']} invalid, {counts['late']} past their deadline, "
+        f"{counts['unauthenticated']} unauthenticated)"
+    )

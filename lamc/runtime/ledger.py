@@ -43,21 +43,31 @@ class Ledger:
             lambda: collections.deque(maxlen=_PENDING_LIMIT)
         )
         self.states: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
-        self.in_flight = 0  # accepted and not yet handed on (queued, running or forwarding)
         self.counts = collections.Counter[str]()
+        # Accepted and not yet handed on (queued, running or forwarding), by request id.
+        self._open: dict[str, Job] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._open)
+
+    def open_jobs(self) -> list[Job]:
+        return list(self._open.values())
 
     def accepted(self, job: Job) -> None:
-        self.in_flight += 1
+        self._open[job.request_id] = job
         self.counts["accepted"] += 1
         self.state(job.request_id, "queued")
 
     def forwarded(self, job: Job, to: str) -> None:
         self.state(job.request_id, "forwarded", to)
-        self.in_flight -= 1
+        self._open.pop(job.request_id, None)
         self.counts["forwarded"] += 1
 
     def result(self, job: Job, tensors: dict[str, np.ndarray]) -> None:
         """The last stage's answer, to the client that sent the request."""
+        if self._open.pop(job.request_id, None) is None:
+            return  # already failed (the stage stopped before the answer was ready)
         delivery = wire.Delivery(
             request_id=job.request_id,
             stage=self.stage,
@@ -66,11 +76,12 @@ class Ledger:
         )
         self._deliver(job, delivery)
         self.state(job.request_id, "delivered")
-        self.in_flight -= 1
         self.counts["delivered"] += 1
 
     def fail(self, job: Job, reason: str) -> None:
-        """A failure naming this stage, to the client that sent the request."""
+        """A failure naming this stage, to the client that sent the request (once)."""
+        if self._open.pop(job.request_id, None) is None:
+            return
         self._deliver(
             job,
             wire.Delivery(
@@ -82,7 +93,6 @@ class Ledger:
             ),
         )
         self.state(job.request_id, "failed", reason)
-        self.in_flight -= 1
         self.counts["failed"] += 1
 
     def subscribe(self, client: str) -> asyncio.Queue[Any]:

@@ -74,7 +74,9 @@ class RemotePipeline:
         self.step_inputs = local_inputs(self.manifest)
         self.step_outputs = local_outputs(self.manifest)
         self.retry = retry_stateless and self.stateless
-        self.client_id = uuid.uuid4().hex
+        # The secret never leaves the subscription; requests carry only the id derived from it.
+        self._client_secret = uuid.uuid4().hex + uuid.uuid4().hex
+        self.client_id = wire.client_id_of(self._client_secret)
         self.counts: collections.Counter[str] = collections.Counter()
         self.codec_in = {t.name: t.codec for t in self.manifest.edges[0].tensors}
         self._pending: dict[str, _Pending] = {}
@@ -210,7 +212,7 @@ class RemotePipeline:
         while not self._closed:
             try:
                 stream = call(
-                    wire.SubscribeRequest(client_id=self.client_id),
+                    wire.SubscribeRequest(client_secret=self._client_secret),
                     metadata=auth_metadata(self.endpoints.token),
                     wait_for_ready=True,
                 )

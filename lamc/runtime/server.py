@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -81,6 +82,7 @@ class StageService:
         next_tls: TlsConfig | None = None,
         delay_ms: float = 0.0,
         max_sequences: int = 64,
+        max_deadline_s: float = 600.0,
     ) -> None:
         check_bind(listen, tls, insecure)
         self.manifest = verify(out_dir)
@@ -102,6 +104,7 @@ class StageService:
         self.tls = tls
         self.next_tls = next_tls
         self.queue_size = queue_size
+        self.max_deadline_ms = max_deadline_s * 1000.0
         self.max_message = max_message_bytes(self.manifest)
         self.runner: StageRunner = load_stage(
             out_dir, self.spec, providers=providers, threads=threads
@@ -218,6 +221,9 @@ class StageService:
         deadline = time.monotonic() + grace_s
         while self.ledger.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        # What could not leave in time is failed, not dropped: its client hears of it.
+        for job in self.ledger.open_jobs():
+            self.ledger.fail(job, f"stage {self.index} stopped before it could hand the request on")
         # Give subscribers a moment to receive the last deliveries.
         deadline = time.monotonic() + 2.0
         while self.ledger.undelivered() and time.monotonic() < deadline:
@@ -236,14 +242,27 @@ class StageService:
 
     async def submit(self, request: Any, context: Any) -> Any:
         if not token_matches(self.token, context.invocation_metadata()):
+            self.counts["unauthenticated"] += 1
             return wire.Ack(
                 accepted=False, code="UNAUTHENTICATED", message="missing or wrong token"
             )
         if self.draining:
+            self.counts["rejected"] += 1
             return wire.Ack(
                 accepted=False, code="UNAVAILABLE", message=f"stage {self.index} is shutting down"
             )
-        if request.timeout_ms <= 0:
+        timeout_ms = float(request.timeout_ms)
+        if not math.isfinite(timeout_ms):
+            self.counts["invalid"] += 1
+            return wire.Ack(
+                accepted=False,
+                code="INVALID_ARGUMENT",
+                message=f"the deadline must be a finite number of milliseconds, got {timeout_ms}",
+            )
+        # A deadline past the server's maximum is cut to it: every request ends in bounded time.
+        timeout_ms = min(timeout_ms, self.max_deadline_ms)
+        if timeout_ms <= 0:
+            self.counts["late"] += 1
             return wire.Ack(
                 accepted=False,
                 code="DEADLINE_EXCEEDED",
@@ -275,7 +294,7 @@ class StageService:
         job = Job(
             request.request_id,
             request.client_id,
-            time.monotonic() + request.timeout_ms / 1000.0,
+            time.monotonic() + timeout_ms / 1000.0,
             tensors,
             step,
             request.attempt,
@@ -303,7 +322,14 @@ class StageService:
             import grpc
 
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
-        client = request.client_id
+        if len(request.client_secret) < 32:
+            import grpc
+
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "subscribe with a client secret of at least 32 characters",
+            )
+        client = wire.client_id_of(request.client_secret)
         queue = self.ledger.subscribe(client)
         # Headers now, so that the client knows it is subscribed before the first delivery.
         await context.send_initial_metadata(())

@@ -81,7 +81,9 @@ def _messages() -> dict[str, Any]:
             ("message", 3, _T.TYPE_STRING, one, None),
         ],
     )
-    message("SubscribeRequest", [("client_id", 1, _T.TYPE_STRING, one, None)])
+    # A client subscribes with its secret; its requests carry client_id_of(secret), so
+    # knowing a client's id (every stage sees it) does not let anyone receive its answers.
+    message("SubscribeRequest", [("client_secret", 2, _T.TYPE_STRING, one, None)])
     message(
         "Delivery",
         [
@@ -130,6 +132,13 @@ Delivery = _CLASSES["Delivery"]
 StatusRequest = _CLASSES["StatusRequest"]
 StatusReply = _CLASSES["StatusReply"]
 ResetRequest = _CLASSES["ResetRequest"]
+
+
+def client_id_of(secret: str) -> str:
+    """The public id of a client: what its requests carry and its answers are sent to."""
+    import hashlib
+
+    return hashlib.sha256(secret.encode()).hexdigest()[:32]
 
 
 def method(name: str) -> str:

@@ -1,0 +1,157 @@
+"""Hostile traffic against a live stage: deadlines that are not numbers, a flood of them,
+and a client that tries to read another client's answers. The stage stays healthy,
+answers every request it accepted, and its final line counts every request it received."""
+
+from __future__ import annotations
+
+import math
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from lamc.runtime import wire
+from lamc.runtime.executor import Pipeline
+from lamc.runtime.hosts import Endpoints
+from lamc.runtime.remote import RemotePipeline
+from tests.compiled import compile_zoo
+from tests.runtime.servers import free_port, wait_serving
+
+MODEL = "zoo:gpt2:test"
+
+
+@pytest.fixture(scope="module")
+def gpt2_1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("hostile") / "gpt2"
+    compile_zoo(MODEL, out, 1)
+    return out
+
+
+def _ids(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 500, size=(1, 8)).astype(np.int64)
+
+
+def _serve(out: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
+    address = f"127.0.0.1:{free_port()}"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lamc",
+            "serve",
+            str(out),
+            "--stage",
+            "0",
+            "--listen",
+            address,
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    wait_serving(address, process=process)
+    return process, address
+
+
+def _submit(channel: grpc.Channel, timeout_ms: float, request_id: str, client_id: str) -> object:
+    call = channel.unary_unary(
+        wire.method("Submit"),
+        request_serializer=wire.SubmitRequest.SerializeToString,
+        response_deserializer=wire.Ack.FromString,
+    )
+    message = wire.SubmitRequest(
+        request_id=request_id,
+        client_id=client_id,
+        timeout_ms=timeout_ms,
+        tensors=[wire.encode("input_ids", _ids())],
+    )
+    return call(message, timeout=5)
+
+
+def test_a_flood_of_non_finite_deadlines_leaves_the_stage_serving(gpt2_1: Path) -> None:
+    process, address = _serve(gpt2_1, "--queue", "4")
+    try:
+        hostile = [math.nan, math.inf, -math.inf, 1e300]
+        acks = []
+        with grpc.insecure_channel(address) as channel:
+            for k in range(100):
+                acks.append(_submit(channel, hostile[k % 4], f"h{k}", "attacker"))
+        refused = [a for a in acks if not a.accepted]  # type: ignore[attr-defined]
+        # Not-a-number and infinite deadlines are refused as invalid, naming the deadline.
+        invalid = [a for a in refused if a.code == "INVALID_ARGUMENT"]  # type: ignore[attr-defined]
+        assert len(invalid) == 75
+        assert all("finite" in a.message for a in invalid)  # type: ignore[attr-defined]
+        # 1e300 ms is cut to the server's maximum: accepted while the queue has room, and
+        # every one accepted is worked off (none holds its slot for ever).
+        accepted = [a for a in acks if a.accepted]  # type: ignore[attr-defined]
+        assert accepted
+        # A well-behaved client is answered after the flood.
+        with RemotePipeline(gpt2_1, Endpoints({0: address}), timeout_s=30) as client:
+            got = client.run({"input_ids": _ids(1)})
+        want = Pipeline.open(gpt2_1).run({"input_ids": _ids(1)})
+        assert np.array_equal(got["logits"], want["logits"])
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0].decode()
+    assert process.returncode == 0, output
+    final = output.strip().splitlines()[-1]
+    match = re.search(
+        r"(\d+) received, (\d+) accepted, (\d+) handed on, (\d+) failed, (\d+) refused", final
+    )
+    assert match, final
+    received, took, handed, failed, refused_count = (int(g) for g in match.groups())
+    assert received == 101, final  # the flood and the good request, every one counted
+    assert took + refused_count == received
+    assert handed + failed == took, final
+
+
+def test_answers_go_only_to_the_client_that_asked(gpt2_1: Path) -> None:
+    process, address = _serve(gpt2_1)
+    try:
+        # The attacker knows the victim's client id (every stage sees it) and subscribes
+        # with it as its secret: it is a different client.
+        with (
+            RemotePipeline(gpt2_1, Endpoints({0: address}), timeout_s=30) as victim,
+            grpc.insecure_channel(address) as channel,
+        ):
+            subscribe = channel.unary_stream(
+                wire.method("Subscribe"),
+                request_serializer=wire.SubscribeRequest.SerializeToString,
+                response_deserializer=wire.Delivery.FromString,
+            )
+            stream = subscribe(wire.SubscribeRequest(client_secret=victim.client_id), timeout=3)
+            got = victim.run({"input_ids": _ids(2)})
+            assert got["logits"].shape[-1] == 512
+            stolen = []
+            with pytest.raises(grpc.RpcError) as ended:
+                for delivery in stream:
+                    stolen.append(delivery)
+            assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert stolen == []
+            # A subscription without a secret is refused outright.
+            with pytest.raises(grpc.RpcError) as refused:
+                next(iter(subscribe(wire.SubscribeRequest(), timeout=3)))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def test_deadline_too_far_is_cut_to_the_server_maximum(gpt2_1: Path) -> None:
+    process, address = _serve(gpt2_1, "--max-deadline-s", "0.001", "--delay-ms", "0")
+    try:
+        with grpc.insecure_channel(address) as channel:
+            ack = _submit(channel, 1e300, "far", "someone")
+        assert ack.accepted  # type: ignore[attr-defined]
+        time.sleep(0.5)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0].decode()
+    # With a 1 ms cap the request expires in the queue: failed, not held for ever.
+    assert " 1 accepted, " in output and (" 1 failed" in output or " 1 handed on" in output)
