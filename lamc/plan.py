@@ -149,6 +149,9 @@ class Plan:
     notes: tuple[str, ...] = ()
     # Units kept off a device because its backend cannot run them, with the reason.
     support: tuple[str, ...] = ()
+    # How the partitioner searched: exact, exact over classes of identical devices, or a
+    # beam search (approximate) where the exact table would not fit its memory budget.
+    search: str = "exact"
     # Objective generate: prefill ms, decode ms per token, their total over new_tokens,
     # and why the plan has as many stages as it has.
     generation: dict[str, Any] = field(default_factory=dict)

@@ -60,6 +60,8 @@ def render_plan(best: Any, cost: Any, *, explain: bool) -> None:
         best.objective, f"prefill + {best.generation.get('new_tokens', 0)} decode steps"
     )
     console.print(f"best {measure} by number of stages: {counts}")
+    if best.search != "exact":
+        console.print(f"search: {best.search}; plan at {best.fluid_ratio:.2f}x the fluid bound")
     if best.generation:
         g = best.generation
         past = ", ".join(f"{k}={v}" for k, v in g["decode_binding"].items())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -159,7 +160,10 @@ class Topology:
         empty when there is no path. `a` and `b` are device or host names."""
         key = (a, b)
         if key not in self._routes:
-            self._routes[key] = _pareto_routes(self._graph(), a, b)
+            # One search from `a` finds the routes to every node: cache them all.
+            for target, routes in _pareto_routes(self._graph(), a).items():
+                self._routes[(a, target)] = routes
+            self._routes.setdefault(key, ())
         return self._routes[key]
 
     def transfer_ms(self, a: str, b: str, nbytes: float) -> float:
@@ -174,6 +178,9 @@ class Topology:
         return min(routes, key=lambda r: r.transfer_ms(nbytes)) if routes else None
 
     def _graph(self) -> dict[str, list[Hop]]:
+        cached: dict[str, list[Hop]] | None = self.__dict__.get("_graph_cache")
+        if cached is not None:
+            return cached
         graph: dict[str, list[Hop]] = {}
 
         def add(a: str, b: str, bandwidth: float, latency: float) -> None:
@@ -189,39 +196,60 @@ class Topology:
             a = link.a if link.a in names else f"host:{link.a}"
             b = link.b if link.b in names else f"host:{link.b}"
             add(a, b, link.bandwidth, link.latency_ms)
+        self.__dict__["_graph_cache"] = graph
         return graph
 
 
-def _pareto_routes(
-    graph: dict[str, list[Hop]], a: str, b: str, limit: int = 4096
-) -> tuple[Route, ...]:
-    """Simple paths from a to b, keeping those no other path beats on both latency and
-    bandwidth. Topologies are small (a handful of hosts), so enumeration is cheap."""
-    if a not in graph or b not in graph:
-        return ()
-    found: list[Route] = []
-    stack: list[tuple[str, tuple[Hop, ...], frozenset[str]]] = [(a, (), frozenset([a]))]
-    while stack and len(found) < limit:
-        node, hops, seen = stack.pop()
-        if node == b:
-            found.append(Route(hops))
+def _pareto_routes(graph: dict[str, list[Hop]], a: str) -> dict[str, tuple[Route, ...]]:
+    """From `a` to every node: the routes no other route beats on both latency and bandwidth.
+
+    Exact and polynomial: for each bandwidth a link offers, the lowest-latency paths over
+    the links at least that wide (one Dijkstra from `a`). A Pareto-optimal route of
+    bottleneck w is matched or beaten by the one found for w, so the front is complete;
+    O(W * E log V) per source, never an enumeration of paths (exponential when dense)."""
+    if a not in graph:
+        return {}
+    widths = sorted({hop.bandwidth for hops in graph.values() for hop in hops}, reverse=True)
+    found: dict[str, list[Route]] = {}
+    for width in widths:
+        for target, route in _fastest_paths(graph, a, width).items():
+            found.setdefault(target, []).append(route)
+    result: dict[str, tuple[Route, ...]] = {}
+    for target, routes in found.items():
+        pareto = [
+            r
+            for r in routes
+            if not any(
+                (o.latency_ms <= r.latency_ms and o.bandwidth >= r.bandwidth)
+                and (o.latency_ms < r.latency_ms or o.bandwidth > r.bandwidth)
+                for o in routes
+            )
+        ]
+        unique: dict[tuple[float, float], Route] = {}
+        for route in sorted(pareto, key=lambda r: (r.latency_ms, -r.bandwidth, len(r.hops))):
+            unique.setdefault((route.latency_ms, route.bandwidth), route)
+        result[target] = tuple(unique.values())
+    return result
+
+
+def _fastest_paths(graph: dict[str, list[Hop]], a: str, min_bandwidth: float) -> dict[str, Route]:
+    """Dijkstra from `a` on latency over hops at least `min_bandwidth` wide; ties go to
+    fewer hops, then to the path whose node names sort first (deterministic)."""
+    heap: list[tuple[float, int, tuple[str, ...], tuple[Hop, ...]]] = [(0.0, 0, (a,), ())]
+    best: dict[str, Route] = {}
+    while heap:
+        latency, count, names, hops = heapq.heappop(heap)
+        node = names[-1]
+        if node in best:
             continue
-        for hop in sorted(graph.get(node, ()), key=lambda h: h.b):
-            if hop.b not in seen:
-                stack.append((hop.b, (*hops, hop), seen | {hop.b}))
-    pareto = [
-        r
-        for r in found
-        if not any(
-            (o.latency_ms <= r.latency_ms and o.bandwidth >= r.bandwidth)
-            and (o.latency_ms < r.latency_ms or o.bandwidth > r.bandwidth)
-            for o in found
-        )
-    ]
-    unique: dict[tuple[float, float], Route] = {}
-    for route in sorted(pareto, key=lambda r: (r.latency_ms, -r.bandwidth, len(r.hops))):
-        unique.setdefault((route.latency_ms, route.bandwidth), route)
-    return tuple(unique.values())
+        best[node] = Route(hops)
+        for hop in graph.get(node, ()):
+            if hop.bandwidth >= min_bandwidth and hop.b not in best:
+                heapq.heappush(
+                    heap, (latency + hop.latency_ms, count + 1, (*names, hop.b), (*hops, hop))
+                )
+    best.pop(a, None)
+    return best
 
 
 def all_routes_exist(topology: Topology, names: list[str]) -> list[tuple[str, str]]:

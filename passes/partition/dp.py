@@ -12,6 +12,11 @@ so constraints keep the search exact. The inner minimum over (j, k) is one numpy
 operation on an (n+1) x (n+1) array, for O(2^D * D * n^2) work in all; 200 units on 8
 devices plan in a fraction of a second.
 
+Interchangeable devices (`device_classes`: the same costs, masks and links) form a
+class, and S becomes how many of each class are used: exact, and polynomial in a class's
+size. A table over the memory budget (`MEMORY_BUDGET_BYTES`, many distinct devices) is
+searched with a beam instead, and the solution says so (`Solution.search`).
+
 Throughput ties are broken by solving again for latency over the plans whose every
 stage and transfer is within the optimal bottleneck: the result is the lowest-latency
 plan among the throughput-optimal ones. Remaining ties go to fewer stages, then to the
@@ -69,6 +74,7 @@ class Solution:
     latency_ms: float
     # Best objective value for each number of stages (inf: no feasible plan of that size).
     best_by_stages: dict[int, float] = field(default_factory=dict)
+    search: str = "exact"  # how it was found: exact, exact over device classes, or beam
 
     @property
     def value(self) -> float:
@@ -114,101 +120,245 @@ def solve(problem: PartitionProblem, objective: str) -> Solution | None:
         return first
     second.objective = THROUGHPUT
     second.best_by_stages = first.best_by_stages
+    second.search = first.search
     return second
+
+
+# What the exact search may allocate for its table (f: states x classes x cuts, float64).
+MEMORY_BUDGET_BYTES = 256 * 2**20
+# States kept per number of devices used when the exact table is over the budget.
+BEAM_WIDTH = 64
+
+
+def device_classes(problem: PartitionProblem) -> list[list[int]]:
+    """Devices that are interchangeable in every plan: the same stage costs (memory and
+    constraint masks included), the same client transfers, the same transfers to and from
+    every other device, and one transfer time between any two of them. The search counts
+    how many of each class it uses instead of which ones: exact, and polynomial in the
+    size of a class (64 identical boards are 65 states, not 2^64)."""
+    compute, transfer = problem.compute, problem.transfer
+    classes: list[list[int]] = []
+    for d in range(problem.n_devices):
+        for members in classes:
+            r = members[0]
+            if not (
+                np.array_equal(compute[d], compute[r])
+                and problem.inbound[d] == problem.inbound[r]
+                and problem.outbound[d] == problem.outbound[r]
+            ):
+                continue
+            inside = set(members)
+            others = [x for x in range(problem.n_devices) if x != d and x not in inside]
+            if not all(
+                np.array_equal(transfer[d, x], transfer[r, x])
+                and np.array_equal(transfer[x, d], transfer[x, r])
+                for x in others
+            ):
+                continue
+            within = transfer[r, members[1]] if len(members) > 1 else transfer[r, d]
+            if all(
+                np.array_equal(transfer[d, m], within) and np.array_equal(transfer[m, d], within)
+                for m in members
+            ):
+                members.append(d)
+                break
+        else:
+            classes.append([d])
+    return classes
 
 
 def _solve_once(problem: PartitionProblem, objective: str) -> Solution | None:
     d_count, n = problem.n_devices, problem.n_units
     if n == 0 or d_count == 0:
         return None
-    combine = np.maximum if objective == THROUGHPUT else np.add
-    full = 1 << d_count
-    f = np.full((full, d_count, n + 1), math.inf)
-    for d in range(d_count):
-        f[1 << d, d, :] = combine(problem.inbound[d], problem.compute[d, 0, :])
-    for s in range(1, full):
-        members = [d for d in range(d_count) if s >> d & 1]
-        live = [d for d in members if np.isfinite(f[s, d]).any()]
-        if not live:
-            continue
-        if problem.stages is not None and len(members) >= problem.stages:
-            continue
-        for e in range(d_count):
-            if s >> e & 1:
-                continue
-            g = _entry(f, s, live, e, problem, combine)
-            if not np.isfinite(g).any():
-                continue
-            best = combine(g[:, None], problem.compute[e]).min(axis=0)
-            target = f[s | 1 << e, e]
-            np.minimum(target, best, out=target)
+    classes = device_classes(problem)
+    sizes = [len(c) for c in classes]
+    states = math.prod(size + 1 for size in sizes)
+    table_bytes = states * len(classes) * (n + 1) * 8
+    if table_bytes <= MEMORY_BUDGET_BYTES:
+        search = _ClassSearch(problem, objective, classes)
+        how = "exact" if max(sizes) == 1 else f"exact over {len(classes)} device class(es)"
+    else:
+        search = _ClassSearch(problem, objective, classes, beam=BEAM_WIDTH)
+        how = (
+            f"beam search, {BEAM_WIDTH} states per stage count (approximate: the exact table "
+            f"would need {table_bytes / 2**30:.3g} GiB for {d_count} devices in "
+            f"{len(classes)} class(es))"
+        )
+    solution = search.run()
+    if solution is not None:
+        solution.search = how
+    return solution
 
-    finals: list[tuple[float, int, int, int]] = []  # (value, stages, set, device)
-    best_by_stages: dict[int, float] = {}
-    for s in range(1, full):
-        count = bin(s).count("1")
-        if problem.stages is not None and count != problem.stages:
-            continue
-        for d in range(d_count):
-            if s >> d & 1:
-                value = float(combine(f[s, d, n], problem.outbound[d]))
+
+class _ClassSearch:
+    """The DP over how many devices of each class are used, the last stage's class, and
+    the cut it ends at. With one device per class it is the subset DP of the module
+    docstring. `beam` keeps only that many states per number of devices used, ranked by a
+    lower bound of the plan they can finish (their prefix plus the rest of the units
+    spread over their unused devices): an approximation for topologies too large for
+    the table."""
+
+    def __init__(
+        self,
+        problem: PartitionProblem,
+        objective: str,
+        classes: list[list[int]],
+        beam: int | None = None,
+    ) -> None:
+        self.problem = problem
+        self.objective = objective
+        self.combine: np.ufunc = np.maximum if objective == THROUGHPUT else np.add
+        self.classes = classes
+        self.reps = [c[0] for c in classes]
+        self.sizes = [len(c) for c in classes]
+        self.beam = beam
+        # f[counts] -> [classes, cuts]; a dict keyed by the count vector (sparse).
+        self.f: dict[tuple[int, ...], np.ndarray] = {}
+
+    def transfer(self, a: int, b: int) -> np.ndarray:
+        """Cut transfer from a device of class a to another of class b."""
+        members = self.classes[a]
+        if a == b:
+            return self.problem.transfer[members[0], members[1]]
+        return self.problem.transfer[members[0], self.reps[b]]
+
+    def run(self) -> Solution | None:
+        problem, combine, m = self.problem, self.combine, len(self.classes)
+        n = problem.n_units
+        empty = tuple([0] * m)
+        levels: list[list[tuple[int, ...]]] = [[] for _ in range(problem.n_devices + 1)]
+        for b, rep in enumerate(self.reps):
+            counts = _bump(empty, b)
+            table = np.full((m, n + 1), math.inf)
+            table[b] = combine(problem.inbound[rep], problem.compute[rep, 0, :])
+            self.f[counts] = table
+            levels[1].append(counts)
+        limit = problem.stages if problem.stages is not None else problem.n_devices
+        for used in range(1, limit):
+            frontier = self._prune(levels[used])
+            for counts in frontier:
+                table = self.f[counts]
+                live = [a for a in range(m) if counts[a] and np.isfinite(table[a]).any()]
+                for b in range(m):
+                    if counts[b] >= self.sizes[b] or not live:
+                        continue
+                    g = np.full(n + 1, math.inf)
+                    for a in live:
+                        np.minimum(g, combine(table[a], self.transfer(a, b)), out=g)
+                    if not np.isfinite(g).any():
+                        continue
+                    best = combine(g[:, None], problem.compute[self.reps[b]]).min(axis=0)
+                    nxt = _bump(counts, b)
+                    if nxt not in self.f:
+                        self.f[nxt] = np.full((m, n + 1), math.inf)
+                        levels[used + 1].append(nxt)
+                    np.minimum(self.f[nxt][b], best, out=self.f[nxt][b])
+        return self._finish()
+
+    def _prune(self, level: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        if self.beam is None or len(level) <= self.beam:
+            return level
+        problem, n = self.problem, self.problem.n_units
+        # A lower bound of the finished plan per state: its prefix combined with the rest
+        # of the units spread over its unused devices by speed (no transfers).
+        with np.errstate(divide="ignore"):
+            rate = 1.0 / problem.compute[:, :, n]  # [D, n+1]: how fast each device ends the model
+        used = np.array(level)  # [S, classes]: devices of each class in use
+        unused = np.zeros((len(level), problem.n_devices))
+        for b, members in enumerate(self.classes):
+            for j, d in enumerate(members):  # a class's devices are taken in order
+                unused[:, d] = used[:, b] <= j
+        speed = unused @ np.where(np.isfinite(rate), rate, 0.0)  # [S, n+1]
+        with np.errstate(divide="ignore"):
+            rest = np.where(speed > 0, 1.0 / np.maximum(speed, 1e-300), math.inf)
+        rest[:, n] = 0.0
+        # combine is monotone: the best last class per cut is all the bound needs.
+        prefix = np.stack([self.f[counts].min(axis=0) for counts in level])  # [S, n+1]
+        bounds = self.combine(prefix, rest).min(axis=1)
+        order = sorted(range(len(level)), key=lambda i: (float(bounds[i]), level[i]))
+        kept = [level[i] for i in order[: self.beam]]
+        for counts in set(level) - set(kept):
+            del self.f[counts]
+        return kept
+
+    def _finish(self) -> Solution | None:
+        problem, combine, n = self.problem, self.combine, self.problem.n_units
+        finals: list[tuple[float, int, tuple[int, ...], int]] = []
+        best_by_stages: dict[int, float] = {}
+        for counts, table in self.f.items():
+            used = sum(counts)
+            if problem.stages is not None and used != problem.stages:
+                continue
+            for a, count in enumerate(counts):
+                if not count:
+                    continue
+                value = float(combine(table[a, n], problem.outbound[self.reps[a]]))
                 if math.isfinite(value):
-                    finals.append((value, count, s, d))
-                    best_by_stages[count] = min(best_by_stages.get(count, math.inf), value)
-    if not finals:
-        return None
-    best_value = min(v for v, *_ in finals)
-    tied = [item for item in finals if item[0] <= best_value * (1 + _REL) + 1e-12]
-    fewest = min(item[1] for item in tied)
-    # Among equals: fewest stages, then devices in declared order, then earlier cuts.
-    candidates = [
-        _backtrack(f, problem, s, d, n, combine) for _, count, s, d in tied if count == fewest
-    ]
-    segments = min(candidates, key=lambda segs: ([x.device for x in segs], [x.end for x in segs]))
-    bottleneck, latency = evaluate(problem, segments)
-    return Solution(objective, segments, bottleneck, latency, dict(sorted(best_by_stages.items())))
+                    finals.append((value, used, counts, a))
+                    best_by_stages[used] = min(best_by_stages.get(used, math.inf), value)
+        if not finals:
+            return None
+        best_value = min(v for v, *_ in finals)
+        tied = [item for item in finals if item[0] <= best_value * (1 + _REL) + 1e-12]
+        fewest = min(item[1] for item in tied)
+        # Among equals: fewest stages, then devices in declared order, then earlier cuts.
+        candidates = [self._backtrack(counts, a) for _, used, counts, a in tied if used == fewest]
+        segments = min(
+            candidates, key=lambda segs: ([x.device for x in segs], [x.end for x in segs])
+        )
+        bottleneck, latency = evaluate(problem, segments)
+        return Solution(
+            self.objective, segments, bottleneck, latency, dict(sorted(best_by_stages.items()))
+        )
 
-
-def _entry(
-    f: np.ndarray, s: int, members: list[int], e: int, problem: PartitionProblem, combine: np.ufunc
-) -> np.ndarray:
-    """g[j]: the best way to arrive at cut j on device e from any last device in S."""
-    g = np.full(f.shape[2], math.inf)
-    for d in members:
-        np.minimum(g, combine(f[s, d], problem.transfer[d, e]), out=g)
-    return g
-
-
-def _backtrack(
-    f: np.ndarray, problem: PartitionProblem, s: int, e: int, k: int, combine: np.ufunc
-) -> tuple[Segment, ...]:
-    segments: list[Segment] = []
-    while True:
-        rest = s & ~(1 << e)
-        if rest == 0:
-            segments.append(Segment(e, 0, k))
-            break
-        members = [d for d in range(problem.n_devices) if rest >> d & 1]
-        target = f[s, e, k]
-        best: tuple[int, int] | None = None
-        # Earliest cut first, then lowest device index: deterministic among equals.
-        for j in range(k):
-            c = problem.compute[e, j, k]
-            if not math.isfinite(c):
-                continue
-            for d in members:
-                arrive = float(combine(f[rest, d, j], problem.transfer[d, e, j]))
-                if (
-                    math.isfinite(arrive)
-                    and float(combine(arrive, c)) <= target * (1 + _REL) + 1e-12
-                ):
-                    best = (j, d)
-                    break
-            if best is not None:
+    def _backtrack(self, counts: tuple[int, ...], a: int) -> tuple[Segment, ...]:
+        """The stages as (class, start, end), then each class's uses given its devices in
+        declared order (interchangeable, so any order has the same value)."""
+        problem, combine = self.problem, self.combine
+        k = problem.n_units
+        steps: list[tuple[int, int, int]] = []
+        while True:
+            rest = _bump(counts, a, -1)
+            if not any(rest):
+                steps.append((a, 0, k))
                 break
-        if best is None:
-            raise RuntimeError("backtracking found no predecessor; the DP table is inconsistent")
-        j, d = best
-        segments.append(Segment(e, j, k))
-        s, e, k = rest, d, j
-    return tuple(reversed(segments))
+            target = self.f[counts][a, k]
+            table = self.f.get(rest)
+            if table is None:
+                raise RuntimeError("backtracking reached a state the search did not keep")
+            best: tuple[int, int] | None = None
+            for j in range(k):
+                c = problem.compute[self.reps[a], j, k]
+                if not math.isfinite(c):
+                    continue
+                for d in range(len(self.classes)):
+                    if not rest[d]:
+                        continue
+                    arrive = float(combine(table[d, j], self.transfer(d, a)[j]))
+                    if (
+                        math.isfinite(arrive)
+                        and float(combine(arrive, c)) <= target * (1 + _REL) + 1e-12
+                    ):
+                        best = (j, d)
+                        break
+                if best is not None:
+                    break
+            if best is None:
+                raise RuntimeError(
+                    "backtracking found no predecessor; the DP table is inconsistent"
+                )
+            j, d = best
+            steps.append((a, j, k))
+            counts, a, k = rest, d, j
+        steps.reverse()
+        taken = [0] * len(self.classes)
+        segments = []
+        for cls, start, end in steps:
+            segments.append(Segment(self.classes[cls][taken[cls]], start, end))
+            taken[cls] += 1
+        return tuple(segments)
+
+
+def _bump(counts: tuple[int, ...], index: int, by: int = 1) -> tuple[int, ...]:
+    return (*counts[:index], counts[index] + by, *counts[index + 1 :])

@@ -274,6 +274,7 @@ def to_plan(
         best_by_stages=dict(solution.best_by_stages),
         constraints=tuple(c.text for c in applied),
         support=support,
+        search=solution.search,
     )
 
 
