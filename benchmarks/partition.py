@@ -4,6 +4,9 @@
 
 1. Time to plan 200 units over 8 heterogeneous devices (random costs, memories, links),
    both objectives; target (issue 3) under 2 s.
+1b. Plan time and peak memory against device count (1-64), boards on a switched LAN: all
+   identical (one device class: exact) and all different (2^D subsets: exact while the
+   table fits its budget, then a beam search); the column `search` says which ran.
 2. For gpt2-small, llama-1b and ResNet-50 on each example topology (throughput objective):
    lamc's predicted bottleneck and latency beside the equal split, the memory-proportional
    split, the best single device, and the fluid bound. Models are captured shapes-only.
@@ -86,6 +89,72 @@ def scale() -> None:
         )
 
 
+def switch_topology(count: int, distinct: bool) -> str:
+    lines = ["lamc_topology: 1", f"name: lan-{count}", "devices:"]
+    for i in range(count):
+        tflops = 1.0 + (0.07 * i if distinct else 0.0)
+        lines.append(
+            f"  - {{name: b{i}, host: h{i}, kind: cpu, memory: 2GiB, peak: {{fp32: {tflops:.2f}TFLOPS}}, memory_bandwidth: 50GB/s}}"
+        )
+    # A switched LAN: every pair of boards one 1 Gbit/s hop apart.
+    links = [
+        f"  - {{a: h{i}, b: h{j}, bandwidth: 1Gbit/s, latency: 0.2ms}}"
+        for i in range(count)
+        for j in range(i + 1, count)
+    ]
+    lines += ["links:", *links] if links else ["links: []"]
+    return "\n".join(lines) + "\n"
+
+
+def plan_once(count: int, distinct: bool) -> dict[str, object]:
+    """One planning run, in this process: seconds, stages, the search used, and the
+    process's peak resident memory (it runs in a child of its own, so that is its own)."""
+    import resource
+
+    workload = random_workload(48, seed=1)
+    topology = parse_topology(switch_topology(count, distinct))
+    started = time.perf_counter()
+    best, _ = plan(workload, topology, PlanRequest(objective="throughput"))
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"seconds": seconds, "stages": len(best.stages), "search": best.search, "peak": peak}
+
+
+def device_count() -> None:
+    import json
+    import subprocess
+    import sys
+
+    from lamc.passes.partition import dp
+
+    print(
+        f"\nplan time and peak memory by device count (48 units, boards on a switched LAN; "
+        f"exact table budget {dp.MEMORY_BUDGET_BYTES / 2**20:.0f} MiB; each run in a fresh process, "
+        "peak = its whole resident memory, Python and numpy included):"
+    )
+    print("| devices | boards | plan s | peak RSS MiB | stages | search |")
+    print("|---|---|---|---|---|---|")
+    for count in (1, 2, 4, 8, 12, 13, 16, 20, 24, 32, 48, 64):
+        for distinct in (False, True):
+            run = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    str(count),
+                    "--distinct" if distinct else "--same",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            r = json.loads(run.stdout.strip().splitlines()[-1])
+            print(
+                f"| {count} | {'different' if distinct else 'identical'} | {r['seconds']:.2f} | "
+                f"{r['peak'] / 2**20:.0f} | {r['stages']} | {r['search']} |"
+            )
+
+
 def fmt(ms: float) -> str:
     return f"{ms:.1f}" if math.isfinite(ms) else "-"
 
@@ -125,8 +194,17 @@ def models() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-models", action="store_true")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--distinct", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--same", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one is not None:
+        import json
+
+        print(json.dumps(plan_once(args.one, args.distinct)))
+        return
     scale()
+    device_count()
     if not args.skip_models:
         models()
 

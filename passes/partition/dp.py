@@ -126,7 +126,10 @@ def solve(problem: PartitionProblem, objective: str) -> Solution | None:
 
 # What the exact search may allocate for its table (f: states x classes x cuts, float64).
 MEMORY_BUDGET_BYTES = 256 * 2**20
-# States kept per number of devices used when the exact table is over the budget.
+# ... and the work it may do (states x classes x cuts^2 stage evaluations): about a second
+# of numpy on a small CPU, per search.
+WORK_BUDGET = 150_000_000
+# States kept per number of devices used when the exact search is over either budget.
 BEAM_WIDTH = 64
 
 
@@ -175,15 +178,16 @@ def _solve_once(problem: PartitionProblem, objective: str) -> Solution | None:
     sizes = [len(c) for c in classes]
     states = math.prod(size + 1 for size in sizes)
     table_bytes = states * len(classes) * (n + 1) * 8
-    if table_bytes <= MEMORY_BUDGET_BYTES:
+    work = states * len(classes) * (n + 1) ** 2
+    if table_bytes <= MEMORY_BUDGET_BYTES and work <= WORK_BUDGET:
         search = _ClassSearch(problem, objective, classes)
         how = "exact" if max(sizes) == 1 else f"exact over {len(classes)} device class(es)"
     else:
         search = _ClassSearch(problem, objective, classes, beam=BEAM_WIDTH)
         how = (
-            f"beam search, {BEAM_WIDTH} states per stage count (approximate: the exact table "
-            f"would need {table_bytes / 2**30:.3g} GiB for {d_count} devices in "
-            f"{len(classes)} class(es))"
+            f"beam search, {BEAM_WIDTH} states per stage count (approximate: the exact search "
+            f"would need {table_bytes / 2**30:.3g} GiB and {work:.3g} stage evaluations for "
+            f"{d_count} devices in {len(classes)} class(es) and {n} units)"
         )
     solution = search.run()
     if solution is not None:
@@ -217,9 +221,12 @@ class _ClassSearch:
         self.f: dict[tuple[int, ...], np.ndarray] = {}
 
     def transfer(self, a: int, b: int) -> np.ndarray:
-        """Cut transfer from a device of class a to another of class b."""
+        """Cut transfer from a device of class a to another of class b (inf where there
+        is no other device of the class)."""
         members = self.classes[a]
         if a == b:
+            if len(members) < 2:
+                return np.full(self.problem.n_units + 1, math.inf)
             return self.problem.transfer[members[0], members[1]]
         return self.problem.transfer[members[0], self.reps[b]]
 
@@ -235,25 +242,29 @@ class _ClassSearch:
             self.f[counts] = table
             levels[1].append(counts)
         limit = problem.stages if problem.stages is not None else problem.n_devices
+        # Between classes [a, b, cut] (a == b: two devices of one class), and each class's
+        # stage table [b, j, k]: every state's step is two numpy operations.
+        hop = np.stack([np.stack([self.transfer(a, b) for b in range(m)]) for a in range(m)])
+        stage = problem.compute[self.reps]
+        sizes = np.array(self.sizes)
         for used in range(1, limit):
             frontier = self._prune(levels[used])
             for counts in frontier:
                 table = self.f[counts]
-                live = [a for a in range(m) if counts[a] and np.isfinite(table[a]).any()]
-                for b in range(m):
-                    if counts[b] >= self.sizes[b] or not live:
+                room = np.flatnonzero(np.array(counts) < sizes)
+                if room.size == 0 or not np.isfinite(table).any():
+                    continue
+                # Arriving at cut j on a device of class b from the last stage's class a.
+                arrive = combine(table[:, None, :], hop[:, room, :]).min(axis=0)
+                best = combine(arrive[:, :, None], stage[room]).min(axis=1)
+                for i, cls in enumerate(room.tolist()):
+                    if not np.isfinite(best[i]).any():
                         continue
-                    g = np.full(n + 1, math.inf)
-                    for a in live:
-                        np.minimum(g, combine(table[a], self.transfer(a, b)), out=g)
-                    if not np.isfinite(g).any():
-                        continue
-                    best = combine(g[:, None], problem.compute[self.reps[b]]).min(axis=0)
-                    nxt = _bump(counts, b)
+                    nxt = _bump(counts, cls)
                     if nxt not in self.f:
                         self.f[nxt] = np.full((m, n + 1), math.inf)
                         levels[used + 1].append(nxt)
-                    np.minimum(self.f[nxt][b], best, out=self.f[nxt][b])
+                    np.minimum(self.f[nxt][cls], best[i], out=self.f[nxt][cls])
         return self._finish()
 
     def _prune(self, level: list[tuple[int, ...]]) -> list[tuple[int, ...]]:

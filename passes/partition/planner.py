@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from lamc.cost import CostModel
-from lamc.errors import ConfigError, UnsupportedOpError
+from lamc.errors import ConfigError, DoesNotFitError, UnsupportedOpError
 from lamc.passes.partition import constraints as cons
 from lamc.passes.partition.baselines import alternatives, fluid_bound_ms
 from lamc.passes.partition.budgets import apply_budgets, budget_checks, meet_latency
@@ -98,27 +98,26 @@ def plan(
     base = PartitionProblem(np.where(allowed, compute, math.inf), transfer, inbound, outbound)
     objective = LATENCY if step is not None else request.objective
 
-    # 1. Does the model fit the devices at all (memory, backend support and routes only)?
-    if solve(base, LATENCY) is None:
-        if support is not None:
-            _explain_unsupported(workload, topology, request.unsupported or {})
-        explain_no_fit(cost, base, memory, compute, transfer, inbound, outbound)
-
-    # 2. Under the user's constraints?
+    # The plan under memory, backend support, routes, constraints and budgets; only when
+    # there is none are the looser problems solved, to say which of them rules it out.
     masked, stages = cons.apply(base.compute, applied)
-    problem = PartitionProblem(masked, transfer, inbound, outbound, stages=stages)
-    if solve(problem, LATENCY) is None:
-        conflict = minimal_conflict(base, applied)
-        from lamc.errors import DoesNotFitError
-
-        raise DoesNotFitError(
-            "no plan satisfies the constraints: " + "; ".join(c.text for c in conflict),
-            hint="these constraints cannot hold together (with the devices' memory and backends); drop or change one",
-        )
-
-    # 3. Under the budgets.
-    problem = apply_budgets(problem, memory, capacity, budgets)
+    constrained = PartitionProblem(masked, transfer, inbound, outbound, stages=stages)
+    problem = apply_budgets(constrained, memory, capacity, budgets)
     solution = solve(problem, objective)
+    if solution is None:
+        # 1. Does the model fit the devices at all (memory, backend support and routes)?
+        if solve(base, LATENCY) is None:
+            if support is not None:
+                _explain_unsupported(workload, topology, request.unsupported or {})
+            explain_no_fit(cost, base, memory, compute, transfer, inbound, outbound)
+        # 2. Under the user's constraints?
+        if solve(constrained, LATENCY) is None:
+            conflict = minimal_conflict(base, applied)
+            raise DoesNotFitError(
+                "no plan satisfies the constraints: " + "; ".join(c.text for c in conflict),
+                hint="these constraints cannot hold together (with the devices' memory and backends); drop or change one",
+            )
+    # 3. Under the budgets.
     if (
         solution is not None
         and budgets.max_latency_ms is not None
