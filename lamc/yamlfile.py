@@ -52,12 +52,37 @@ class Source:
 def load_yaml(path: Path) -> tuple[Any, Source]:
     source = Source(path)
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
+        if not path.is_file():  # a directory, a device such as /dev/zero, a pipe
+            if not path.exists():
+                raise ConfigError(f"{path}: file not found")
+            raise ConfigError(f"{path}: not a regular file")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB: not a topology")
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     return parse_yaml(text, source), source
+
+
+# Topology and device files are small: a larger one is a mistake (or /dev/zero).
+MAX_FILE_BYTES = 16 << 20
+# A document is read as the tree its aliases stand for: more nodes than this (an alias
+# bomb, nested anchors that multiply) is refused before anything walks it.
+MAX_NODES = 100_000
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """`repr(value)` for an error message, cut to `limit` characters (values from a file
+    may be huge: never copy them whole into a message)."""
+    import reprlib
+
+    brief = reprlib.Repr()
+    brief.maxstring = brief.maxother = brief.maxlong = limit
+    brief.maxlevel, brief.maxlist, brief.maxdict = 2, 6, 6
+    text = brief.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def parse_yaml(text: str, source: Source) -> Any:
@@ -66,7 +91,18 @@ def parse_yaml(text: str, source: Source) -> Any:
         # Constructing the loader already reads the stream (and rejects control characters).
         loader = _LinedLoader(text)
         loader.source = source
-        return loader.get_single_data()
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node)
+        if size > MAX_NODES:
+            raise source.error(
+                None,
+                "(document)",
+                f"the document expands to more than {MAX_NODES} values through its aliases "
+                "(anchors used inside anchors); write the values out",
+            )
+        return loader.construct_document(node)
     except ConfigError:
         raise
     except yaml.YAMLError as exc:
@@ -79,6 +115,34 @@ def parse_yaml(text: str, source: Source) -> Any:
     finally:
         if loader is not None:
             loader.dispose()
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many nodes the document has once every alias is replaced by what it names,
+    counted on the node graph (each shared node once, with its expanded size)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # on the current path: a node inside itself is infinite
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, ready = stack.pop()
+        if id(node) in sizes:
+            continue
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if ready or not children:
+            total = 1 + sum(sizes.get(id(c), MAX_NODES + 1) for c in children)
+            sizes[id(node)] = min(total, MAX_NODES + 1)
+            open_nodes.discard(id(node))
+            continue
+        if any(id(c) in open_nodes or c is node for c in children):
+            return MAX_NODES + 1
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
 
 
 class _LinedLoader(yaml.SafeLoader):

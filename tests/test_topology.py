@@ -6,6 +6,7 @@ import contextlib
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -323,3 +324,104 @@ def test_example_topologies_match_the_json_schema_editors_use() -> None:
         ]
     }
     assert list(validator.iter_errors(wrong))
+
+
+# ------------------------------------------------------------- hostile and large documents
+
+
+def test_an_alias_bomb_is_refused_at_once() -> None:
+    rows = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(8):
+        prev, name = chr(97 + i), chr(98 + i)
+        rows.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 10) + "]")
+    text = "\n".join([*rows, "devices: *i"]) + "\n"
+    with pytest.raises(ConfigError, match="expands to more than") as caught:
+        parse_topology(text, "bomb.yaml")
+    assert len(caught.value.message) < 300  # the expanded value is never copied into it
+
+
+def test_a_recursive_alias_is_refused() -> None:
+    with pytest.raises(ConfigError, match="expands to more than"):
+        parse_topology("a: &a [*a]\ndevices: *a\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("memory: " + "9" * 400, "devices[0].memory"),
+        ("memory: 1GiB, runtime_memory: " + "9" * 400, "devices[0].runtime_memory"),
+        ("memory: 1e999GiB", "devices[0].memory"),
+    ],
+)
+def test_huge_numbers_are_config_errors(text: str, field: str) -> None:
+    doc = (
+        "devices:\n  - {name: a, kind: cpu, "
+        + text
+        + ", peak: {fp32: 1TFLOPS}, memory_bandwidth: 1GB/s}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_topology(doc, "huge.yaml")
+    assert field in caught.value.message and len(caught.value.message) < 300
+
+
+def test_more_stages_than_devices_and_huge_budgets_are_refused() -> None:
+    device = "devices:\n  - {name: a, kind: cpu, memory: 1GiB, peak: {fp32: 1TFLOPS}, memory_bandwidth: 1GB/s}\n"
+    with pytest.raises(ConfigError, match="each device holds at most one"):
+        parse_topology(device + "constraints: {stages: " + "9" * 400 + "}\n")
+    with pytest.raises(ConfigError, match=r"budgets\.max_latency_ms"):
+        parse_topology(device + "budgets: {max_latency_ms: " + "9" * 400 + "}\n")
+
+
+def test_an_include_that_is_not_a_file_is_refused(tmp_path: Path) -> None:
+    topology = tmp_path / "t.yaml"
+    topology.write_text("devices:\n  - {include: /dev/zero, name: a}\n")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_topology(topology)
+
+
+@st.composite
+def _large_topologies(draw: st.DrawFn) -> str:
+    """Up to 64 devices (a few kinds, or all different), links dense, sparse or missing,
+    any unit spelling, some huge or odd numbers."""
+    count = draw(st.integers(1, 64))
+    kinds = draw(st.integers(1, count))
+    memory = draw(st.sampled_from(["2GiB", "2048MiB", "2.5GB", str(2**31), "9" * 40, "0.5GiB"]))
+    peak = draw(st.sampled_from(["1TFLOPS", "500GFLOPS", "40TOPS", "1e3GFLOPS"]))
+    rows = ["lamc_topology: 1", "name: fuzz", "devices:"]
+    for i in range(count):
+        rows.append(
+            f"  - {{name: d{i}, host: h{i}, kind: cpu, memory: {memory}, "
+            f"peak: {{fp32: {peak}}}, memory_bandwidth: {10 + i % kinds}GB/s}}"
+        )
+    density = draw(st.sampled_from([0.0, 0.1, 0.5, 1.0]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    bandwidth = draw(st.sampled_from(["1Gbit/s", "10GbE", "100MB/s", "600Mbit/s"]))
+    links = [
+        f"  - {{a: h{i}, b: h{j}, bandwidth: {bandwidth}, latency: {rng.uniform(0.1, 5):.2f}ms}}"
+        for i in range(count)
+        for j in range(i + 1, count)
+        if rng.uniform() < density
+    ]
+    rows += ["links:", *links] if links else ["links: []"]
+    return "\n".join(rows) + "\n"
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_large_topologies())
+def test_large_and_odd_topologies_plan_or_refuse_quickly(text: str) -> None:
+    import resource
+    import time
+
+    from lamc.passes.partition.planner import plan
+    from tests.synthetic import chain
+
+    started = time.perf_counter()
+    try:
+        topology = parse_topology(text, "fuzz.yaml")
+        best, _ = plan(chain(8, params=64 * 2**20), topology)
+    except LamcError:
+        pass
+    else:
+        assert best.stages and best.stages[-1].end_unit == 8
+    assert time.perf_counter() - started < 30  # generous: a shared 2-core machine
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 < 4 * 2**30

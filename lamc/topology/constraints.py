@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lamc.topology.fields import string_list, unknown_keys
-from lamc.yamlfile import LinedDict, Source, line_of
+from lamc.yamlfile import LinedDict, Source, line_of, shown
 
 
 @dataclass
@@ -70,7 +70,13 @@ def constraints_from(raw: Any, doc: LinedDict, source: Source, devices: set[str]
             raise source.error(
                 line_of(raw, "stages"),
                 "constraints.stages",
-                f"must be a positive integer, got {stages!r}",
+                f"must be a positive integer, got {shown(stages)}",
+            )
+        if stages > len(devices):
+            raise source.error(
+                line_of(raw, "stages"),
+                "constraints.stages",
+                f"{shown(stages)} stages on {len(devices)} device(s): each device holds at most one",
             )
         result.stages = stages
     result.split_after = tuple(string_list(raw, "split_after", "constraints", source))
@@ -144,10 +150,12 @@ def budgets_from(raw: Any, doc: LinedDict, source: Source) -> Budgets:
                 isinstance(value, bool)
                 or not isinstance(value, (int, float))
                 or not value > 0
-                or math.isinf(value)
+                or not math.isfinite(_as_float(value))
             ):
                 raise source.error(
-                    line_of(raw, key), f"budgets.{key}", f"must be a positive number, got {value!r}"
+                    line_of(raw, key),
+                    f"budgets.{key}",
+                    f"must be a positive number, got {shown(value)}",
                 )
             setattr(budgets, key, float(value))
     if "min_memory_headroom" in raw:
@@ -160,6 +168,14 @@ def budgets_from(raw: Any, doc: LinedDict, source: Source) -> Budgets:
     return budgets
 
 
+def _as_float(value: int | float) -> float:
+    """`value` as a float; integers too large for one are infinite."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
 def parse_fraction(value: Any) -> float:
     """`10%`, `0.1` -> 0.1 (a fraction in [0, 1))."""
     if isinstance(value, bool):
@@ -167,12 +183,12 @@ def parse_fraction(value: Any) -> float:
     if isinstance(value, str) and value.strip().endswith("%"):
         try:
             number = float(value.strip()[:-1]) / 100
-        except ValueError:
+        except (ValueError, OverflowError):
             raise ValueError(f"must be a fraction such as 10% or 0.1, got {value!r}") from None
     elif isinstance(value, (int, float, str)):
         try:
             number = float(value)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise ValueError(f"must be a fraction such as 10% or 0.1, got {value!r}") from None
     else:
         raise ValueError(f"must be a fraction such as 10% or 0.1, got {value!r}")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from lamc.quantity import QuantityError
-from lamc.yamlfile import LinedDict, Source, line_of
+from lamc.yamlfile import LinedDict, Source, line_of, shown
 
 
 def unknown_keys(mapping: LinedDict, allowed: set[str], where: str, source: Source) -> None:
@@ -58,12 +59,18 @@ def quantity(
         value = float(parse(raw))
     except QuantityError as exc:
         raise source.error(line_of(container, key), field_name, str(exc)) from None
+    except (OverflowError, ValueError, TypeError):
+        raise source.error(
+            line_of(container, key), field_name, f"is not a quantity lamc can use: {shown(raw)}"
+        ) from None
+    if not math.isfinite(value):
+        raise source.error(line_of(container, key), field_name, f"must be finite, got {shown(raw)}")
     if positive and not value > 0:
         raise source.error(
-            line_of(container, key), field_name, f"must be greater than zero, got {raw!r}"
+            line_of(container, key), field_name, f"must be greater than zero, got {shown(raw)}"
         )
     if value < 0:
         raise source.error(
-            line_of(container, key), field_name, f"must not be negative, got {raw!r}"
+            line_of(container, key), field_name, f"must not be negative, got {shown(raw)}"
         )
     return value
