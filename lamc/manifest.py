@@ -328,6 +328,37 @@ def _check_consistency(manifest: Manifest, path: Path) -> None:
             )
     if [s.index for s in manifest.stages] != list(range(len(manifest.stages))):
         raise IntegrityError(f"{path}: stages are not numbered 0..{len(manifest.stages) - 1}")
+    for name, bounds in manifest.dims.items():
+        if bounds.min > bounds.max:
+            raise IntegrityError(f"{path}: dims/{name}: min {bounds.min} > max {bounds.max}")
+    # Stages hand on what the next one receives: swapped or edited stages are caught here,
+    # before any session loads.
+    for before, after in zip(manifest.stages, manifest.stages[1:]):
+        if set(after.receives) - set(before.sends):
+            missing = sorted(set(after.receives) - set(before.sends))
+            raise IntegrityError(
+                f"{path}: stages/{after.index} receives {', '.join(missing)}, which stage "
+                f"{before.index} does not send"
+            )
+
+
+def _check_unlisted(out_dir: Path, manifest: Manifest) -> None:
+    """Every file in a stage's folder is listed and hashed: a runtime loads external data
+    by the name its model gives, so a file taken off the list (and edited) would be read
+    unchecked. Nothing unlisted may sit beside what a session reads."""
+    listed = {f.path for s in manifest.stages for f in s.files}
+    folders = {str(Path(f).parent) for f in listed if str(Path(f).parent) != "."}
+    for folder in sorted(folders):
+        base = out_dir / folder
+        if not base.is_dir():
+            continue
+        for found in sorted(base.rglob("*")):
+            relative = found.relative_to(out_dir).as_posix()
+            if (found.is_file() or found.is_symlink()) and relative not in listed:
+                raise IntegrityError(
+                    f"{relative}: not in the manifest's file list (a file a session could "
+                    "read unchecked)"
+                )
 
 
 def verify(out_dir: Path) -> Manifest:
@@ -335,6 +366,7 @@ def verify(out_dir: Path) -> Manifest:
     (exit 9) naming the file, or RuntimeEnvironmentError (exit 10) for a runtime too old."""
     manifest = read_manifest(out_dir)
     _check_runtime(manifest)
+    _check_unlisted(out_dir, manifest)
     for stage in manifest.stages:
         for item in stage.files:
             file = safe_path(out_dir, item.path, f"stage {stage.index}")
@@ -353,7 +385,39 @@ def verify(out_dir: Path) -> Manifest:
     return manifest
 
 
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits[:9]))
+    return tuple(parts)
+
+
+def _check_requires(manifest: Manifest) -> None:
+    """`requires: {package: ">=X.Y"}`: each package installed, at that version or newer."""
+    from importlib import metadata
+
+    for package, spec in sorted(manifest.requires.items()):
+        if not spec.startswith(">=") or not _version(spec[2:]):
+            raise IntegrityError(f"requires/{package}: {spec!r} is not '>=VERSION'")
+        try:
+            installed = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            raise RuntimeEnvironmentError(
+                f"this pipeline requires {package} {spec}, which is not installed",
+                hint=f"pip install '{package}{spec}'",
+            ) from None
+        if _version(installed) < _version(spec[2:]):
+            raise RuntimeEnvironmentError(
+                f"this pipeline requires {package} {spec}; {installed} is installed",
+                hint=f"pip install '{package}{spec}'",
+            )
+
+
 def _check_runtime(manifest: Manifest) -> None:
+    _check_requires(manifest)
     needs_ort = any(s.backend == "onnxruntime" for s in manifest.stages)
     if not needs_ort:
         return

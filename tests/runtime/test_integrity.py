@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -164,3 +165,47 @@ def test_a_scalar_tensor_stays_a_scalar() -> None:
     assert out.shape == () and int(out) == 8
     with pytest.raises(TensorMismatch, match="expected rank 0"):
         check(spec, np.array([8], dtype=np.int64), {}, {}, "stage 1")
+
+
+def test_a_file_taken_off_the_list_is_not_read_unchecked(copy: Path, no_loading: None) -> None:
+    # Drop the weights from the stage's file list, then tamper with them.
+    _edit(
+        copy,
+        lambda d: d["stages"][0].update(
+            files=[f for f in d["stages"][0]["files"] if not f["path"].endswith(".data")]
+        ),
+    )
+    path = copy / "stage-0" / "model.onnx.data"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    _fails(copy, "stage-0/model.onnx.data: not in the manifest's file list")
+
+
+def test_required_runtime_version_is_checked(copy: Path, no_loading: None) -> None:
+    from lamc.errors import RuntimeEnvironmentError
+
+    _edit(copy, lambda d: d.update(requires={"onnxruntime": ">=99.0"}))
+    with pytest.raises(RuntimeEnvironmentError) as info:
+        Pipeline.open(copy)
+    assert info.value.exit_code == ExitCode.ENVIRONMENT
+    assert "requires onnxruntime >=99.0" in info.value.message
+
+
+def test_inconsistent_dims_fail_before_loading(copy: Path, no_loading: None) -> None:
+    def widen(d: dict[str, Any]) -> None:
+        name = next(iter(d["dims"]))
+        d["dims"][name] = {"min": 9, "max": 2}
+
+    _edit(copy, widen)
+    _fails(copy, "min 9 > max 2")
+
+
+def test_swapped_stages_fail_before_loading(copy: Path, no_loading: None) -> None:
+    def swap(d: dict[str, Any]) -> None:
+        first, second = d["stages"]
+        first["index"], second["index"] = 1, 0
+        d["stages"] = [second, first]
+
+    _edit(copy, swap)
+    _fails(copy, "does not send")
