@@ -52,13 +52,15 @@ class TlsConfig:
             except OSError as exc:
                 raise UsageError(f"{what} {path}: {exc.strerror}") from None
 
-        return cls(
+        config = cls(
             read(cert, "--tls-cert"),
             read(key, "--tls-key"),
             read(ca, "--tls-ca"),
             require_client_cert,
             server_name,
         )
+        _check_pem(cert, key, ca)
+        return config
 
     def server_credentials(self) -> Any:
         import grpc
@@ -96,8 +98,37 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+def _check_pem(cert: Path | None, key: Path | None, ca: Path | None) -> None:
+    """The certificate, its key and the CA load as PEM (a garbage file is a usage error
+    naming it, not a failed bind later)."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if cert is not None and key is not None:
+        try:
+            context.load_cert_chain(str(cert), str(key))
+        except (ssl.SSLError, ValueError) as exc:
+            raise UsageError(
+                f"--tls-cert {cert} / --tls-key {key}: not a PEM certificate and its private key "
+                f"({getattr(exc, 'reason', None) or exc})"
+            ) from None
+    if ca is not None:
+        try:
+            context.load_verify_locations(cafile=str(ca))
+        except (ssl.SSLError, ValueError) as exc:
+            raise UsageError(f"--tls-ca {ca}: not a PEM certificate ({exc})") from None
+
+
+def check_listen(address: str) -> None:
+    """HOST:PORT with a port in 1..65535 (gRPC would quietly bind another one)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--listen {address}: expected HOST:PORT with a port from 1 to 65535")
+
+
 def check_bind(address: str, tls: TlsConfig | None, insecure: bool) -> None:
     """Refuse a plaintext listener reachable from other hosts unless asked to."""
+    check_listen(address)
     if tls is None and not insecure and not is_loopback(address):
         raise UsageError(
             f"refusing to serve on {address} without TLS: other hosts could read and send tensors",

@@ -155,3 +155,24 @@ def test_deadline_too_far_is_cut_to_the_server_maximum(gpt2_1: Path) -> None:
         output = process.communicate(timeout=60)[0].decode()
     # With a 1 ms cap the request expires in the queue: failed, not held for ever.
     assert " 1 accepted, " in output and (" 1 failed" in output or " 1 handed on" in output)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--listen", "127.0.0.1:99999"], "a port from 1 to 65535"),
+        (["--listen", "127.0.0.1"], "expected HOST:PORT"),
+        (["--listen", "127.0.0.1:5999", "--tls-cert", "{bad}", "--tls-key", "{bad}"], "not a PEM"),
+        (["--listen", "127.0.0.1:5999", "--tls-ca", "{bad}"], "--tls-ca"),
+    ],
+)
+def test_bad_serving_flags_are_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None:
+    from tests.cli.helpers import lamc
+
+    bad = tmp_path / "garbage.pem"
+    bad.write_text("not a certificate\n")
+    outcome = lamc(
+        "serve", str(tmp_path / "out"), "--stage", "0", *[a.format(bad=bad) for a in args]
+    )
+    assert outcome.code == 2, outcome.stdout + outcome.stderr
+    assert needle in outcome.final, outcome.final
