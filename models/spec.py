@@ -139,15 +139,24 @@ def parse_config(
     return base, overrides
 
 
+# What a zoo override may ask for: enough for any real configuration, never a model too
+# large to build (`layers=100000000` would try to allocate it).
+OVERRIDE_RANGES = {"layers": (1, 256), "batch": (1, 64), "seq": (1, 1 << 16)}
+
+
 def override_int(overrides: dict[str, str], key: str, default: int) -> int:
     """Pop an integer override (`layers=6`)."""
     if key not in overrides:
         return default
     value = overrides.pop(key)
     try:
-        return int(value)
+        number = int(value)
     except ValueError as exc:
         raise ValueError(f"config override {key}={value!r} is not an integer") from exc
+    low, high = OVERRIDE_RANGES.get(key, (1, 1 << 20))
+    if not low <= number <= high:
+        raise ValueError(f"config override {key}={value!r} is outside {low}..{high}")
+    return number
 
 
 def override_bool(overrides: dict[str, str], key: str, default: bool) -> bool:

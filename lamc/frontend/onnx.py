@@ -30,6 +30,12 @@ def capture_onnx(
         raise CaptureError(
             f"{path} is not a valid ONNX model: {type(exc).__name__}: {_first_line(exc)}"
         ) from exc
+    if len(model.graph) == 0 or not model.graph.outputs:
+        what = "empty (0 bytes)" if path.stat().st_size == 0 else "a model without a graph"
+        raise CaptureError(
+            f"{path} is not a valid ONNX model: it is {what}",
+            hint="export the model again; an ONNX model has nodes and at least one output",
+        )
     _check_external_data(model, path)
     capture_s = time.perf_counter() - started
 

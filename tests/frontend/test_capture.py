@@ -190,3 +190,9 @@ def test_weightless_capture_plans_without_memory() -> None:
     light_matrix = sum(u.matrix_flops for u in light.workload.units)
     full_matrix = sum(u.matrix_flops for u in full.workload.units)
     assert light_matrix == full_matrix
+
+
+def test_an_empty_onnx_file_is_a_capture_error(tmp_path: Path) -> None:
+    path = tmp_path / "empty.onnx"
+    path.write_bytes(b"")
+    assert "empty (0 bytes)" in _fails(str(path), ExitCode.CAPTURE, "is not a valid ONNX model")

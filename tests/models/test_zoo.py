@@ -63,3 +63,12 @@ def test_bert_loads_real_minilm_weights() -> None:
         ours = spec.module(**spec.example_inputs)
         theirs = reference(**spec.example_inputs).last_hidden_state
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("option", ["layers=-3", "layers=100000000", "batch=0", "seq=0"])
+def test_overrides_out_of_range_are_usage_errors(option: str) -> None:
+    from tests.cli.helpers import lamc
+
+    outcome = lamc("inspect", f"zoo:gpt2:test,{option}")
+    assert outcome.code == 2, outcome.stdout + outcome.stderr
+    assert "is outside" in outcome.final
