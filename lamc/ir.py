@@ -143,3 +143,20 @@ def binding_from_inputs(graph: ir.Graph, shapes: Mapping[str, tuple[int, ...]]) 
             if isinstance(dim, ir.SymbolicDim) and dim.value and dim.value.isidentifier():
                 binding.setdefault(dim.value, int(size))
     return binding
+
+
+def index_ranges(model: ir.Model) -> dict[str, tuple[int, int]]:
+    """Model inputs that index a table (Gather on an initializer: token ids, token types)
+    and the values they may take, [0, rows): what the model itself can look up."""
+    ranges: dict[str, tuple[int, int]] = {}
+    for value in model.graph.inputs:
+        for use in value.uses():
+            node = use.node
+            if node.op_type == "Gather" and use.idx == 1:
+                table = node.inputs[0]
+                if table is not None and table.const_value is not None:
+                    axis = node.attributes.get_int("axis", 0)
+                    rows = int(table.const_value.shape.numpy()[axis])
+                    known = ranges.get(value.name or "", (0, rows))[1]
+                    ranges[value.name or ""] = (0, min(known, rows))
+    return ranges

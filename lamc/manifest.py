@@ -35,6 +35,9 @@ class TensorSpec:
     name: str
     dtype: str  # numpy name: float32, float16, int64, int32, int8, uint8, bool
     shape: tuple[int | str, ...]  # ints, dim names, or expressions of them (past + seq)
+    # Integer model inputs (token ids): the values the model takes, [low, high). Checked at
+    # the first hop: an id past the vocabulary would index out of the embedding table.
+    range: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,10 @@ class Manifest:
         data = asdict(self)
         data["plan"] = self.plan.to_dict()
         data["dims"] = {k: asdict(v) for k, v in sorted(self.dims.items())}
-        data["tensors"] = {k: asdict(v) for k, v in sorted(self.tensors.items())}
+        data["tensors"] = {
+            k: {f: x for f, x in asdict(v).items() if not (f == "range" and x is None)}
+            for k, v in sorted(self.tensors.items())
+        }
         result: dict[str, Any] = rounded(data)
         return result
 
@@ -221,7 +227,12 @@ class Manifest:
             provenance=dict(data["provenance"]),
             dims={k: DimRange(int(v["min"]), int(v["max"])) for k, v in data["dims"].items()},
             tensors={
-                k: TensorSpec(v["name"], v["dtype"], tuple(v["shape"]))
+                k: TensorSpec(
+                    v["name"],
+                    v["dtype"],
+                    tuple(v["shape"]),
+                    tuple(v["range"]) if v.get("range") is not None else None,
+                )
                 for k, v in data["tensors"].items()
             },
             inputs=tuple(data["inputs"]),

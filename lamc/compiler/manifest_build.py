@@ -19,7 +19,7 @@ from lamc.backends.protocol import Artifact
 from lamc.backends.slice import StageGraph
 from lamc.errors import InternalError
 from lamc.frontend.capture import Captured
-from lamc.ir import dims_text
+from lamc.ir import dims_text, index_ranges
 from lamc.manifest import (
     DimRange,
     Edge,
@@ -80,7 +80,9 @@ def build_manifest(
                 kv_cache=_kv_ownership(captured, graph, context),
             )
         )
-    tensors = {name: _spec(values[name]) for name in sorted(names)}
+    # Token-id inputs get the range of the table they index, checked at the first hop.
+    ranges = index_ranges(captured.model)
+    tensors = {name: _spec(values[name], ranges.get(name)) for name in sorted(names)}
     edges = []
     for k in range(len(stages) + 1):
         cut = workload.cuts[
@@ -145,9 +147,10 @@ def _values(model: ir.Model) -> dict[str, ir.Value]:
     return found
 
 
-def _spec(value: ir.Value) -> TensorSpec:
+def _spec(value: ir.Value, int_range: tuple[int, int] | None = None) -> TensorSpec:
     dtype = value.dtype.numpy().name if value.dtype is not None else "float32"
-    return TensorSpec(value.name or "", dtype, tuple(dims_text(value.shape)))
+    bounds = (int(int_range[0]), int(int_range[1])) if int_range and "int" in dtype else None
+    return TensorSpec(value.name or "", dtype, tuple(dims_text(value.shape)), bounds)
 
 
 def model_sha256(model: ir.Model) -> str:

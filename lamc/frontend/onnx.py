@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from lamc.errors import CaptureError, UsageError
 from lamc.frontend.capture import Captured
+from lamc.ir import index_ranges
 
 
 def capture_onnx(
@@ -58,7 +59,7 @@ def capture_onnx(
             warnings.append(
                 f"dim {name!r} has no example size; using {point[name]} (pass --dims {name}=N)"
             )
-    int_ranges = _int_ranges(model)
+    int_ranges = index_ranges(model)
     example: dict[str, np.ndarray] = {}
     rng = np.random.default_rng(0)
     from lamc.ir import UnresolvedDim, eval_shape
@@ -120,20 +121,6 @@ def _input_symbols(model: ir.Model) -> list[str]:
             if isinstance(dim, ir.SymbolicDim) and dim.value and dim.value not in found:
                 found.append(dim.value)
     return found
-
-
-def _int_ranges(model: ir.Model) -> dict[str, tuple[int, int]]:
-    """Token-id style inputs: bounded by the table they index (Gather on an initializer)."""
-    ranges: dict[str, tuple[int, int]] = {}
-    for value in model.graph.inputs:
-        for use in value.uses():
-            node = use.node
-            if node.op_type == "Gather" and use.idx == 1:
-                table = node.inputs[0]
-                if table is not None and table.const_value is not None:
-                    axis = node.attributes.get_int("axis", 0)
-                    ranges[value.name or ""] = (0, int(table.const_value.shape.numpy()[axis]))
-    return ranges
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:

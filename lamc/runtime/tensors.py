@@ -68,6 +68,14 @@ def check(
             raise TensorMismatch(
                 f"{where}: {spec.name}: expected {expression} = {expected} on axis {axis}, got {size}"
             )
+    if spec.range is not None and array.size:
+        low, high = spec.range
+        smallest, largest = int(array.min()), int(array.max())
+        if smallest < low or largest >= high:
+            bad = smallest if smallest < low else largest
+            raise TensorMismatch(
+                f"{where}: {spec.name}: expected values in {low}..{high - 1}, got {bad}"
+            )
     if array.nbytes != array.size * array.dtype.itemsize:
         raise TensorMismatch(
             f"{where}: {spec.name}: byte length {array.nbytes} does not match its shape"

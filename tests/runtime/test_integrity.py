@@ -209,3 +209,17 @@ def test_swapped_stages_fail_before_loading(copy: Path, no_loading: None) -> Non
 
     _edit(copy, swap)
     _fails(copy, "does not send")
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_at_the_first_hop(compiled: Path) -> None:
+    from lamc.runtime.tensors import TensorMismatch
+
+    pipeline = Pipeline.open(compiled)
+    spec = pipeline.manifest.tensors["input_ids"]
+    assert spec.range is not None and spec.range[0] == 0
+    vocabulary = spec.range[1]
+    for bad in (-1, vocabulary):
+        ids = np.array([[1, 2, bad]], dtype=np.int64)
+        with pytest.raises(TensorMismatch) as info:
+            pipeline.run({"input_ids": ids})
+        assert f"expected values in 0..{vocabulary - 1}, got {bad}" in str(info.value)
