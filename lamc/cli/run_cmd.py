@@ -13,7 +13,7 @@ import numpy as np
 from lamc.cli.main import cli, lamc_command
 from lamc.cli.options import parse_mapping, parse_sizes
 from lamc.cli.ui import stdout_console
-from lamc.errors import UsageError
+from lamc.errors import AccuracyError, RuntimeEnvironmentError, UsageError
 
 
 def load_inputs(values: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -25,8 +25,9 @@ def load_inputs(values: tuple[str, ...]) -> dict[str, np.ndarray]:
             raise UsageError(f"--input {name}: {path} does not exist")
         try:
             feeds[name] = np.load(file, allow_pickle=False)
-        except ValueError as exc:
-            raise UsageError(f"--input {name}: {path} is not a .npy array ({exc})") from None
+        except (ValueError, OSError, EOFError, TypeError) as exc:
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise UsageError(f"--input {name}: {path} is not a .npy array ({reason})") from None
     return feeds
 
 
@@ -35,6 +36,12 @@ def random_feeds(manifest: object, sizes: dict[str, int], seed: int) -> dict[str
     from lamc.dims import eval_dim
 
     rng = np.random.default_rng(seed)
+    unknown = sorted(set(sizes) - set(manifest.dims))  # type: ignore[attr-defined]
+    if unknown:
+        raise UsageError(
+            f"--random: the pipeline has no dim {', '.join(unknown)}",
+            hint=f"its dims: {', '.join(sorted(manifest.dims)) or 'none'}",  # type: ignore[attr-defined]
+        )
     binding = dict(manifest.plan.get("binding", {}))  # type: ignore[attr-defined]
     binding.update(sizes)
     for name, bounds in manifest.dims.items():  # type: ignore[attr-defined]
@@ -45,8 +52,9 @@ def random_feeds(manifest: object, sizes: dict[str, int], seed: int) -> dict[str
         shape = tuple(eval_dim(d, binding) for d in spec.shape)
         dtype = np.dtype(spec.dtype)
         if np.issubdtype(dtype, np.integer):
+            high = min(spec.range[1], 100) if spec.range is not None else 100
             feeds[name] = (
-                np.ones(shape) if "mask" in name else rng.integers(0, 100, size=shape)
+                np.ones(shape) if "mask" in name else rng.integers(0, high, size=shape)
             ).astype(dtype)
         else:
             feeds[name] = rng.standard_normal(shape).astype(dtype)
@@ -111,6 +119,11 @@ def random_feeds(manifest: object, sizes: dict[str, int], seed: int) -> dict[str
     help="Run on the pipeline deployed with `lamc serve OUT --ray ADDRESS`.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--check-finite",
+    is_flag=True,
+    help="Fail on a NaN or infinite value in an input (exit 2) or an output (exit 7); without it, a warning.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @lamc_command("run")
 def run_command(
@@ -125,6 +138,7 @@ def run_command(
     timeout_s: float,
     ray_address: str | None,
     seed: int,
+    check_finite: bool,
     as_json: bool,
 ) -> str:
     """Verify OUT (hashes, sizes, paths), load every stage and run the pipeline."""
@@ -134,7 +148,13 @@ def run_command(
     if ray_address is not None:
         if hosts_file is not None or endpoints:
             raise UsageError("give --ray or --hosts/--endpoint, not both")
-        from lamc.runtime.ray_serve import RayPipeline
+        try:
+            from lamc.runtime.ray_serve import RayPipeline
+        except ImportError as exc:
+            raise RuntimeEnvironmentError(
+                f"--ray needs Ray Serve, which is not installed here ({exc.name})",
+                hint="pip install 'lamc[ray]'",
+            ) from None
 
         pipeline: Any = RayPipeline(out, ray_address, timeout_s=timeout_s)
         where = f"Ray Serve at {ray_address}"
@@ -155,6 +175,7 @@ def run_command(
         raise UsageError(
             f"no inputs: give --input NAME=FILE.npy for {', '.join(pipeline.manifest.inputs)}, or --random"
         )
+    _finite(feeds, "input", check_finite)
     ran = time.perf_counter()
     try:
         outputs = pipeline.run(feeds)
@@ -162,6 +183,7 @@ def run_command(
         if hasattr(pipeline, "close"):
             pipeline.close()
     done = time.perf_counter()
+    _finite(outputs, "output", check_finite)
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
         for name, value in outputs.items():
@@ -192,6 +214,23 @@ def run_command(
             f"ready in {summary['load_ms']} ms ({len(pipeline.manifest.stages)} stage(s) in {where}); ran in {summary['run_ms']} ms"
         )
     return f"{out}: {len(outputs)} output(s) from {len(pipeline.manifest.stages)} stage(s) in {summary['run_ms']} ms"
+
+
+def _finite(tensors: dict[str, np.ndarray], what: str, strict: bool) -> None:
+    """NaN or infinite values: a warning, or with --check-finite a failure."""
+    bad = [
+        name
+        for name, value in tensors.items()
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all()
+    ]
+    if not bad:
+        return
+    message = f"{what} {', '.join(bad)} hold(s) NaN or infinite values"
+    if strict:
+        if what == "input":
+            raise UsageError(message)
+        raise AccuracyError(message, hint="check the inputs, or the compression and codecs")
+    click.echo(f"warning: {message} (--check-finite makes this a failure)", err=True)
 
 
 def _remote(

@@ -175,6 +175,18 @@ CHANNEL_OPTIONS = (
 )
 
 
+def server_options(max_message: int) -> list[tuple[str, Any]]:
+    """A stage server's options: it accepts the keepalive pings its clients and the previous
+    stage send every 10 s, even between requests (gRPC's default answers pings more often
+    than every 5 minutes with GOAWAY too_many_pings)."""
+    return [
+        *channel_options(max_message, None),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
 def channel_options(max_message: int, tls: TlsConfig | None) -> list[tuple[str, Any]]:
     options: list[tuple[str, Any]] = [
         *CHANNEL_OPTIONS,

@@ -41,7 +41,7 @@ from lamc.runtime.executor import StageRunner, load_stage
 from lamc.runtime.forward import Forwarder
 from lamc.runtime.kvcache import CacheLost, StageCaches, Step
 from lamc.runtime.ledger import Job, Ledger
-from lamc.runtime.security import TlsConfig, channel_options, check_bind, token_matches
+from lamc.runtime.security import TlsConfig, check_bind, server_options, token_matches
 from lamc.runtime.tensors import TensorMismatch, check_all
 
 log = logging.getLogger("lamc.serve")
@@ -145,7 +145,7 @@ class StageService:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         self.queue = asyncio.Queue(maxsize=self.queue_size)
-        options = channel_options(self.max_message, None)
+        options = server_options(self.max_message)
         self._server = grpc.aio.server(options=options)
         handlers = {
             "Submit": grpc.unary_unary_rpc_method_handler(

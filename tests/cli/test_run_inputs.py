@@ -1,0 +1,52 @@
+"""`lamc run` with bad or odd inputs: a one-line reason and the documented exit code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.cli.helpers import lamc
+from tests.compiled import compile_zoo
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "resnet"
+    compile_zoo("zoo:resnet:test", out, 1)
+    return out
+
+
+def test_empty_npy_is_a_usage_error(resnet: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "x.npy"
+    empty.write_bytes(b"")
+    outcome = lamc("run", str(resnet), "--input", f"pixel_values={empty}")
+    assert outcome.code == 2, outcome.stdout + outcome.stderr
+    assert "is not a .npy array" in outcome.final
+
+
+def test_unknown_random_dim_is_a_usage_error(resnet: Path) -> None:
+    outcome = lamc("run", str(resnet), "--random", "bogus=3")
+    assert outcome.code == 2, outcome.stdout + outcome.stderr
+    assert "no dim bogus" in outcome.final
+
+
+def test_non_finite_inputs_warn_and_fail_with_check_finite(resnet: Path, tmp_path: Path) -> None:
+    from lamc.manifest import read_manifest
+
+    manifest = read_manifest(resnet)
+    (name,) = manifest.inputs
+    spec = manifest.tensors[name]
+    binding = {**manifest.plan.get("binding", {})}
+    shape = [d if isinstance(d, int) else binding.get(d, 1) for d in spec.shape]
+    array = np.zeros(shape, dtype=np.float32)
+    array.flat[0] = np.nan
+    path = tmp_path / "nan.npy"
+    np.save(path, array)
+    warned = lamc("run", str(resnet), "--input", f"{name}={path}")
+    assert warned.code == 0, warned.stdout + warned.stderr
+    assert "NaN or infinite" in warned.stderr
+    failed = lamc("run", str(resnet), "--input", f"{name}={path}", "--check-finite")
+    assert failed.code == 2, failed.stdout + failed.stderr
+    assert "NaN or infinite" in failed.final
