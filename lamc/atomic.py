@@ -46,23 +46,54 @@ def atomic_directory(out: Path, *, owner_file: str = "manifest.json") -> Iterato
     (tmp / MARKER).write_text(str(os.getpid()))
     try:
         yield tmp
-        (tmp / MARKER).unlink()
+        # The marker stays until the swap: a compile killed before it leaves a directory
+        # the next compile recognises as stale and removes.
         _publish(tmp, out)
+        (out / MARKER).unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def check_writable(out: Path) -> None:
+    """Fail before any work when OUT cannot be written (exit 2), not after the compile."""
+    ancestor = out.parent.resolve() if out.parent != Path("") else Path.cwd()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"-o {out}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {out}: cannot write in {ancestor} (permission denied)")
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {out}: cannot replace it (permission denied)")
+
+
+# A temporary directory without a marker is one whose swap was cut short (it holds the
+# previous OUT, or a finished one) once it is older than this.
+STALE_AFTER_S = 60.0
+
+
 def clean_stale(parent: Path, name: str) -> list[Path]:
-    """Remove temporary directories of compiles of `name` whose process is gone."""
+    """Remove temporary directories of compiles of `name` whose process is gone, and those
+    left without a marker by a compile killed during its swap."""
+    import time
+
     removed = []
     for candidate in parent.glob(f".{name}.lamc-*"):
         marker = candidate / MARKER
         try:
             pid = int(marker.read_text().strip())
+        except FileNotFoundError:
+            try:
+                age = time.time() - candidate.stat().st_mtime
+            except OSError:
+                continue
+            stale = age > STALE_AFTER_S
         except (OSError, ValueError):
             continue
-        if pid != os.getpid() and not _alive(pid):
+        else:
+            stale = pid != os.getpid() and not _alive(pid)
+        if stale:
             shutil.rmtree(candidate, ignore_errors=True)
             removed.append(candidate)
     return removed

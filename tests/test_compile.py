@@ -181,3 +181,33 @@ def test_runtime_never_imports_torch_onnx_or_networkx(tmp_path: Path) -> None:
     )
     assert "PASSED run" in done.stdout, done.stdout + done.stderr
     assert "loaded: []" in done.stdout
+
+
+def test_a_swap_cut_short_leaves_nothing_the_next_compile_keeps(tmp_path: Path) -> None:
+    import os
+
+    from lamc.atomic import MARKER, STALE_AFTER_S, clean_stale
+
+    # What a compile killed between its swap and its clean-up leaves: no marker.
+    leftover = tmp_path / ".out.lamc-abc123"
+    (leftover / "stage-0").mkdir(parents=True)
+    old = time.time() - STALE_AFTER_S - 5
+    os.utime(leftover, (old, old))
+    # A live compile's directory (its marker names a running process) is kept.
+    live = tmp_path / ".out.lamc-live"
+    live.mkdir()
+    (live / MARKER).write_text(str(os.getppid()))
+    assert clean_stale(tmp_path, "out") == [leftover]
+    assert live.exists() and not leftover.exists()
+
+
+def test_an_output_that_cannot_be_written_fails_before_capture(tmp_path: Path) -> None:
+    from tests.cli.helpers import lamc
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    started = time.monotonic()
+    outcome = lamc("compile", "zoo:gpt2", "-t", str(MINIPCS), "-o", str(blocker / "out"))
+    assert outcome.code == 2, outcome.stdout + outcome.stderr
+    assert "is not a directory" in outcome.final
+    assert time.monotonic() - started < 30  # no capture of gpt2-small first

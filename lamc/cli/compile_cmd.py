@@ -69,6 +69,10 @@ def compile_command(
     from lamc.compiler import CompileOptions, analyse, compile_model
 
     _terminate_as_interrupt()
+    if not dry_run:
+        from lamc.atomic import check_writable
+
+        check_writable(out)  # before a minute of capture, not after it
     steps = Steps()
     capture = capture_options(
         options["dynamic"],

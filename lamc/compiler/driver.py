@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lamc.atomic import atomic_directory
+from lamc.atomic import atomic_directory, check_writable
 from lamc.backends import registry
 from lamc.backends.protocol import Backend
 from lamc.backends.slice import slice_stages
@@ -76,6 +76,7 @@ def compile_model(
     again with its least precise method taken from that device, until it holds."""
     options = options or CompileOptions()
     timer = _Timer(steps)
+    check_writable(out)
     topology = load_topology(topology_path)
     with timer.step("capture and analyse"):
         if analysed is None:
