@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -123,11 +123,34 @@ def _input_symbols(model: ir.Model) -> list[str]:
     return found
 
 
+def _tensors(model: ir.Model) -> Iterator[tuple[str, object]]:
+    """Every tensor the model holds: initializers of the graph and of every subgraph
+    (If, Loop, Scan, functions), and tensor attributes of every node (Constant)."""
+    graphs: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
+    while graphs:
+        graph = graphs.pop()
+        if isinstance(graph, ir.Graph):
+            for init in graph.initializers.values():
+                yield f"initializer {init.name!r}", init.const_value
+        for node in graph:
+            for attr in node.attributes.values():
+                kind = attr.type
+                if kind == ir.AttributeType.TENSOR:
+                    yield f"attribute {attr.name!r} of node {node.name!r}", attr.value
+                elif kind == ir.AttributeType.TENSORS:
+                    for tensor in attr.value:
+                        yield f"attribute {attr.name!r} of node {node.name!r}", tensor
+                elif kind == ir.AttributeType.GRAPH:
+                    graphs.append(attr.value)
+                elif kind == ir.AttributeType.GRAPHS:
+                    graphs.extend(attr.value)
+
+
 def _check_external_data(model: ir.Model, path: Path) -> None:
-    """External data must stay beside the model: no absolute paths, no `..`, no symlinks."""
+    """External data must stay beside the model: no absolute paths, no `..`, no symlinks,
+    for every tensor with external data, in every subgraph and node attribute."""
     base = path.parent.resolve()
-    for init in model.graph.initializers.values():
-        tensor = init.const_value
+    for what, tensor in _tensors(model):
         if not isinstance(tensor, ir.ExternalTensor):
             continue
         location = tensor.location
@@ -137,19 +160,15 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
             or ".." in Path(location).parts
             or not target.is_relative_to(base)
         ):
-            raise CaptureError(
-                f"{path}: initializer {init.name!r} points outside the model directory ({location})"
-            )
+            raise CaptureError(f"{path}: {what} points outside the model directory ({location})")
         if (base / location).is_symlink():
             raise CaptureError(f"{path}: external data {location} is a symlink")
         if not target.is_file():
-            raise CaptureError(
-                f"{path}: external data file {location} of initializer {init.name!r} is missing"
-            )
+            raise CaptureError(f"{path}: external data file {location} of {what} is missing")
         end = (tensor.offset or 0) + (tensor.length or 0)
         if end > target.stat().st_size:
             raise CaptureError(
-                f"{path}: external data {location} is truncated ({init.name!r} needs bytes up to {end})"
+                f"{path}: external data {location} is truncated ({what} needs bytes up to {end})"
             )
 
 

@@ -196,3 +196,51 @@ def test_an_empty_onnx_file_is_a_capture_error(tmp_path: Path) -> None:
     path = tmp_path / "empty.onnx"
     path.write_bytes(b"")
     assert "empty (0 bytes)" in _fails(str(path), ExitCode.CAPTURE, "is not a valid ONNX model")
+
+
+def _external(name: str, location: str) -> onnx.TensorProto:
+    tensor = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT, dims=[2])
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "8")):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+@pytest.mark.parametrize("where", ["constant", "subgraph"])
+def test_external_data_outside_the_model_is_refused_everywhere(tmp_path: Path, where: str) -> None:
+    from onnx import helper
+
+    outside = "../../etc/passwd"
+    if where == "constant":
+        nodes = [
+            helper.make_node("Constant", [], ["c"], name="const", value=_external("c", outside)),
+            helper.make_node("Add", ["x", "c"], ["y"], name="add"),
+        ]
+    else:
+        branch = helper.make_graph(
+            [helper.make_node("Identity", ["w"], ["b"], name="inner")],
+            "branch",
+            [],
+            [helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [2])],
+            initializer=[_external("w", outside)],
+        )
+        nodes = [
+            helper.make_node("ReduceSum", ["x"], ["s"], name="sum", keepdims=0),
+            helper.make_node("Greater", ["s", "zero"], ["cond"], name="gt"),
+            helper.make_node(
+                "If", ["cond"], ["y"], name="if", then_branch=branch, else_branch=branch
+            ),
+        ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+        initializer=[onnx.numpy_helper.from_array(np.zeros((), np.float32), "zero")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    message = _fails(str(path), ExitCode.CAPTURE, "points outside the model directory")
+    assert outside in message
