@@ -308,6 +308,10 @@ def read_manifest(out_dir: Path) -> Manifest:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise IntegrityError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise IntegrityError(f"{path}: not valid JSON (nested too deep)") from None
+    except ValueError as exc:  # an integer of thousands of digits, among others
+        raise IntegrityError(f"{path}: not valid JSON ({str(exc)[:120]})") from None
     if not isinstance(data, dict) or data.get("lamc_manifest") != VERSION:
         version = data.get("lamc_manifest") if isinstance(data, dict) else None
         raise IntegrityError(
@@ -326,6 +330,38 @@ def read_manifest(out_dir: Path) -> Manifest:
     return manifest
 
 
+# No tensor lamc plans has a dimension this large; an expression that reaches it is not ours.
+_LARGEST_DIM = 1 << 40
+
+
+def _check_dim_expressions(manifest: Manifest, path: Path) -> None:
+    """Every symbolic dim evaluates, at the dims' smallest and largest sizes, to a size a
+    tensor can have: no division by zero, nothing negative or absurdly large."""
+    from lamc.dims import UnresolvedDim, eval_dim
+
+    corners = [
+        {n: b.min for n, b in manifest.dims.items()},
+        {n: b.max for n, b in manifest.dims.items()},
+    ]
+    for name, spec in manifest.tensors.items():
+        for axis, dim in enumerate(spec.shape):
+            if not isinstance(dim, str):
+                continue
+            for binding in corners:
+                try:
+                    size = eval_dim(dim, binding)
+                except UnresolvedDim:
+                    break  # a name no dim of the manifest has: bound by the tensors at run time
+                except (ArithmeticError, RecursionError, MemoryError, ValueError):
+                    raise IntegrityError(
+                        f"{path}: tensors/{name}: dim {dim[:60]!r} on axis {axis} cannot be evaluated"
+                    ) from None
+                if not 0 <= size <= _LARGEST_DIM:
+                    raise IntegrityError(
+                        f"{path}: tensors/{name}: dim {dim[:60]!r} on axis {axis} evaluates to {size}"
+                    )
+
+
 def _check_consistency(manifest: Manifest, path: Path) -> None:
     for stage in manifest.stages:
         for name in (*stage.inputs, *stage.outputs, *stage.receives, *stage.sends):
@@ -342,6 +378,7 @@ def _check_consistency(manifest: Manifest, path: Path) -> None:
     for name, bounds in manifest.dims.items():
         if bounds.min > bounds.max:
             raise IntegrityError(f"{path}: dims/{name}: min {bounds.min} > max {bounds.max}")
+    _check_dim_expressions(manifest, path)
     # Stages hand on what the next one receives: swapped or edited stages are caught here,
     # before any session loads.
     for before, after in zip(manifest.stages, manifest.stages[1:]):

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lamc.errors import ExitCode, IntegrityError
 from lamc.manifest import verify
@@ -223,3 +225,88 @@ def test_token_ids_outside_the_vocabulary_are_refused_at_the_first_hop(compiled:
         with pytest.raises(TensorMismatch) as info:
             pipeline.run({"input_ids": ids})
         assert f"expected values in 0..{vocabulary - 1}, got {bad}" in str(info.value)
+
+
+# ------------------------------------------------------------------- manifest fuzzing
+
+_HOSTILE = st.one_of(
+    st.sampled_from(
+        [
+            None,
+            True,
+            -1,
+            0,
+            "9" * 5000,
+            "a\x00b",
+            "../../etc/passwd",
+            "/etc/passwd",
+            "seq//0",
+            "s" * 5000,
+            [],
+            {},
+            1e308,
+        ]
+    ),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.text(max_size=40),
+)
+
+
+def _leaves(node: Any, trail: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    if isinstance(node, dict):
+        return [t for k, v in sorted(node.items()) for t in _leaves(v, (*trail, k))]
+    if isinstance(node, list):
+        return [t for i, v in enumerate(node) for t in _leaves(v, (*trail, i))]
+    return [trail]
+
+
+def _set(node: Any, trail: tuple[Any, ...], value: Any) -> None:
+    for key in trail[:-1]:
+        node = node[key]
+    node[trail[-1]] = value
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_mutated_manifests_fail_with_a_reason_never_a_traceback(
+    compiled: Path, tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
+    import shutil
+
+    from lamc.errors import LamcError
+
+    out = tmp_path_factory.mktemp("fuzz") / "out"
+    shutil.copytree(compiled, out)
+    original = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    leaves = _leaves(manifest)
+    trail = data.draw(st.sampled_from(leaves), label="field")
+    value = data.draw(_HOSTILE, label="value")
+    _set(manifest, trail, value)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        verify(out)
+    except LamcError as exc:
+        assert exc.exit_code in (ExitCode.INTEGRITY, ExitCode.USAGE, ExitCode.ENVIRONMENT)
+        assert exc.message and "\n" not in exc.message[:200]
+        return
+    # It verified: then what a session reads (every file's path, size and hash) is intact.
+    if trail and trail[0] == "stages" and "files" in trail:
+        assert manifest["stages"][trail[1]]["files"] == original["stages"][trail[1]]["files"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 100_000 + "]" * 100_000,
+        '{"lamc_manifest": 1, "size": ' + "9" * 5000 + "}",
+    ],
+)
+def test_hostile_json_is_an_integrity_error(copy: Path, text: str) -> None:
+    (copy / "manifest.json").write_text(text)
+    with pytest.raises(IntegrityError, match="not valid JSON"):
+        verify(copy)
