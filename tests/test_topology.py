@@ -409,7 +409,6 @@ def _large_topologies(draw: st.DrawFn) -> str:
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_large_topologies())
 def test_large_and_odd_topologies_plan_or_refuse_quickly(text: str) -> None:
-    import resource
     import time
 
     from lamc.passes.partition.planner import plan
@@ -423,5 +422,6 @@ def test_large_and_odd_topologies_plan_or_refuse_quickly(text: str) -> None:
         pass
     else:
         assert best.stages and best.stages[-1].end_unit == 8
-    assert time.perf_counter() - started < 30  # generous: a shared 2-core machine
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 < 4 * 2**30
+    # Generous: a shared 2-core machine. (Memory is bounded by the search's budget;
+    # benchmarks/partition.py measures it in processes of their own.)
+    assert time.perf_counter() - started < 30
