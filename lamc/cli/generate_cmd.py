@@ -27,10 +27,10 @@ from lamc.errors import UsageError
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
     "--temperature",
-    type=click.FloatRange(min=0),
+    type=click.FloatRange(min=0, max=100),
     default=0.0,
     show_default=True,
-    help="0: greedy.",
+    help="0: greedy; otherwise at least 1e-4 (smaller would overflow the softmax), at most 100.",
 )
 @click.option("--top-k", type=click.IntRange(min=0), default=0, help="Sample from the k likeliest.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -58,6 +58,10 @@ def generate_command(
     from lamc.runtime.executor import Pipeline, parse_providers
     from lamc.runtime.generate import Sampling, generate
 
+    if temperature != temperature or 0 < temperature < 1e-4:  # NaN, or a denormal
+        raise UsageError(
+            f"--temperature {temperature}: use 0 (greedy) or a value from 0.0001 to 100"
+        )
     decode = _tokenizer(tokenizer)
     if (prompt_ids is None) == (prompt_text is None):
         raise UsageError("give --prompt-ids 1,2,3 or --prompt TEXT --tokenizer DIR")
@@ -69,7 +73,14 @@ def generate_command(
         try:
             ids = [int(t) for t in (prompt_ids or "").split(",") if t.strip()]
         except ValueError:
-            raise UsageError(f"--prompt-ids {prompt_ids!r}: expected integers like 1,2,3") from None
+            raise UsageError(
+                f"--prompt-ids {prompt_ids[:60]!r}: expected integers like 1,2,3"  # type: ignore[index]
+            ) from None
+        if not ids:
+            raise UsageError("--prompt-ids: no token id given")
+        if any(not 0 <= i < 2**63 for i in ids):
+            bad = next(i for i in ids if not 0 <= i < 2**63)
+            raise UsageError(f"--prompt-ids: {str(bad)[:30]} is not a token id (0 or more, int64)")
     pipeline: Any
     if hosts_file is not None:
         from lamc.runtime.hosts import load_hosts
@@ -107,7 +118,10 @@ def _tokenizer(path: Path | None) -> Any:
         from transformers import AutoTokenizer
     except ImportError:
         raise UsageError("--tokenizer needs the hf extra: pip install 'lamc[hf]'") from None
+    if not path.is_dir():
+        raise UsageError(f"--tokenizer {path}: not a directory")
     try:
         return AutoTokenizer.from_pretrained(str(path))
-    except OSError as exc:
-        raise UsageError(f"--tokenizer {path}: {exc}") from None
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--tokenizer {path}: not a tokenizer lamc can load ({first})") from None

@@ -50,3 +50,21 @@ def test_non_finite_inputs_warn_and_fail_with_check_finite(resnet: Path, tmp_pat
     failed = lamc("run", str(resnet), "--input", f"{name}={path}", "--check-finite")
     assert failed.code == 2, failed.stdout + failed.stderr
     assert "NaN or infinite" in failed.final
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--prompt-ids", "1,2", "--temperature", "nan"], "--temperature nan"),
+        (["--prompt-ids", "1,2", "--temperature", "1e-320"], "--temperature"),
+        (["--prompt-ids", "1," + "9" * 30], "is not a token id"),
+        (["--prompt-ids", "1,-5"], "is not a token id"),
+        (["--prompt", "hi", "--tokenizer", "{tmp}"], "not a tokenizer lamc can load"),
+    ],
+)
+def test_bad_generate_options_are_usage_errors(
+    tmp_path: Path, args: list[str], needle: str
+) -> None:
+    outcome = lamc("generate", str(tmp_path / "out"), *[a.format(tmp=tmp_path) for a in args])
+    assert outcome.code == 2, outcome.stdout + outcome.stderr
+    assert needle in outcome.final, outcome.final
