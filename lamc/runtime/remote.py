@@ -31,7 +31,6 @@ from lamc.runtime import wire
 from lamc.runtime.hosts import Endpoints
 from lamc.runtime.kvcache import Step, local_inputs, local_outputs, unsupported
 from lamc.runtime.security import auth_metadata, channel_options
-from lamc.runtime.server import max_message_bytes
 from lamc.runtime.tensors import TensorMismatch, check_all
 from lamc.runtime.whereabouts import Whereabouts, lost_inside
 
@@ -74,8 +73,7 @@ class RemotePipeline:
         self.step_inputs = local_inputs(self.manifest)
         self.step_outputs = local_outputs(self.manifest)
         self.retry = retry_stateless and self.stateless
-        # The secret never leaves the subscription; requests carry only the id derived from it.
-        self._client_secret = uuid.uuid4().hex + uuid.uuid4().hex
+        self._client_secret = uuid.uuid4().hex + uuid.uuid4().hex  # sent on Subscribe only
         self.client_id = wire.client_id_of(self._client_secret)
         self.counts: collections.Counter[str] = collections.Counter()
         self.codec_in = {t.name: t.codec for t in self.manifest.edges[0].tensors}
@@ -170,7 +168,7 @@ class RemotePipeline:
     async def _start(self) -> None:
         import grpc
 
-        limit = max_message_bytes(self.manifest)
+        limit = wire.max_message_bytes(self.manifest)
         tls = self.endpoints.tls
         for address in self.addresses:
             options = channel_options(limit, tls)

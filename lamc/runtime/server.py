@@ -35,7 +35,7 @@ import numpy as np
 
 from lamc.dims import eval_dim
 from lamc.errors import UsageError
-from lamc.manifest import Manifest, StageSpec, verify
+from lamc.manifest import StageSpec, verify
 from lamc.runtime import wire
 from lamc.runtime.executor import StageRunner, load_stage
 from lamc.runtime.forward import Forwarder
@@ -45,24 +45,6 @@ from lamc.runtime.security import TlsConfig, check_bind, server_options, token_m
 from lamc.runtime.tensors import TensorMismatch, check_all
 
 log = logging.getLogger("lamc.serve")
-
-
-def max_message_bytes(manifest: Manifest) -> int:
-    """gRPC's message limit for this pipeline: the largest set of tensors crossing one
-    boundary at the dims' maximum sizes, plus room for framing (at most 2 GiB - 1)."""
-    largest_dims = {name: bounds.max for name, bounds in manifest.dims.items()}
-    largest = 0
-    for edge in manifest.edges:
-        total = 0
-        for tensor in edge.tensors:
-            spec = manifest.tensors[tensor.name]
-            try:
-                count = int(np.prod([eval_dim(d, largest_dims) for d in spec.shape]))
-            except ValueError:
-                count = 0
-            total += count * np.dtype(spec.dtype).itemsize
-        largest = max(largest, total)
-    return int(min(largest * 1.05 + (4 << 20), 2**31 - 1))
 
 
 class StageService:
@@ -105,7 +87,7 @@ class StageService:
         self.next_tls = next_tls
         self.queue_size = queue_size
         self.max_deadline_ms = max_deadline_s * 1000.0
-        self.max_message = max_message_bytes(self.manifest)
+        self.max_message = wire.max_message_bytes(self.manifest)
         self.runner: StageRunner = load_stage(
             out_dir, self.spec, providers=providers, threads=threads
         )

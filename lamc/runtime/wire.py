@@ -15,6 +15,8 @@ import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from lamc.codecs import CODECS
+from lamc.dims import eval_dim
+from lamc.manifest import Manifest
 
 SERVICE = "lamc.v1.Stage"
 PACKAGE = "lamc.v1"
@@ -208,3 +210,21 @@ def roundtrip(array: np.ndarray, codec: str) -> np.ndarray:
     if codec == "raw" or array.dtype.kind != "f":
         return array
     return decode(encode("t", array, codec))
+
+
+def max_message_bytes(manifest: Manifest) -> int:
+    """gRPC's message limit for this pipeline: the largest set of tensors crossing one
+    boundary at the dims' maximum sizes, plus room for framing (at most 2 GiB - 1)."""
+    largest_dims = {name: bounds.max for name, bounds in manifest.dims.items()}
+    largest = 0
+    for edge in manifest.edges:
+        total = 0
+        for tensor in edge.tensors:
+            spec = manifest.tensors[tensor.name]
+            try:
+                count = int(np.prod([eval_dim(d, largest_dims) for d in spec.shape]))
+            except ValueError:
+                count = 0
+            total += count * np.dtype(spec.dtype).itemsize
+        largest = max(largest, total)
+    return int(min(largest * 1.05 + (4 << 20), 2**31 - 1))

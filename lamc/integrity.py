@@ -1,0 +1,123 @@
+"""What the executor checks of a manifest beyond its schema, before any session loads:
+the stages and tensors agree with each other, symbolic dims evaluate to real sizes, the
+runtimes it requires are installed, and nothing unlisted sits beside what a session reads.
+Standard library only: it runs on the edge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lamc.errors import IntegrityError, RuntimeEnvironmentError
+
+if TYPE_CHECKING:
+    from lamc.manifest import Manifest
+
+# No tensor lamc plans has a dimension this large; an expression that reaches it is not ours.
+_LARGEST_DIM = 1 << 40
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits[:9]))
+    return tuple(parts)
+
+
+def check_requires(manifest: Manifest) -> None:
+    """`requires: {package: ">=X.Y"}`: each package installed, at that version or newer."""
+    from importlib import metadata
+
+    for package, spec in sorted(manifest.requires.items()):
+        if not spec.startswith(">=") or not version_tuple(spec[2:]):
+            raise IntegrityError(f"requires/{package}: {spec!r} is not '>=VERSION'")
+        try:
+            installed = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            raise RuntimeEnvironmentError(
+                f"this pipeline requires {package} {spec}, which is not installed",
+                hint=f"pip install '{package}{spec}'",
+            ) from None
+        if version_tuple(installed) < version_tuple(spec[2:]):
+            raise RuntimeEnvironmentError(
+                f"this pipeline requires {package} {spec}; {installed} is installed",
+                hint=f"pip install '{package}{spec}'",
+            )
+
+
+def check_unlisted(out_dir: Path, manifest: Manifest) -> None:
+    """Every file in a stage's folder is listed and hashed: a runtime loads external data
+    by the name its model gives, so a file taken off the list (and edited) would be read
+    unchecked. Nothing unlisted may sit beside what a session reads."""
+    listed = {f.path for s in manifest.stages for f in s.files}
+    folders = {str(Path(f).parent) for f in listed if str(Path(f).parent) != "."}
+    for folder in sorted(folders):
+        base = out_dir / folder
+        if not base.is_dir():
+            continue
+        for found in sorted(base.rglob("*")):
+            relative = found.relative_to(out_dir).as_posix()
+            if (found.is_file() or found.is_symlink()) and relative not in listed:
+                raise IntegrityError(
+                    f"{relative}: not in the manifest's file list (a file a session could "
+                    "read unchecked)"
+                )
+
+
+def check_dim_expressions(manifest: Manifest, path: Path) -> None:
+    """Every symbolic dim evaluates, at the dims' smallest and largest sizes, to a size a
+    tensor can have: no division by zero, nothing negative or absurdly large."""
+    from lamc.dims import UnresolvedDim, eval_dim
+
+    corners = [
+        {n: b.min for n, b in manifest.dims.items()},
+        {n: b.max for n, b in manifest.dims.items()},
+    ]
+    for name, spec in manifest.tensors.items():
+        for axis, dim in enumerate(spec.shape):
+            if not isinstance(dim, str):
+                continue
+            for binding in corners:
+                try:
+                    size = eval_dim(dim, binding)
+                except UnresolvedDim:
+                    break  # a name no dim of the manifest has: bound by the tensors at run time
+                except (ArithmeticError, RecursionError, MemoryError, ValueError):
+                    raise IntegrityError(
+                        f"{path}: tensors/{name}: dim {dim[:60]!r} on axis {axis} cannot be evaluated"
+                    ) from None
+                if not 0 <= size <= _LARGEST_DIM:
+                    raise IntegrityError(
+                        f"{path}: tensors/{name}: dim {dim[:60]!r} on axis {axis} evaluates to {size}"
+                    )
+
+
+def check_consistency(manifest: Manifest, path: Path) -> None:
+    for stage in manifest.stages:
+        for name in (*stage.inputs, *stage.outputs, *stage.receives, *stage.sends):
+            if name not in manifest.tensors:
+                raise IntegrityError(
+                    f"{path}: stages/{stage.index}: tensor {name!r} has no spec in `tensors`"
+                )
+        if stage.model not in {f.path for f in stage.files}:
+            raise IntegrityError(
+                f"{path}: stages/{stage.index}/model: {stage.model!r} is not one of the stage's files"
+            )
+    if [s.index for s in manifest.stages] != list(range(len(manifest.stages))):
+        raise IntegrityError(f"{path}: stages are not numbered 0..{len(manifest.stages) - 1}")
+    for name, bounds in manifest.dims.items():
+        if bounds.min > bounds.max:
+            raise IntegrityError(f"{path}: dims/{name}: min {bounds.min} > max {bounds.max}")
+    check_dim_expressions(manifest, path)
+    # Stages hand on what the next one receives: swapped or edited stages are caught here,
+    # before any session loads.
+    for before, after in zip(manifest.stages, manifest.stages[1:]):
+        if set(after.receives) - set(before.sends):
+            missing = sorted(set(after.receives) - set(before.sends))
+            raise IntegrityError(
+                f"{path}: stages/{after.index} receives {', '.join(missing)}, which stage "
+                f"{before.index} does not send"
+            )
