@@ -133,6 +133,8 @@ def _capture_factory(ref: str, options: CaptureOptions) -> Captured:
         sys.modules[module_name] = module
         try:
             module_spec.loader.exec_module(module)
+        except SystemExit as exc:
+            raise CaptureError(f"importing {path} called sys.exit({exc.code!r})") from None
         except Exception as exc:
             where = user_source_line(exc)
             raise CaptureError(
@@ -155,6 +157,11 @@ def _capture_factory(ref: str, options: CaptureOptions) -> Captured:
     try:
         with placement:
             result = factory(None) if _takes_argument(factory) else factory()
+    except SystemExit as exc:
+        # A factory's own exit would end lamc with its status and no final line.
+        raise CaptureError(
+            f"factory {ref} called sys.exit({exc.code!r}) instead of returning a model"
+        ) from None
     except Exception as exc:
         where = user_source_line(exc)
         raise CaptureError(

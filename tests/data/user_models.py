@@ -95,3 +95,10 @@ def other_weights_factory() -> ModelSpec:
         dynamic={"x": {0: Dim("batch", 1, 32)}},
         name="two-layer",
     )
+
+
+def exiting_factory() -> object:
+    """A factory that ends the process instead of returning a model."""
+    import sys
+
+    sys.exit(0)

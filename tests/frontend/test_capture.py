@@ -244,3 +244,8 @@ def test_external_data_outside_the_model_is_refused_everywhere(tmp_path: Path, w
     path.write_bytes(model.SerializeToString())
     message = _fails(str(path), ExitCode.CAPTURE, "points outside the model directory")
     assert outside in message
+
+
+def test_a_factory_calling_sys_exit_is_a_capture_error() -> None:
+    message = _fails(f"{USER}:exiting_factory", ExitCode.CAPTURE, "called sys.exit(0)")
+    assert "instead of returning a model" in message
