@@ -9,6 +9,7 @@ manifest: there is no pickle anywhere on the wire.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -183,7 +184,7 @@ def decode(message: Any) -> np.ndarray:
     shape = tuple(int(d) for d in message.shape)
     if any(d < 0 for d in shape):
         raise ValueError(f"{message.name}: negative dimension in {list(shape)}")
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # Python integers: a huge shape cannot wrap around
     codec = message.codec or "raw"
     wire_dtype = {
         "raw": np.dtype(dtype),

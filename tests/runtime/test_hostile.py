@@ -10,11 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lamc.runtime import wire
 from lamc.runtime.executor import Pipeline
@@ -176,3 +179,75 @@ def test_bad_serving_flags_are_usage_errors(tmp_path: Path, args: list[str], nee
     )
     assert outcome.code == 2, outcome.stdout + outcome.stderr
     assert needle in outcome.final, outcome.final
+
+
+_TENSORS = st.lists(
+    st.builds(
+        lambda name, datatype, shape, raw, codec, scale: wire.Tensor(
+            name=name, datatype=datatype, shape=shape, raw=raw, codec=codec, scale=scale
+        ),
+        st.sampled_from(["input_ids", "x", "", "a" * 300]),
+        st.sampled_from(["INT64", "FP32", "FP16", "INT8", "BOOL", "BYTES", "", "??"]),
+        st.lists(st.integers(min_value=-(2**40), max_value=2**40), max_size=5),
+        st.binary(max_size=256),
+        st.sampled_from(["raw", "fp16", "int8", "", "zstd"]),
+        st.floats(allow_nan=True, allow_infinity=True, width=32),
+    ),
+    max_size=3,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    tensors=_TENSORS,
+    timeout_ms=st.floats(allow_nan=True, allow_infinity=True),
+    sequence=st.sampled_from(["", "s1", "x" * 500]),
+    position=st.integers(min_value=-(2**62), max_value=2**62),
+    token=st.sampled_from([None, "", "Bearer x", "\x7f" * 10]),
+)
+def test_random_payloads_get_an_answer_and_leave_the_stage_healthy(
+    served: tuple[Path, str],
+    tensors: list[object],
+    timeout_ms: float,
+    sequence: str,
+    position: int,
+    token: str | None,
+) -> None:
+    _, address = served
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(
+            wire.method("Submit"),
+            request_serializer=wire.SubmitRequest.SerializeToString,
+            response_deserializer=wire.Ack.FromString,
+        )
+        message = wire.SubmitRequest(
+            request_id="fuzz",
+            client_id="fuzz",
+            timeout_ms=timeout_ms,
+            tensors=tensors,
+            sequence_id=sequence,
+            position=position,
+        )
+        metadata = (("authorization", token),) if token is not None else None
+        try:
+            ack = call(message, timeout=10, metadata=metadata)
+        except grpc.RpcError as exc:  # refused by gRPC itself (bad metadata): still an answer
+            assert exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED
+            return
+        if not ack.accepted:
+            assert ack.code and ack.message
+
+
+@pytest.fixture(scope="module")
+def served(gpt2_1: Path) -> Iterator[tuple[Path, str]]:
+    process, address = _serve(gpt2_1, "--max-deadline-s", "2")
+    try:
+        yield gpt2_1, address
+        # After the fuzzing the stage still answers a well-formed request.
+        with RemotePipeline(gpt2_1, Endpoints({0: address}), timeout_s=30) as client:
+            got = client.run({"input_ids": _ids(3)})
+        assert got["logits"].shape[-1] == 512
+        assert process.poll() is None
+    finally:
+        process.kill()
+        process.wait(timeout=10)
