@@ -113,9 +113,25 @@ def plan(
         # 2. Under the user's constraints?
         if solve(constrained, LATENCY) is None:
             conflict = minimal_conflict(base, applied)
+            names = [d.name for d in cost.devices]
+            unrouted = [
+                f"{names[a]} and {names[b]}"
+                for a in range(len(names))
+                for b in range(a + 1, len(names))
+                if not np.isfinite(transfer[a, b]).any()
+            ]
             raise DoesNotFitError(
-                "no plan satisfies the constraints: " + "; ".join(c.text for c in conflict),
-                hint="these constraints cannot hold together (with the devices' memory and backends); drop or change one",
+                "no plan satisfies the constraints: "
+                + "; ".join(c.text for c in conflict)
+                + (
+                    f" (no route between {', '.join(unrouted[:6])}"
+                    + (f" and {len(unrouted) - 6} more pairs" if len(unrouted) > 6 else "")
+                    + ")"
+                    if unrouted
+                    else ""
+                ),
+                hint="these constraints cannot hold together (with the devices' memory, backends "
+                "and links); drop or change one, or link the devices",
             )
     # 3. Under the budgets.
     if (

@@ -45,3 +45,20 @@ def test_a_unit_no_backend_runs_is_refused_with_every_reason() -> None:
         )
     assert "block.2" in caught.value.message
     assert "no kernel A" in caught.value.message and "no kernel B" in caught.value.message
+
+
+def test_too_many_stages_for_the_linked_devices_names_the_missing_route() -> None:
+    from lamc.errors import DoesNotFitError
+    from lamc.topology import Constraints
+
+    topology = parse_topology(
+        "lamc_topology: 1\nname: split\ndevices:\n"
+        + device_yaml("a")
+        + device_yaml("b")
+        + device_yaml("c")
+        + "links:\n  - {a: a, b: b, bandwidth: 1Gbit/s, latency: 1ms}\n"
+    )
+    with pytest.raises(DoesNotFitError) as caught:
+        plan(chain(6), topology, PlanRequest(constraints=Constraints(stages=3)))
+    assert "stages=3" in caught.value.message
+    assert "no route between a and c, b and c" in caught.value.message
