@@ -1,4 +1,4 @@
-"""The pipeline manifest (`manifest.json`, `"lamc_manifest": 1`): what the executor runs.
+"""The pipeline manifest (`manifest.json`, `"lamc_manifest": 2`): what the executor runs.
 
 It records provenance (versions, the sha256 of the model and the topology), every stage
 (device, host, backend, providers, precision, artifact files with sha256 and size, the
@@ -25,7 +25,9 @@ from typing import Any
 from lamc.errors import IntegrityError, RuntimeEnvironmentError
 from lamc.integrity import check_consistency, check_requires, check_unlisted
 
-VERSION = 1
+# 2: the typed `plan` section (with the placement text), token-id ranges in tensor specs,
+# typed session options and stricter file paths. Version 1 manifests are refused: recompile.
+VERSION = 2
 FILENAME = "manifest.json"
 # Oldest onnxruntime that runs what lamc emits (opset 18 and its contrib ops).
 MIN_ONNXRUNTIME = (1, 17)

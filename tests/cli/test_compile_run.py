@@ -110,7 +110,7 @@ def test_inspect_compiled(out: Path) -> None:
         and "tensors at the stage boundaries" in table.stdout
     )
     data = json.loads(lamc("inspect", str(out), "--json").stdout)
-    assert data["lamc_manifest"] == 1 and len(data["stages"]) == 2
+    assert data["lamc_manifest"] == 2 and len(data["stages"]) == 2
 
 
 def test_dry_run_writes_nothing(tmp_path: Path) -> None:

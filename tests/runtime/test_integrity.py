@@ -92,8 +92,8 @@ def test_edited_hash(copy: Path, no_loading: None) -> None:
 def test_edited_manifest_breaks_schema(copy: Path, no_loading: None) -> None:
     _edit(copy, lambda d: d["stages"][0].update(backend="pytorch"))
     _fails(copy, "stages/0/backend")
-    _edit(copy, lambda d: d.update(lamc_manifest=2))
-    _fails(copy, "lamc_manifest is 2")
+    _edit(copy, lambda d: d.update(lamc_manifest=3))
+    _fails(copy, "lamc_manifest is 3")
 
 
 def test_not_json(copy: Path, no_loading: None) -> None:
