@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -38,7 +39,9 @@ def atomic_directory(out: Path, *, owner_file: str = "manifest.json") -> Iterato
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
     clean_stale(parent, out.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.lamc-", dir=parent))
+    # The owner's pid is in the name, so that a compile killed at any instant (even before
+    # it wrote a file) leaves a directory the next one can tell is stale.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.lamc-{os.getpid()}-", dir=parent))
     # mkdtemp makes the directory private; OUT gets the usual permissions (umask applied).
     umask = os.umask(0)
     os.umask(umask)
@@ -80,6 +83,13 @@ def clean_stale(parent: Path, name: str) -> list[Path]:
 
     removed = []
     for candidate in parent.glob(f".{name}.lamc-*"):
+        owner = re.match(rf"^\.{re.escape(name)}\.lamc-(?:old-)?(\d+)(?:-|$)", candidate.name)
+        if owner is not None:
+            pid = int(owner.group(1))
+            if pid != os.getpid() and not _alive(pid):
+                shutil.rmtree(candidate, ignore_errors=True)
+                removed.append(candidate)
+            continue
         marker = candidate / MARKER
         try:
             pid = int(marker.read_text().strip())
