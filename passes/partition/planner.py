@@ -182,19 +182,21 @@ def plan(
 def _support_mask(
     workload: Workload, topology: Topology, unsupported: dict[str, dict[int, str]]
 ) -> np.ndarray | None:
-    """[D, n+1, n+1]: False where stage [j, k) holds a unit its device's backend cannot run."""
-    if not any(unsupported.values()):
+    """[D, n+1, n+1]: False where stage [j, k) holds a unit its device's backend cannot
+    run: one forbid per refusal, through the same masks as the user's constraints."""
+    names = topology.names()
+    forbids = [
+        cons.Constraint(
+            "forbid", f"{device} cannot run #{u}", units=(u,), devices=(names.index(device),)
+        )
+        for device, units in sorted(unsupported.items())
+        for u in sorted(units)
+    ]
+    if not forbids:
         return None
     n = len(workload.units)
-    names = topology.names()
-    j_idx = np.arange(n + 1)[:, None]
-    k_idx = np.arange(n + 1)[None, :]
-    mask = np.ones((len(names), n + 1, n + 1), dtype=bool)
-    for device, units in unsupported.items():
-        d = names.index(device)
-        for u in units:
-            mask[d] &= ~((j_idx <= u) & (k_idx > u))
-    return mask
+    table, _ = cons.apply(np.zeros((len(names), n + 1, n + 1)), forbids)
+    return np.isfinite(table)
 
 
 def _support_notes(workload: Workload, unsupported: dict[str, dict[int, str]]) -> tuple[str, ...]:
