@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import glob
 import os
 import re
 import shutil
@@ -41,12 +42,20 @@ def atomic_directory(out: Path, *, owner_file: str = "manifest.json") -> Iterato
     clean_stale(parent, out.name)
     # The owner's pid is in the name, so that a compile killed at any instant (even before
     # it wrote a file) leaves a directory the next one can tell is stale.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.lamc-{os.getpid()}-", dir=parent))
-    # mkdtemp makes the directory private; OUT gets the usual permissions (umask applied).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    (tmp / MARKER).write_text(str(os.getpid()))
+    prefix = f".{out.name}.lamc-{os.getpid()}-"
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        # mkdtemp makes the directory private; OUT gets the usual permissions (umask applied).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        (tmp / MARKER).write_text(str(os.getpid()))
+    except BaseException:
+        # Interrupted while the directory was being made (a SIGTERM can land anywhere):
+        # remove what this process made, found by the pid in its name.
+        for made in parent.glob(f"{glob.escape(prefix)}*"):
+            shutil.rmtree(made, ignore_errors=True)
+        raise
     try:
         yield tmp
         # The marker stays until the swap: a compile killed before it leaves a directory
