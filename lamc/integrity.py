@@ -112,6 +112,7 @@ def check_consistency(manifest: Manifest, path: Path) -> None:
         if bounds.min > bounds.max:
             raise IntegrityError(f"{path}: dims/{name}: min {bounds.min} > max {bounds.max}")
     check_dim_expressions(manifest, path)
+    check_shape_values(manifest, path)
     # Stages hand on what the next one receives: swapped or edited stages are caught here,
     # before any session loads.
     for before, after in zip(manifest.stages, manifest.stages[1:]):
@@ -121,3 +122,37 @@ def check_consistency(manifest: Manifest, path: Path) -> None:
                 f"{path}: stages/{after.index} receives {', '.join(missing)}, which stage "
                 f"{before.index} does not send"
             )
+
+
+def check_shape_values(manifest: Manifest, path: Path) -> None:
+    """A recorded shape-tensor value fits its tensor (static shape, one element per entry)
+    and each entry evaluates, at the dims' smallest and largest sizes, to a bounded int."""
+    from lamc.dims import UnresolvedDim, eval_dim
+
+    corners = [
+        {n: b.min for n, b in manifest.dims.items()},
+        {n: b.max for n, b in manifest.dims.items()},
+    ]
+    for name, spec in manifest.tensors.items():
+        if spec.value is None:
+            continue
+        where = f"{path}: tensors/{name}/value"
+        if "int" not in spec.dtype:
+            raise IntegrityError(f"{where}: only integer tensors carry a value ({spec.dtype})")
+        if not all(isinstance(d, int) for d in spec.shape):
+            raise IntegrityError(f"{where}: the tensor's shape is not static")
+        size = 1
+        for d in spec.shape:
+            size *= int(d)
+        if size != len(spec.value):
+            raise IntegrityError(f"{where}: {len(spec.value)} entries for {size} elements")
+        for entry in spec.value:
+            for binding in corners:
+                try:
+                    number = eval_dim(entry, binding)
+                except (UnresolvedDim, ArithmeticError, RecursionError, MemoryError, ValueError):
+                    raise IntegrityError(
+                        f"{where}: {str(entry)[:60]!r} cannot be evaluated with the manifest's dims"
+                    ) from None
+                if abs(number) > _LARGEST_DIM:
+                    raise IntegrityError(f"{where}: {str(entry)[:60]!r} evaluates to {number}")

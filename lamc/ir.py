@@ -160,3 +160,171 @@ def index_ranges(model: ir.Model) -> dict[str, tuple[int, int]]:
                     known = ranges.get(value.name or "", (0, rows))[1]
                     ranges[value.name or ""] = (0, min(known, rows))
     return ranges
+
+
+# ----------------------------------------------------------------------- shape values
+
+# A shape tensor's element: an int, or an expression of dim names (`batch*seq`).
+SymInt = int | str
+# Shape tensors lamc follows symbolically: small, rank 0 or 1.
+_MAX_SHAPE_VALUES = 64
+
+
+def shape_values(model: ir.Model, names: Iterable[str]) -> dict[str, list[SymInt]]:
+    """Values of small integer tensors computed from shapes (Reshape targets and the like),
+    as dim expressions: `[batch, seq, 4, 16]`. A stage that receives one across a cut can
+    be warmed up with a valid value at any binding. Tensors whose value depends on data, or
+    on an operator this does not follow, are left out."""
+    memo: dict[int, tuple[int, list[SymInt]] | None] = {}
+    producers = {id(v): node for node in model.graph for v in node.outputs}
+    found: dict[str, list[SymInt]] = {}
+    values = {v.name: v for node in model.graph for v in node.outputs if v.name}
+    for name in names:
+        value = values.get(name)
+        if value is None or (value.dtype is not None and value.dtype not in _INT_TYPES):
+            continue
+        result = _sym_value(value, producers, memo, 0)
+        if result is not None:
+            found[name] = result[1]
+    return found
+
+
+_INT_TYPES = {ir.DataType.INT64, ir.DataType.INT32}
+
+
+def _sym_value(
+    value: ir.Value,
+    producers: Mapping[int, ir.Node],
+    memo: dict[int, tuple[int, list[SymInt]] | None],
+    depth: int,
+) -> tuple[int, list[SymInt]] | None:
+    """(rank, elements) of `value`, or None when it is not a shape computation."""
+    key = id(value)
+    if key in memo:
+        return memo[key]
+    memo[key] = None  # cycles and deep chains end here
+    result = None
+    if depth < 200:
+        try:
+            result = _sym_compute(value, producers, memo, depth)
+        except (ValueError, TypeError, IndexError, ZeroDivisionError, OverflowError):
+            result = None
+        if result is not None and len(result[1]) > _MAX_SHAPE_VALUES:
+            result = None
+    memo[key] = result
+    return result
+
+
+def _const(tensor: Any) -> tuple[int, list[SymInt]] | None:
+    array = tensor.numpy()
+    if array.dtype.kind not in "iu" or array.ndim > 1 or array.size > _MAX_SHAPE_VALUES:
+        return None
+    return array.ndim, [int(x) for x in array.reshape(-1)]
+
+
+def _sym_compute(
+    value: ir.Value,
+    producers: Mapping[int, ir.Node],
+    memo: dict[int, tuple[int, list[SymInt]] | None],
+    depth: int,
+) -> tuple[int, list[SymInt]] | None:
+    if value.const_value is not None:
+        return _const(value.const_value)
+    node = producers.get(id(value))
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None
+    op = node.op_type
+    attrs = node.attributes
+
+    def arg(i: int) -> tuple[int, list[SymInt]] | None:
+        source = node.inputs[i] if i < len(node.inputs) else None
+        return None if source is None else _sym_value(source, producers, memo, depth + 1)
+
+    if op == "Constant":
+        attr = attrs.get("value")
+        if attr is not None:
+            return _const(attr.as_tensor())
+        if "value_int" in attrs:
+            return 0, [attrs.get_int("value_int")]
+        if "value_ints" in attrs:
+            return 1, [int(x) for x in attrs.get_ints("value_ints")]
+        return None
+    if op == "Shape":
+        source = node.inputs[0]
+        if source is None or source.shape is None:
+            return None
+        dims: list[SymInt] = []
+        for d in source.shape.dims:
+            if isinstance(d, int):
+                dims.append(d)
+            elif d.value:
+                dims.append(d.value)
+            else:
+                return None
+        rank = len(dims)
+        start = attrs.get_int("start", 0)
+        end = attrs.get_int("end", rank)
+        return 1, dims[slice(start, end)]
+    if op in ("Identity", "Cast"):
+        if op == "Cast" and attrs.get_int("to", 0) not in (ir.DataType.INT64, ir.DataType.INT32):
+            return None
+        return arg(0)
+    if op == "Concat":
+        parts = [arg(i) for i in range(len(node.inputs))]
+        if any(p is None or p[0] != 1 for p in parts):
+            return None
+        return 1, [x for p in parts if p is not None for x in p[1]]
+    if op in ("Unsqueeze", "Squeeze", "Reshape", "Flatten"):
+        data = arg(0)
+        if data is None:
+            return None
+        if op == "Squeeze":
+            return (0 if len(data[1]) == 1 else 1), data[1]
+        return 1, data[1]
+    if op == "Gather":
+        data, index = arg(0), arg(1)
+        if data is None or index is None or attrs.get_int("axis", 0) != 0:
+            return None
+        if not all(isinstance(i, int) for i in index[1]):
+            return None
+        return index[0], [data[1][int(i)] for i in index[1]]
+    if op == "Slice":
+        data, starts, ends = arg(0), arg(1), arg(2)
+        axes = arg(3) if len(node.inputs) > 3 else (1, [0])
+        steps = arg(4) if len(node.inputs) > 4 else (1, [1])
+        if data is None or starts is None or ends is None or axes is None or steps is None:
+            return None
+        if len(starts[1]) != 1 or axes[1][0] not in (0, -1):
+            return None
+        lo, hi, stride = starts[1][0], ends[1][0], steps[1][0]
+        if not (isinstance(lo, int) and isinstance(hi, int) and isinstance(stride, int)):
+            return None
+        return 1, data[1][lo:hi:stride]
+    if op in ("Add", "Sub", "Mul", "Div"):
+        a, b = arg(0), arg(1)
+        if a is None or b is None:
+            return None
+        n = max(len(a[1]), len(b[1]))
+        if len(a[1]) not in (1, n) or len(b[1]) not in (1, n):
+            return None
+        out = [
+            _sym_binop(op, a[1][i if len(a[1]) > 1 else 0], b[1][i if len(b[1]) > 1 else 0])
+            for i in range(n)
+        ]
+        return max(a[0], b[0]), out
+    return None
+
+
+def _sym_binop(op: str, a: SymInt, b: SymInt) -> SymInt:
+    if isinstance(a, int) and isinstance(b, int):
+        if op == "Div":
+            if b == 0:
+                raise ZeroDivisionError
+            return int(a / b)  # ONNX integer division truncates toward zero
+        return {"Add": a + b, "Sub": a - b, "Mul": a * b}[op]
+    if op == "Mul" and (a == 1 or b == 1):
+        return b if a == 1 else a
+    if op in ("Add", "Sub") and b == 0:
+        return a
+    symbol = {"Add": "+", "Sub": "-", "Mul": "*", "Div": "//"}[op]
+    return f"({a}){symbol}({b})"

@@ -26,7 +26,8 @@ from lamc.errors import IntegrityError, RuntimeEnvironmentError
 from lamc.integrity import check_consistency, check_requires, check_unlisted
 
 # 2: the typed `plan` section (with the placement text), token-id ranges in tensor specs,
-# typed session options and stricter file paths. Version 1 manifests are refused: recompile.
+# typed session options and stricter file paths, shape-tensor values. Version 1 manifests
+# are refused: recompile.
 VERSION = 2
 FILENAME = "manifest.json"
 # Oldest onnxruntime that runs what lamc emits (opset 18 and its contrib ops).
@@ -41,6 +42,9 @@ class TensorSpec:
     # Integer model inputs (token ids): the values the model takes, [low, high). Checked at
     # the first hop: an id past the vocabulary would index out of the embedding table.
     range: tuple[int, int] | None = None
+    # Small integer tensors computed from shapes (a Reshape target crossing a cut): their
+    # value as dim expressions, `[batch, seq, 4, 16]`, so a stage warms up with a valid one.
+    value: tuple[int | str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,7 @@ class Manifest:
         data["plan"] = self.plan.to_dict()
         data["dims"] = {k: asdict(v) for k, v in sorted(self.dims.items())}
         data["tensors"] = {
-            k: {f: x for f, x in asdict(v).items() if not (f == "range" and x is None)}
+            k: {f: x for f, x in asdict(v).items() if not (f in ("range", "value") and x is None)}
             for k, v in sorted(self.tensors.items())
         }
         result: dict[str, Any] = rounded(data)
@@ -235,6 +239,7 @@ class Manifest:
                     v["dtype"],
                     tuple(v["shape"]),
                     tuple(v["range"]) if v.get("range") is not None else None,
+                    tuple(v["value"]) if v.get("value") is not None else None,
                 )
                 for k, v in data["tensors"].items()
             },

@@ -19,7 +19,7 @@ from lamc.backends.protocol import Artifact
 from lamc.backends.slice import StageGraph
 from lamc.errors import InternalError
 from lamc.frontend.capture import Captured
-from lamc.ir import dims_text, index_ranges
+from lamc.ir import dims_text, index_ranges, shape_values
 from lamc.manifest import (
     DimRange,
     Edge,
@@ -82,7 +82,12 @@ def build_manifest(
         )
     # Token-id inputs get the range of the table they index, checked at the first hop.
     ranges = index_ranges(captured.model)
-    tensors = {name: _spec(values[name], ranges.get(name)) for name in sorted(names)}
+    # Shape tensors that cross a cut carry their value as dim expressions (stage warm-up).
+    crossing = {t for s in stages for t in s.inputs} - {v.name for v in captured.model.graph.inputs}
+    shaped = shape_values(captured.model, sorted(crossing))
+    tensors = {
+        name: _spec(values[name], ranges.get(name), shaped.get(name)) for name in sorted(names)
+    }
     edges = []
     for k in range(len(stages) + 1):
         cut = workload.cuts[
@@ -147,10 +152,26 @@ def _values(model: ir.Model) -> dict[str, ir.Value]:
     return found
 
 
-def _spec(value: ir.Value, int_range: tuple[int, int] | None = None) -> TensorSpec:
+def _spec(
+    value: ir.Value,
+    int_range: tuple[int, int] | None = None,
+    shape_value: list[int | str] | None = None,
+) -> TensorSpec:
     dtype = value.dtype.numpy().name if value.dtype is not None else "float32"
     bounds = (int(int_range[0]), int(int_range[1])) if int_range and "int" in dtype else None
-    return TensorSpec(value.name or "", dtype, tuple(dims_text(value.shape)), bounds)
+    shape = tuple(dims_text(value.shape))
+    known = tuple(shape_value) if shape_value is not None and _holds(shape, shape_value) else None
+    return TensorSpec(value.name or "", dtype, shape, bounds, known)
+
+
+def _holds(shape: tuple[int | str, ...], elements: list[int | str]) -> bool:
+    """A recorded value must fit its tensor's static shape."""
+    if not all(isinstance(d, int) for d in shape):
+        return False
+    size = 1
+    for d in shape:
+        size *= int(d)
+    return size == len(elements)
 
 
 def model_sha256(model: ir.Model) -> str:

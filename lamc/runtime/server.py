@@ -180,15 +180,20 @@ class StageService:
             spec = self.manifest.tensors[name]
             shape = tuple(eval_dim(d, binding) for d in spec.shape)
             dtype = np.dtype(spec.dtype)
-            feeds[name] = (
-                np.zeros(shape) if dtype.kind in "iub" else rng.standard_normal(shape)
-            ).astype(dtype)
+            if spec.value is not None:  # a shape tensor: its value at this binding
+                values = [eval_dim(v, binding) for v in spec.value]
+                feeds[name] = np.array(values, dtype=dtype).reshape(shape)
+            else:
+                feeds[name] = (
+                    np.zeros(shape) if dtype.kind in "iub" else rng.standard_normal(shape)
+                ).astype(dtype)
         try:
             await asyncio.get_running_loop().run_in_executor(self._compute, self.runner.run, feeds)
+            log.info("stage %d warmed up at %s", self.index, binding)
         except Exception as exc:
-            # Shape-computing inputs (e.g. target shapes) make random warm-up inputs invalid;
-            # the engine is loaded either way, and the first real request warms it.
-            log.info("stage %d warm-up skipped: %s", self.index, str(exc).splitlines()[0][:200])
+            # An input whose valid values lamc could not record (one computed from data): the
+            # engine is loaded either way, and the first real request warms it.
+            log.warning("stage %d warm-up skipped: %s", self.index, str(exc).splitlines()[0][:200])
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()

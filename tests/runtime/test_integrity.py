@@ -310,3 +310,24 @@ def test_hostile_json_is_an_integrity_error(copy: Path, text: str) -> None:
     (copy / "manifest.json").write_text(text)
     with pytest.raises(IntegrityError, match="not valid JSON"):
         verify(copy)
+
+
+@pytest.mark.parametrize(
+    ("entry", "needle"),
+    [
+        (None, "entries for"),  # one entry short
+        ("nosuchdim", "cannot be evaluated"),
+        ("1//(seq-seq)", "cannot be evaluated"),
+        ("seq*1000000000*1000000000*1000", "evaluates to"),
+    ],
+)
+def test_recorded_shape_values_are_checked_before_loading(
+    copy: Path, entry: str | None, needle: str, no_loading: None
+) -> None:
+    data = json.loads((copy / "manifest.json").read_text())
+    name = next(n for n, t in sorted(data["tensors"].items()) if "value" in t)
+    recorded = data["tensors"][name]["value"]
+    value = recorded[1:] if entry is None else [entry, *recorded[1:]]
+    _edit(copy, lambda d: d["tensors"][name].update(value=value))
+    message = _fails(copy, f"tensors/{name}/value")
+    assert needle in message, message

@@ -6,6 +6,7 @@ error (accepted == succeeded + failed), and errors name the stage and its addres
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -39,12 +40,12 @@ def _balanced(client: RemotePipeline) -> None:
     assert counts["accepted"] == counts["succeeded"] + counts["failed"], dict(counts)
 
 
-def test_three_processes_match_one_process_bit_for_bit(gpt2_3: Path) -> None:
+def test_three_processes_match_one_process_bit_for_bit(gpt2_3: Path, tmp_path: Path) -> None:
     feeds = _feeds(10)
     local = Pipeline.open(gpt2_3)
     want = [local.run(f) for f in feeds]
     with (
-        StageServers(gpt2_3, 3) as servers,
+        StageServers(gpt2_3, 3, log_dir=tmp_path) as servers,
         RemotePipeline(gpt2_3, Endpoints(dict(enumerate(servers.addresses)))) as client,
     ):
         got = client.run_many(feeds, in_flight=8)
@@ -57,6 +58,18 @@ def test_three_processes_match_one_process_bit_for_bit(gpt2_3: Path) -> None:
         assert client.counts["succeeded"] == len(feeds)
         # SIGTERM drains and exits cleanly.
         assert [servers.terminate(k) for k in range(3)] == [0, 0, 0]
+    # The later stages receive Reshape targets (shape tensors) across the cut; each warmed
+    # up with the value the manifest records for them, not a made-up one.
+    manifest = json.loads((gpt2_3 / "manifest.json").read_text())
+    shape_inputs = [
+        name
+        for name in manifest["stages"][1]["inputs"]
+        if "int" in manifest["tensors"][name]["dtype"]
+    ]
+    assert shape_inputs and all("value" in manifest["tensors"][n] for n in shape_inputs)
+    for k in range(3):
+        log = (tmp_path / f"stage{k}.log").read_text()
+        assert f"stage {k} warmed up" in log and "warm-up skipped" not in log, log[-2000:]
 
 
 def test_kill_mid_request_fails_fast_naming_stage_and_host(gpt2_3: Path) -> None:
