@@ -13,7 +13,7 @@ import numpy as np
 from lamc.cli.main import cli, lamc_command
 from lamc.cli.options import parse_mapping, parse_sizes
 from lamc.cli.ui import stdout_console
-from lamc.errors import AccuracyError, RuntimeEnvironmentError, UsageError
+from lamc.errors import AccuracyError, UsageError
 
 
 def load_inputs(values: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -148,13 +148,7 @@ def run_command(
     if ray_address is not None:
         if hosts_file is not None or endpoints:
             raise UsageError("give --ray or --hosts/--endpoint, not both")
-        try:
-            from lamc.runtime.ray_serve import RayPipeline
-        except ImportError as exc:
-            raise RuntimeEnvironmentError(
-                f"--ray needs Ray Serve, which is not installed here ({exc.name})",
-                hint="pip install 'lamc[ray]'",
-            ) from None
+        from lamc.runtime.ray_serve import RayPipeline
 
         pipeline: Any = RayPipeline(out, ray_address, timeout_s=timeout_s)
         where = f"Ray Serve at {ray_address}"

@@ -38,14 +38,17 @@ def app_name(manifest: Manifest, out: Path) -> str:
     return f"{APP_PREFIX}{safe}"
 
 
-def _require_ray() -> Any:
+def _require_ray() -> tuple[Any, Any]:
+    """`ray` and `ray.serve`, or exit 10 naming the extra that installs them."""
     try:
         import ray
-    except ImportError:
-        raise UsageError(
-            "Ray Serve deployment needs the `ray` extra: pip install 'lamc[ray]'"
+        from ray import serve
+    except ImportError as exc:
+        raise RuntimeEnvironmentError(
+            f"Ray Serve is not installed here ({exc.name or exc}): --ray needs it",
+            hint="pip install 'lamc[ray]'",
         ) from None
-    return ray
+    return ray, serve
 
 
 def _require_token_auth() -> None:
@@ -145,8 +148,7 @@ def deploy(
 ) -> list[str]:
     """Deploy every stage of `out` on the Ray cluster at `address`; returns the deployment
     names, first stage (the application's ingress) first."""
-    ray = _require_ray()
-    from ray import serve
+    ray, serve = _require_ray()
 
     _require_token_auth()
     out = Path(out)
@@ -178,8 +180,7 @@ class RayPipeline:
     """Client of a pipeline deployed with `deploy`: the same `run(feeds)` as `Pipeline`."""
 
     def __init__(self, out: Path, address: str, *, timeout_s: float = 30.0) -> None:
-        ray = _require_ray()
-        from ray import serve
+        ray, serve = _require_ray()
 
         _require_token_auth()
         self.out = Path(out)

@@ -163,33 +163,39 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+# Clients and the previous stage ping a stage every KEEPALIVE_MS, even between requests, so
+# a dead link is noticed; the server accepts pings twice as often as that.
+KEEPALIVE_MS = 10_000
+
 CHANNEL_OPTIONS = (
     # Reconnect quickly to a restarted stage.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 )
 
 
-def server_options(max_message: int) -> list[tuple[str, Any]]:
+def server_options(max_message: int, keepalive_ms: int = KEEPALIVE_MS) -> list[tuple[str, Any]]:
     """A stage server's options: it accepts the keepalive pings its clients and the previous
-    stage send every 10 s, even between requests (gRPC's default answers pings more often
-    than every 5 minutes with GOAWAY too_many_pings)."""
+    stage send, even between requests (gRPC's default answers pings more often than every
+    5 minutes with GOAWAY too_many_pings and drops the connection)."""
     return [
-        *channel_options(max_message, None),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        *channel_options(max_message, None, keepalive_ms),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", keepalive_ms // 2),
+        ("grpc.http2.min_ping_interval_without_data_ms", keepalive_ms // 2),
         ("grpc.http2.max_ping_strikes", 0),
     ]
 
 
-def channel_options(max_message: int, tls: TlsConfig | None) -> list[tuple[str, Any]]:
+def channel_options(
+    max_message: int, tls: TlsConfig | None, keepalive_ms: int = KEEPALIVE_MS
+) -> list[tuple[str, Any]]:
     options: list[tuple[str, Any]] = [
         *CHANNEL_OPTIONS,
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", keepalive_ms // 2),
         ("grpc.max_send_message_length", max_message),
         ("grpc.max_receive_message_length", max_message),
     ]

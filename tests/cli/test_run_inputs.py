@@ -68,3 +68,17 @@ def test_bad_generate_options_are_usage_errors(
     outcome = lamc("generate", str(tmp_path / "out"), *[a.format(tmp=tmp_path) for a in args])
     assert outcome.code == 2, outcome.stdout + outcome.stderr
     assert needle in outcome.final, outcome.final
+
+
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_ray_without_ray_installed_is_an_environment_error(
+    resnet: Path, command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if not installed
+    outcome = lamc(command, str(resnet), "--ray", "127.0.0.1:1")
+    assert outcome.code == 10, outcome.stdout + outcome.stderr
+    assert "Ray Serve is not installed" in outcome.final and "lamc[ray]" in (
+        outcome.stdout + outcome.stderr
+    )

@@ -251,3 +251,54 @@ def served(gpt2_1: Path) -> Iterator[tuple[Path, str]]:
     finally:
         process.kill()
         process.wait(timeout=10)
+
+
+def _idle_connection_survives(server_opts: list[tuple[str, object]], keepalive_ms: int) -> bool:
+    """Serve the health service with `server_opts`, connect a client that pings every
+    `keepalive_ms`, leave the connection idle for 6 pings, and say whether it stayed up
+    (a GOAWAY too_many_pings drops it, and the channel leaves READY)."""
+    import threading
+    from concurrent import futures
+
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from lamc.runtime.security import channel_options
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=server_opts)
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    states: list[grpc.ChannelConnectivity] = []
+    lock = threading.Lock()
+
+    def seen(state: grpc.ChannelConnectivity) -> None:
+        with lock:
+            states.append(state)
+
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{port}", options=channel_options(1 << 20, None, keepalive_ms)
+    )
+    try:
+        stub = health_pb2_grpc.HealthStub(channel)
+        stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        channel.subscribe(seen)
+        time.sleep(6 * keepalive_ms / 1000)
+        stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        with lock:
+            return all(s == grpc.ChannelConnectivity.READY for s in states)
+    finally:
+        channel.close()
+        server.stop(None)
+
+
+@pytest.mark.slow
+def test_idle_connections_are_not_dropped_for_their_keepalive_pings() -> None:
+    """The stage server accepts the pings its clients send between requests. The control
+    shows the check can fail: gRPC's default server drops a connection pinging this often."""
+    from lamc.runtime.security import server_options
+
+    # The production settings scaled down 10x, in the same ratios (gRPC sends no keepalive
+    # pings much faster than this, whatever it is asked).
+    keepalive_ms = 1000
+    assert _idle_connection_survives(server_options(1 << 20, keepalive_ms), keepalive_ms)
+    assert not _idle_connection_survives([], keepalive_ms)
