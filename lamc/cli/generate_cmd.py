@@ -33,7 +33,7 @@ from lamc.errors import UsageError
     help="0: greedy; otherwise at least 1e-4 (smaller would overflow the softmax), at most 100.",
 )
 @click.option("--top-k", type=click.IntRange(min=0), default=0, help="Sample from the k likeliest.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0, max=2**128 - 1), default=0, show_default=True)
 @click.option(
     "--hosts",
     "hosts_file",
