@@ -15,7 +15,6 @@ from lamc.cli.options import parse_mapping, parse_sizes
 from lamc.cli.ui import stdout_console
 from lamc.errors import AccuracyError, UsageError
 
-
 # Dtypes an input tensor can have; anything else (objects, structs, strings) is refused.
 _INPUT_KINDS = "biuf"
 

@@ -163,8 +163,9 @@ def _generate_args(draw: st.DrawFn) -> list[str]:
     args: list[str] = []
     prompt = draw(
         st.one_of(
-            st.lists(st.integers(-5, 600) | st.integers(-(2**70), 2**70), min_size=0, max_size=8)
-            .map(lambda ids: ",".join(map(str, ids))),
+            st.lists(
+                st.integers(-5, 600) | st.integers(-(2**70), 2**70), min_size=0, max_size=8
+            ).map(lambda ids: ",".join(map(str, ids))),
             st.text(max_size=20),
         )
     )
