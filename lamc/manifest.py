@@ -129,6 +129,7 @@ class PlanSummary:
     max_error: float | None = None  # the accuracy budget lossy choices were held to
     measured_error: float | None = None  # with the link codecs chosen
     compression_error: float | None = None  # with the stages' compression
+    headroom: float | None = None  # the smallest fraction of a used device's memory left free
 
     def __getitem__(self, key: str) -> Any:
         value = self.get(key)
@@ -151,6 +152,49 @@ class PlanSummary:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
+    @classmethod
+    def of(cls, plan: Any) -> PlanSummary:
+        """The summary of a `lamc.plan.Plan` (its predicted costs and placement)."""
+        return cls(
+            objective=plan.objective,
+            binding=dict(plan.binding),
+            bottleneck_ms=plan.bottleneck_ms,
+            latency_ms=plan.latency_ms,
+            throughput_rps=plan.throughput_rps,
+            fluid_bound_ms=plan.fluid_bound_ms,
+            limited_by=plan.bottleneck,
+            text=plan.text,
+            generation=plan.generation or None,
+            headroom=plan.headroom,
+        )
+
+
+@dataclass(frozen=True)
+class FailoverPlan:
+    """The plan to switch to when `lost` devices leave: made at compile time with the same
+    constraints and budgets, or the reason no plan fits without them."""
+
+    lost: tuple[str, ...]
+    plan: PlanSummary | None = None
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"lost": list(self.lost)}
+        if self.plan is not None:
+            data["plan"] = self.plan.to_dict()
+        if self.reason:
+            data["reason"] = self.reason
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FailoverPlan:
+        plan = data.get("plan")
+        return cls(
+            tuple(data["lost"]),
+            PlanSummary.from_dict(plan) if plan is not None else None,
+            data.get("reason", ""),
+        )
+
 
 @dataclass
 class Manifest:
@@ -164,6 +208,9 @@ class Manifest:
     stages: tuple[StageSpec, ...]
     edges: tuple[Edge, ...]
     plan: PlanSummary
+    # For each device (or pair, with --failover 2) the plan without it, best first by the
+    # order of the topology's devices; empty when compiled with --failover 0.
+    failover: tuple[FailoverPlan, ...] = ()
     requires: dict[str, str] = field(
         default_factory=lambda: {"onnxruntime": f">={MIN_ONNXRUNTIME[0]}.{MIN_ONNXRUNTIME[1]}"}
     )
@@ -174,6 +221,10 @@ class Manifest:
 
         data = asdict(self)
         data["plan"] = self.plan.to_dict()
+        if self.failover:
+            data["failover"] = [entry.to_dict() for entry in self.failover]
+        else:
+            del data["failover"]
         data["dims"] = {k: asdict(v) for k, v in sorted(self.dims.items())}
         data["tensors"] = {
             k: {f: x for f, x in asdict(v).items() if not (f in ("range", "value") and x is None)}
@@ -256,6 +307,7 @@ class Manifest:
                 for e in data["edges"]
             ),
             plan=PlanSummary.from_dict(data["plan"]),
+            failover=tuple(FailoverPlan.from_dict(f) for f in data.get("failover", ())),
             requires=dict(data.get("requires", {})),
             lamc_manifest=int(data["lamc_manifest"]),
         )

@@ -195,6 +195,14 @@ class Plan:
         return worst[1]
 
     @property
+    def headroom(self) -> float:
+        """The smallest fraction of a used device's memory the plan leaves free."""
+        return min(
+            ((s.capacity_bytes - s.memory_bytes) / s.capacity_bytes for s in self.stages),
+            default=1.0,
+        )
+
+    @property
     def budgets_ok(self) -> bool:
         return all(b.ok for b in self.budgets)
 
@@ -205,6 +213,7 @@ class Plan:
         data["limited_by"] = self.bottleneck
         data["best_by_stages"] = {str(k): v for k, v in sorted(self.best_by_stages.items())}
         data["text"] = self.text
+        data["headroom"] = self.headroom
         return rounded(data)
 
     def to_json(self) -> str:

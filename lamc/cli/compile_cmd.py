@@ -12,7 +12,7 @@ import click
 from lamc.cli.common import capture_options, model_options, require_compile_extra
 from lamc.cli.main import cli, lamc_command
 from lamc.cli.plan_options import describe, plan_options, request_from_options
-from lamc.cli.plan_view import render_plan
+from lamc.cli.plan_view import render_failover, render_plan
 from lamc.cli.ui import Steps, stdout_console
 from lamc.quantity import format_bytes
 
@@ -112,6 +112,7 @@ def compile_command(
             max_error=options["max_error"],
             compress=options.get("compress"),
             calibration=options.get("calibration"),
+            failover=options.get("failover"),
         ),
         analysed=analysed,
         steps=steps,
@@ -123,6 +124,7 @@ def compile_command(
     }
     render_plan(result.plan, None, explain=False)
     manifest: Any = result.manifest
+    render_failover(manifest.failover, result.plan.text)
     total = sum(f.size for s in manifest.stages for f in s.files)
     console = stdout_console()
     for stage in manifest.stages:

@@ -11,7 +11,7 @@ import click
 from lamc.cli.common import capture_options, model_options, require_compile_extra
 from lamc.cli.main import CommandOutcome, cli, lamc_command
 from lamc.cli.plan_options import describe, plan_options, request_from_options
-from lamc.cli.plan_view import explain_data, render_plan
+from lamc.cli.plan_view import explain_data, render_failover, render_plan
 from lamc.cli.ui import Steps
 from lamc.errors import ExitCode
 
@@ -66,6 +66,19 @@ def plan_command(
         )
     with steps.step("partition"):
         best, cost = plan_model(result, topology, request, compress=options.get("compress"))
+    failover: tuple[Any, ...] = ()
+    if options.get("failover"):
+        from lamc.compiler.failover import failover_plans
+
+        with steps.step("failover plans"):
+            failover = failover_plans(
+                result,
+                topology,
+                best,
+                request,
+                options["failover"],
+                compress=options.get("compress"),
+            )
     if plot_path is not None:
         from lamc.cli.plot import plot_plan
 
@@ -74,9 +87,12 @@ def plan_command(
         data = best.to_dict()
         if explain:
             data["explain"] = explain_data(best, cost)
+        if failover:
+            data["failover"] = [f.to_dict() for f in failover]
         click.echo(json.dumps(data, indent=2, sort_keys=True))
     else:
         render_plan(best, cost, explain=explain)
+        render_failover(failover, best.text)
     summary = describe(model, best)
     if not best.budgets_ok:
         broken = "; ".join(

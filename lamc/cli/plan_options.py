@@ -42,6 +42,15 @@ def plan_options(fn: Any) -> Any:
         ),
         click.option("--stages", type=click.IntRange(min=1), help="Use exactly this many stages."),
         click.option(
+            "--failover",
+            type=click.IntRange(min=0, max=3),
+            is_flag=False,
+            flag_value=1,
+            default=None,
+            help="Also plan for this many devices lost at once (each device; 2: each pair "
+            "too); compile's default: 1 with 3+ devices, 0 (none) otherwise; alone: 1.",
+        ),
+        click.option(
             "--split-after",
             "split_after",
             metavar="UNIT,...",

@@ -205,3 +205,29 @@ def explain_rows(best: Any, cost: Any) -> list[str]:
                 f"  transfer: {format_bytes(t['bytes'])} over {' / '.join(t['route']) or 'the host'} = {format_ms(t['ms'])}"
             )
     return rows
+
+
+def render_failover(entries: Any, primary_text: str) -> None:
+    """The failover plans as a table: device(s) lost -> the plan switched to."""
+    if not entries:
+        return
+    console = stdout_console()
+    table = Table(title="failover: the plan without each device")
+    for column in ("lost", "stages", "bottleneck", "latency", "req/s", "headroom"):
+        table.add_column(column)
+    for entry in entries:
+        lost = ", ".join(entry.lost)
+        plan = entry.plan
+        if plan is None:
+            table.add_row(lost, f"none: {entry.reason}", "", "", "", "")
+            continue
+        same = " (unchanged)" if plan.text == primary_text else ""
+        table.add_row(
+            lost,
+            plan.text + same,
+            format_ms(plan.bottleneck_ms),
+            format_ms(plan.latency_ms),
+            f"{plan.throughput_rps:.3g}",
+            f"{plan.headroom:.0%}" if plan.headroom is not None else "",
+        )
+    console.print(table)

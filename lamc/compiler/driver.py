@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lamc.atomic import atomic_directory, check_writable
@@ -26,11 +26,12 @@ from lamc.compiler.compression import (
     stage_samples,
     step_back,
 )
+from lamc.compiler.failover import default_depth, failover_plans
 from lamc.compiler.manifest_build import build_manifest
 from lamc.compiler.planning import plan_model, with_compression
 from lamc.errors import AccuracyError, DoesNotFitError, UsageError
 from lamc.frontend import CaptureOptions
-from lamc.manifest import Manifest
+from lamc.manifest import FailoverPlan, Manifest
 from lamc.passes.base import PassManager
 from lamc.passes.compress import CALIBRATED
 from lamc.passes.partition.planner import PlanRequest
@@ -50,6 +51,8 @@ class CompileOptions:
     max_error: float = 0.01  # accuracy budget for lossy choices (link codecs, compression)
     compress: str | None = None  # --compress SPEC: a method, or DEVICE_OR_KIND=METHOD,...
     calibration: Path | None = None  # .npz of input samples (int8; default: generated)
+    # Plan for this many lost devices at once (0: none; None: 1 with 3+ devices, else 0).
+    failover: int | None = None
 
 
 @dataclass
@@ -92,8 +95,25 @@ def compile_model(
     while True:
         with timer.step("partition"):
             best, _ = plan_model(analysed, topology, request, backend=options.backend)
+
+        def failover(
+            primary: Plan = best, planned: PlanRequest = request
+        ) -> tuple[FailoverPlan, ...]:
+            depth = default_depth(topology) if options.failover is None else options.failover
+            return failover_plans(
+                analysed,
+                topology,
+                primary,
+                planned,
+                depth,
+                compress=options.compress,
+                backend=options.backend,
+            )
+
         try:
-            manifest, checks = _build_pipeline(analysed, topology, best, out, options, timer)
+            manifest, checks = _build_pipeline(
+                analysed, topology, best, out, options, timer, failover
+            )
         except AccuracyError as exc:
             request = step_back(options.compress, request, best, exc, notes)
             continue
@@ -107,6 +127,7 @@ def _build_pipeline(
     out: Path,
     options: CompileOptions,
     timer: _Timer,
+    failover: Callable[[], tuple[FailoverPlan, ...]] = tuple,
 ) -> tuple[Manifest, list[str]]:
     """tag -> slice -> compress -> build -> manifest -> accuracy checks, atomically."""
     captured, workload = analysed.captured, analysed.workload
@@ -165,6 +186,8 @@ def _build_pipeline(
                     f"link codecs {', '.join(e.tensors[0].codec if e.tensors else 'raw' for e in manifest.edges[1:-1])}: "
                     f"output error {manifest.plan['measured_error']:.3g} within the budget {options.max_error:g}"
                 )
+        with timer.step("failover plans"):
+            manifest = replace(manifest, failover=failover())
         # The manifest is written once, last: a directory without it is not a pipeline.
         (tmp / "manifest.json").write_text(manifest.to_json())
     return manifest, checks

@@ -115,17 +115,7 @@ def build_manifest(
         outputs=tuple(captured.output_names),
         stages=tuple(stages),
         edges=tuple(edges),
-        plan=PlanSummary(
-            objective=plan.objective,
-            binding=dict(plan.binding),
-            bottleneck_ms=plan.bottleneck_ms,
-            latency_ms=plan.latency_ms,
-            throughput_rps=plan.throughput_rps,
-            fluid_bound_ms=plan.fluid_bound_ms,
-            limited_by=plan.bottleneck,
-            text=plan.text,
-            generation=plan.generation or None,
-        ),
+        plan=PlanSummary.of(plan),
     )
 
 

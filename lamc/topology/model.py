@@ -142,11 +142,16 @@ class Topology:
         return [d.name for d in self.devices]
 
     def without(self, names: set[str]) -> Topology:
-        """The same topology without some devices (links and routes re-derived)."""
+        """The same topology without some devices: their links go too (a device that is
+        gone relays nothing) unless the name is also a host still there (the client's, or
+        another device's), and routes are derived again."""
+        devices = tuple(d for d in self.devices if d.name not in names)
+        hosts = {d.host for d in devices} | ({self.client} if self.client else set())
+        gone = set(names) - hosts
         return Topology(
             name=self.name,
-            devices=tuple(d for d in self.devices if d.name not in names),
-            links=self.links,
+            devices=devices,
+            links=tuple(lk for lk in self.links if lk.a not in gone and lk.b not in gone),
             client=self.client,
             host_link=self.host_link,
             constraints=self.constraints,
