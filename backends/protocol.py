@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import onnx_ir as ir
 
-from lamc.manifest import ArtifactFile
+from lamc.manifest import ArtifactFile, WeightRef
 from lamc.topology import Device
 
 if TYPE_CHECKING:
-    from lamc.backends.slice import StageGraph
+    from lamc.backends.slice import SharedWeights, StageGraph
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,9 @@ class Artifact:
     files: tuple[ArtifactFile, ...]
     providers: tuple[str, ...]
     session: dict[str, object]
+    # Weights the stage loads from the artifact's shared weight files (their files are
+    # added to the stage's list, with their final hashes, once every stage is written).
+    weights: tuple[WeightRef, ...] = ()
 
 
 class Backend(Protocol):
@@ -67,6 +70,17 @@ class Backend(Protocol):
         """None if a stage compressed with `method` can be built, else why not."""
         ...
 
-    def build(self, stage: StageGraph, device: Device, out_dir: Path, *, check: bool) -> Artifact:
-        """Write stage `stage.index` under `out_dir` and return what was written."""
+    def build(
+        self,
+        stage: StageGraph,
+        device: Device,
+        out_dir: Path,
+        *,
+        check: bool,
+        folder: str | None = None,
+        shared: SharedWeights | None = None,
+    ) -> Artifact:
+        """Write stage `stage.index` under `out_dir/folder` (default `stage-K`), its weights
+        into `shared` where the backend loads them from there, and return what was
+        written."""
         ...

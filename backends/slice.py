@@ -17,13 +17,15 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from lamc.errors import InternalError
-from lamc.ir import CONST, STAGE, annotation
+from lamc.ir import CONST, STAGE, UNIT, annotation
+from lamc.manifest import ArtifactFile, WeightRef
 
 # Weights of this size and above go to the stage's external data file (any size of model
 # works, since protobuf never holds the weights); smaller tensors stay inside the model:
@@ -126,13 +128,35 @@ class StageGraph:
         return proto
 
     def write(
-        self, directory: Path, model: str = "model.onnx", data: str = "model.onnx.data"
-    ) -> list[WrittenFile]:
+        self,
+        directory: Path,
+        model: str = "model.onnx",
+        data: str = "model.onnx.data",
+        *,
+        shared: SharedWeights | None = None,
+    ) -> tuple[list[WrittenFile], list[WeightRef]]:
         """Write the stage: the graph in `model`, large weights streamed from memory into
-        `data` (each aligned for memory mapping). Both are hashed as they are written."""
+        `data` (each aligned for memory mapping). Both are hashed as they are written.
+
+        With `shared`, weights of a dtype numpy holds go to the artifact's shared weight
+        files instead (each tensor stored once across stages and plans; the stage model
+        names them as external data at `../weights/...`, and lamc's loader hands them to
+        ONNX Runtime memory-mapped); the rest stay in the stage's own `data`."""
         directory.mkdir(parents=True, exist_ok=True)
         proto = self.proto(weights=False)
         large = [v for v in self.view.initializers.values() if _external(v)]
+        refs: list[WeightRef] = []
+        if shared is not None:
+            units = _units_of(self.view)
+            kept = []
+            for value in large:
+                ref = shared.put(value, units.get(value.name or "", "misc"), self.precision)
+                if ref is None:
+                    kept.append(value)
+                    continue
+                refs.append(ref)
+                _external_entry(proto, value, f"../{ref.file}", ref.offset, ref.length)
+            large = kept
         files: list[WrittenFile] = []
         if large:
             digest = hashlib.sha256()
@@ -147,24 +171,113 @@ class StageGraph:
                     raw = _raw(value)
                     out.write(raw)
                     digest.update(raw)
-                    tensor = proto.graph.initializer.add()
-                    tensor.name = value.name or ""
-                    tensor.data_type = int(value.const_value.dtype)  # type: ignore[union-attr]
-                    tensor.dims.extend(int(d) for d in value.const_value.shape.numpy())  # type: ignore[union-attr]
-                    tensor.data_location = onnx.TensorProto.EXTERNAL
-                    for key, text in (
-                        ("location", data),
-                        ("offset", str(offset)),
-                        ("length", str(len(raw))),
-                    ):
-                        entry = tensor.external_data.add()
-                        entry.key, entry.value = key, text
+                    _external_entry(proto, value, data, offset, len(raw))
                     offset += len(raw)
             files.append(WrittenFile(data, digest.hexdigest(), offset))
         payload = proto.SerializeToString(deterministic=True)
         (directory / model).write_bytes(payload)
         files.insert(0, WrittenFile(model, hashlib.sha256(payload).hexdigest(), len(payload)))
-        return files
+        return files, refs
+
+
+def _external_entry(
+    proto: onnx.ModelProto, value: ir.Value, location: str, offset: int, length: int
+) -> None:
+    """Add `value` to the model as an initializer whose bytes live at `location`."""
+    tensor = proto.graph.initializer.add()
+    tensor.name = value.name or ""
+    tensor.data_type = int(value.const_value.dtype)  # type: ignore[union-attr]
+    tensor.dims.extend(int(d) for d in value.const_value.shape.numpy())  # type: ignore[union-attr]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, text in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, text
+
+
+def _units_of(view: ir.GraphView) -> dict[str, str]:
+    """Initializer name -> the unit of its first consumer (`u0007`), where annotated."""
+    found: dict[str, str] = {}
+    for node in view:
+        unit = annotation(node, UNIT)
+        if not isinstance(unit, int):
+            continue
+        for value in node.inputs:
+            if value is not None and value.name and value.name not in found:
+                found[value.name] = f"u{unit:04d}"
+    return found
+
+
+# The loader maps a shared file whole, so a tensor only needs an offset its dtype and the
+# runtime's vector loads like (a cache line).
+SHARED_ALIGNMENT = 64
+# Dtypes the shared weight files hold: those numpy (and so the loader) can map directly.
+SHARED_DTYPES = {
+    "float64", "float32", "float16",
+    "int64", "int32", "int16", "int8",
+    "uint64", "uint32", "uint16", "uint8", "bool",
+}  # fmt: skip
+
+
+class SharedWeights:
+    """`OUT/weights/`: the weights of every stage of every plan, one file per unit and
+    precision (`u0007.fp32.bin`), each distinct tensor stored once (by name and content)
+    and aligned for memory mapping. Files are append-only and hashed as they grow."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.root = out_dir
+        self.directory = out_dir / "weights"
+        self._files: dict[str, tuple[Any, Any, int]] = {}  # path -> (handle, digest, size)
+        self._stored: dict[tuple[str, str], WeightRef] = {}
+
+    def put(self, value: ir.Value, unit: str, precision: str) -> WeightRef | None:
+        """Store `value` (or find it stored); None when its dtype stays with the stage."""
+        tensor = value.const_value
+        assert tensor is not None
+        try:
+            dtype = tensor.dtype.numpy().name
+        except TypeError:
+            return None
+        if dtype not in SHARED_DTYPES or tensor.dtype.bitwidth < 8:
+            return None
+        raw = _raw(value)
+        key = (value.name or "", hashlib.sha256(raw).hexdigest())
+        known = self._stored.get(key)
+        if known is not None:
+            return known
+        path = f"weights/{unit}.{precision}.bin"
+        if path not in self._files:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            handle = open(self.root / path, "wb")  # noqa: SIM115 - closed by finish()
+            self._files[path] = (handle, hashlib.sha256(), 0)
+        handle, digest, size = self._files[path]
+        padding = (-size) % SHARED_ALIGNMENT
+        if padding:
+            handle.write(b"\0" * padding)
+            digest.update(b"\0" * padding)
+        offset = size + padding
+        handle.write(raw)
+        digest.update(raw)
+        self._files[path] = (handle, digest, offset + len(raw))
+        shape = tuple(int(d) for d in tensor.shape.numpy())
+        ref = WeightRef(key[0], path, offset, len(raw), dtype, shape)
+        self._stored[key] = ref
+        return ref
+
+    def flush(self) -> None:
+        for handle, _, _ in self._files.values():
+            handle.flush()
+
+    def files(self) -> dict[str, ArtifactFile]:
+        """Every weight file so far, with its size and hash (files stay open to grow)."""
+        self.flush()
+        return {
+            path: ArtifactFile(path, digest.copy().hexdigest(), size)
+            for path, (_, digest, size) in self._files.items()
+        }
+
+    def close(self) -> None:
+        for handle, _, _ in self._files.values():
+            handle.close()
 
 
 def _external(value: ir.Value) -> bool:

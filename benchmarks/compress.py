@@ -48,7 +48,7 @@ def compile_with(
 def size(out: Path) -> int:
     from lamc.manifest import read_manifest
 
-    return sum(f.size for s in read_manifest(out).stages for f in s.files)
+    return read_manifest(out).total_bytes()
 
 
 def paired_ratio(a: object, b: object, feeds: dict[str, np.ndarray], runs: int) -> float:

@@ -113,6 +113,7 @@ def check_consistency(manifest: Manifest, path: Path) -> None:
             raise IntegrityError(f"{path}: dims/{name}: min {bounds.min} > max {bounds.max}")
     check_dim_expressions(manifest, path)
     check_shape_values(manifest, path)
+    check_weights(manifest, path)
     # Stages hand on what the next one receives: swapped or edited stages are caught here,
     # before any session loads.
     for before, after in zip(manifest.stages, manifest.stages[1:]):
@@ -156,3 +157,41 @@ def check_shape_values(manifest: Manifest, path: Path) -> None:
                     ) from None
                 if abs(number) > _LARGEST_DIM:
                     raise IntegrityError(f"{where}: {str(entry)[:60]!r} evaluates to {number}")
+
+
+_ITEMSIZE = {
+    "float64": 8, "int64": 8, "uint64": 8,
+    "float32": 4, "int32": 4, "uint32": 4,
+    "float16": 2, "int16": 2, "uint16": 2,
+    "int8": 1, "uint8": 1, "bool": 1,
+}  # fmt: skip
+
+
+def check_weights(manifest: Manifest, path: Path) -> None:
+    """Every shared weight lies inside a file its stage lists, with the size its dtype and
+    shape give; a file listed by several stages is the same file (size and hash) in all."""
+    listed: dict[str, tuple[int, str, int]] = {}
+    for stage in manifest.stages:
+        files = {f.path: f for f in stage.files}
+        for f in stage.files:
+            seen = listed.setdefault(f.path, (f.size, f.sha256, stage.index))
+            if seen[:2] != (f.size, f.sha256):
+                raise IntegrityError(
+                    f"{path}: {f.path}: stage {stage.index} and stage {seen[2]} list it "
+                    "with different sizes or hashes"
+                )
+        for ref in stage.weights:
+            where = f"{path}: stages/{stage.index}/weights/{ref.name[:80]}"
+            if ref.file not in files:
+                raise IntegrityError(f"{where}: {ref.file} is not one of the stage's files")
+            count = 1
+            for d in ref.shape:
+                count *= d
+            if ref.length != count * _ITEMSIZE[ref.dtype]:
+                raise IntegrityError(
+                    f"{where}: {ref.length} bytes for {ref.dtype}{list(ref.shape)}"
+                )
+            if ref.offset + ref.length > files[ref.file].size:
+                raise IntegrityError(
+                    f"{where}: bytes {ref.offset}+{ref.length} lie past the end of {ref.file}"
+                )

@@ -91,6 +91,19 @@ class KVCache:
 
 
 @dataclass(frozen=True)
+class WeightRef:
+    """A weight a stage loads from the artifact's shared `weights/` files: each tensor is
+    stored once, whichever plans and stages use it, and memory-mapped at load."""
+
+    name: str  # the initializer's name in the stage model
+    file: str  # relative to OUT, one of the stage's files
+    offset: int
+    length: int
+    dtype: str  # numpy name
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class StageSpec:
     index: int
     device: str
@@ -109,6 +122,7 @@ class StageSpec:
     sends: tuple[str, ...]  # what leaves for the next stage (or the client)
     predicted: dict[str, float] = field(default_factory=dict)
     kv_cache: KVCache | None = None
+    weights: tuple[WeightRef, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -236,6 +250,14 @@ class Manifest:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
+    def files(self) -> dict[str, ArtifactFile]:
+        """Every file of the artifact once (shared weight files are listed by every stage
+        that uses them)."""
+        return {f.path: f for s in self.stages for f in s.files}
+
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files().values())
+
     def spec(self, name: str) -> TensorSpec:
         return self.tensors[name]
 
@@ -276,6 +298,17 @@ class Manifest:
                 sends=tuple(s["sends"]),
                 predicted=dict(s.get("predicted", {})),
                 kv_cache=kv(s.get("kv_cache")),
+                weights=tuple(
+                    WeightRef(
+                        w["name"],
+                        w["file"],
+                        int(w["offset"]),
+                        int(w["length"]),
+                        w["dtype"],
+                        tuple(int(d) for d in w["shape"]),
+                    )
+                    for w in s.get("weights", ())
+                ),
             )
             for s in data["stages"]
         )
@@ -396,8 +429,12 @@ def verify(out_dir: Path) -> Manifest:
     manifest = read_manifest(out_dir)
     _check_runtime(manifest)
     check_unlisted(out_dir, manifest)
+    checked: set[str] = set()  # shared weight files are listed by every stage using them
     for stage in manifest.stages:
         for item in stage.files:
+            if item.path in checked:
+                continue
+            checked.add(item.path)
             file = safe_path(out_dir, item.path, f"stage {stage.index}")
             if not file.is_file():
                 raise IntegrityError(f"{item.path}: missing (stage {stage.index})")

@@ -14,9 +14,9 @@ import onnx
 import onnx_ir as ir
 
 from lamc.backends.protocol import Artifact, Reason
-from lamc.backends.slice import StageGraph
+from lamc.backends.slice import SharedWeights, StageGraph
 from lamc.errors import EngineBuildError
-from lamc.manifest import ArtifactFile
+from lamc.manifest import ArtifactFile, WeightRef
 from lamc.topology import BACKENDS, Device
 
 # Contrib ops lamc's passes emit (compression) that ONNX Runtime's CPU provider implements.
@@ -74,19 +74,29 @@ class OnnxRuntimeBackend:
     def accepts(self, method: str) -> Reason | None:
         return None  # every compression method emits ops ONNX Runtime runs
 
-    def build(self, stage: StageGraph, device: Device, out_dir: Path, *, check: bool) -> Artifact:
-        """Write stage `stage.index` under `out_dir/stage-K/` and prove it loads."""
-        folder = f"stage-{stage.index}"
-        written = stage.write(out_dir / folder)
+    def build(
+        self,
+        stage: StageGraph,
+        device: Device,
+        out_dir: Path,
+        *,
+        check: bool,
+        folder: str | None = None,
+        shared: SharedWeights | None = None,
+    ) -> Artifact:
+        """Write stage `stage.index` under `out_dir/folder/` and prove it loads."""
+        folder = folder or f"stage-{stage.index}"
+        written, refs = stage.write(out_dir / folder, shared=shared)
         files = tuple(ArtifactFile(f"{folder}/{w.name}", w.sha256, w.size) for w in written)
         if check:
-            _check(out_dir / folder / "model.onnx", stage.index)
+            _check(out_dir, f"{folder}/model.onnx", stage.index, refs, shared)
         return Artifact(
             backend=self.name,
             model=f"{folder}/model.onnx",
             files=files,
             providers=providers_for(device),
             session={"graph_optimization": "all", "threads": 0},
+            weights=tuple(refs),
         )
 
 
@@ -100,18 +110,51 @@ def providers_for(device: Device) -> tuple[str, ...]:
     )
 
 
-def _check(path: Path, index: int) -> None:
-    """The ONNX checker (full) and a CPU session: the file is a model ONNX Runtime loads."""
-    from lamc.backends.onnxruntime.run import new_session
+def _check(
+    out_dir: Path,
+    model: str,
+    index: int,
+    refs: list[WeightRef],
+    shared: SharedWeights | None,
+) -> None:
+    """The ONNX checker (full, on the graph) and a CPU session with the weights as the
+    runtime hands them over: the file is a model ONNX Runtime loads."""
+    from lamc.backends.onnxruntime.run import load
+    from lamc.runtime.weights import map_weights
 
+    path = out_dir / model
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        if refs:
+            # The checker refuses locations outside the model's directory: check the graph
+            # with the shared weights as typed inputs (the loader maps them itself).
+            proto = onnx.load(str(path), load_external_data=False)
+            shared_names = {ref.name for ref in refs}
+            kept = [t for t in proto.graph.initializer if t.name not in shared_names]
+            for tensor in proto.graph.initializer:
+                if tensor.name in shared_names:
+                    proto.graph.input.append(
+                        onnx.helper.make_tensor_value_info(
+                            tensor.name, tensor.data_type, list(tensor.dims)
+                        )
+                    )
+            del proto.graph.initializer[:]
+            proto.graph.initializer.extend(kept)
+            onnx.checker.check_model(proto, full_check=True)
+        else:
+            onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
         raise EngineBuildError(
             f"stage {index}: {path.name} fails the ONNX checker: {str(exc).splitlines()[0]}"
         ) from exc
     try:
-        new_session(str(path), optimization="basic")
+        if shared is not None:
+            shared.flush()
+        load(
+            str(path),
+            ["CPUExecutionProvider"],
+            optimization="basic",
+            initializers=map_weights(out_dir, refs),
+        )
     except Exception as exc:
         raise EngineBuildError(
             f"stage {index}: ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0]}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -123,6 +123,8 @@ class Runner:
     session: Any
     input_names: list[str]
     output_names: list[str]
+    # The weights the session reads in place: alive as long as the session is.
+    keep: list[Any] = field(default_factory=list, repr=False)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.session.run(
@@ -138,15 +140,27 @@ def load(
     threads: int = 0,
     optimization: str = "all",
     shared_pool: bool = False,
+    initializers: Mapping[str, np.ndarray] | None = None,
 ) -> Runner:
+    """A session for one stage. `initializers` are weights handed over as they are (memory
+    mapped, shared with other sessions in this process) instead of read from the model's
+    external data."""
     import onnxruntime as ort
 
     chosen = check_providers(providers)
     if shared_pool:
         use_global_pool(threads)
     options = session_options(threads=threads, optimization=optimization, shared_pool=shared_pool)
+    values = []
+    if initializers:
+        names = list(initializers)
+        values = [ort.OrtValue.ortvalue_from_numpy(initializers[n]) for n in names]
+        options.add_external_initializers(names, values)
     path = os.fspath(model_path) if not isinstance(model_path, bytes) else model_path
     session = ort.InferenceSession(path, sess_options=options, providers=chosen)
     return Runner(
-        session, [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+        session,
+        [i.name for i in session.get_inputs()],
+        [o.name for o in session.get_outputs()],
+        keep=values,
     )

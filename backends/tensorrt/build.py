@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from lamc.backends.protocol import Artifact, Reason
-from lamc.backends.slice import StageGraph
+from lamc.backends.slice import SharedWeights, StageGraph
 from lamc.errors import EngineBuildError, RuntimeEnvironmentError
 from lamc.manifest import ArtifactFile
 from lamc.topology import Device
@@ -74,11 +74,27 @@ class TensorRTBackend:
             f"--compress {method} needs the onnxruntime backend (TensorRT chooses its own precisions)",
         )
 
-    def build(self, stage: StageGraph, device: Device, out_dir: Path, *, check: bool) -> Artifact:
-        return _build(stage, device, out_dir)
+    def build(
+        self,
+        stage: StageGraph,
+        device: Device,
+        out_dir: Path,
+        *,
+        check: bool,
+        folder: str | None = None,
+        shared: SharedWeights | None = None,
+    ) -> Artifact:
+        return _build(stage, device, out_dir, folder=folder)
 
 
-def _build(stage: StageGraph, device: Device, out_dir: Path, *, fp16: bool = False) -> Artifact:
+def _build(
+    stage: StageGraph,
+    device: Device,
+    out_dir: Path,
+    *,
+    fp16: bool = False,
+    folder: str | None = None,
+) -> Artifact:
     if not is_available():
         raise RuntimeEnvironmentError(
             "TensorRT is not installed here (or there is no GPU to build on)",
@@ -86,8 +102,8 @@ def _build(stage: StageGraph, device: Device, out_dir: Path, *, fp16: bool = Fal
         )
     import tensorrt as trt
 
-    folder = f"stage-{stage.index}"
-    written = stage.write(out_dir / folder)
+    folder = folder or f"stage-{stage.index}"
+    written, _ = stage.write(out_dir / folder)  # an engine holds its own weights
     onnx_path = out_dir / folder / "model.onnx"
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -125,7 +125,7 @@ def compile_command(
     render_plan(result.plan, None, explain=False)
     manifest: Any = result.manifest
     render_failover(manifest.failover, result.plan.text)
-    total = sum(f.size for s in manifest.stages for f in s.files)
+    total = manifest.total_bytes()
     console = stdout_console()
     for stage in manifest.stages:
         size = sum(f.size for f in stage.files)

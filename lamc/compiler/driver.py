@@ -16,7 +16,7 @@ from pathlib import Path
 from lamc.atomic import atomic_directory, check_writable
 from lamc.backends import registry
 from lamc.backends.protocol import Backend
-from lamc.backends.slice import slice_stages
+from lamc.backends.slice import SharedWeights, slice_stages
 from lamc.compiler.analysis import ANALYSIS_PASSES, Analysed, analyse
 from lamc.compiler.codecs import choose_codecs
 from lamc.compiler.compression import (
@@ -153,13 +153,15 @@ def _build_pipeline(
         with timer.step("compress"):
             graphs = compress_stages(graphs, methods, calibration, options.dump_ir)
     checks: list[str] = []
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out) as tmp, contextlib.closing(SharedWeights(tmp)) as shared:
         with timer.step("build"):
             artifacts = []
             for graph, stage in zip(graphs, best.stages):
                 device = topology.device(stage.device)
                 artifacts.append(
-                    backends[stage.index].build(graph, device, tmp, check=options.check)
+                    backends[stage.index].build(
+                        graph, device, tmp, check=options.check, shared=shared
+                    )
                 )
                 if options.check:
                     checks.append(
@@ -167,7 +169,15 @@ def _build_pipeline(
                     )
         with timer.step("manifest"):
             manifest = build_manifest(
-                captured, workload, topology, best, graphs, artifacts, tmp, request_context(options)
+                captured,
+                workload,
+                topology,
+                best,
+                graphs,
+                artifacts,
+                tmp,
+                request_context(options),
+                shared.files(),
             )
         if any(m != "fp32" for m in methods.values()):
             with timer.step("accuracy"):

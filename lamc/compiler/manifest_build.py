@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from lamc.errors import InternalError
 from lamc.frontend.capture import Captured
 from lamc.ir import dims_text, index_ranges, shape_values
 from lamc.manifest import (
+    ArtifactFile,
     DimRange,
     Edge,
     EdgeTensor,
@@ -44,6 +45,7 @@ def build_manifest(
     artifacts: Sequence[Artifact],
     out_dir: Path,
     context: int = 0,
+    weight_files: Mapping[str, ArtifactFile] | None = None,
 ) -> Manifest:
     values = _values(captured.model)
     stages: list[StageSpec] = []
@@ -53,7 +55,8 @@ def build_manifest(
         sends = [t.name for t in workload.cuts[planned.end_unit].tensors]
         _check_boundaries(graph, receives, sends)
         names |= set(receives) | set(sends) | set(graph.inputs) | set(graph.outputs)
-        files = artifact.files
+        shared = sorted({ref.file for ref in artifact.weights})
+        files = tuple(artifact.files) + tuple((weight_files or {})[path] for path in shared)
         stages.append(
             StageSpec(
                 index=planned.index,
@@ -78,6 +81,7 @@ def build_manifest(
                     "transfer_bytes": planned.transfer_bytes,
                 },
                 kv_cache=_kv_ownership(captured, graph, context),
+                weights=artifact.weights,
             )
         )
     # Token-id inputs get the range of the table they index, checked at the first hop.

@@ -112,12 +112,18 @@ def load_stage(
     session = dict(spec.session)
     if threads is not None:
         session["threads"] = threads
+    extra = {}
+    if spec.weights:
+        from lamc.runtime.weights import map_weights
+
+        extra["initializers"] = map_weights(out_dir, spec.weights)
     runner = module.load(
         str(out_dir / spec.model),
         chosen,
         threads=int(session.get("threads", 0)),
         optimization=str(session.get("graph_optimization", "all")),
         shared_pool=shared_pool,
+        **extra,
     )
     return StageRunner(spec, runner)
 

@@ -57,19 +57,27 @@ def test_intact_output_verifies(compiled: Path) -> None:
     assert [s.index for s in manifest.stages] == [0, 1]
 
 
-@pytest.mark.parametrize("target", ["model.onnx", "model.onnx.data"])
+def _weights_file(out: Path, stage: int) -> str:
+    """A shared weight file stage `stage` loads."""
+    data = json.loads((out / "manifest.json").read_text())
+    return str(data["stages"][stage]["weights"][0]["file"])
+
+
+@pytest.mark.parametrize("target", ["model", "weights"])
 def test_flipped_byte(copy: Path, target: str, no_loading: None) -> None:
-    path = copy / "stage-1" / target
+    relative = "stage-1/model.onnx" if target == "model" else _weights_file(copy, 1)
+    path = copy / relative
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    _fails(copy, f"stage-1/{target}: sha256")
+    _fails(copy, f"{relative}: sha256")
 
 
 def test_truncated_file(copy: Path, no_loading: None) -> None:
-    path = copy / "stage-0" / "model.onnx.data"
+    relative = _weights_file(copy, 0)
+    path = copy / relative
     path.write_bytes(path.read_bytes()[:-100])
-    _fails(copy, "stage-0/model.onnx.data: size")
+    _fails(copy, f"{relative}: size")
 
 
 def test_missing_file(copy: Path, no_loading: None) -> None:
@@ -170,18 +178,48 @@ def test_a_scalar_tensor_stays_a_scalar() -> None:
 
 
 def test_a_file_taken_off_the_list_is_not_read_unchecked(copy: Path, no_loading: None) -> None:
-    # Drop the weights from the stage's file list, then tamper with them.
-    _edit(
-        copy,
-        lambda d: d["stages"][0].update(
-            files=[f for f in d["stages"][0]["files"] if not f["path"].endswith(".data")]
-        ),
-    )
-    path = copy / "stage-0" / "model.onnx.data"
+    # Drop a weight file from every stage's file list, then tamper with it.
+    relative = _weights_file(copy, 0)
+
+    def drop(d: dict[str, Any]) -> None:
+        for stage in d["stages"]:
+            stage["files"] = [f for f in stage["files"] if f["path"] != relative]
+
+    _edit(copy, drop)
+    path = copy / relative
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    _fails(copy, "stage-0/model.onnx.data: not in the manifest's file list")
+    _fails(copy, f"{relative} is not one of the stage's files")
+
+
+def test_a_weight_outside_its_file_or_of_the_wrong_size_is_refused(
+    copy: Path, no_loading: None
+) -> None:
+    def past_the_end(d: dict[str, Any]) -> None:
+        ref = d["stages"][0]["weights"][0]
+        ref["offset"] = 10**9
+
+    _edit(copy, past_the_end)
+    _fails(copy, "lie past the end")
+
+    def wrong_shape(d: dict[str, Any]) -> None:
+        d["stages"][0]["weights"][0]["shape"] = [1, 2, 3]
+
+    _edit(copy, wrong_shape)
+    _fails(copy, "bytes for")
+
+
+def test_a_shared_file_listed_differently_by_two_stages_is_refused(
+    copy: Path, no_loading: None
+) -> None:
+    def differ(d: dict[str, Any]) -> None:
+        # The same path with another hash in a second stage's list.
+        first = d["stages"][0]["files"][-1]
+        d["stages"][1]["files"].append({**first, "sha256": "0" * 64})
+
+    _edit(copy, differ)
+    _fails(copy, "with different sizes or hashes")
 
 
 def test_required_runtime_version_is_checked(copy: Path, no_loading: None) -> None:
