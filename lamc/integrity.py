@@ -5,13 +5,14 @@ Standard library only: it runs on the edge."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lamc.errors import IntegrityError, RuntimeEnvironmentError
 
 if TYPE_CHECKING:
-    from lamc.manifest import Manifest
+    from lamc.manifest import Manifest, StageSpec
 
 # No tensor lamc plans has a dimension this large; an expression that reaches it is not ours.
 _LARGEST_DIM = 1 << 40
@@ -52,7 +53,7 @@ def check_unlisted(out_dir: Path, manifest: Manifest) -> None:
     """Every file in a stage's folder is listed and hashed: a runtime loads external data
     by the name its model gives, so a file taken off the list (and edited) would be read
     unchecked. Nothing unlisted may sit beside what a session reads."""
-    listed = {f.path for s in manifest.stages for f in s.files}
+    listed = set(manifest.files())
     folders = {str(Path(f).parent) for f in listed if str(Path(f).parent) != "."}
     for folder in sorted(folders):
         base = out_dir / folder
@@ -96,7 +97,20 @@ def check_dim_expressions(manifest: Manifest, path: Path) -> None:
 
 
 def check_consistency(manifest: Manifest, path: Path) -> None:
-    for stage in manifest.stages:
+    """The manifest agrees with itself, in the primary pipeline and every failover one."""
+    for name, bounds in manifest.dims.items():
+        if bounds.min > bounds.max:
+            raise IntegrityError(f"{path}: dims/{name}: min {bounds.min} > max {bounds.max}")
+    check_dim_expressions(manifest, path)
+    check_shape_values(manifest, path)
+    for label, stages, _ in manifest.pipelines():
+        where = path if label == "primary" else Path(f"{path} ({label})")
+        _check_stages(manifest, stages, where)
+    check_weights(manifest, path)
+
+
+def _check_stages(manifest: Manifest, stages: tuple[StageSpec, ...], path: Path) -> None:
+    for stage in stages:
         for name in (*stage.inputs, *stage.outputs, *stage.receives, *stage.sends):
             if name not in manifest.tensors:
                 raise IntegrityError(
@@ -106,17 +120,11 @@ def check_consistency(manifest: Manifest, path: Path) -> None:
             raise IntegrityError(
                 f"{path}: stages/{stage.index}/model: {stage.model!r} is not one of the stage's files"
             )
-    if [s.index for s in manifest.stages] != list(range(len(manifest.stages))):
-        raise IntegrityError(f"{path}: stages are not numbered 0..{len(manifest.stages) - 1}")
-    for name, bounds in manifest.dims.items():
-        if bounds.min > bounds.max:
-            raise IntegrityError(f"{path}: dims/{name}: min {bounds.min} > max {bounds.max}")
-    check_dim_expressions(manifest, path)
-    check_shape_values(manifest, path)
-    check_weights(manifest, path)
+    if [s.index for s in stages] != list(range(len(stages))):
+        raise IntegrityError(f"{path}: stages are not numbered 0..{len(stages) - 1}")
     # Stages hand on what the next one receives: swapped or edited stages are caught here,
     # before any session loads.
-    for before, after in zip(manifest.stages, manifest.stages[1:]):
+    for before, after in itertools.pairwise(stages):
         if set(after.receives) - set(before.sends):
             missing = sorted(set(after.receives) - set(before.sends))
             raise IntegrityError(
@@ -171,7 +179,8 @@ def check_weights(manifest: Manifest, path: Path) -> None:
     """Every shared weight lies inside a file its stage lists, with the size its dtype and
     shape give; a file listed by several stages is the same file (size and hash) in all."""
     listed: dict[str, tuple[int, str, int]] = {}
-    for stage in manifest.stages:
+    every = [stage for _, stages, _ in manifest.pipelines() for stage in stages]
+    for stage in every:
         files = {f.path: f for f in stage.files}
         for f in stage.files:
             seen = listed.setdefault(f.path, (f.size, f.sha256, stage.index))

@@ -17,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lamc.errors import IntegrityError, RuntimeEnvironmentError
+from lamc.errors import DoesNotFitError, IntegrityError, RuntimeEnvironmentError, UsageError
 from lamc.integrity import check_consistency, check_requires, check_unlisted
 
 # 2: the typed `plan` section (with the placement text), token-id ranges in tensor specs,
@@ -191,6 +192,11 @@ class FailoverPlan:
     lost: tuple[str, ...]
     plan: PlanSummary | None = None
     reason: str = ""
+    # The failover pipeline's own stages and edges, built at compile time beside the
+    # primary's (its weights shared with them). Empty when the plan is the primary plan
+    # (the lost devices were idle) or there is none.
+    stages: tuple[StageSpec, ...] = ()
+    edges: tuple[Edge, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"lost": list(self.lost)}
@@ -198,6 +204,9 @@ class FailoverPlan:
             data["plan"] = self.plan.to_dict()
         if self.reason:
             data["reason"] = self.reason
+        if self.stages:
+            data["stages"] = [asdict(stage) for stage in self.stages]
+            data["edges"] = [asdict(edge) for edge in self.edges]
         return data
 
     @classmethod
@@ -207,6 +216,8 @@ class FailoverPlan:
             tuple(data["lost"]),
             PlanSummary.from_dict(plan) if plan is not None else None,
             data.get("reason", ""),
+            tuple(_stage(stage) for stage in data.get("stages", ())),
+            tuple(_edge(edge) for edge in data.get("edges", ())),
         )
 
 
@@ -250,10 +261,43 @@ class Manifest:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
+    def pipelines(self) -> list[tuple[str, tuple[StageSpec, ...], tuple[Edge, ...]]]:
+        """The primary pipeline and every built failover pipeline: (label, stages, edges)."""
+        found = [("primary", self.stages, self.edges)]
+        for entry in self.failover:
+            if entry.stages:
+                found.append(
+                    (f"failover without {'+'.join(entry.lost)}", entry.stages, entry.edges)
+                )
+        return found
+
     def files(self) -> dict[str, ArtifactFile]:
         """Every file of the artifact once (shared weight files are listed by every stage
-        that uses them)."""
-        return {f.path: f for s in self.stages for f in s.files}
+        that uses them, in every plan)."""
+        return {f.path: f for _, stages, _ in self.pipelines() for s in stages for f in s.files}
+
+    def without(self, lost: Sequence[str]) -> Manifest:
+        """The pipeline to run when devices `lost` are gone: the failover plan made for
+        them at compile time, as a manifest of its own (the primary's when they were idle).
+        A set with no plan is an error that says why."""
+        wanted = set(lost)
+        for entry in self.failover:
+            if set(entry.lost) != wanted:
+                continue
+            if entry.plan is None:
+                raise DoesNotFitError(
+                    f"no failover plan without {', '.join(sorted(wanted))}: {entry.reason}"
+                )
+            if not entry.stages:
+                return replace(self, failover=())
+            return replace(
+                self, stages=entry.stages, edges=entry.edges, plan=entry.plan, failover=()
+            )
+        planned = sorted({"+".join(e.lost) for e in self.failover})
+        raise UsageError(
+            f"no failover plan was made for losing {', '.join(sorted(wanted))}",
+            hint=f"planned for: {', '.join(planned)}" if planned else "compile with --failover 1",
+        )
 
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files().values())
@@ -263,55 +307,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        def kv(raw: dict[str, Any] | None) -> KVCache | None:
-            if raw is None:
-                return None
-            return KVCache(
-                layers=tuple(raw["layers"]),
-                past_inputs=tuple(raw["past_inputs"]),
-                present_outputs=tuple(raw["present_outputs"]),
-                dtype=raw["dtype"],
-                bytes_per_token=int(raw["bytes_per_token"]),
-                max_context=int(raw["max_context"]),
-                past_dim=raw.get("past_dim", "past"),
-                length_only=tuple(raw.get("length_only", ())),
-            )
-
-        stages = tuple(
-            StageSpec(
-                index=s["index"],
-                device=s["device"],
-                host=s["host"],
-                kind=s["kind"],
-                backend=s["backend"],
-                providers=tuple(s["providers"]),
-                session=dict(s["session"]),
-                precision=s["precision"],
-                units=tuple(s["units"]),
-                model=s["model"],
-                files=tuple(
-                    ArtifactFile(f["path"], f["sha256"], int(f["size"])) for f in s["files"]
-                ),
-                inputs=tuple(s["inputs"]),
-                outputs=tuple(s["outputs"]),
-                receives=tuple(s["receives"]),
-                sends=tuple(s["sends"]),
-                predicted=dict(s.get("predicted", {})),
-                kv_cache=kv(s.get("kv_cache")),
-                weights=tuple(
-                    WeightRef(
-                        w["name"],
-                        w["file"],
-                        int(w["offset"]),
-                        int(w["length"]),
-                        w["dtype"],
-                        tuple(int(d) for d in w["shape"]),
-                    )
-                    for w in s.get("weights", ())
-                ),
-            )
-            for s in data["stages"]
-        )
+        stages = tuple(_stage(s) for s in data["stages"])
         return cls(
             model=dict(data["model"]),
             topology=dict(data["topology"]),
@@ -330,20 +326,69 @@ class Manifest:
             inputs=tuple(data["inputs"]),
             outputs=tuple(data["outputs"]),
             stages=stages,
-            edges=tuple(
-                Edge(
-                    e["source"],
-                    e["target"],
-                    tuple(EdgeTensor(t["name"], t["codec"]) for t in e["tensors"]),
-                    int(e["bytes"]),
-                )
-                for e in data["edges"]
-            ),
+            edges=tuple(_edge(e) for e in data["edges"]),
             plan=PlanSummary.from_dict(data["plan"]),
             failover=tuple(FailoverPlan.from_dict(f) for f in data.get("failover", ())),
             requires=dict(data.get("requires", {})),
             lamc_manifest=int(data["lamc_manifest"]),
         )
+
+
+def _kv(raw: dict[str, Any] | None) -> KVCache | None:
+    if raw is None:
+        return None
+    return KVCache(
+        layers=tuple(raw["layers"]),
+        past_inputs=tuple(raw["past_inputs"]),
+        present_outputs=tuple(raw["present_outputs"]),
+        dtype=raw["dtype"],
+        bytes_per_token=int(raw["bytes_per_token"]),
+        max_context=int(raw["max_context"]),
+        past_dim=raw.get("past_dim", "past"),
+        length_only=tuple(raw.get("length_only", ())),
+    )
+
+
+def _stage(s: dict[str, Any]) -> StageSpec:
+    return StageSpec(
+        index=s["index"],
+        device=s["device"],
+        host=s["host"],
+        kind=s["kind"],
+        backend=s["backend"],
+        providers=tuple(s["providers"]),
+        session=dict(s["session"]),
+        precision=s["precision"],
+        units=tuple(s["units"]),
+        model=s["model"],
+        files=tuple(ArtifactFile(f["path"], f["sha256"], int(f["size"])) for f in s["files"]),
+        inputs=tuple(s["inputs"]),
+        outputs=tuple(s["outputs"]),
+        receives=tuple(s["receives"]),
+        sends=tuple(s["sends"]),
+        predicted=dict(s.get("predicted", {})),
+        kv_cache=_kv(s.get("kv_cache")),
+        weights=tuple(
+            WeightRef(
+                w["name"],
+                w["file"],
+                int(w["offset"]),
+                int(w["length"]),
+                w["dtype"],
+                tuple(int(d) for d in w["shape"]),
+            )
+            for w in s.get("weights", ())
+        ),
+    )
+
+
+def _edge(e: dict[str, Any]) -> Edge:
+    return Edge(
+        e["source"],
+        e["target"],
+        tuple(EdgeTensor(t["name"], t["codec"]) for t in e["tensors"]),
+        int(e["bytes"]),
+    )
 
 
 # ------------------------------------------------------------------------- schema + verify
@@ -429,25 +474,21 @@ def verify(out_dir: Path) -> Manifest:
     manifest = read_manifest(out_dir)
     _check_runtime(manifest)
     check_unlisted(out_dir, manifest)
-    checked: set[str] = set()  # shared weight files are listed by every stage using them
-    for stage in manifest.stages:
-        for item in stage.files:
-            if item.path in checked:
-                continue
-            checked.add(item.path)
-            file = safe_path(out_dir, item.path, f"stage {stage.index}")
-            if not file.is_file():
-                raise IntegrityError(f"{item.path}: missing (stage {stage.index})")
-            size = file.stat().st_size
-            if size != item.size:
-                raise IntegrityError(
-                    f"{item.path}: size {size} bytes, the manifest says {item.size} (truncated or replaced)"
-                )
-            digest = sha256_file(file)
-            if digest != item.sha256:
-                raise IntegrityError(
-                    f"{item.path}: sha256 {digest[:16]}..., the manifest says {item.sha256[:16]}... (modified)"
-                )
+    # Every file of every plan, once (shared weight files are listed by each stage using them).
+    for item in manifest.files().values():
+        file = safe_path(out_dir, item.path, "files")
+        if not file.is_file():
+            raise IntegrityError(f"{item.path}: missing")
+        size = file.stat().st_size
+        if size != item.size:
+            raise IntegrityError(
+                f"{item.path}: size {size} bytes, the manifest says {item.size} (truncated or replaced)"
+            )
+        digest = sha256_file(file)
+        if digest != item.sha256:
+            raise IntegrityError(
+                f"{item.path}: sha256 {digest[:16]}..., the manifest says {item.sha256[:16]}... (modified)"
+            )
     return manifest
 
 

@@ -133,3 +133,88 @@ def test_plan_failover_prints_a_table_and_json(tmp_path: Path) -> None:
     assert len(data["failover"]) == 10
     outcome = lamc("plan", MODEL, "-t", str(MINIPCS), "--failover", "7")
     assert outcome.code == 2
+
+
+@pytest.fixture(scope="module")
+def gpt2_failover(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("failover") / "gpt2"
+    compile_zoo(MODEL, out, 3)
+    return out
+
+
+def test_failover_pipelines_are_built_with_the_weights_stored_once(
+    gpt2_failover: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from lamc.runtime.executor import Pipeline
+
+    manifest = verify(gpt2_failover)
+    used = {s.device for s in manifest.stages}
+    built = [e for e in manifest.failover if e.stages]
+    assert {e.lost[0] for e in built} == used  # losing an idle device needs no new pipeline
+    # Only stage graphs multiply: every weight file is the primary's, none is duplicated.
+    weights = {p for p in manifest.files() if p.startswith("weights/")}
+    primary_weights = {
+        f.path for s in manifest.stages for f in s.files if f.path.startswith("weights/")
+    }
+    assert weights == primary_weights
+    for entry in built:
+        for stage in entry.stages:
+            assert stage.device not in entry.lost
+            assert [f.path for f in stage.files if not f.path.startswith("weights/")] == [
+                stage.model
+            ]
+    # Each failover pipeline computes what the primary does.
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 500, size=(1, 9)).astype(np.int64)}
+    want = Pipeline.open(gpt2_failover).run(feeds)["logits"]
+    for entry in built:
+        got = Pipeline.open(gpt2_failover, without=entry.lost).run(feeds)["logits"]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # An idle device's failover is the primary pipeline itself.
+    idle = next(e.lost for e in manifest.failover if not e.stages)
+    assert manifest.without(idle).stages == manifest.stages
+
+
+def test_a_tampered_failover_stage_fails_verification(gpt2_failover: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from lamc.errors import ExitCode, IntegrityError
+
+    copy = tmp_path / "out"
+    shutil.copytree(gpt2_failover, copy)
+    target = copy / "failover" / "0" / "stage-1" / "model.onnx"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError) as info:
+        verify(copy)
+    assert info.value.exit_code == ExitCode.INTEGRITY
+    assert "failover/0/stage-1/model.onnx: sha256" in info.value.message
+
+
+def test_asking_for_a_failover_that_was_not_planned(gpt2_failover: Path) -> None:
+    from lamc.errors import UsageError
+
+    manifest = verify(gpt2_failover)
+    with pytest.raises(UsageError, match="no failover plan was made for losing n100-a, n100-b"):
+        manifest.without(("n100-a", "n100-b"))
+    outcome = lamc("run", str(gpt2_failover), "--random", "--without", "nope")
+    assert outcome.code == 2 and "no failover plan was made" in outcome.final
+
+
+def test_a_decoder_generates_the_same_tokens_on_its_failover_plan(tmp_path: Path) -> None:
+    from lamc.runtime.executor import Pipeline
+    from lamc.runtime.generate import generate
+
+    out = tmp_path / "dec"
+    compile_zoo("zoo:gpt2:test,kv=1", out, 3)
+    manifest = verify(out)
+    lost = next(e.lost for e in manifest.failover if e.stages)
+    prompt = [[5, 17, 42, 7]]
+
+    def tokens(pipeline: Pipeline) -> list[int]:
+        return [int(t[0]) for t in generate(pipeline, prompt, 24)]
+
+    assert tokens(Pipeline.open(out, without=lost)) == tokens(Pipeline.open(out))

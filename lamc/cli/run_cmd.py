@@ -153,6 +153,12 @@ def random_feeds(manifest: object, sizes: dict[str, int], seed: int) -> dict[str
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
+    "--without",
+    "without",
+    metavar="DEVICE,...",
+    help="Run the failover plan compiled for losing these devices (in this process).",
+)
+@click.option(
     "--check-finite",
     is_flag=True,
     help="Fail on a NaN or infinite value in an input (exit 2) or an output (exit 7); without it, a warning.",
@@ -171,6 +177,7 @@ def run_command(
     timeout_s: float,
     ray_address: str | None,
     seed: int,
+    without: str | None,
     check_finite: bool,
     as_json: bool,
 ) -> str:
@@ -178,6 +185,8 @@ def run_command(
     from lamc.runtime.executor import Pipeline, parse_providers
 
     started = time.perf_counter()
+    if without is not None and (ray_address is not None or hosts_file is not None or endpoints):
+        raise UsageError("--without runs in this process: not with --ray, --hosts or --endpoint")
     if ray_address is not None:
         if hosts_file is not None or endpoints:
             raise UsageError("give --ray or --hosts/--endpoint, not both")
@@ -189,8 +198,11 @@ def run_command(
         pipeline = _remote(out, hosts_file, endpoints, timeout_s)
         where = f"stage servers {', '.join(pipeline.addresses)}"
     else:
-        pipeline = Pipeline.open(out, providers=parse_providers(providers), threads=threads)
-        where = "this process"
+        lost = tuple(d.strip() for d in without.split(",") if d.strip()) if without else ()
+        pipeline = Pipeline.open(
+            out, providers=parse_providers(providers), threads=threads, without=lost
+        )
+        where = "this process" + (f" (failover plan without {', '.join(lost)})" if lost else "")
     loaded = time.perf_counter()
     if inputs and random_dims is not None:
         raise UsageError("give --input files or --random, not both")

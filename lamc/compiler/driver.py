@@ -8,6 +8,7 @@ CLI and the Python API both go through it.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -15,8 +16,8 @@ from pathlib import Path
 
 from lamc.atomic import atomic_directory, check_writable
 from lamc.backends import registry
-from lamc.backends.protocol import Backend
-from lamc.backends.slice import SharedWeights, slice_stages
+from lamc.backends.protocol import Artifact, Backend
+from lamc.backends.slice import SharedWeights, StageGraph, slice_stages
 from lamc.compiler.analysis import ANALYSIS_PASSES, Analysed, analyse
 from lamc.compiler.codecs import choose_codecs
 from lamc.compiler.compression import (
@@ -26,12 +27,12 @@ from lamc.compiler.compression import (
     stage_samples,
     step_back,
 )
-from lamc.compiler.failover import default_depth, failover_plans
+from lamc.compiler.failover import Planned, default_depth, plan_failovers
 from lamc.compiler.manifest_build import build_manifest
 from lamc.compiler.planning import plan_model, with_compression
 from lamc.errors import AccuracyError, DoesNotFitError, UsageError
 from lamc.frontend import CaptureOptions
-from lamc.manifest import FailoverPlan, Manifest
+from lamc.manifest import Edge, FailoverPlan, Manifest, StageSpec
 from lamc.passes.base import PassManager
 from lamc.passes.compress import CALIBRATED
 from lamc.passes.partition.planner import PlanRequest
@@ -96,11 +97,9 @@ def compile_model(
         with timer.step("partition"):
             best, _ = plan_model(analysed, topology, request, backend=options.backend)
 
-        def failover(
-            primary: Plan = best, planned: PlanRequest = request
-        ) -> tuple[FailoverPlan, ...]:
+        def failover(primary: Plan = best, planned: PlanRequest = request) -> list[Planned]:
             depth = default_depth(topology) if options.failover is None else options.failover
-            return failover_plans(
+            return plan_failovers(
                 analysed,
                 topology,
                 primary,
@@ -127,46 +126,25 @@ def _build_pipeline(
     out: Path,
     options: CompileOptions,
     timer: _Timer,
-    failover: Callable[[], tuple[FailoverPlan, ...]] = tuple,
+    failover: Callable[[], list[Planned]] = list,
 ) -> tuple[Manifest, list[str]]:
-    """tag -> slice -> compress -> build -> manifest -> accuracy checks, atomically."""
+    """tag -> slice -> compress -> build -> manifest -> accuracy checks, then the failover
+    pipelines beside it (their weights shared), written atomically."""
     captured, workload = analysed.captured, analysed.workload
     if not best.budgets_ok:
         broken = "; ".join(
             f"{b.name} {b.value:.4g} vs limit {b.limit:g}" for b in best.budgets if not b.ok
         )
         raise DoesNotFitError(f"the plan breaks a budget: {broken}")
-    backends = _stage_backends(best, topology, options.backend)
     methods = {s.index: s.precision for s in best.stages}
-    PassManager(
-        [TagStages(best, len(workload.units))],
-        dump_ir=options.dump_ir,
-        first=ANALYSIS_PASSES + 1,
-    ).run(captured.model)
-    with timer.step("slice"):
-        graphs = slice_stages(captured.model)
-    calibration = None
-    if any(m in CALIBRATED for m in methods.values()):
-        with timer.step("calibrate"):
-            calibration = stage_samples(graphs, calibration_inputs(captured, options.calibration))
-    if any(m != "fp32" for m in methods.values()):
-        with timer.step("compress"):
-            graphs = compress_stages(graphs, methods, calibration, options.dump_ir)
     checks: list[str] = []
     with atomic_directory(out) as tmp, contextlib.closing(SharedWeights(tmp)) as shared:
-        with timer.step("build"):
-            artifacts = []
-            for graph, stage in zip(graphs, best.stages):
-                device = topology.device(stage.device)
-                artifacts.append(
-                    backends[stage.index].build(
-                        graph, device, tmp, check=options.check, shared=shared
-                    )
-                )
-                if options.check:
-                    checks.append(
-                        f"stage {stage.index}: passes onnx.checker (full) and loads in ONNX Runtime"
-                    )
+        graphs, artifacts = _make_stages(analysed, topology, best, tmp, options, timer, shared)
+        if options.check:
+            checks += [
+                f"stage {k}: passes onnx.checker (full) and loads in ONNX Runtime"
+                for k in range(len(graphs))
+            ]
         with timer.step("manifest"):
             manifest = build_manifest(
                 captured,
@@ -197,10 +175,131 @@ def _build_pipeline(
                     f"output error {manifest.plan['measured_error']:.3g} within the budget {options.max_error:g}"
                 )
         with timer.step("failover plans"):
-            manifest = replace(manifest, failover=failover())
+            manifest = _with_failover(
+                analysed, topology, best, manifest, failover(), tmp, options, timer, shared
+            )
+        built = sum(1 for e in manifest.failover if e.stages)
+        if built:
+            checks.append(f"failover: {built} pipeline(s) built beside the primary, weights shared")
+        manifest = _final_weight_files(manifest, shared)
         # The manifest is written once, last: a directory without it is not a pipeline.
         (tmp / "manifest.json").write_text(manifest.to_json())
     return manifest, checks
+
+
+def _make_stages(
+    analysed: Analysed,
+    topology: Topology,
+    plan: Plan,
+    tmp: Path,
+    options: CompileOptions,
+    timer: _Timer,
+    shared: SharedWeights,
+    folder: str = "",
+) -> tuple[list[StageGraph], list[Artifact]]:
+    """tag -> slice -> (calibrate, compress) -> build the stages of one plan."""
+    captured, workload = analysed.captured, analysed.workload
+    backends = _stage_backends(plan, topology, options.backend)
+    methods = {s.index: s.precision for s in plan.stages}
+    PassManager(
+        [TagStages(plan, len(workload.units))],
+        dump_ir=options.dump_ir if not folder else None,
+        first=ANALYSIS_PASSES + 1,
+    ).run(captured.model)
+    with timer.step("slice"):
+        graphs = slice_stages(captured.model)
+    calibration = None
+    if any(m in CALIBRATED for m in methods.values()):
+        with timer.step("calibrate"):
+            calibration = stage_samples(graphs, calibration_inputs(captured, options.calibration))
+    if any(m != "fp32" for m in methods.values()):
+        with timer.step("compress"):
+            graphs = compress_stages(graphs, methods, calibration, options.dump_ir)
+    with timer.step("build"):
+        artifacts = []
+        for graph, stage in zip(graphs, plan.stages):
+            artifacts.append(
+                backends[stage.index].build(
+                    graph,
+                    topology.device(stage.device),
+                    tmp,
+                    check=options.check,
+                    folder=f"{folder}stage-{stage.index}",
+                    shared=shared,
+                )
+            )
+    return graphs, artifacts
+
+
+def _with_failover(
+    analysed: Analysed,
+    topology: Topology,
+    best: Plan,
+    manifest: Manifest,
+    planned: list[Planned],
+    tmp: Path,
+    options: CompileOptions,
+    timer: _Timer,
+    shared: SharedWeights,
+) -> Manifest:
+    """Build each failover plan that differs from the primary under `failover/N/` (a plan
+    several cases share is built once) and record every case in the manifest."""
+    captured, workload = analysed.captured, analysed.workload
+    entries: list[FailoverPlan] = []
+    tensors = dict(manifest.tensors)
+    built: dict[str, tuple[tuple[StageSpec, ...], tuple[Edge, ...]]] = {}
+    for case in planned:
+        entry = case.entry()
+        plan = case.plan
+        if plan is None or plan.text == best.text:
+            entries.append(entry)
+            continue
+        if plan.text not in built:
+            folder = f"failover/{len(built)}/"
+            graphs, artifacts = _make_stages(
+                analysed, topology, plan, tmp, options, timer, shared, folder
+            )
+            pipeline = build_manifest(
+                captured,
+                workload,
+                topology,
+                plan,
+                graphs,
+                artifacts,
+                tmp,
+                request_context(options),
+                shared.files(),
+            )
+            if any(s.precision != "fp32" for s in plan.stages):
+                try:
+                    check_compression(captured, pipeline, tmp, options.max_error)
+                except AccuracyError as exc:
+                    shutil.rmtree(tmp / folder, ignore_errors=True)
+                    entries.append(FailoverPlan(case.lost, reason=exc.message))
+                    continue
+            tensors.update(pipeline.tensors)
+            built[plan.text] = (pipeline.stages, pipeline.edges)
+        stages, edges = built[plan.text]
+        entries.append(replace(entry, stages=stages, edges=edges))
+    return replace(manifest, tensors=tensors, failover=tuple(entries))
+
+
+def _final_weight_files(manifest: Manifest, shared: SharedWeights) -> Manifest:
+    """Every stage lists the shared weight files with their final sizes and hashes (the
+    files grew while later plans were built); files no stage uses are removed."""
+    final = shared.files()
+    used = {ref.file for _, stages, _ in manifest.pipelines() for s in stages for ref in s.weights}
+    for path in set(final) - used:
+        (shared.root / path).unlink(missing_ok=True)
+
+    def refresh(stages: tuple[StageSpec, ...]) -> tuple[StageSpec, ...]:
+        return tuple(replace(s, files=tuple(final.get(f.path, f) for f in s.files)) for s in stages)
+
+    return replace(
+        manifest,
+        stages=refresh(manifest.stages),
+        failover=tuple(replace(e, stages=refresh(e.stages)) for e in manifest.failover),
+    )
 
 
 def request_context(options: CompileOptions) -> int:

@@ -11,11 +11,11 @@ changes nothing: its failover plan is the primary plan.
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from lamc.compiler.analysis import Analysed
 from lamc.compiler.planning import plan_model, prepare_request
-from lamc.errors import LamcError
+from lamc.errors import LamcError, UsageError
 from lamc.manifest import FailoverPlan, PlanSummary
 from lamc.passes.partition.planner import PlanRequest
 from lamc.plan import Plan
@@ -40,6 +40,20 @@ def lost_sets(topology: Topology, depth: int) -> list[tuple[str, ...]]:
     return sets
 
 
+@dataclass(frozen=True)
+class Planned:
+    """One failover case as planned: the lost devices and the plan (the primary's when
+    they were idle), or the reason there is none."""
+
+    lost: tuple[str, ...]
+    plan: Plan | None
+    reason: str = ""
+
+    def entry(self) -> FailoverPlan:
+        summary = PlanSummary.of(self.plan) if self.plan is not None else None
+        return FailoverPlan(self.lost, summary, self.reason)
+
+
 def failover_plans(
     analysed: Analysed,
     topology: Topology,
@@ -51,12 +65,29 @@ def failover_plans(
     backend: str = "auto",
 ) -> tuple[FailoverPlan, ...]:
     """The plan without each set of up to `depth` devices, or why there is none."""
+    return tuple(
+        p.entry()
+        for p in plan_failovers(
+            analysed, topology, primary, request, depth, compress=compress, backend=backend
+        )
+    )
+
+
+def plan_failovers(
+    analysed: Analysed,
+    topology: Topology,
+    primary: Plan,
+    request: PlanRequest | None,
+    depth: int,
+    *,
+    compress: str | None = None,
+    backend: str = "auto",
+) -> list[Planned]:
+    """Each failover case with its full plan (what the compiler builds stages for)."""
     if depth <= 0:
-        return ()
+        return []
     sets = lost_sets(topology, depth)
     if len(sets) > MAX_FAILOVER_PLANS:
-        from lamc.errors import UsageError
-
         raise UsageError(
             f"--failover {depth} over {len(topology.devices)} devices asks for {len(sets)} "
             f"plans (at most {MAX_FAILOVER_PLANS})",
@@ -65,13 +96,13 @@ def failover_plans(
     used = {s.device for s in primary.stages}
     # Resolved once (a decoder's decode-step workload is not made again for every plan).
     request = prepare_request(request or PlanRequest(), analysed)
-    found: list[FailoverPlan] = []
+    found: list[Planned] = []
     for lost in sets:
         if not used & set(lost):
-            found.append(FailoverPlan(lost, PlanSummary.of(primary)))
+            found.append(Planned(lost, primary))
             continue
         found.append(_without(analysed, topology, lost, request, compress, backend))
-    return tuple(found)
+    return found
 
 
 def _without(
@@ -81,10 +112,10 @@ def _without(
     request: PlanRequest,
     compress: str | None,
     backend: str,
-) -> FailoverPlan:
+) -> Planned:
     remaining = topology.without(set(lost))
     if not remaining.devices:
-        return FailoverPlan(lost, reason="no device is left")
+        return Planned(lost, None, "no device is left")
     pinned = [
         f"pin {unit}={device}"
         for c in (topology.constraints, request.constraints)
@@ -93,22 +124,22 @@ def _without(
         if device in lost
     ]
     if pinned:
-        return FailoverPlan(lost, reason=f"{', '.join(pinned)}: pinned to a lost device")
+        return Planned(lost, None, f"{', '.join(pinned)}: pinned to a lost device")
     remaining = replace(remaining, constraints=_without_devices(remaining.constraints, lost))
     if request.constraints is not None:
         request = replace(request, constraints=_without_devices(request.constraints, lost))
     try:
         plan, _ = plan_model(analysed, remaining, request, compress=compress, backend=backend)
     except LamcError as exc:
-        return FailoverPlan(lost, reason=exc.message)
+        return Planned(lost, None, exc.message)
     if not plan.budgets_ok:
         broken = "; ".join(
             f"{b.name} {b.value:.4g} vs limit {b.limit:g} {b.unit}"
             for b in plan.budgets
             if not b.ok
         )
-        return FailoverPlan(lost, reason=f"the best plan breaks a budget: {broken}")
-    return FailoverPlan(lost, PlanSummary.of(plan))
+        return Planned(lost, None, f"the best plan breaks a budget: {broken}")
+    return Planned(lost, plan)
 
 
 def _without_devices(constraints: Constraints, lost: tuple[str, ...]) -> Constraints:

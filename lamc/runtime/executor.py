@@ -153,10 +153,15 @@ class Pipeline:
         *,
         providers: Sequence[str] | None = None,
         threads: int | None = None,
+        without: Sequence[str] = (),
     ) -> Pipeline:
-        """Verify `out_dir` (hashes, sizes, paths) before loading any stage."""
+        """Verify `out_dir` (hashes, sizes, paths) before loading any stage. With `without`,
+        load the failover plan made for losing those devices."""
         out = Path(out_dir)
-        return cls.load(out, verify(out), providers=providers, threads=threads)
+        manifest = verify(out)
+        if without:
+            manifest = manifest.without(without)
+        return cls.load(out, manifest, providers=providers, threads=threads)
 
     @classmethod
     def load(
