@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -468,14 +468,26 @@ def read_manifest(out_dir: Path) -> Manifest:
     return manifest
 
 
-def verify(out_dir: Path) -> Manifest:
+def verify(out_dir: Path, stage: int | None = None) -> Manifest:
     """Everything the executor checks before it loads anything. Raises IntegrityError
-    (exit 9) naming the file, or RuntimeEnvironmentError (exit 10) for a runtime too old."""
+    (exit 9) naming the file, or RuntimeEnvironmentError (exit 10) for a runtime too old.
+
+    The manifest is always checked whole; with `stage`, only the files that stage loads
+    are hashed (a stage server starts without reading every other stage's weights)."""
     manifest = read_manifest(out_dir)
     _check_runtime(manifest)
     check_unlisted(out_dir, manifest)
+    if stage is not None and not 0 <= stage < len(manifest.stages):
+        raise UsageError(f"--stage {stage}: the pipeline has stages 0..{len(manifest.stages) - 1}")
     # Every file of every plan, once (shared weight files are listed by each stage using them).
-    for item in manifest.files().values():
+    files = manifest.files() if stage is None else {f.path: f for f in manifest.stages[stage].files}
+    verify_files(out_dir, files.values())
+    return manifest
+
+
+def verify_files(out_dir: Path, files: Iterable[ArtifactFile]) -> None:
+    """Each file is where the manifest says, of its size and hash (exit 9 otherwise)."""
+    for item in files:
         file = safe_path(out_dir, item.path, "files")
         if not file.is_file():
             raise IntegrityError(f"{item.path}: missing")
@@ -489,7 +501,6 @@ def verify(out_dir: Path) -> Manifest:
             raise IntegrityError(
                 f"{item.path}: sha256 {digest[:16]}..., the manifest says {item.sha256[:16]}... (modified)"
             )
-    return manifest
 
 
 def _check_runtime(manifest: Manifest) -> None:

@@ -126,12 +126,17 @@ def _check(
     try:
         if refs:
             # The checker refuses locations outside the model's directory: check the graph
-            # with the shared weights as typed inputs (the loader maps them itself).
+            # with its external weights as typed inputs (the loader maps the shared ones
+            # itself; ONNX Runtime reads the stage's own data file below).
             proto = onnx.load(str(path), load_external_data=False)
-            shared_names = {ref.name for ref in refs}
-            kept = [t for t in proto.graph.initializer if t.name not in shared_names]
+            external = {
+                t.name
+                for t in proto.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL
+            }
+            kept = [t for t in proto.graph.initializer if t.name not in external]
             for tensor in proto.graph.initializer:
-                if tensor.name in shared_names:
+                if tensor.name in external:
                     proto.graph.input.append(
                         onnx.helper.make_tensor_value_info(
                             tensor.name, tensor.data_type, list(tensor.dims)

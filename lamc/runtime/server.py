@@ -67,11 +67,8 @@ class StageService:
         max_deadline_s: float = 600.0,
     ) -> None:
         check_bind(listen, tls, insecure)
-        self.manifest = verify(out_dir)
-        if not 0 <= index < len(self.manifest.stages):
-            raise UsageError(
-                f"--stage {index}: the pipeline has stages 0..{len(self.manifest.stages) - 1}"
-            )
+        started = time.perf_counter()
+        self.manifest = verify(out_dir, stage=index)  # hashes this stage's files only
         self.spec: StageSpec = self.manifest.stages[index]
         self.index = index
         self.last = index == len(self.manifest.stages) - 1
@@ -88,9 +85,15 @@ class StageService:
         self.queue_size = queue_size
         self.max_deadline_ms = max_deadline_s * 1000.0
         self.max_message = wire.max_message_bytes(self.manifest)
+        verified = time.perf_counter()
         self.runner: StageRunner = load_stage(
             out_dir, self.spec, providers=providers, threads=threads
         )
+        self.started = started
+        self.startup_ms = {
+            "verify": (verified - started) * 1000,
+            "load": (time.perf_counter() - verified) * 1000,
+        }
         # The sequences whose KV caches this stage holds (touched by the compute thread only).
         self.caches = StageCaches(self.manifest, self.spec, capacity=max_sequences)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{index}")
@@ -162,11 +165,19 @@ class StageService:
         await self._server.start()
         if self._next is not None:
             self._next.connect()
+        warm = time.perf_counter()
         await self._warm_up()
+        self.startup_ms["warm-up"] = (time.perf_counter() - warm) * 1000
         self._spawn(self._worker())
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(wire.SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        log.info("stage %d serving on %s", self.index, self.listen)
+        log.info(
+            "stage %d serving on %s; cold start %.0f ms (%s)",
+            self.index,
+            self.listen,
+            (time.perf_counter() - self.started) * 1000,
+            ", ".join(f"{k} {v:.0f} ms" for k, v in self.startup_ms.items()),
+        )
 
     async def _warm_up(self) -> None:
         """Run the engine once on inputs of the smallest sizes before reporting ready."""

@@ -108,6 +108,28 @@ def _messages() -> dict[str, Any]:
         ],
     )
     message("ResetRequest", [("sequence_id", 1, _T.TYPE_STRING, one, None)])
+    # Switch a stage server to stage `stage` of the failover plan made for losing `lost`
+    # (empty: the primary plan), handing on to `next_address`.
+    message(
+        "ReconfigureRequest",
+        [
+            ("lost", 1, _T.TYPE_STRING, many, None),
+            ("stage", 2, _T.TYPE_INT32, one, None),
+            ("next_address", 3, _T.TYPE_STRING, one, None),
+        ],
+    )
+    message(
+        "ReconfigureReply",
+        [
+            ("ok", 1, _T.TYPE_BOOL, one, None),
+            ("code", 2, _T.TYPE_STRING, one, None),
+            ("message", 3, _T.TYPE_STRING, one, None),
+            ("stage", 4, _T.TYPE_INT32, one, None),
+            ("load_ms", 5, _T.TYPE_DOUBLE, one, None),
+            ("mapped_bytes", 6, _T.TYPE_INT64, one, None),  # weights mapped anew
+            ("reused_bytes", 7, _T.TYPE_INT64, one, None),  # weights already held
+        ],
+    )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file)
     names = [
@@ -119,6 +141,8 @@ def _messages() -> dict[str, Any]:
         "StatusRequest",
         "StatusReply",
         "ResetRequest",
+        "ReconfigureRequest",
+        "ReconfigureReply",
     ]
     return {
         name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{PACKAGE}.{name}"))
@@ -135,6 +159,8 @@ Delivery = _CLASSES["Delivery"]
 StatusRequest = _CLASSES["StatusRequest"]
 StatusReply = _CLASSES["StatusReply"]
 ResetRequest = _CLASSES["ResetRequest"]
+ReconfigureRequest = _CLASSES["ReconfigureRequest"]
+ReconfigureReply = _CLASSES["ReconfigureReply"]
 
 
 def client_id_of(secret: str) -> str:
