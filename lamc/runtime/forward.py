@@ -35,6 +35,7 @@ class Forwarder:
         self.delay_ms = delay_ms  # emulated link latency on the way out (tests, benchmarks)
         self._channel: Any = None
         self._call: Any = None
+        self.closed = False  # the stage was reconfigured: requests waiting here fail at once
 
     def connect(self) -> None:
         import grpc
@@ -53,6 +54,7 @@ class Forwarder:
         )
 
     async def close(self) -> None:
+        self.closed = True
         if self._channel is not None:
             await self._channel.close()
 
@@ -78,6 +80,10 @@ class Forwarder:
         backoff = 0.01
         last_problem = "no answer"
         while True:
+            if self.closed:
+                return (
+                    f"stage {self.stage} was reconfigured before {following} accepted the request"
+                )
             remaining = job.remaining_ms()
             if remaining <= 0:
                 return (
@@ -91,7 +97,13 @@ class Forwarder:
                     metadata=auth_metadata(self.token),
                     wait_for_ready=False,
                 )
+            except grpc.aio.UsageError as exc:  # a closed channel (a reconfigure closed it)
+                if self.closed:
+                    continue  # answered at the top of the loop
+                return f"{following}: {exc}"
             except grpc.aio.AioRpcError as exc:
+                if self.closed:
+                    continue  # answered at the top of the loop
                 if exc.code() not in (
                     grpc.StatusCode.UNAVAILABLE,
                     grpc.StatusCode.DEADLINE_EXCEEDED,

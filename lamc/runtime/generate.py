@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from lamc.errors import UsageError
+from lamc.errors import RuntimeEnvironmentError, UsageError
 from lamc.manifest import Manifest
 from lamc.runtime.kvcache import Step, zeros
 
@@ -126,14 +126,26 @@ def _local_steps(
     sequence = uuid.uuid4().hex
     position = 0
     ended = False
+    history = ids  # every token so far: what a replay feeds a new plan's stages
     try:
         for k in range(max_new_tokens):
             ended = k == max_new_tokens - 1
-            step = Step(sequence, position, end=ended)
-            outputs = pipeline.run({"input_ids": ids}, sequence=step)
-            position += ids.shape[1]
+            epoch = len(getattr(pipeline, "switches", ()))
+            try:
+                outputs = pipeline.run({"input_ids": ids}, sequence=Step(sequence, position, ended))
+                position += ids.shape[1]
+            except RuntimeEnvironmentError:
+                # A stage was lost with this sequence's KV cache: once the pipeline is on
+                # its failover plan, rebuild the caches there by replaying every token.
+                recover = getattr(pipeline, "recover", None)
+                if recover is None or not recover(epoch):
+                    raise
+                sequence = uuid.uuid4().hex
+                outputs = pipeline.run({"input_ids": history}, sequence=Step(sequence, 0, ended))
+                position = history.shape[1]
             token = _pick(outputs[logits_name][:, -1, :], sampling, rng).astype(np.int64)
             ids = token[:, None]
+            history = np.concatenate([history, ids], axis=1)
             yield token
     finally:
         release = getattr(pipeline, "release", None)

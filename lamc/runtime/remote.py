@@ -63,10 +63,21 @@ class RemotePipeline:
         *,
         timeout_s: float = 30.0,
         retry_stateless: bool = True,
+        failover: bool = False,
+        failover_grace_s: float = 0.5,
     ) -> None:
-        self.manifest = read_manifest(Path(out_dir))
+        self.full_manifest = self.manifest = read_manifest(Path(out_dir))
         self.endpoints = endpoints
         self.addresses = [endpoints.address(i) for i in range(len(self.manifest.stages))]
+        # Warm re-planning: a stage down for longer than the grace period switches the
+        # pipeline to the failover plan made at compile time for losing its device.
+        self.failover = failover
+        self.failover_grace_s = failover_grace_s
+        self.by_device = {s.device: self.addresses[s.index] for s in self.manifest.stages}
+        self.lost: tuple[str, ...] = ()
+        self.switches: list[dict[str, Any]] = []
+        self._switch: asyncio.Task[None] | None = None
+        self._plan_since = 0.0  # when the current plan took over (monotonic)
         self.timeout_s = timeout_s
         self.stateless = all(s.kv_cache is None for s in self.manifest.stages)
         self.local_kv = unsupported(self.manifest)  # None: caches can stay in their stages
@@ -142,6 +153,26 @@ class RemotePipeline:
 
         return asyncio.run_coroutine_threadsafe(all_of(), self._loop).result()
 
+    def recover(self, epoch: int, timeout_s: float | None = None) -> bool:
+        """After a failure: wait for a switch to a failover plan (one that has begun, or
+        one the grace period is about to start) and say whether the pipeline is on a newer
+        plan than it was when `len(self.switches)` was `epoch`."""
+        if not self.failover:
+            return False
+        started = time.monotonic()
+        deadline = started + (timeout_s or self.failover_grace_s * 4 + self.timeout_s)
+        # A lost stage is noticed on its subscription, maybe after the failure: allow that.
+        settle = started + self.failover_grace_s * 2 + 1.0
+        while time.monotonic() < deadline and not self._closed:
+            switch = self._switch
+            idle = switch is None or switch.done()
+            if len(self.switches) > epoch and idle:
+                return True
+            if idle and all(self._up) and time.monotonic() > settle:
+                return False  # every stage is up and nothing switched
+            time.sleep(0.02)
+        return False
+
     def close(self) -> None:
         if self._closed:
             return
@@ -166,6 +197,10 @@ class RemotePipeline:
     # -------------------------------------------------------------------------- setup
 
     async def _start(self) -> None:
+        await self._connect()
+
+    async def _connect(self) -> None:
+        """Channels and subscriptions to the stages of the current plan."""
         import grpc
 
         limit = wire.max_message_bytes(self.manifest)
@@ -250,6 +285,7 @@ class RemotePipeline:
         deadline = time.monotonic() + timeout_s
         attempt = 0
         while True:
+            await self._switched()
             try:
                 return await self._attempt(feeds, deadline, sequence, attempt)
             except StageFailure as exc:
@@ -257,8 +293,116 @@ class RemotePipeline:
                 if self.retry and lost and attempt == 0 and time.monotonic() < deadline - 0.05:
                     attempt += 1
                     self.counts["retried"] += 1
+                    # A stage is down: the retry goes to the failover plan once it is up.
+                    await asyncio.sleep(self.failover_grace_s if self.failover else 0)
                     continue
                 raise
+
+    async def _switched(self) -> None:
+        """Wait for a switch to a failover plan in progress (new requests go to the plan
+        it switches to)."""
+        switch = self._switch
+        if switch is not None and not switch.done():
+            await asyncio.shield(switch)
+
+    # ----------------------------------------------------------------------- failover
+
+    def _watch(self, k: int) -> None:
+        if not self.failover or self._closed:
+            return
+        if self._switch is None or self._switch.done():
+            self._switch = asyncio.get_running_loop().create_task(self._fail_over(k))
+
+    async def _fail_over(self, k: int) -> None:
+        """Stage `k` went down: if it stays down past the grace period, move the pipeline
+        to the plan without its device (surviving servers reconfigure, newest plan first
+        from the last stage back), then reconnect to the new plan's stages."""
+        await asyncio.sleep(self.failover_grace_s)
+        if self._closed or self._up[k]:
+            return
+        detected = time.monotonic()
+        device = self.manifest.stages[k].device
+        lost = tuple(sorted({*self.lost, device}))
+        try:
+            plan = self.full_manifest.without(lost)
+            missing = [s.device for s in plan.stages if s.device not in self.by_device]
+            if missing:
+                raise UsageError(
+                    f"the plan without {', '.join(lost)} needs {', '.join(missing)}, "
+                    "which runs no stage server this client knows"
+                )
+            addresses = [self.by_device[s.device] for s in plan.stages]
+            replies = {}
+            for j in reversed(range(len(plan.stages))):
+                after = addresses[j + 1] if j + 1 < len(addresses) else ""
+                replies[j] = await self._reconfigure(addresses[j], lost, j, after)
+        except (UsageError, RuntimeEnvironmentError) as exc:
+            self._fail_all(f"stage {k} on {device} is down and failover failed: {exc}")
+            return
+        # Reconnect: the old plan's subscriptions and channels go, the new plan's come.
+        for task in self._tasks:
+            task.cancel()
+        for channel in self._channels:
+            await channel.close(None)
+        self._tasks.clear()
+        self._channels.clear()
+        self.manifest = plan
+        self.lost = lost
+        self.addresses[:] = addresses
+        self._up = [False] * len(addresses)
+        self.codec_in = {t.name: t.codec for t in plan.edges[0].tensors}
+        self.step_inputs, self.step_outputs = local_inputs(plan), local_outputs(plan)
+        self.local_kv = unsupported(plan)
+        await self._connect()
+        switched = self._plan_since = time.monotonic()
+        self.counts["failovers"] += 1
+        self.switches.append(
+            {
+                "lost": lost,
+                "stages": len(plan.stages),
+                "placement": plan.plan.text,
+                "switch_ms": (switched - detected) * 1000,
+                "grace_ms": self.failover_grace_s * 1000,
+                "load_ms": {j: r.load_ms for j, r in replies.items()},
+                "reused_bytes": sum(r.reused_bytes for r in replies.values()),
+                "mapped_bytes": sum(r.mapped_bytes for r in replies.values()),
+            }
+        )
+
+    async def _reconfigure(
+        self, address: str, lost: tuple[str, ...], stage: int, after: str
+    ) -> Any:
+        import grpc
+
+        tls = self.endpoints.tls
+        options = channel_options(wire.max_message_bytes(self.full_manifest), tls)
+        channel = (
+            grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
+            if tls
+            else grpc.aio.insecure_channel(address, options=options)
+        )
+        try:
+            call = channel.unary_unary(
+                wire.method("Reconfigure"),
+                request_serializer=wire.ReconfigureRequest.SerializeToString,
+                response_deserializer=wire.ReconfigureReply.FromString,
+            )
+            reply = await call(
+                wire.ReconfigureRequest(lost=list(lost), stage=stage, next_address=after),
+                timeout=max(self.timeout_s, 60.0),
+                metadata=auth_metadata(self.endpoints.token),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise StageFailure(
+                f"reconfiguring {address} as stage {stage}: {exc.code().name}: {exc.details()}"
+            ) from None
+        finally:
+            await channel.close(None)
+        if not reply.ok:
+            raise StageFailure(
+                f"{address} refused to become stage {stage}: {reply.code}: {reply.message}"
+            )
+        return reply
 
     async def _attempt(
         self,
@@ -343,6 +487,12 @@ class RemotePipeline:
             return
         if delivery.error:
             failure = StageFailure(f"stage {delivery.stage} at {delivery.where}: {delivery.error}")
+            # A request of the plan before a switch (or caught in one) that failed before
+            # any stage applied it is sent again, on the new plan.
+            switching = self._switch is not None and not self._switch.done()
+            failure.lost = bool(delivery.retryable) and (  # type: ignore[attr-defined]
+                switching or pending.submitted < self._plan_since
+            )
             pending.future.set_exception(failure)
             return
         try:
@@ -377,6 +527,7 @@ class RemotePipeline:
             pending.future.set_exception(failure)
 
     def _on_stage_down(self, k: int, reason: str) -> None:
+        self._watch(k)
         for request_id, pending in list(self._pending.items()):
             if not pending.future.done():
                 asyncio.get_running_loop().create_task(self._check_lost(request_id, k, reason))
