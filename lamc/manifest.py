@@ -468,19 +468,22 @@ def read_manifest(out_dir: Path) -> Manifest:
     return manifest
 
 
-def verify(out_dir: Path, stage: int | None = None) -> Manifest:
+def verify(out_dir: Path, stage: int | None = None, without: Sequence[str] = ()) -> Manifest:
     """Everything the executor checks before it loads anything. Raises IntegrityError
     (exit 9) naming the file, or RuntimeEnvironmentError (exit 10) for a runtime too old.
 
     The manifest is always checked whole; with `stage`, only the files that stage loads
-    are hashed (a stage server starts without reading every other stage's weights)."""
+    are hashed (a stage server starts without reading every other stage's weights), of
+    the failover plan for losing `without` when given (the manifest returned is still the
+    whole one)."""
     manifest = read_manifest(out_dir)
     _check_runtime(manifest)
     check_unlisted(out_dir, manifest)
-    if stage is not None and not 0 <= stage < len(manifest.stages):
-        raise UsageError(f"--stage {stage}: the pipeline has stages 0..{len(manifest.stages) - 1}")
+    plan = manifest.without(without) if without else manifest
+    if stage is not None and not 0 <= stage < len(plan.stages):
+        raise UsageError(f"--stage {stage}: the pipeline has stages 0..{len(plan.stages) - 1}")
     # Every file of every plan, once (shared weight files are listed by each stage using them).
-    files = manifest.files() if stage is None else {f.path: f for f in manifest.stages[stage].files}
+    files = manifest.files() if stage is None else {f.path: f for f in plan.stages[stage].files}
     verify_files(out_dir, files.values())
     return manifest
 

@@ -40,6 +40,12 @@ from lamc.errors import UsageError
     type=click.Path(dir_okay=False, path_type=Path),
     help="Generate through stage servers (`lamc serve`) listed in this file.",
 )
+@click.option(
+    "--failover",
+    is_flag=True,
+    help="With --hosts: when a stage server is lost, switch to the compiled failover plan "
+    "and replay the tokens so far to rebuild the KV caches there.",
+)
 @click.option("--providers", metavar="cpu|cuda,cpu|...", help="Override the execution providers.")
 @lamc_command("generate")
 def generate_command(
@@ -52,6 +58,7 @@ def generate_command(
     top_k: int,
     seed: int,
     hosts_file: Path | None,
+    failover: bool,
     providers: str | None,
 ) -> str:
     """Generate tokens one step at a time; each is printed as soon as it is known."""
@@ -82,11 +89,13 @@ def generate_command(
             bad = next(i for i in ids if not 0 <= i < 2**63)
             raise UsageError(f"--prompt-ids: {str(bad)[:30]} is not a token id (0 or more, int64)")
     pipeline: Any
+    if failover and hosts_file is None:
+        raise UsageError("--failover switches stage servers: give --hosts")
     if hosts_file is not None:
         from lamc.runtime.hosts import load_hosts
         from lamc.runtime.remote import RemotePipeline
 
-        pipeline = RemotePipeline(out, load_hosts(hosts_file))
+        pipeline = RemotePipeline(out, load_hosts(hosts_file), failover=failover)
     else:
         pipeline = Pipeline.open(out, providers=parse_providers(providers))
     started = time.perf_counter()

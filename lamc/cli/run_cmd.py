@@ -153,6 +153,12 @@ def random_feeds(manifest: object, sizes: dict[str, int], seed: int) -> dict[str
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
+    "--failover",
+    is_flag=True,
+    help="With --hosts: when a stage server is lost, switch the running servers to the "
+    "failover plan compiled for losing its device (and send its requests again).",
+)
+@click.option(
     "--without",
     "without",
     metavar="DEVICE,...",
@@ -177,6 +183,7 @@ def run_command(
     timeout_s: float,
     ray_address: str | None,
     seed: int,
+    failover: bool,
     without: str | None,
     check_finite: bool,
     as_json: bool,
@@ -185,6 +192,8 @@ def run_command(
     from lamc.runtime.executor import Pipeline, parse_providers
 
     started = time.perf_counter()
+    if failover and hosts_file is None and not endpoints:
+        raise UsageError("--failover switches stage servers: give --hosts or --endpoint")
     if without is not None and (ray_address is not None or hosts_file is not None or endpoints):
         raise UsageError("--without runs in this process: not with --ray, --hosts or --endpoint")
     if ray_address is not None:
@@ -195,7 +204,7 @@ def run_command(
         pipeline: Any = RayPipeline(out, ray_address, timeout_s=timeout_s)
         where = f"Ray Serve at {ray_address}"
     elif hosts_file is not None or endpoints:
-        pipeline = _remote(out, hosts_file, endpoints, timeout_s)
+        pipeline = _remote(out, hosts_file, endpoints, timeout_s, failover)
         where = f"stage servers {', '.join(pipeline.addresses)}"
     else:
         lost = tuple(d.strip() for d in without.split(",") if d.strip()) if without else ()
@@ -273,7 +282,11 @@ def _finite(tensors: dict[str, np.ndarray], what: str, strict: bool) -> None:
 
 
 def _remote(
-    out: Path, hosts_file: Path | None, endpoints: tuple[str, ...], timeout_s: float
+    out: Path,
+    hosts_file: Path | None,
+    endpoints: tuple[str, ...],
+    timeout_s: float,
+    failover: bool = False,
 ) -> Any:
     from lamc.runtime.hosts import Endpoints, load_hosts, parse_endpoints
     from lamc.runtime.remote import RemotePipeline
@@ -283,4 +296,4 @@ def _remote(
         load_hosts(hosts_file) if hosts_file is not None else Endpoints({}, None, load_token(None))
     )
     config.stages.update(parse_endpoints(endpoints))
-    return RemotePipeline(out, config, timeout_s=timeout_s)
+    return RemotePipeline(out, config, timeout_s=timeout_s, failover=failover)

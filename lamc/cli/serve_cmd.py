@@ -100,6 +100,11 @@ from lamc.errors import UsageError
     metavar="ADDRESS",
     help="Deploy every stage on Ray Serve at this cluster address instead.",
 )
+@click.option(
+    "--without",
+    metavar="DEVICE,...",
+    help="Serve stage K of the failover plan compiled for losing these devices.",
+)
 @lamc_command("serve")
 def serve_command(
     out: Path,
@@ -121,6 +126,7 @@ def serve_command(
     threads: int | None,
     delay_ms: float,
     ray_address: str | None,
+    without: str | None,
 ) -> str:
     """Serve stage K of a compiled pipeline until SIGTERM (which drains it first)."""
     from lamc.runtime.executor import parse_providers
@@ -168,6 +174,7 @@ def serve_command(
         threads=threads,
         next_tls=next_tls,
         delay_ms=delay_ms,
+        without=tuple(d.strip() for d in (without or "").split(",") if d.strip()),
     )
     asyncio.run(serve_forever(service))
     counts = service.counts

@@ -65,8 +65,11 @@ class RemotePipeline:
         retry_stateless: bool = True,
         failover: bool = False,
         failover_grace_s: float = 0.5,
+        without: Sequence[str] = (),
     ) -> None:
         self.full_manifest = self.manifest = read_manifest(Path(out_dir))
+        if without:  # servers started on a failover plan (`lamc serve --without`)
+            self.manifest = self.full_manifest.without(without)
         self.endpoints = endpoints
         self.addresses = [endpoints.address(i) for i in range(len(self.manifest.stages))]
         # Warm re-planning: a stage down for longer than the grace period switches the
@@ -74,7 +77,7 @@ class RemotePipeline:
         self.failover = failover
         self.failover_grace_s = failover_grace_s
         self.by_device = {s.device: self.addresses[s.index] for s in self.manifest.stages}
-        self.lost: tuple[str, ...] = ()
+        self.lost: tuple[str, ...] = tuple(sorted(without))
         self.switches: list[dict[str, Any]] = []
         self._switch: asyncio.Task[None] | None = None
         self._plan_since = 0.0  # when the current plan took over (monotonic)
@@ -317,6 +320,7 @@ class RemotePipeline:
         """Stage `k` went down: if it stays down past the grace period, move the pipeline
         to the plan without its device (surviving servers reconfigure, newest plan first
         from the last stage back), then reconnect to the new plan's stages."""
+        noticed = time.monotonic()
         await asyncio.sleep(self.failover_grace_s)
         if self._closed or self._up[k]:
             return
@@ -362,6 +366,8 @@ class RemotePipeline:
                 "stages": len(plan.stages),
                 "placement": plan.plan.text,
                 "switch_ms": (switched - detected) * 1000,
+                "noticed": noticed,  # monotonic: the stage's subscription broke
+                "switched": switched,  # monotonic: the new plan's stages connected
                 "grace_ms": self.failover_grace_s * 1000,
                 "load_ms": {j: r.load_ms for j, r in replies.items()},
                 "reused_bytes": sum(r.reused_bytes for r in replies.values()),

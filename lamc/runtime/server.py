@@ -65,17 +65,19 @@ class StageService:
         delay_ms: float = 0.0,
         max_sequences: int = 64,
         max_deadline_s: float = 600.0,
+        without: tuple[str, ...] = (),
     ) -> None:
         check_bind(listen, tls, insecure)
         started = time.perf_counter()
-        self.manifest = verify(out_dir, stage=index)  # hashes this stage's files only
+        # Hashes this stage's files only (of the failover plan for losing `without`).
+        self.full_manifest = verify(out_dir, stage=index, without=without)
+        self.manifest = self.full_manifest.without(without) if without else self.full_manifest
         # What a reconfigure needs: every plan of the artifact, and the files checked so far.
         self.out_dir = out_dir
-        self.full_manifest = self.manifest
         self.verified = {f.path for f in self.manifest.stages[index].files}
         self.providers, self.threads, self.max_sequences = providers, threads, max_sequences
         self.delay_ms = delay_ms
-        self.lost: tuple[str, ...] = ()
+        self.lost: tuple[str, ...] = tuple(without)
         self.spec: StageSpec = self.manifest.stages[index]
         self.device = self.spec.device
         self.index = index
