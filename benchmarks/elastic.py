@@ -3,9 +3,15 @@
     .venv/bin/python benchmarks/elastic.py [--models minilm,zoo:gpt2] [--repeats 3]
 
 1. Artifact size and compile time with `--failover 1` vs `--failover 0`, on the 4-device
-   topology with 3 stages (so three failover pipelines are built beside the primary), and
+   topology with 3 stages (three failover pipelines are built beside the primary), and
    each failover pipeline's output against the primary's on one request.
-2. Cold start of stage 1: `lamc serve` from process launch to health SERVING (verify,
+2. Recovery (3 stages on 3 of the 4 devices) when stage 1 of 3 `lamc serve` processes is
+   killed: from the loss noticed
+   (grace period excluded) to the first answer on the failover plan, warm (the surviving
+   servers reconfigure, reusing the weights they hold) vs cold (the surviving stages'
+   servers started afresh on the failover plan from disk, then the first answer); and
+   the throughput on the failover plan (16 in flight) against the plan's prediction.
+3. Cold start of stage 1: `lamc serve` from process launch to health SERVING (verify,
    map weights, create the session, warm up), against a fresh Python process that only
    creates the same ONNX Runtime session (same weights, mapped the same way); medians of
    `--repeats` runs, interleaved.
@@ -40,13 +46,16 @@ def model_ref(name: str) -> str:
     return str(path)
 
 
-def compile_with(ref: str, out: Path, failover: int, analysed: object) -> float:
+def compile_with(
+    ref: str, out: Path, failover: int, analysed: object, exclude: tuple[str, ...] = ()
+) -> float:
     from lamc.compiler import CompileOptions, compile_model
     from lamc.passes.partition.planner import PlanRequest
     from lamc.topology import Constraints
 
     options = CompileOptions(
-        request=PlanRequest(constraints=Constraints(stages=3)), failover=failover
+        request=PlanRequest(constraints=Constraints(stages=3, exclude=exclude)),
+        failover=failover,
     )
     started = time.perf_counter()
     compile_model(ref, TOPOLOGY, out, options, analysed=analysed)  # type: ignore[arg-type]
@@ -88,6 +97,51 @@ def server_start(out: Path, stage: int) -> float:
         process.wait(timeout=60)
 
 
+def recovery(out: Path, feeds: dict[str, np.ndarray], repeats: int) -> dict[str, float]:
+    from lamc.manifest import read_manifest
+    from lamc.runtime.hosts import Endpoints
+    from lamc.runtime.remote import RemotePipeline
+    from tests.runtime.servers import StageServers
+
+    manifest = read_manifest(out)
+    lost = manifest.stages[1].device
+    plan = manifest.without((lost,))
+    warm, cold, rates = [], [], []
+    for _ in range(repeats):
+        with StageServers(out, len(manifest.stages)) as servers:
+            endpoints = Endpoints(dict(enumerate(servers.addresses)))
+            with RemotePipeline(out, endpoints, failover=True, failover_grace_s=0.2) as client:
+                client.run(feeds)
+                servers.kill(1)
+                while True:
+                    try:
+                        client.run(feeds)
+                        answered = time.monotonic()
+                        break
+                    except Exception:
+                        continue
+                switch = client.switches[0]
+                warm.append(answered - switch["noticed"] - switch["grace_ms"] / 1000)
+                started = time.perf_counter()
+                client.run_many([feeds] * 64, in_flight=16)
+                rates.append(64 / (time.perf_counter() - started))
+        # Cold: the failover plan's stages on fresh servers, from disk.
+        started = time.monotonic()
+        fresh = StageServers(out, len(plan.stages), common=["--without", lost])
+        with fresh:
+            endpoints = Endpoints(dict(enumerate(fresh.addresses)))
+            with RemotePipeline(out, endpoints, without=(lost,)) as client:
+                client.run(feeds)
+                cold.append(time.monotonic() - started)
+    predicted = plan.plan.throughput_rps
+    return {
+        "warm_s": statistics.median(warm),
+        "cold_s": statistics.median(cold),
+        "rate": statistics.median(rates),
+        "predicted": predicted,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="minilm,zoo:gpt2")
@@ -104,6 +158,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     starts = []
+    recoveries: list[tuple[str, dict[str, float]]] = []
     for name in args.models.split(","):
         ref = model_ref(name)
         analysed = analyse(ref)
@@ -131,11 +186,27 @@ def main() -> None:
                 f"| {seconds[0]:.1f} / {seconds[1]:.1f} | {len(built)} | {diff:.2e} |",
                 flush=True,
             )
+            # Recovery: three servers on three devices, so every failover plan runs on
+            # servers that exist (the fourth mini PC is left out).
+            three = Path(tmp) / "three"
+            compile_with(ref, three, 1, analysed, exclude=("n100-d",))
+            recovered = recovery(three, feeds, args.repeats)
+            recoveries.append((name, recovered))
             served, alone = [], []
             for _ in range(args.repeats):
                 alone.append(session_only(elastic, 1))
                 served.append(server_start(elastic, 1))
             starts.append((name, statistics.median(alone), statistics.median(served)))
+    print()
+    print(
+        "| model | warm re-plan s | cold restart s | cold / warm | req/s after failover | predicted req/s |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, r in recoveries:
+        print(
+            f"| {name} | {r['warm_s']:.3f} | {r['cold_s']:.2f} | {r['cold_s'] / r['warm_s']:.1f} "
+            f"| {r['rate']:.1f} | {r['predicted']:.1f} |"
+        )
     print()
     print("| model | session only (fresh process) s | lamc serve to SERVING s | ratio |")
     print("|---|---|---|---|")
