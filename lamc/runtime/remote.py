@@ -65,6 +65,7 @@ class RemotePipeline:
         retry_stateless: bool = True,
         failover: bool = False,
         failover_grace_s: float = 0.5,
+        failback_hold_s: float = 5.0,
         without: Sequence[str] = (),
     ) -> None:
         self.full_manifest = self.manifest = read_manifest(Path(out_dir))
@@ -80,6 +81,8 @@ class RemotePipeline:
         self.lost: tuple[str, ...] = tuple(sorted(without))
         self.switches: list[dict[str, Any]] = []
         self._switch: asyncio.Task[None] | None = None
+        self._return: asyncio.Task[None] | None = None
+        self.failback_hold_s = failback_hold_s
         self._plan_since = 0.0  # when the current plan took over (monotonic)
         self.timeout_s = timeout_s
         self.stateless = all(s.kv_cache is None for s in self.manifest.stages)
@@ -182,8 +185,9 @@ class RemotePipeline:
         self._closed = True
 
         async def stop() -> None:
-            for task in self._tasks:
-                task.cancel()
+            for task in (*self._tasks, self._return, self._switch):
+                if task is not None:
+                    task.cancel()
             for channel in self._channels:
                 await channel.close()
 
@@ -318,31 +322,37 @@ class RemotePipeline:
 
     async def _fail_over(self, k: int) -> None:
         """Stage `k` went down: if it stays down past the grace period, move the pipeline
-        to the plan without its device (surviving servers reconfigure, newest plan first
-        from the last stage back), then reconnect to the new plan's stages."""
+        to the plan without its device."""
         noticed = time.monotonic()
         await asyncio.sleep(self.failover_grace_s)
         if self._closed or self._up[k]:
             return
-        detected = time.monotonic()
         device = self.manifest.stages[k].device
         lost = tuple(sorted({*self.lost, device}))
         try:
-            plan = self.full_manifest.without(lost)
-            missing = [s.device for s in plan.stages if s.device not in self.by_device]
-            if missing:
-                raise UsageError(
-                    f"the plan without {', '.join(lost)} needs {', '.join(missing)}, "
-                    "which runs no stage server this client knows"
-                )
-            addresses = [self.by_device[s.device] for s in plan.stages]
-            replies = {}
-            for j in reversed(range(len(plan.stages))):
-                after = addresses[j + 1] if j + 1 < len(addresses) else ""
-                replies[j] = await self._reconfigure(addresses[j], lost, j, after)
+            await self._switch_to(lost, noticed)
         except (UsageError, RuntimeEnvironmentError) as exc:
             self._fail_all(f"stage {k} on {device} is down and failover failed: {exc}")
             return
+        if self._return is None or self._return.done():
+            self._return = asyncio.get_running_loop().create_task(self._watch_return())
+
+    async def _switch_to(self, lost: tuple[str, ...], noticed: float) -> None:
+        """Reconfigure the servers of the plan for losing `lost` (the primary plan when
+        empty), last stage first, then reconnect to that plan's stages."""
+        detected = time.monotonic()
+        plan = self.full_manifest.without(lost) if lost else self.full_manifest
+        missing = [s.device for s in plan.stages if s.device not in self.by_device]
+        if missing:
+            raise UsageError(
+                f"the plan without {', '.join(lost)} needs {', '.join(missing)}, "
+                "which runs no stage server this client knows"
+            )
+        addresses = [self.by_device[s.device] for s in plan.stages]
+        replies = {}
+        for j in reversed(range(len(plan.stages))):
+            after = addresses[j + 1] if j + 1 < len(addresses) else ""
+            replies[j] = await self._reconfigure(addresses[j], lost, j, after)
         # Reconnect: the old plan's subscriptions and channels go, the new plan's come.
         for task in self._tasks:
             task.cancel()
@@ -359,14 +369,14 @@ class RemotePipeline:
         self.local_kv = unsupported(plan)
         await self._connect()
         switched = self._plan_since = time.monotonic()
-        self.counts["failovers"] += 1
+        self.counts["failovers" if lost else "failbacks"] += 1
         self.switches.append(
             {
                 "lost": lost,
                 "stages": len(plan.stages),
                 "placement": plan.plan.text,
                 "switch_ms": (switched - detected) * 1000,
-                "noticed": noticed,  # monotonic: the stage's subscription broke
+                "noticed": noticed,  # monotonic: the change was seen
                 "switched": switched,  # monotonic: the new plan's stages connected
                 "grace_ms": self.failover_grace_s * 1000,
                 "load_ms": {j: r.load_ms for j, r in replies.items()},
@@ -374,6 +384,50 @@ class RemotePipeline:
                 "mapped_bytes": sum(r.mapped_bytes for r in replies.values()),
             }
         )
+
+    async def _watch_return(self) -> None:
+        """While devices are lost: probe their servers' health; one SERVING for the whole
+        hold-down period brings the pipeline back to the plan without only the others."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        healthy_since: dict[str, float] = {}
+        while self.lost and not self._closed:
+            await asyncio.sleep(min(0.2, self.failback_hold_s / 4))
+            for device in self.lost:
+                address = self.by_device[device]
+                tls = self.endpoints.tls
+                channel = (
+                    grpc.aio.secure_channel(address, tls.channel_credentials())
+                    if tls
+                    else grpc.aio.insecure_channel(address)
+                )
+                try:
+                    reply = await health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(service=wire.SERVICE), timeout=1.0
+                    )
+                    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+                except grpc.aio.AioRpcError:
+                    serving = False
+                finally:
+                    await channel.close(None)
+                if not serving:
+                    healthy_since.pop(device, None)
+                    continue
+                since = healthy_since.setdefault(device, time.monotonic())
+                if time.monotonic() - since < self.failback_hold_s:
+                    continue
+                back = tuple(d for d in self.lost if d != device)
+                await self._switched()
+                switch = asyncio.get_running_loop().create_task(
+                    self._switch_to(back, time.monotonic())
+                )
+                self._switch = switch
+                try:
+                    await switch
+                except (UsageError, RuntimeEnvironmentError):
+                    healthy_since.pop(device, None)  # try again after another hold-down
+                break
 
     async def _reconfigure(
         self, address: str, lost: tuple[str, ...], stage: int, after: str

@@ -55,7 +55,12 @@ def test_a_killed_stage_under_load_switches_to_the_failover_plan(
     with StageServers(three_devices, 3, log_dir=tmp_path) as servers:
         endpoints = Endpoints(dict(enumerate(servers.addresses)))
         with RemotePipeline(
-            three_devices, endpoints, timeout_s=30, failover=True, failover_grace_s=0.3
+            three_devices,
+            endpoints,
+            timeout_s=30,
+            failover=True,
+            failover_grace_s=0.3,
+            failback_hold_s=0.5,
         ) as client:
             for f, w in zip(feeds[:5], want, strict=True):
                 np.testing.assert_array_equal(client.run(f)["logits"], w)
@@ -84,6 +89,16 @@ def test_a_killed_stage_under_load_switches_to_the_failover_plan(
             for f in feeds[-20:]:
                 got = client.run(f)["logits"]
                 np.testing.assert_array_equal(got, failover.run(f)["logits"])
+            # The device comes back: healthy for the hold-down period, the pipeline moves
+            # back to the primary plan.
+            servers.start(victim)
+            deadline = time.monotonic() + 30
+            while len(client.switches) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert [s["lost"] for s in client.switches] == [(lost,), ()]
+            assert client.counts["failbacks"] == 1
+            for f, w in zip(feeds[:5], want, strict=True):
+                np.testing.assert_array_equal(client.run(f)["logits"], w)
 
     for k in (0, 2):
         log = (tmp_path / f"stage{k}.log").read_text()
