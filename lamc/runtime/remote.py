@@ -339,7 +339,7 @@ class RemotePipeline:
 
     async def _switch_to(self, lost: tuple[str, ...], noticed: float) -> None:
         """Reconfigure the servers of the plan for losing `lost` (the primary plan when
-        empty), last stage first, then reconnect to that plan's stages."""
+        empty), all at once, then reconnect to that plan's stages."""
         detected = time.monotonic()
         plan = self.full_manifest.without(lost) if lost else self.full_manifest
         missing = [s.device for s in plan.stages if s.device not in self.by_device]
@@ -349,10 +349,17 @@ class RemotePipeline:
                 "which runs no stage server this client knows"
             )
         addresses = [self.by_device[s.device] for s in plan.stages]
-        replies = {}
-        for j in reversed(range(len(plan.stages))):
-            after = addresses[j + 1] if j + 1 < len(addresses) else ""
-            replies[j] = await self._reconfigure(addresses[j], lost, j, after)
+        # Every server builds its new stage at once (each on its own host); a stage hands
+        # on to its next one only once the client has reconnected, after all are done.
+        built = await asyncio.gather(
+            *(
+                self._reconfigure(
+                    addresses[j], lost, j, addresses[j + 1] if j + 1 < len(addresses) else ""
+                )
+                for j in range(len(plan.stages))
+            )
+        )
+        replies = dict(enumerate(built))
         # Reconnect: the old plan's subscriptions and channels go, the new plan's come.
         for task in self._tasks:
             task.cancel()
