@@ -68,4 +68,8 @@ def show_manifest(out: Path, *, as_json: bool) -> str:
     console.print(
         f"plan: {plan['objective']}, bottleneck {format_ms(plan['bottleneck_ms'])}, latency {format_ms(plan['latency_ms'])}, limited by {plan.get('limited_by', '?')}"
     )
+    if manifest.failover:
+        from lamc.cli.plan_view import render_failover
+
+        render_failover(manifest.failover, plan.text)
     return f"{out}: {manifest.model['name']} in {len(manifest.stages)} stage(s) on {manifest.topology['name']}"
