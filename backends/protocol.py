@@ -19,7 +19,8 @@ from lamc.manifest import ArtifactFile, WeightRef
 from lamc.topology import Device
 
 if TYPE_CHECKING:
-    from lamc.backends.slice import SharedWeights, StageGraph
+    from lamc.backends.slice import StageGraph
+    from lamc.backends.weights import SharedWeights
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ def compile_with(
 
 
 def size(out: Path) -> int:
-    from lamc.manifest import read_manifest
+    from lamc.verify import read_manifest
 
     return read_manifest(out).total_bytes()
 

@@ -98,9 +98,9 @@ def server_start(out: Path, stage: int) -> float:
 
 
 def recovery(out: Path, feeds: dict[str, np.ndarray], repeats: int) -> dict[str, float]:
-    from lamc.manifest import read_manifest
     from lamc.runtime.hosts import Endpoints
     from lamc.runtime.remote import RemotePipeline
+    from lamc.verify import read_manifest
     from tests.runtime.servers import StageServers
 
     manifest = read_manifest(out)
@@ -149,8 +149,8 @@ def main() -> None:
     args = parser.parse_args()
     from lamc.compiler import analyse
     from lamc.frontend import random_inputs
-    from lamc.manifest import read_manifest
     from lamc.runtime.executor import Pipeline
+    from lamc.verify import read_manifest
 
     print(
         "| model | params | size, failover 0 | size, failover 1 | ratio | compile s (0 / 1) "

@@ -62,8 +62,8 @@ def compile_for(out: Path, rate_mbit: float, analysed: object) -> object:
 
 def stage_times(out: Path, feeds: dict[str, np.ndarray], rounds: int = 15) -> list[float]:
     """Each stage alone, one intra-op thread, on the activations of one request."""
-    from lamc.manifest import verify
     from lamc.runtime.executor import load_stage
+    from lamc.verify import verify
 
     manifest = verify(out)
     stages = [load_stage(out, spec, threads=1) for spec in manifest.stages]

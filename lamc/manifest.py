@@ -6,25 +6,18 @@ tensors it consumes, produces, receives and sends), the edges between stages wit
 codecs, the tensor specs with symbolic dims and their ranges, and the plan's predicted
 costs. It is written deterministically: sorted keys, no timestamps, relative paths.
 
-The executor trusts nothing before `verify` passes: the JSON Schema shipped in
-`lamc/schemas`, the version, and for every artifact a safe relative path (no `..`, no
-absolute path, no symlink anywhere on it), its size and its sha256. This module imports
-only the standard library and jsonschema: it runs on the edge.
+The executor trusts nothing before `lamc.verify.verify` passes. This module imports only
+the standard library: it runs on the edge.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
-from lamc.errors import DoesNotFitError, IntegrityError, RuntimeEnvironmentError, UsageError
-from lamc.integrity import check_consistency, check_requires, check_unlisted
+from lamc.errors import DoesNotFitError, UsageError
 
 # 2: the typed `plan` section (with the placement text), token-id ranges in tensor specs,
 # typed session options and stricter file paths, shape-tensor values. Version 1 manifests
@@ -389,136 +382,3 @@ def _edge(e: dict[str, Any]) -> Edge:
         tuple(EdgeTensor(t["name"], t["codec"]) for t in e["tensors"]),
         int(e["bytes"]),
     )
-
-
-# ------------------------------------------------------------------------- schema + verify
-
-
-def schema() -> dict[str, Any]:
-    text = resources.files("lamc.schemas").joinpath("manifest.schema.json").read_text()
-    loaded: dict[str, Any] = json.loads(text)
-    return loaded
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def safe_path(root: Path, relative: str, what: str) -> Path:
-    """`root/relative`, refusing absolute paths, `..`, and symlinks at any level."""
-    if (
-        not relative
-        or relative.startswith(("/", "\\"))
-        or os.path.isabs(relative)
-        or "\\" in relative
-    ):
-        raise IntegrityError(f"{what}: path {relative!r} is not a plain relative path")
-    parts = Path(relative).parts
-    if ".." in parts or "." in parts:
-        raise IntegrityError(f"{what}: path {relative!r} leaves or re-enters its directory")
-    current = root
-    for part in parts:
-        current = current / part
-        if current.is_symlink():
-            raise IntegrityError(f"{what}: {current.relative_to(root)} is a symlink")
-    resolved = current.resolve()
-    if not resolved.is_relative_to(root.resolve()):
-        raise IntegrityError(f"{what}: path {relative!r} points outside {root}")
-    return current
-
-
-def read_manifest(out_dir: Path) -> Manifest:
-    """Parse and schema-check `OUT/manifest.json` (no artifact checks)."""
-    path = out_dir / FILENAME
-    if not out_dir.is_dir():
-        raise IntegrityError(f"{out_dir} is not a directory holding a compiled pipeline")
-    if path.is_symlink():
-        raise IntegrityError(f"{path} is a symlink")
-    if not path.is_file():
-        raise IntegrityError(
-            f"{path} is missing: {out_dir} is not a compiled pipeline (or was not finished)"
-        )
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IntegrityError(f"{path}: not valid JSON ({exc})") from None
-    except RecursionError:
-        raise IntegrityError(f"{path}: not valid JSON (nested too deep)") from None
-    except ValueError as exc:  # an integer of thousands of digits, among others
-        raise IntegrityError(f"{path}: not valid JSON ({str(exc)[:120]})") from None
-    if not isinstance(data, dict) or data.get("lamc_manifest") != VERSION:
-        version = data.get("lamc_manifest") if isinstance(data, dict) else None
-        raise IntegrityError(
-            f"{path}: lamc_manifest is {version!r}; this executor reads version {VERSION}"
-        )
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(schema())
-    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
-    if errors:
-        first = errors[0]
-        where = "/".join(str(p) for p in first.absolute_path) or "(top level)"
-        raise IntegrityError(f"{path}: {where}: {first.message}")
-    manifest = Manifest.from_dict(data)
-    check_consistency(manifest, path)
-    return manifest
-
-
-def verify(out_dir: Path, stage: int | None = None, without: Sequence[str] = ()) -> Manifest:
-    """Everything the executor checks before it loads anything. Raises IntegrityError
-    (exit 9) naming the file, or RuntimeEnvironmentError (exit 10) for a runtime too old.
-
-    The manifest is always checked whole; with `stage`, only the files that stage loads
-    are hashed (a stage server starts without reading every other stage's weights), of
-    the failover plan for losing `without` when given (the manifest returned is still the
-    whole one)."""
-    manifest = read_manifest(out_dir)
-    _check_runtime(manifest)
-    check_unlisted(out_dir, manifest)
-    plan = manifest.without(without) if without else manifest
-    if stage is not None and not 0 <= stage < len(plan.stages):
-        raise UsageError(f"--stage {stage}: the pipeline has stages 0..{len(plan.stages) - 1}")
-    # Every file of every plan, once (shared weight files are listed by each stage using them).
-    files = manifest.files() if stage is None else {f.path: f for f in plan.stages[stage].files}
-    verify_files(out_dir, files.values())
-    return manifest
-
-
-def verify_files(out_dir: Path, files: Iterable[ArtifactFile]) -> None:
-    """Each file is where the manifest says, of its size and hash (exit 9 otherwise)."""
-    for item in files:
-        file = safe_path(out_dir, item.path, "files")
-        if not file.is_file():
-            raise IntegrityError(f"{item.path}: missing")
-        size = file.stat().st_size
-        if size != item.size:
-            raise IntegrityError(
-                f"{item.path}: size {size} bytes, the manifest says {item.size} (truncated or replaced)"
-            )
-        digest = sha256_file(file)
-        if digest != item.sha256:
-            raise IntegrityError(
-                f"{item.path}: sha256 {digest[:16]}..., the manifest says {item.sha256[:16]}... (modified)"
-            )
-
-
-def _check_runtime(manifest: Manifest) -> None:
-    check_requires(manifest)
-    needs_ort = any(s.backend == "onnxruntime" for s in manifest.stages)
-    if not needs_ort:
-        return
-    try:
-        import onnxruntime
-    except ImportError:
-        raise RuntimeEnvironmentError(
-            "onnxruntime is not installed", hint="pip install lamc"
-        ) from None
-    have = tuple(int(p) for p in onnxruntime.__version__.split(".")[:2] if p.isdigit())
-    if have < MIN_ONNXRUNTIME:
-        raise RuntimeEnvironmentError(
-            f"onnxruntime {onnxruntime.__version__} is older than {'.'.join(map(str, MIN_ONNXRUNTIME))}, which this pipeline needs"
-        )

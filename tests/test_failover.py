@@ -11,10 +11,10 @@ import pytest
 
 from lamc.compiler import plan_model
 from lamc.compiler.failover import default_depth, failover_plans, lost_sets
-from lamc.manifest import verify
 from lamc.passes.partition.planner import PlanRequest
 from lamc.plan import parse_placement
 from lamc.topology import Constraints, load_topology
+from lamc.verify import verify
 from tests.cli.helpers import lamc
 from tests.compiled import MINIPCS, compile_zoo
 from tests.conftest import analysed_model

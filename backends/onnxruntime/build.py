@@ -14,7 +14,8 @@ import onnx
 import onnx_ir as ir
 
 from lamc.backends.protocol import Artifact, Reason
-from lamc.backends.slice import SharedWeights, StageGraph
+from lamc.backends.slice import StageGraph
+from lamc.backends.weights import SharedWeights
 from lamc.errors import EngineBuildError
 from lamc.manifest import ArtifactFile, WeightRef
 from lamc.topology import BACKENDS, Device

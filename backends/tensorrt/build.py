@@ -14,7 +14,8 @@ from pathlib import Path
 import onnx_ir as ir
 
 from lamc.backends.protocol import Artifact, Reason
-from lamc.backends.slice import SharedWeights, StageGraph
+from lamc.backends.slice import StageGraph
+from lamc.backends.weights import SharedWeights
 from lamc.errors import EngineBuildError, RuntimeEnvironmentError
 from lamc.manifest import ArtifactFile
 from lamc.topology import Device

@@ -8,8 +8,8 @@ import click
 from rich.table import Table
 
 from lamc.cli.ui import stdout_console
-from lamc.manifest import read_manifest
 from lamc.quantity import format_bytes, format_ms
+from lamc.verify import read_manifest
 
 
 def show_manifest(out: Path, *, as_json: bool) -> str:

@@ -156,7 +156,8 @@ def serve_command(
             ca=tls.ca if tls else None,
             server_name=server_name,
         )
-    from lamc.runtime.server import StageService, serve_forever
+    from lamc.runtime.lifecycle import serve_forever
+    from lamc.runtime.server import StageService
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     service = StageService(

@@ -17,7 +17,8 @@ from pathlib import Path
 from lamc.atomic import atomic_directory, check_writable
 from lamc.backends import registry
 from lamc.backends.protocol import Artifact, Backend
-from lamc.backends.slice import SharedWeights, StageGraph, slice_stages
+from lamc.backends.slice import StageGraph, slice_stages
+from lamc.backends.weights import SharedWeights
 from lamc.compiler.analysis import ANALYSIS_PASSES, Analysed, analyse
 from lamc.compiler.codecs import choose_codecs
 from lamc.compiler.compression import (

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 
 from lamc.errors import UsageError
-from lamc.manifest import Manifest, StageSpec, verify
+from lamc.manifest import Manifest, StageSpec
 from lamc.runtime.kvcache import StageCaches, Step, local_inputs, local_outputs, unsupported
 from lamc.runtime.tensors import TensorMismatch, check_all
+from lamc.verify import verify
 
 # Backend name -> module with `load(model_path, providers, ...) -> Runner`.
 RUN_MODULES = {

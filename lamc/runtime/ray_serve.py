@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from lamc.errors import RuntimeEnvironmentError, UsageError
-from lamc.manifest import Manifest, StageSpec, verify
+from lamc.manifest import Manifest, StageSpec
+from lamc.verify import verify
 
 APP_PREFIX = "lamc-"
 

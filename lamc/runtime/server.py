@@ -33,16 +33,16 @@ from typing import Any
 
 import numpy as np
 
-from lamc.dims import eval_dim
 from lamc.errors import UsageError
-from lamc.manifest import StageSpec, verify
+from lamc.manifest import StageSpec
 from lamc.runtime import wire
 from lamc.runtime.executor import StageRunner, load_stage
 from lamc.runtime.forward import Forwarder
 from lamc.runtime.kvcache import CacheLost, StageCaches, Step
 from lamc.runtime.ledger import Job, Ledger
 from lamc.runtime.security import TlsConfig, check_bind, server_options, token_matches
-from lamc.runtime.tensors import TensorMismatch, check_all
+from lamc.runtime.tensors import TensorMismatch, check_all, warm_up_feeds
+from lamc.verify import verify
 
 log = logging.getLogger("lamc.serve")
 
@@ -114,19 +114,23 @@ class StageService:
         self._server: Any = None
         self._health: Any = None
         self._next = (
-            Forwarder(
-                index,
-                next_address,
-                tls=next_tls,
-                token=token,
-                max_message=self.max_message,
-                codecs=self._codecs(index + 1),
-                delay_ms=delay_ms,
-            )
+            self.forwarder(index, next_address)
             if next_address is not None and not self.last
             else None
         )
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def forwarder(self, index: int, address: str) -> Forwarder:
+        """The hand-off from stage `index` (of the current plan) to the next at `address`."""
+        return Forwarder(
+            index,
+            address,
+            tls=self.next_tls,
+            token=self.token,
+            max_message=self.max_message,
+            codecs=self._codecs(index + 1),
+            delay_ms=self.delay_ms,
+        )
 
     def _codecs(self, edge_index: int) -> dict[str, str]:
         edge = next((e for e in self.manifest.edges if e.target == edge_index), None)
@@ -196,23 +200,7 @@ class StageService:
 
     async def _warm_up(self) -> None:
         """Run the engine once on inputs of the smallest sizes before reporting ready."""
-        binding = {name: max(bounds.min, 1) for name, bounds in self.manifest.dims.items()}
-        binding.update(
-            {k: v for k, v in self.manifest.plan.get("binding", {}).items() if k in binding}
-        )
-        rng = np.random.default_rng(0)
-        feeds = {}
-        for name in self.spec.inputs:
-            spec = self.manifest.tensors[name]
-            shape = tuple(eval_dim(d, binding) for d in spec.shape)
-            dtype = np.dtype(spec.dtype)
-            if spec.value is not None:  # a shape tensor: its value at this binding
-                values = [eval_dim(v, binding) for v in spec.value]
-                feeds[name] = np.array(values, dtype=dtype).reshape(shape)
-            else:
-                feeds[name] = (
-                    np.zeros(shape) if dtype.kind in "iub" else rng.standard_normal(shape)
-                ).astype(dtype)
+        binding, feeds = warm_up_feeds(self.manifest, self.spec)
         try:
             await asyncio.get_running_loop().run_in_executor(self._compute, self.runner.run, feeds)
             log.info("stage %d warmed up at %s", self.index, binding)
@@ -223,28 +211,6 @@ class StageService:
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
-
-    async def drain(self, grace_s: float = 30.0) -> None:
-        """Stop taking requests, let every accepted one leave, then stop."""
-        from grpc_health.v1 import health_pb2
-
-        self.draining = True
-        await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self._health.set(wire.SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
-        deadline = time.monotonic() + grace_s
-        while self.ledger.in_flight > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        # What could not leave in time is failed, not dropped: its client hears of it.
-        for job in self.ledger.open_jobs():
-            self.ledger.fail(job, f"stage {self.index} stopped before it could hand the request on")
-        # Give subscribers a moment to receive the last deliveries.
-        deadline = time.monotonic() + 2.0
-        while self.ledger.undelivered() and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        await self._server.stop(grace=1.0)
-        if self._next is not None:
-            await self._next.close()
-        self._compute.shutdown(wait=False)
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -359,102 +325,9 @@ class StageService:
         return wire.StatusReply(state=state, detail=detail, stage=self.index)
 
     async def reconfigure(self, request: Any, context: Any) -> Any:
-        """Switch to stage `request.stage` of the failover plan for losing `request.lost`
-        (empty: the primary plan), on this server's device. The new stage's session is
-        built from the weights this process has mapped (only weights it did not hold are
-        read from disk), between two requests; KV caches of the old stage are dropped."""
-        if not token_matches(self.token, context.invocation_metadata()):
-            self.counts["unauthenticated"] += 1
-            return wire.ReconfigureReply(
-                ok=False, code="UNAUTHENTICATED", message="missing or wrong token"
-            )
-        from lamc.errors import LamcError
-        from lamc.manifest import verify_files
-        from lamc.runtime.weights import mapped_files
+        from lamc.runtime.reconfigure import reconfigure
 
-        lost = tuple(str(d) for d in request.lost)
-        index = int(request.stage)
-        next_address = str(request.next_address) or None
-        try:
-            manifest = self.full_manifest.without(lost) if lost else self.full_manifest
-            if not 0 <= index < len(manifest.stages):
-                raise UsageError(f"that plan has stages 0..{len(manifest.stages) - 1}, not {index}")
-            spec = manifest.stages[index]
-            if spec.device != self.device:
-                raise UsageError(
-                    f"stage {index} of that plan runs on {spec.device}; this server is {self.device}"
-                )
-            last = index == len(manifest.stages) - 1
-            if not last and next_address is None:
-                raise UsageError(f"stage {index} of that plan needs the next stage's address")
-        except LamcError as exc:
-            return wire.ReconfigureReply(ok=False, code="INVALID_ARGUMENT", message=exc.message)
-        started = time.perf_counter()
-        held = {key[0]: int(m.size) for key, m in mapped_files().items()}
-
-        def build() -> StageRunner:
-            # Runs on the compute thread: between two requests, never during one.
-            fresh = [f for f in spec.files if f.path not in self.verified]
-            verify_files(self.out_dir, fresh)
-            return load_stage(self.out_dir, spec, providers=self.providers, threads=self.threads)
-
-        loop = asyncio.get_running_loop()
-        try:
-            runner = await loop.run_in_executor(self._compute, build)
-        except LamcError as exc:
-            return wire.ReconfigureReply(ok=False, code="FAILED_PRECONDITION", message=exc.message)
-        except Exception as exc:
-            return wire.ReconfigureReply(
-                ok=False, code="INTERNAL", message=f"{type(exc).__name__}: {str(exc)[:300]}"
-            )
-        old_next = self._next
-        self.manifest, self.spec, self.index, self.last = manifest, spec, index, last
-        self.runner = runner
-        self.caches = StageCaches(manifest, spec, capacity=self.max_sequences)
-        self.verified |= {f.path for f in spec.files}
-        self.lost = lost
-        self.ledger.stage = index
-        self.next_address = next_address
-        self._next = None
-        if next_address is not None and not last:
-            self._next = Forwarder(
-                index,
-                next_address,
-                tls=self.next_tls,
-                token=self.token,
-                max_message=self.max_message,
-                codecs=self._codecs(index + 1),
-                delay_ms=self.delay_ms,
-            )
-            self._next.connect()
-        if old_next is not None:
-            await old_next.close()
-        now = {key[0]: int(m.size) for key, m in mapped_files().items()}
-        mapped = sum(size for path, size in now.items() if path not in held)
-        reused = sum(
-            size
-            for path, size in now.items()
-            if path in held and any(path.endswith(r.file) for r in spec.weights)
-        )
-        load_ms = (time.perf_counter() - started) * 1000
-        self.counts["reconfigured"] += 1
-        log.info(
-            "stage server of %s now serves stage %d of the plan without %s in %.0f ms "
-            "(weights: %d bytes mapped anew, %d bytes reused)",
-            self.device,
-            index,
-            ", ".join(lost) or "nothing (the primary plan)",
-            load_ms,
-            mapped,
-            reused,
-        )
-        return wire.ReconfigureReply(
-            ok=True,
-            stage=index,
-            load_ms=load_ms,
-            mapped_bytes=mapped,
-            reused_bytes=reused,
-        )
+        return await reconfigure(self, request, context)
 
     # --------------------------------------------------------------------------- work
 
@@ -500,20 +373,3 @@ class StageService:
             self.ledger.forwarded(job, f"to stage {self.index + 1} at {self.next_address}")
         else:
             self.ledger.fail(job, problem)
-
-
-async def serve_forever(service: StageService) -> None:
-    """Start, then run until SIGTERM or SIGINT, draining before exit."""
-    import signal
-
-    await service.start()
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    waiter = asyncio.ensure_future(service.wait())
-    stopper = asyncio.ensure_future(stopping.wait())
-    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if stopping.is_set():
-        await service.drain()
-    waiter.cancel()

@@ -9,7 +9,7 @@ import numpy as np
 
 from lamc.dims import UnresolvedDim, eval_dim
 from lamc.errors import UsageError
-from lamc.manifest import DimRange, TensorSpec
+from lamc.manifest import DimRange, Manifest, StageSpec, TensorSpec
 
 
 class TensorMismatch(UsageError):
@@ -100,3 +100,27 @@ def check_all(
             f"{where}: missing tensor(s) {', '.join(missing)}; expected {', '.join(wanted)}"
         )
     return {name: check(specs[name], tensors[name], dims, binding, where) for name in wanted}
+
+
+def warm_up_feeds(
+    manifest: Manifest, spec: StageSpec
+) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+    """A stage's inputs at the plan's binding (the dims' smallest sizes where it has none):
+    random floats, zeros for integers, and shape tensors at the value the manifest
+    records for them (so a Reshape downstream gets a valid target)."""
+    binding = {name: max(bounds.min, 1) for name, bounds in manifest.dims.items()}
+    binding.update({k: v for k, v in manifest.plan.get("binding", {}).items() if k in binding})
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for name in spec.inputs:
+        tensor = manifest.tensors[name]
+        shape = tuple(eval_dim(d, binding) for d in tensor.shape)
+        dtype = np.dtype(tensor.dtype)
+        if tensor.value is not None:
+            values = [eval_dim(v, binding) for v in tensor.value]
+            feeds[name] = np.array(values, dtype=dtype).reshape(shape)
+        else:
+            feeds[name] = (
+                np.zeros(shape) if dtype.kind in "iub" else rng.standard_normal(shape)
+            ).astype(dtype)
+    return binding, feeds

@@ -127,7 +127,7 @@ def _mutated(draw: st.DrawFn, base: bytes) -> bytes:
 )
 @given(data=st.data())
 def test_any_npy_input_gets_exit_0_or_a_usage_error(resnet: Path, data: st.DataObject) -> None:
-    from lamc.manifest import read_manifest
+    from lamc.verify import read_manifest
 
     manifest = read_manifest(resnet)
     (name,) = manifest.inputs

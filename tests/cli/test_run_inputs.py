@@ -33,7 +33,7 @@ def test_unknown_random_dim_is_a_usage_error(resnet: Path) -> None:
 
 
 def test_non_finite_inputs_warn_and_fail_with_check_finite(resnet: Path, tmp_path: Path) -> None:
-    from lamc.manifest import read_manifest
+    from lamc.verify import read_manifest
 
     manifest = read_manifest(resnet)
     (name,) = manifest.inputs

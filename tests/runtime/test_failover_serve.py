@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from lamc.compiler import CompileOptions, compile_model
-from lamc.manifest import verify
 from lamc.passes.partition.planner import PlanRequest
 from lamc.runtime.executor import Pipeline
 from lamc.runtime.hosts import Endpoints
 from lamc.runtime.remote import RemotePipeline
 from lamc.topology import Constraints
+from lamc.verify import verify
 from tests.compiled import MINIPCS
 from tests.conftest import analysed_model
 from tests.runtime.servers import StageServers

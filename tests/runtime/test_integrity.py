@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lamc.errors import ExitCode, IntegrityError
-from lamc.manifest import verify
 from lamc.runtime import executor
 from lamc.runtime.executor import Pipeline
+from lamc.verify import verify
 from tests.compiled import compile_zoo
 
 

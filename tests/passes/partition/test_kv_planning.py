@@ -67,7 +67,7 @@ def test_manifest_records_each_stages_kv_ownership(tmp_path: Path) -> None:
         CompileOptions(request=request),
         analysed=analysed_model(model),
     )
-    from lamc.manifest import read_manifest
+    from lamc.verify import read_manifest
 
     manifest = read_manifest(tmp_path / "out")
     owned = [s.kv_cache for s in manifest.stages]

@@ -1,0 +1,111 @@
+"""`Reconfigure`: a stage server switches, between two requests, to a stage of another
+plan compiled into its artifact (a failover plan, or back to the primary)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from lamc.errors import UsageError
+from lamc.runtime import wire
+from lamc.runtime.executor import StageRunner, load_stage
+from lamc.runtime.kvcache import StageCaches
+from lamc.runtime.security import token_matches
+
+if TYPE_CHECKING:
+    from lamc.runtime.server import StageService
+
+log = logging.getLogger("lamc.serve")
+
+
+async def reconfigure(self: StageService, request: Any, context: Any) -> Any:
+    """Switch to stage `request.stage` of the failover plan for losing `request.lost`
+    (empty: the primary plan), on this server's device. The new stage's session is
+    built from the weights this process has mapped (only weights it did not hold are
+    read from disk), between two requests; KV caches of the old stage are dropped."""
+    if not token_matches(self.token, context.invocation_metadata()):
+        self.counts["unauthenticated"] += 1
+        return wire.ReconfigureReply(
+            ok=False, code="UNAUTHENTICATED", message="missing or wrong token"
+        )
+    from lamc.errors import LamcError
+    from lamc.runtime.weights import mapped_files
+    from lamc.verify import verify_files
+
+    lost = tuple(str(d) for d in request.lost)
+    index = int(request.stage)
+    next_address = str(request.next_address) or None
+    try:
+        manifest = self.full_manifest.without(lost) if lost else self.full_manifest
+        if not 0 <= index < len(manifest.stages):
+            raise UsageError(f"that plan has stages 0..{len(manifest.stages) - 1}, not {index}")
+        spec = manifest.stages[index]
+        if spec.device != self.device:
+            raise UsageError(
+                f"stage {index} of that plan runs on {spec.device}; this server is {self.device}"
+            )
+        last = index == len(manifest.stages) - 1
+        if not last and next_address is None:
+            raise UsageError(f"stage {index} of that plan needs the next stage's address")
+    except LamcError as exc:
+        return wire.ReconfigureReply(ok=False, code="INVALID_ARGUMENT", message=exc.message)
+    started = time.perf_counter()
+    held = {key[0]: int(m.size) for key, m in mapped_files().items()}
+
+    def build() -> StageRunner:
+        # Runs on the compute thread: between two requests, never during one.
+        fresh = [f for f in spec.files if f.path not in self.verified]
+        verify_files(self.out_dir, fresh)
+        return load_stage(self.out_dir, spec, providers=self.providers, threads=self.threads)
+
+    loop = asyncio.get_running_loop()
+    try:
+        runner = await loop.run_in_executor(self._compute, build)
+    except LamcError as exc:
+        return wire.ReconfigureReply(ok=False, code="FAILED_PRECONDITION", message=exc.message)
+    except Exception as exc:
+        return wire.ReconfigureReply(
+            ok=False, code="INTERNAL", message=f"{type(exc).__name__}: {str(exc)[:300]}"
+        )
+    old_next = self._next
+    self.manifest, self.spec, self.index, self.last = manifest, spec, index, last
+    self.runner = runner
+    self.caches = StageCaches(manifest, spec, capacity=self.max_sequences)
+    self.verified |= {f.path for f in spec.files}
+    self.lost = lost
+    self.ledger.stage = index
+    self.next_address = next_address
+    self._next = None
+    if next_address is not None and not last:
+        self._next = self.forwarder(index, next_address)
+        self._next.connect()
+    if old_next is not None:
+        await old_next.close()
+    now = {key[0]: int(m.size) for key, m in mapped_files().items()}
+    mapped = sum(size for path, size in now.items() if path not in held)
+    reused = sum(
+        size
+        for path, size in now.items()
+        if path in held and any(path.endswith(r.file) for r in spec.weights)
+    )
+    load_ms = (time.perf_counter() - started) * 1000
+    self.counts["reconfigured"] += 1
+    log.info(
+        "stage server of %s now serves stage %d of the plan without %s in %.0f ms "
+        "(weights: %d bytes mapped anew, %d bytes reused)",
+        self.device,
+        index,
+        ", ".join(lost) or "nothing (the primary plan)",
+        load_ms,
+        mapped,
+        reused,
+    )
+    return wire.ReconfigureReply(
+        ok=True,
+        stage=index,
+        load_ms=load_ms,
+        mapped_bytes=mapped,
+        reused_bytes=reused,
+    )
