@@ -21,15 +21,19 @@ def compile_zoo(
     split_after: tuple[str, ...] = (),
     granularity: str = "block",
     topology: Path = MINIPCS,
+    failover: int | None = 0,
 ) -> CompileResult:
-    """Compile a (cached) captured model into `stages` stages on four identical CPUs."""
+    """Compile a (cached) captured model into `stages` stages on four identical CPUs.
+    Failover pipelines are left out unless asked for (None: the compiler's default, on
+    with 3+ devices): tests/test_failover.py and the failover serving tests cover them,
+    and the rest of the suite stays fast."""
     analysed = analysed_model(ref) if granularity == "block" else _fine(ref)
     request = PlanRequest(constraints=Constraints(stages=stages, split_after=split_after))
     return compile_model(
         ref,
         topology,
         out,
-        CompileOptions(request=request, granularity=granularity),
+        CompileOptions(request=request, granularity=granularity, failover=failover),
         analysed=analysed,
     )
 

@@ -114,7 +114,7 @@ def test_a_lost_device_relays_nothing(tmp_path: Path) -> None:
 
 def test_compile_records_failover_plans_in_the_manifest(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    compile_zoo(MODEL, out, 3)
+    compile_zoo(MODEL, out, 3, failover=None)  # the default: on with 4 devices
     manifest = verify(out)
     assert [e.lost for e in manifest.failover] == [(n,) for n in load_topology(MINIPCS).names()]
     assert all(e.plan is not None and e.plan.text for e in manifest.failover)
@@ -138,7 +138,7 @@ def test_plan_failover_prints_a_table_and_json(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def gpt2_failover(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("failover") / "gpt2"
-    compile_zoo(MODEL, out, 3)
+    compile_zoo(MODEL, out, 3, failover=None)
     return out
 
 
@@ -209,7 +209,7 @@ def test_a_decoder_generates_the_same_tokens_on_its_failover_plan(tmp_path: Path
     from lamc.runtime.generate import generate
 
     out = tmp_path / "dec"
-    compile_zoo("zoo:gpt2:test,kv=1", out, 3)
+    compile_zoo("zoo:gpt2:test,kv=1", out, 3, failover=1)
     manifest = verify(out)
     lost = next(e.lost for e in manifest.failover if e.stages)
     prompt = [[5, 17, 42, 7]]
