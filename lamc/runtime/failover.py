@@ -107,16 +107,20 @@ class Failover:
         device = self.manifest.stages[k].device
         lost = tuple(sorted({*self.lost, device}))
         try:
-            await self._switch_to(lost, noticed)
+            await self._switch_to(lost, noticed, down=k)
         except (UsageError, RuntimeEnvironmentError) as exc:
             self._fail_all(f"stage {k} on {device} is down and failover failed: {exc}")
             return
         if self._return is None or self._return.done():
             self._return = asyncio.get_running_loop().create_task(self._watch_return())
 
-    async def _switch_to(self, lost: tuple[str, ...], noticed: float) -> None:
+    async def _switch_to(
+        self, lost: tuple[str, ...], noticed: float, down: int | None = None
+    ) -> None:
         """Reconfigure the servers of the plan for losing `lost` (the primary plan when
-        empty), all at once, then reconnect to that plan's stages."""
+        empty), all at once, then reconnect to that plan's stages. `down`: the old plan's
+        stage that was lost; requests it still held are failed as lost (and so sent
+        again) before the old plan's view of them goes."""
         detected = time.monotonic()
         plan = self.full_manifest.without(lost) if lost else self.full_manifest
         missing = [s.device for s in plan.stages if s.device not in self.by_device]
@@ -137,6 +141,13 @@ class Failover:
             )
         )
         replies = dict(enumerate(built))
+        if down is not None:
+            # A request the lost stage accepted just as it died may have been checked
+            # before it got there: look again, with the old plan's stages, now.
+            reason = "it was lost with its device"
+            await asyncio.gather(
+                *(self._check_lost(rid, down, reason) for rid in list(self._pending))
+            )
         # Reconnect: the old plan's subscriptions and channels go, the new plan's come.
         for task in self._tasks:
             task.cancel()
