@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -14,6 +13,7 @@ import onnx_ir as ir
 from lamc.errors import CaptureError, UsageError
 from lamc.frontend.capture import Captured
 from lamc.ir import index_ranges
+from lamc.verify import sha256_file
 
 
 def capture_onnx(
@@ -91,7 +91,7 @@ def capture_onnx(
         reference=OnnxReference(path),
         capture_s=capture_s,
         warnings=warnings,
-        source_sha256=_sha256(path),
+        source_sha256=sha256_file(path),
     )
 
 
@@ -170,14 +170,6 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
             raise CaptureError(
                 f"{path}: external data {location} is truncated ({what} needs bytes up to {end})"
             )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:
