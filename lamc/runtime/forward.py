@@ -97,6 +97,13 @@ class Forwarder:
                     metadata=auth_metadata(self.token),
                     wait_for_ready=False,
                 )
+            except asyncio.CancelledError:
+                # Closing the channel (a reconfigure) cancels the call in flight; a
+                # cancellation of this task itself goes on up.
+                task = asyncio.current_task()
+                if self.closed and (task is None or not task.cancelling()):
+                    continue  # answered at the top of the loop
+                raise
             except grpc.aio.UsageError as exc:  # a closed channel (a reconfigure closed it)
                 if self.closed:
                     continue  # answered at the top of the loop

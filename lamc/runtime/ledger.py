@@ -29,6 +29,7 @@ class Job:
     attempt: int = 0
     accepted_at: float = field(default_factory=time.monotonic)
     binding: dict[str, int] = field(default_factory=dict)  # dims of the arriving tensors
+    plan: int = 0  # the stage's plan generation when it accepted the request
 
     def remaining_ms(self) -> float:
         return max((self.deadline - time.monotonic()) * 1000.0, 0.0)

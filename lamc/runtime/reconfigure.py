@@ -72,6 +72,7 @@ async def reconfigure(self: StageService, request: Any, context: Any) -> Any:
     old_next = self._next
     self.manifest, self.spec, self.index, self.last = manifest, spec, index, last
     self.runner = runner
+    self.plan += 1
     self.caches = StageCaches(manifest, spec, capacity=self.max_sequences)
     self.verified |= {f.path for f in spec.files}
     self.lost = lost

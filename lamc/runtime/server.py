@@ -119,6 +119,9 @@ class StageService:
             else None
         )
         self._tasks: set[asyncio.Task[None]] = set()
+        # Bumped by every `Reconfigure`: a request accepted under an older plan is failed
+        # (and so sent again by the client), never run by the new plan's stage.
+        self.plan = 0
 
     def forwarder(self, index: int, address: str) -> Forwarder:
         """The hand-off from stage `index` (of the current plan) to the next at `address`."""
@@ -278,6 +281,7 @@ class StageService:
             step,
             request.attempt,
             binding=binding,
+            plan=self.plan,
         )
         assert self.queue is not None
         try:
@@ -339,16 +343,24 @@ class StageService:
             if time.monotonic() >= job.deadline:
                 self.ledger.fail(job, f"deadline exceeded while queued at stage {self.index}")
                 continue
+            if job.plan != self.plan:
+                self.ledger.fail(
+                    job, f"stage {self.index} was reconfigured to another plan before it ran"
+                )
+                continue
             self.ledger.state(job.request_id, "running")
+            # One plan's runner, caches and hand-off together: a `Reconfigure` waits on the
+            # compute thread for this hop, and whatever it swaps in is not used for it.
+            runner, manifest, caches, last, forwarder = (
+                self.runner,
+                self.manifest,
+                self.caches,
+                self.last,
+                self._next,
+            )
             try:
                 _, sends = await loop.run_in_executor(
-                    self._compute,
-                    self.runner.hop,
-                    self.manifest,
-                    job.tensors,
-                    job.binding,
-                    self.caches,
-                    job.step,
+                    self._compute, runner.hop, manifest, job.tensors, job.binding, caches, job.step
                 )
             except CacheLost as exc:
                 self.ledger.fail(job, str(exc))
@@ -359,17 +371,26 @@ class StageService:
                     f"stage {self.index} engine failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
                 )
                 continue
-            if self.last:
+            if last:
                 self.ledger.result(job, sends)
             else:
-                self._spawn(self._forward(job, sends))
+                assert forwarder is not None
+                self._spawn(self._forward(job, sends, forwarder))
 
-    async def _forward(self, job: Job, tensors: dict[str, np.ndarray]) -> None:
+    async def _forward(
+        self, job: Job, tensors: dict[str, np.ndarray], forwarder: Forwarder
+    ) -> None:
         """Hand the request to the next stage; retry only while it has not accepted it."""
-        assert self._next is not None
         self.ledger.state(job.request_id, "forwarding")
-        problem = await self._next.send(job, tensors)
+        following = f"stage {forwarder.stage + 1} at {forwarder.address}"
+        try:
+            problem = await forwarder.send(job, tensors)
+        except asyncio.CancelledError:
+            self.ledger.fail(job, f"stage {self.index} stopped while handing it to {following}")
+            raise
+        except Exception as exc:  # never leave a request "forwarding" for ever
+            problem = f"handing it to {following} failed: {type(exc).__name__}: {exc}"
         if problem is None:
-            self.ledger.forwarded(job, f"to stage {self.index + 1} at {self.next_address}")
+            self.ledger.forwarded(job, f"to {following}")
         else:
             self.ledger.fail(job, problem)
