@@ -94,14 +94,24 @@ def read_manifest(out_dir: Path) -> Manifest:
     return manifest
 
 
-def verify(out_dir: Path, stage: int | None = None, without: Sequence[str] = ()) -> Manifest:
+def verify(
+    out_dir: Path,
+    stage: int | None = None,
+    without: Sequence[str] = (),
+    later: list[ArtifactFile] | None = None,
+) -> Manifest:
     """Everything the executor checks before it loads anything. Raises IntegrityError
     (exit 9) naming the file, or RuntimeEnvironmentError (exit 10) for a runtime too old.
 
     The manifest is always checked whole; with `stage`, only the files that stage loads
     are hashed (a stage server starts without reading every other stage's weights), of
     the failover plan for losing `without` when given (the manifest returned is still the
-    whole one)."""
+    whole one).
+
+    `later`: a list to take the shared weight files (raw tensor bytes, which nothing parses)
+    whose size is checked now and whose hash the caller checks itself, alongside loading
+    the stage, before it serves anything. Every file that is parsed (manifest, stage
+    graphs) is hashed here, before anything loads."""
     manifest = read_manifest(out_dir)
     _check_runtime(manifest)
     check_unlisted(out_dir, manifest)
@@ -110,12 +120,19 @@ def verify(out_dir: Path, stage: int | None = None, without: Sequence[str] = ())
         raise UsageError(f"--stage {stage}: the pipeline has stages 0..{len(plan.stages) - 1}")
     # Every file of every plan, once (shared weight files are listed by each stage using them).
     files = manifest.files() if stage is None else {f.path: f for f in plan.stages[stage].files}
-    verify_files(out_dir, files.values())
+    now = list(files.values())
+    if later is not None:
+        bulk = {w.file for w in (plan.stages[stage].weights if stage is not None else ())}
+        later.extend(f for f in now if f.path in bulk)
+        now = [f for f in now if f.path not in bulk]
+        verify_files(out_dir, later, hash=False)
+    verify_files(out_dir, now)
     return manifest
 
 
-def verify_files(out_dir: Path, files: Iterable[ArtifactFile]) -> None:
-    """Each file is where the manifest says, of its size and hash (exit 9 otherwise)."""
+def verify_files(out_dir: Path, files: Iterable[ArtifactFile], hash: bool = True) -> None:
+    """Each file is where the manifest says, of its size and hash (exit 9 otherwise);
+    `hash=False`: where and of what size only."""
     for item in files:
         file = safe_path(out_dir, item.path, "files")
         if not file.is_file():
@@ -125,6 +142,8 @@ def verify_files(out_dir: Path, files: Iterable[ArtifactFile]) -> None:
             raise IntegrityError(
                 f"{item.path}: size {size} bytes, the manifest says {item.size} (truncated or replaced)"
             )
+        if not hash:
+            continue
         digest = sha256_file(file)
         if digest != item.sha256:
             raise IntegrityError(

@@ -1,15 +1,24 @@
-"""Registers every command on the `lamc` group. Each command lives in its own module and
-imports the heavy compile-side packages only when it runs."""
+"""Where each `lamc` command lives: each in its own module, which registers it on the
+`lamc` group when imported and imports the heavy compile-side packages only when it runs."""
 
 from __future__ import annotations
 
-from lamc.cli import (  # noqa: F401
-    compile_cmd,
-    generate_cmd,
-    inspect_cmd,
-    plan_cmd,
-    profile_cmd,
-    run_cmd,
-    serve_cmd,
-    validate_cmd,
-)
+MODULES = {
+    "compile": "compile_cmd",
+    "generate": "generate_cmd",
+    "inspect": "inspect_cmd",
+    "plan": "plan_cmd",
+    "profile": "profile_cmd",
+    "run": "run_cmd",
+    "serve": "serve_cmd",
+    "validate": "validate_cmd",
+}
+
+
+def register(name: str | None = None) -> None:
+    """Register command `name` on the `lamc` group; every command when `name` is None or
+    not one of them (help lists them all, and click names the unknown one)."""
+    import importlib
+
+    for module in [MODULES[name]] if name in MODULES else MODULES.values():
+        importlib.import_module(f"lamc.cli.{module}")

@@ -108,6 +108,8 @@ def cli() -> None:
 
 
 def main() -> None:
-    from lamc.cli import commands  # noqa: F401  (registers the commands on `cli`)
+    # Importing only the command asked for keeps a stage server's start short.
+    from lamc.cli.commands import register
 
+    register(next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None))
     cli.main(prog_name="lamc")

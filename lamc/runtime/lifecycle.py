@@ -1,16 +1,105 @@
-"""A stage server's life: serve until SIGTERM or SIGINT, then drain (every accepted
-request leaves, or is failed to its client) and stop."""
+"""A stage server's life: start (listen, warm up, SERVING once its weights' hashes match),
+serve until SIGTERM or SIGINT, then drain (every accepted request leaves, or is failed to
+its client) and stop."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING
 
+from lamc.errors import UsageError
 from lamc.runtime import wire
+from lamc.runtime.security import server_options
+from lamc.runtime.tensors import warm_up_feeds
 
 if TYPE_CHECKING:
     from lamc.runtime.server import StageService
+
+log = logging.getLogger("lamc.serve")
+
+
+async def start(self: StageService) -> None:
+    """Listen, warm up, and say SERVING once the weights' hashes match."""
+    import grpc
+    from grpc_health.v1 import _async as health_aio
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    self.queue = asyncio.Queue(maxsize=self.queue_size)
+    options = server_options(self.max_message)
+    self._server = grpc.aio.server(options=options)
+    handlers = {
+        "Submit": grpc.unary_unary_rpc_method_handler(
+            self.submit,
+            request_deserializer=wire.SubmitRequest.FromString,
+            response_serializer=wire.Ack.SerializeToString,
+        ),
+        "Subscribe": grpc.unary_stream_rpc_method_handler(
+            self.subscribe,
+            request_deserializer=wire.SubscribeRequest.FromString,
+            response_serializer=wire.Delivery.SerializeToString,
+        ),
+        "Status": grpc.unary_unary_rpc_method_handler(
+            self.status,
+            request_deserializer=wire.StatusRequest.FromString,
+            response_serializer=wire.StatusReply.SerializeToString,
+        ),
+        "Reconfigure": grpc.unary_unary_rpc_method_handler(
+            self.reconfigure,
+            request_deserializer=wire.ReconfigureRequest.FromString,
+            response_serializer=wire.ReconfigureReply.SerializeToString,
+        ),
+    }
+    self._server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(wire.SERVICE, handlers),)
+    )
+    self._health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+    await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    await self._health.set(wire.SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if self.tls is not None:
+        port = self._server.add_secure_port(self.listen, self.tls.server_credentials())
+    else:
+        port = self._server.add_insecure_port(self.listen)
+    if port == 0:
+        raise UsageError(f"cannot listen on {self.listen} (address in use or not available)")
+    await self._server.start()
+    if self._next is not None:
+        self._next.connect()
+    warm = time.perf_counter()
+    await warm_up(self)
+    self.startup_ms["warm-up"] = (time.perf_counter() - warm) * 1000
+    try:  # nothing is served before every byte the stage loaded matched its hash
+        hashed_ms = await asyncio.wrap_future(self._weights_checked)
+    except BaseException:
+        await self._server.stop(None)
+        raise
+    finally:
+        self._hashing.shutdown(wait=False)
+    self.startup_ms["weights hashed alongside"] = hashed_ms
+    self._spawn(self._worker())
+    await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await self._health.set(wire.SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "stage %d serving on %s; cold start %.0f ms (%s)",
+        self.index,
+        self.listen,
+        (time.perf_counter() - self.started) * 1000,
+        ", ".join(f"{k} {v:.0f} ms" for k, v in self.startup_ms.items()),
+    )
+
+
+async def warm_up(self: StageService) -> None:
+    """Run the engine once on inputs of the smallest sizes before reporting ready."""
+    binding, feeds = warm_up_feeds(self.manifest, self.spec)
+    try:
+        await asyncio.get_running_loop().run_in_executor(self._compute, self.runner.run, feeds)
+        log.info("stage %d warmed up at %s", self.index, binding)
+    except Exception as exc:
+        # An input whose valid values lamc could not record (one computed from data): the
+        # engine is loaded either way, and the first real request warms it.
+        log.warning("stage %d warm-up skipped: %s", self.index, str(exc).splitlines()[0][:200])
 
 
 async def serve_forever(service: StageService) -> None:

@@ -34,15 +34,15 @@ from typing import Any
 import numpy as np
 
 from lamc.errors import UsageError
-from lamc.manifest import StageSpec
+from lamc.manifest import ArtifactFile, StageSpec
 from lamc.runtime import wire
 from lamc.runtime.executor import StageRunner, load_stage
 from lamc.runtime.forward import Forwarder
 from lamc.runtime.kvcache import CacheLost, StageCaches, Step
 from lamc.runtime.ledger import Job, Ledger
-from lamc.runtime.security import TlsConfig, check_bind, server_options, token_matches
-from lamc.runtime.tensors import TensorMismatch, check_all, warm_up_feeds
-from lamc.verify import verify
+from lamc.runtime.security import TlsConfig, check_bind, token_matches
+from lamc.runtime.tensors import TensorMismatch, check_all
+from lamc.verify import verify, verify_files
 
 log = logging.getLogger("lamc.serve")
 
@@ -69,8 +69,10 @@ class StageService:
     ) -> None:
         check_bind(listen, tls, insecure)
         started = time.perf_counter()
-        # Hashes this stage's files only (of the failover plan for losing `without`).
-        self.full_manifest = verify(out_dir, stage=index, without=without)
+        # Hashes this stage's files only (of the failover plan for losing `without`): its
+        # graph now, its weights (raw bytes nothing parses) while the session is built.
+        weights: list[ArtifactFile] = []
+        self.full_manifest = verify(out_dir, stage=index, without=without, later=weights)
         self.manifest = self.full_manifest.without(without) if without else self.full_manifest
         # What a reconfigure needs: every plan of the artifact, and the files checked so far.
         self.out_dir = out_dir
@@ -96,9 +98,15 @@ class StageService:
         self.max_deadline_ms = max_deadline_s * 1000.0
         self.max_message = wire.max_message_bytes(self.manifest)
         verified = time.perf_counter()
-        self.runner: StageRunner = load_stage(
-            out_dir, self.spec, providers=providers, threads=threads
-        )
+        self._hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
+        self._weights_checked = self._hashing.submit(_timed, verify_files, out_dir, weights)
+        try:
+            self.runner: StageRunner = load_stage(
+                out_dir, self.spec, providers=providers, threads=threads
+            )
+        except Exception:
+            self._weights_checked.result()  # a tampered weight file is the reason to give
+            raise
         self.started = started
         self.startup_ms = {
             "verify": (verified - started) * 1000,
@@ -142,75 +150,10 @@ class StageService:
     # ------------------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        import grpc
-        from grpc_health.v1 import _async as health_aio
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        """Listen, warm up, and say SERVING once the weights' hashes match."""
+        from lamc.runtime.lifecycle import start
 
-        self.queue = asyncio.Queue(maxsize=self.queue_size)
-        options = server_options(self.max_message)
-        self._server = grpc.aio.server(options=options)
-        handlers = {
-            "Submit": grpc.unary_unary_rpc_method_handler(
-                self.submit,
-                request_deserializer=wire.SubmitRequest.FromString,
-                response_serializer=wire.Ack.SerializeToString,
-            ),
-            "Subscribe": grpc.unary_stream_rpc_method_handler(
-                self.subscribe,
-                request_deserializer=wire.SubscribeRequest.FromString,
-                response_serializer=wire.Delivery.SerializeToString,
-            ),
-            "Status": grpc.unary_unary_rpc_method_handler(
-                self.status,
-                request_deserializer=wire.StatusRequest.FromString,
-                response_serializer=wire.StatusReply.SerializeToString,
-            ),
-            "Reconfigure": grpc.unary_unary_rpc_method_handler(
-                self.reconfigure,
-                request_deserializer=wire.ReconfigureRequest.FromString,
-                response_serializer=wire.ReconfigureReply.SerializeToString,
-            ),
-        }
-        self._server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(wire.SERVICE, handlers),)
-        )
-        self._health = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self._health.set(wire.SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self.tls is not None:
-            port = self._server.add_secure_port(self.listen, self.tls.server_credentials())
-        else:
-            port = self._server.add_insecure_port(self.listen)
-        if port == 0:
-            raise UsageError(f"cannot listen on {self.listen} (address in use or not available)")
-        await self._server.start()
-        if self._next is not None:
-            self._next.connect()
-        warm = time.perf_counter()
-        await self._warm_up()
-        self.startup_ms["warm-up"] = (time.perf_counter() - warm) * 1000
-        self._spawn(self._worker())
-        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self._health.set(wire.SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        log.info(
-            "stage %d serving on %s; cold start %.0f ms (%s)",
-            self.index,
-            self.listen,
-            (time.perf_counter() - self.started) * 1000,
-            ", ".join(f"{k} {v:.0f} ms" for k, v in self.startup_ms.items()),
-        )
-
-    async def _warm_up(self) -> None:
-        """Run the engine once on inputs of the smallest sizes before reporting ready."""
-        binding, feeds = warm_up_feeds(self.manifest, self.spec)
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._compute, self.runner.run, feeds)
-            log.info("stage %d warmed up at %s", self.index, binding)
-        except Exception as exc:
-            # An input whose valid values lamc could not record (one computed from data): the
-            # engine is loaded either way, and the first real request warms it.
-            log.warning("stage %d warm-up skipped: %s", self.index, str(exc).splitlines()[0][:200])
+        await start(self)
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
@@ -394,3 +337,10 @@ class StageService:
             self.ledger.forwarded(job, f"to {following}")
         else:
             self.ledger.fail(job, problem)
+
+
+def _timed(function: Any, *args: Any) -> float:
+    """Milliseconds `function(*args)` took (it runs on another thread)."""
+    started = time.perf_counter()
+    function(*args)
+    return (time.perf_counter() - started) * 1000

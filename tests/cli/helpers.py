@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 from click.testing import CliRunner
 
-from lamc.cli import commands  # noqa: F401  (registers the commands)
+from lamc.cli.commands import register
 from lamc.cli.main import cli
+
+register()  # every command
 
 
 @dataclass

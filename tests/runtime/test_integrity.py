@@ -369,3 +369,25 @@ def test_recorded_shape_values_are_checked_before_loading(
     _edit(copy, lambda d: d["tensors"][name].update(value=value))
     message = _fails(copy, f"tensors/{name}/value")
     assert needle in message, message
+
+
+def test_a_stage_server_hashes_its_weights_before_it_serves(copy: Path) -> None:
+    """A stage server hashes its weight files while its session is built; a tampered one
+    stops it before health says SERVING, with the file named (exit 9)."""
+    import asyncio
+
+    from lamc.runtime.server import StageService
+    from tests.runtime.servers import free_port
+
+    relative = _weights_file(copy, 1)
+    path = copy / relative
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    service = StageService(copy, 1, listen=f"127.0.0.1:{free_port()}")
+    with pytest.raises(IntegrityError) as info:
+        asyncio.run(service.start())
+    assert info.value.exit_code == ExitCode.INTEGRITY
+    assert f"{relative}: sha256" in info.value.message, info.value.message
+    assert service.queue is not None and service.queue.empty()
+    assert not service.counts["accepted"]
