@@ -53,8 +53,8 @@ def check_unlisted(out_dir: Path, manifest: Manifest) -> None:
     """Every file in a stage's folder is listed and hashed: a runtime loads external data
     by the name its model gives, so a file taken off the list (and edited) would be read
     unchecked. Nothing unlisted may sit beside what a session reads."""
-    listed = set(manifest.files())
-    folders = {str(Path(f).parent) for f in listed if str(Path(f).parent) != "."}
+    listed = set(manifest.present())  # a bundle holds its device's files only
+    folders = {str(Path(f).parent) for f in manifest.files() if str(Path(f).parent) != "."}
     for folder in sorted(folders):
         base = out_dir / folder
         if not base.is_dir():

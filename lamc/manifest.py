@@ -233,11 +233,16 @@ class Manifest:
         default_factory=lambda: {"onnxruntime": f">={MIN_ONNXRUNTIME[0]}.{MIN_ONNXRUNTIME[1]}"}
     )
     lamc_manifest: int = VERSION
+    # `lamc bundle`: the device whose files alone this directory holds (every stage it
+    # runs, in every plan); the rest of the manifest is the artifact's, unchanged.
+    bundle: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         from lamc.plan import rounded
 
         data = asdict(self)
+        if self.bundle is None:
+            del data["bundle"]
         data["plan"] = self.plan.to_dict()
         if self.failover:
             data["failover"] = [entry.to_dict() for entry in self.failover]
@@ -264,10 +269,20 @@ class Manifest:
                 )
         return found
 
-    def files(self) -> dict[str, ArtifactFile]:
+    def files(self, device: str | None = None) -> dict[str, ArtifactFile]:
         """Every file of the artifact once (shared weight files are listed by every stage
-        that uses them, in every plan)."""
-        return {f.path: f for _, stages, _ in self.pipelines() for s in stages for f in s.files}
+        that uses them, in every plan); with `device`, those of the stages it runs."""
+        return {
+            f.path: f
+            for _, stages, _ in self.pipelines()
+            for s in stages
+            if device is None or s.device == device
+            for f in s.files
+        }
+
+    def present(self) -> dict[str, ArtifactFile]:
+        """The files this directory holds: all, or a bundle's device's."""
+        return self.files(self.bundle)
 
     def without(self, lost: Sequence[str]) -> Manifest:
         """The pipeline to run when devices `lost` are gone: the failover plan made for
@@ -324,6 +339,7 @@ class Manifest:
             failover=tuple(FailoverPlan.from_dict(f) for f in data.get("failover", ())),
             requires=dict(data.get("requires", {})),
             lamc_manifest=int(data["lamc_manifest"]),
+            bundle=data.get("bundle"),
         )
 
 

@@ -119,7 +119,13 @@ def verify(
     if stage is not None and not 0 <= stage < len(plan.stages):
         raise UsageError(f"--stage {stage}: the pipeline has stages 0..{len(plan.stages) - 1}")
     # Every file of every plan, once (shared weight files are listed by each stage using them).
-    files = manifest.files() if stage is None else {f.path: f for f in plan.stages[stage].files}
+    if stage is not None and manifest.bundle not in (None, plan.stages[stage].device):
+        raise UsageError(
+            f"--stage {stage} runs on {plan.stages[stage].device}; this bundle holds the files "
+            f"of {manifest.bundle} only",
+            hint="serve it from that device's bundle (lamc bundle OUT --device NAME)",
+        )
+    files = manifest.present() if stage is None else {f.path: f for f in plan.stages[stage].files}
     now = list(files.values())
     if later is not None:
         bulk = {w.file for w in (plan.stages[stage].weights if stage is not None else ())}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 MODULES = {
+    "bundle": "bundle_cmd",
     "compile": "compile_cmd",
     "generate": "generate_cmd",
     "inspect": "inspect_cmd",

@@ -160,6 +160,12 @@ class Pipeline:
         load the failover plan made for losing those devices."""
         out = Path(out_dir)
         manifest = verify(out)
+        if manifest.bundle is not None:
+            raise UsageError(
+                f"{out} is the bundle of device {manifest.bundle}: it holds that device's "
+                "stages only, not the whole pipeline",
+                hint="run the compiled OUT, or serve each device's bundle with lamc serve",
+            )
         if without:
             manifest = manifest.without(without)
         return cls.load(out, manifest, providers=providers, threads=threads)
