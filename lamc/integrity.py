@@ -106,20 +106,47 @@ def check_consistency(manifest: Manifest, path: Path) -> None:
     for label, stages, _ in manifest.pipelines():
         where = path if label == "primary" else Path(f"{path} ({label})")
         _check_stages(manifest, stages, where)
+    check_variants(manifest, path)
     check_weights(manifest, path)
+
+
+def check_variants(manifest: Manifest, path: Path) -> None:
+    """Each variant stands in for a primary stage: same device, same tensors in and out,
+    its graph among its files; the ladder's steps are 1..n, each stage on it once."""
+    for k, variant in enumerate(manifest.variants):
+        where = f"{path}: variants/{k}"
+        if not 0 <= variant.stage < len(manifest.stages):
+            raise IntegrityError(f"{where}: stage {variant.stage} is not a stage of the plan")
+        base, spec = manifest.stages[variant.stage], variant.spec
+        same = (spec.index, spec.device, spec.receives, spec.sends, spec.kv_cache)
+        if same != (base.index, base.device, base.receives, base.sends, base.kv_cache):
+            raise IntegrityError(
+                f"{where}: it does not stand in for stage {variant.stage} (another device, "
+                "index, tensors or KV caches)"
+            )
+        _check_stage(manifest, spec, Path(where))
+    steps = sorted(v.step for v in manifest.variants)
+    if steps != list(range(1, len(steps) + 1)):
+        raise IntegrityError(f"{path}: variants: the ladder's steps are not 1..{len(steps)}")
+    if len({v.stage for v in manifest.variants}) != len(manifest.variants):
+        raise IntegrityError(f"{path}: variants: a stage is on the ladder twice")
+
+
+def _check_stage(manifest: Manifest, stage: StageSpec, path: Path) -> None:
+    for name in (*stage.inputs, *stage.outputs, *stage.receives, *stage.sends):
+        if name not in manifest.tensors:
+            raise IntegrityError(
+                f"{path}: stages/{stage.index}: tensor {name!r} has no spec in `tensors`"
+            )
+    if stage.model not in {f.path for f in stage.files}:
+        raise IntegrityError(
+            f"{path}: stages/{stage.index}/model: {stage.model!r} is not one of the stage's files"
+        )
 
 
 def _check_stages(manifest: Manifest, stages: tuple[StageSpec, ...], path: Path) -> None:
     for stage in stages:
-        for name in (*stage.inputs, *stage.outputs, *stage.receives, *stage.sends):
-            if name not in manifest.tensors:
-                raise IntegrityError(
-                    f"{path}: stages/{stage.index}: tensor {name!r} has no spec in `tensors`"
-                )
-        if stage.model not in {f.path for f in stage.files}:
-            raise IntegrityError(
-                f"{path}: stages/{stage.index}/model: {stage.model!r} is not one of the stage's files"
-            )
+        _check_stage(manifest, stage, path)
     if [s.index for s in stages] != list(range(len(stages))):
         raise IntegrityError(f"{path}: stages are not numbered 0..{len(stages) - 1}")
     # Stages hand on what the next one receives: swapped or edited stages are caught here,
@@ -180,6 +207,7 @@ def check_weights(manifest: Manifest, path: Path) -> None:
     shape give; a file listed by several stages is the same file (size and hash) in all."""
     listed: dict[str, tuple[int, str, int]] = {}
     every = [stage for _, stages, _ in manifest.pipelines() for stage in stages]
+    every += [v.spec for v in manifest.variants]
     for stage in every:
         files = {f.path: f for f in stage.files}
         for f in stage.files:

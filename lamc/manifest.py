@@ -18,6 +18,18 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from lamc.errors import DoesNotFitError, UsageError
+from lamc.stagespec import (  # noqa: F401  (the manifest's parts, imported from here too)
+    ArtifactFile,
+    DimRange,
+    Edge,
+    EdgeTensor,
+    KVCache,
+    StageSpec,
+    TensorSpec,
+    WeightRef,
+    parse_edge,
+    parse_stage,
+)
 
 # 2: the typed `plan` section (with the placement text), token-id ranges in tensor specs,
 # typed session options and stricter file paths, shape-tensor values. Version 1 manifests
@@ -26,97 +38,6 @@ VERSION = 2
 FILENAME = "manifest.json"
 # Oldest onnxruntime that runs what lamc emits (opset 18 and its contrib ops).
 MIN_ONNXRUNTIME = (1, 17)
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # numpy name: float32, float16, int64, int32, int8, uint8, bool
-    shape: tuple[int | str, ...]  # ints, dim names, or expressions of them (past + seq)
-    # Integer model inputs (token ids): the values the model takes, [low, high). Checked at
-    # the first hop: an id past the vocabulary would index out of the embedding table.
-    range: tuple[int, int] | None = None
-    # Small integer tensors computed from shapes (a Reshape target crossing a cut): their
-    # value as dim expressions, `[batch, seq, 4, 16]`, so a stage warms up with a valid one.
-    value: tuple[int | str, ...] | None = None
-
-
-@dataclass(frozen=True)
-class DimRange:
-    min: int
-    max: int
-
-
-@dataclass(frozen=True)
-class ArtifactFile:
-    path: str
-    sha256: str
-    size: int
-
-
-@dataclass(frozen=True)
-class EdgeTensor:
-    name: str
-    codec: str = "raw"  # raw | fp16 | int8
-
-
-@dataclass(frozen=True)
-class Edge:
-    source: int  # stage index; -1 is the client
-    target: int  # stage index; len(stages) is the client
-    tensors: tuple[EdgeTensor, ...]
-    bytes: int  # at the operating point
-
-
-@dataclass(frozen=True)
-class KVCache:
-    """The KV cache a stage owns: its layers' cache tensors stay on the stage."""
-
-    layers: tuple[int, ...]
-    past_inputs: tuple[str, ...]
-    present_outputs: tuple[str, ...]
-    dtype: str
-    bytes_per_token: int  # per sequence, all of this stage's layers
-    max_context: int
-    past_dim: str = "past"
-    # Other stages' past inputs this stage reads only for their length (the exporter's
-    # position and mask arithmetic): fed as zeros of that length when caches stay local.
-    length_only: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class WeightRef:
-    """A weight a stage loads from the artifact's shared `weights/` files: each tensor is
-    stored once, whichever plans and stages use it, and memory-mapped at load."""
-
-    name: str  # the initializer's name in the stage model
-    file: str  # relative to OUT, one of the stage's files
-    offset: int
-    length: int
-    dtype: str  # numpy name
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    index: int
-    device: str
-    host: str
-    kind: str
-    backend: str  # onnxruntime | tensorrt
-    providers: tuple[str, ...]
-    session: dict[str, Any]
-    precision: str
-    units: tuple[str, ...]
-    model: str  # relative path of the file the backend loads
-    files: tuple[ArtifactFile, ...]
-    inputs: tuple[str, ...]  # what the engine consumes
-    outputs: tuple[str, ...]  # what the engine produces
-    receives: tuple[str, ...]  # what arrives from the previous stage (or the client)
-    sends: tuple[str, ...]  # what leaves for the next stage (or the client)
-    predicted: dict[str, float] = field(default_factory=dict)
-    kv_cache: KVCache | None = None
-    weights: tuple[WeightRef, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -209,8 +130,38 @@ class FailoverPlan:
             tuple(data["lost"]),
             PlanSummary.from_dict(plan) if plan is not None else None,
             data.get("reason", ""),
-            tuple(_stage(stage) for stage in data.get("stages", ())),
-            tuple(_edge(edge) for edge in data.get("edges", ())),
+            tuple(parse_stage(stage) for stage in data.get("stages", ())),
+            tuple(parse_edge(edge) for edge in data.get("edges", ())),
+        )
+
+
+@dataclass(frozen=True)
+class StageVariant:
+    """A faster build of a primary-plan stage (`lamc compile --variants`): the same cut and
+    tensors, compressed with `method`. The variants form a ladder the controller climbs
+    under load, the bottleneck stage first: `step` is this one's place on it, `error` the
+    output error (against the source model) measured with it and every earlier step
+    switched on, `speedup` the stage's fp32 time over its own on its device (the cost
+    model's), `measured` the same ratio measured on the compile host."""
+
+    stage: int
+    method: str
+    step: int
+    error: float
+    speedup: float
+    spec: StageSpec
+    measured: float = 0.0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageVariant:
+        return cls(
+            int(data["stage"]),
+            data["method"],
+            int(data["step"]),
+            float(data["error"]),
+            float(data["speedup"]),
+            parse_stage(data["spec"]),
+            float(data.get("measured", 0.0)),
         )
 
 
@@ -236,6 +187,8 @@ class Manifest:
     # `lamc bundle`: the device whose files alone this directory holds (every stage it
     # runs, in every plan); the rest of the manifest is the artifact's, unchanged.
     bundle: str | None = None
+    # `--variants`: faster builds of the primary plan's stages, in ladder order.
+    variants: tuple[StageVariant, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         from lamc.plan import rounded
@@ -243,6 +196,8 @@ class Manifest:
         data = asdict(self)
         if self.bundle is None:
             del data["bundle"]
+        if not self.variants:
+            del data["variants"]
         data["plan"] = self.plan.to_dict()
         if self.failover:
             data["failover"] = [entry.to_dict() for entry in self.failover]
@@ -272,13 +227,29 @@ class Manifest:
     def files(self, device: str | None = None) -> dict[str, ArtifactFile]:
         """Every file of the artifact once (shared weight files are listed by every stage
         that uses them, in every plan); with `device`, those of the stages it runs."""
-        return {
-            f.path: f
-            for _, stages, _ in self.pipelines()
-            for s in stages
-            if device is None or s.device == device
-            for f in s.files
-        }
+        stages = [s for _, plan, _ in self.pipelines() for s in plan]
+        stages += [v.spec for v in self.variants]
+        return {f.path: f for s in stages if device is None or s.device == device for f in s.files}
+
+    def at_level(self, level: int) -> Manifest:
+        """The primary pipeline with the first `level` steps of the variants ladder on."""
+        if not 0 <= level <= len(self.variants):
+            raise UsageError(f"the variants ladder has levels 0..{len(self.variants)}")
+        on = {v.stage: v.spec for v in self.variants if v.step <= level}
+        stages = tuple(on.get(s.index, s) for s in self.stages)
+        return replace(self, stages=stages, variants=(), failover=())
+
+    def variant(self, stage: int, method: str) -> StageVariant:
+        """Stage `stage`'s variant compressed with `method` (a UsageError naming those
+        there are, if none)."""
+        for entry in self.variants:
+            if entry.stage == stage and entry.method == method:
+                return entry
+        have = [f"{v.stage}:{v.method}" for v in self.variants]
+        raise UsageError(
+            f"stage {stage} has no {method} variant",
+            hint=f"variants: {', '.join(have)}" if have else "compile with --variants",
+        )
 
     def present(self) -> dict[str, ArtifactFile]:
         """The files this directory holds: all, or a bundle's device's."""
@@ -299,7 +270,12 @@ class Manifest:
             if not entry.stages:
                 return replace(self, failover=())
             return replace(
-                self, stages=entry.stages, edges=entry.edges, plan=entry.plan, failover=()
+                self,
+                stages=entry.stages,
+                edges=entry.edges,
+                plan=entry.plan,
+                failover=(),
+                variants=(),  # built for the primary plan's stages only
             )
         planned = sorted({"+".join(e.lost) for e in self.failover})
         raise UsageError(
@@ -315,7 +291,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        stages = tuple(_stage(s) for s in data["stages"])
+        stages = tuple(parse_stage(s) for s in data["stages"])
         return cls(
             model=dict(data["model"]),
             topology=dict(data["topology"]),
@@ -334,67 +310,11 @@ class Manifest:
             inputs=tuple(data["inputs"]),
             outputs=tuple(data["outputs"]),
             stages=stages,
-            edges=tuple(_edge(e) for e in data["edges"]),
+            edges=tuple(parse_edge(e) for e in data["edges"]),
             plan=PlanSummary.from_dict(data["plan"]),
             failover=tuple(FailoverPlan.from_dict(f) for f in data.get("failover", ())),
             requires=dict(data.get("requires", {})),
             lamc_manifest=int(data["lamc_manifest"]),
             bundle=data.get("bundle"),
+            variants=tuple(StageVariant.from_dict(v) for v in data.get("variants", ())),
         )
-
-
-def _kv(raw: dict[str, Any] | None) -> KVCache | None:
-    if raw is None:
-        return None
-    return KVCache(
-        layers=tuple(raw["layers"]),
-        past_inputs=tuple(raw["past_inputs"]),
-        present_outputs=tuple(raw["present_outputs"]),
-        dtype=raw["dtype"],
-        bytes_per_token=int(raw["bytes_per_token"]),
-        max_context=int(raw["max_context"]),
-        past_dim=raw.get("past_dim", "past"),
-        length_only=tuple(raw.get("length_only", ())),
-    )
-
-
-def _stage(s: dict[str, Any]) -> StageSpec:
-    return StageSpec(
-        index=s["index"],
-        device=s["device"],
-        host=s["host"],
-        kind=s["kind"],
-        backend=s["backend"],
-        providers=tuple(s["providers"]),
-        session=dict(s["session"]),
-        precision=s["precision"],
-        units=tuple(s["units"]),
-        model=s["model"],
-        files=tuple(ArtifactFile(f["path"], f["sha256"], int(f["size"])) for f in s["files"]),
-        inputs=tuple(s["inputs"]),
-        outputs=tuple(s["outputs"]),
-        receives=tuple(s["receives"]),
-        sends=tuple(s["sends"]),
-        predicted=dict(s.get("predicted", {})),
-        kv_cache=_kv(s.get("kv_cache")),
-        weights=tuple(
-            WeightRef(
-                w["name"],
-                w["file"],
-                int(w["offset"]),
-                int(w["length"]),
-                w["dtype"],
-                tuple(int(d) for d in w["shape"]),
-            )
-            for w in s.get("weights", ())
-        ),
-    )
-
-
-def _edge(e: dict[str, Any]) -> Edge:
-    return Edge(
-        e["source"],
-        e["target"],
-        tuple(EdgeTensor(t["name"], t["codec"]) for t in e["tensors"]),
-        int(e["bytes"]),
-    )

@@ -41,6 +41,12 @@ from lamc.quantity import format_bytes
     type=click.Path(dir_okay=False, path_type=Path),
     help="Input samples for int8 (activation ranges, outlier detection; .npz: NAME, or K/NAME for sample K); default: generated.",
 )
+@click.option(
+    "--variants",
+    metavar="METHOD,...",
+    help="Also build faster variants of the stages (e.g. int8-dynamic,fp16), each timed and "
+    "its error measured; `lamc run --hosts ... --slo-ms` switches to them under load.",
+)
 @click.option("--dry-run", is_flag=True, help="Plan only (same as `lamc plan`); write nothing.")
 @click.option(
     "--no-check",
@@ -62,11 +68,15 @@ def compile_command(
     dry_run: bool,
     no_check: bool,
     report_path: Path | None,
+    variants: str | None,
     **options: Any,
 ) -> str:
     """Compile MODEL into a pipeline of per-device engines and a hash-pinned manifest."""
     require_compile_extra()
     from lamc.compiler import CompileOptions, analyse, compile_model
+    from lamc.compiler.variants import parse_variants
+
+    methods = parse_variants(variants)
 
     _terminate_as_interrupt()
     if not dry_run:
@@ -113,6 +123,7 @@ def compile_command(
             compress=options.get("compress"),
             calibration=options.get("calibration"),
             failover=options.get("failover"),
+            variants=methods,
         ),
         analysed=analysed,
         steps=steps,
@@ -132,6 +143,14 @@ def compile_command(
         console.print(
             f"stage {stage.index}: {stage.model} ({format_bytes(size)}), {stage.backend} [{', '.join(stage.providers)}], {len(stage.inputs)} in / {len(stage.outputs)} out"
         )
+    for variant in manifest.variants:
+        console.print(
+            f"variant {variant.step}: stage {variant.stage} {variant.method} "
+            f"(predicted {variant.speedup:.2f}x on its device, {variant.measured:.2f}x here), "
+            f"output error {variant.error:.3g} with steps 1..{variant.step}"
+        )
+    if methods and not manifest.variants:
+        console.print("variants: none kept (see the checks: slower here, or over --max-error)")
     if report_path is not None:
         report = {
             "out": str(out),

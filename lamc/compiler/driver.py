@@ -31,6 +31,7 @@ from lamc.compiler.compression import (
 from lamc.compiler.failover import Planned, default_depth, plan_failovers
 from lamc.compiler.manifest_build import build_manifest
 from lamc.compiler.planning import plan_model, with_compression
+from lamc.compiler.variants import build_variants
 from lamc.errors import AccuracyError, DoesNotFitError, UsageError
 from lamc.frontend import CaptureOptions
 from lamc.manifest import Edge, FailoverPlan, Manifest, StageSpec
@@ -55,6 +56,8 @@ class CompileOptions:
     calibration: Path | None = None  # .npz of input samples (int8; default: generated)
     # Plan for this many lost devices at once (0: none; None: 1 with 3+ devices, else 0).
     failover: int | None = None
+    # Faster builds of the primary stages to switch to under load (compression methods).
+    variants: tuple[str, ...] = ()
 
 
 @dataclass
@@ -175,6 +178,24 @@ def _build_pipeline(
                     f"link codecs {', '.join(e.tensors[0].codec if e.tensors else 'raw' for e in manifest.edges[1:-1])}: "
                     f"output error {manifest.plan['measured_error']:.3g} within the budget {options.max_error:g}"
                 )
+        if options.variants:
+            with timer.step("variants"):
+                manifest, notes = build_variants(
+                    captured,
+                    workload,
+                    best,
+                    topology,
+                    manifest,
+                    graphs,
+                    _stage_backends(best, topology, options.backend),
+                    tmp,
+                    shared,
+                    options.variants,
+                    options.max_error,
+                    check=options.check,
+                    calibration=options.calibration,
+                )
+                checks += notes
         with timer.step("failover plans"):
             manifest = _with_failover(
                 analysed, topology, best, manifest, failover(), tmp, options, timer, shared
@@ -290,7 +311,8 @@ def _final_weight_files(manifest: Manifest, shared: SharedWeights) -> Manifest:
     """Every stage lists the shared weight files with their final sizes and hashes (the
     files grew while later plans were built); files no stage uses are removed."""
     final = shared.files()
-    used = {ref.file for _, stages, _ in manifest.pipelines() for s in stages for ref in s.weights}
+    every = [s for _, stages, _ in manifest.pipelines() for s in stages]
+    used = {ref.file for s in every + [v.spec for v in manifest.variants] for ref in s.weights}
     for path in set(final) - used:
         (shared.root / path).unlink(missing_ok=True)
 
@@ -301,6 +323,7 @@ def _final_weight_files(manifest: Manifest, shared: SharedWeights) -> Manifest:
         manifest,
         stages=refresh(manifest.stages),
         failover=tuple(replace(e, stages=refresh(e.stages)) for e in manifest.failover),
+        variants=tuple(replace(v, spec=refresh((v.spec,))[0]) for v in manifest.variants),
     )
 
 

@@ -56,7 +56,12 @@ class Failover:
     _pending: dict[str, Any]
     _whereabouts: Whereabouts
 
+    _client_secret: str
+
     async def _connect(self) -> None:
+        raise NotImplementedError
+
+    def _on_delivery(self, delivery: Any) -> None:
         raise NotImplementedError
 
     def _fail_all(self, reason: str) -> None:
@@ -260,6 +265,50 @@ class Failover:
         return reply
 
     # -------------------------------------------------------------------- lost stages
+
+    async def _subscription(self, k: int, connected: asyncio.Event) -> None:
+        import grpc
+
+        call = self._channels[k].unary_stream(
+            wire.method("Subscribe"),
+            request_serializer=wire.SubscribeRequest.SerializeToString,
+            response_deserializer=wire.Delivery.FromString,
+        )
+        backoff = 0.05
+        while not self._closed:
+            try:
+                stream = call(
+                    wire.SubscribeRequest(client_secret=self._client_secret),
+                    metadata=auth_metadata(self.endpoints.token),
+                    wait_for_ready=True,
+                )
+                await stream.wait_for_connection()
+                self._up[k] = True
+                connected.set()
+                backoff = 0.05
+                async for delivery in stream:
+                    self._on_delivery(delivery)
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    "stream ended",
+                    None,
+                )
+            except asyncio.CancelledError:
+                return
+            except grpc.aio.AioRpcError as exc:
+                if self._closed:
+                    return
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    connected.set()
+                    self._fail_all(f"stage {k} at {self.addresses[k]} refused the token")
+                    return
+                if self._up[k]:
+                    self._up[k] = False
+                    self._on_stage_down(k, f"{exc.code().name}: {exc.details()}")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
 
     async def _expire(self, request_id: str) -> None:
         pending = self._pending.get(request_id)

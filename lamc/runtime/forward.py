@@ -69,6 +69,7 @@ class Forwarder:
             position=job.step.position if job.step else 0,
             end=job.step.end if job.step else False,
             attempt=job.attempt,
+            variants=list(job.variants),
             tensors=[
                 wire.encode(name, value, self.codecs.get(name, "raw"))
                 for name, value in tensors.items()

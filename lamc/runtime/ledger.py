@@ -30,6 +30,7 @@ class Job:
     accepted_at: float = field(default_factory=time.monotonic)
     binding: dict[str, int] = field(default_factory=dict)  # dims of the arriving tensors
     plan: int = 0  # the stage's plan generation when it accepted the request
+    variants: tuple[str, ...] = ()  # "K:method": which build of each stage so far ran it
 
     def remaining_ms(self) -> float:
         return max((self.deadline - time.monotonic()) * 1000.0, 0.0)
@@ -74,6 +75,7 @@ class Ledger:
             stage=self.stage,
             where=self.where,
             tensors=[wire.encode(n, v) for n, v in tensors.items()],
+            variants=list(job.variants),
         )
         self._deliver(job, delivery)
         self.state(job.request_id, "delivered")

@@ -50,6 +50,11 @@ async def start(self: StageService) -> None:
             request_deserializer=wire.ReconfigureRequest.FromString,
             response_serializer=wire.ReconfigureReply.SerializeToString,
         ),
+        "Variant": grpc.unary_unary_rpc_method_handler(
+            self.switch_variant,
+            request_deserializer=wire.VariantRequest.FromString,
+            response_serializer=wire.ReconfigureReply.SerializeToString,
+        ),
     }
     self._server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(wire.SERVICE, handlers),)

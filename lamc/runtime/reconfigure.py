@@ -73,6 +73,7 @@ async def reconfigure(self: StageService, request: Any, context: Any) -> Any:
     self.manifest, self.spec, self.index, self.last = manifest, spec, index, last
     self.runner = runner
     self.plan += 1
+    self.variant, self.builds = "", {}
     self.caches = StageCaches(manifest, spec, capacity=self.max_sequences)
     self.verified |= {f.path for f in spec.files}
     self.lost = lost
@@ -110,3 +111,55 @@ async def reconfigure(self: StageService, request: Any, context: Any) -> Any:
         mapped_bytes=mapped,
         reused_bytes=reused,
     )
+
+
+async def switch_variant(self: StageService, request: Any, context: Any) -> Any:
+    """Switch this stage to its variant built with `request.method` (`lamc compile
+    --variants`; empty: back to the plan's own build). Same tensors in and out, so the
+    requests queued here run on whichever build is current when their turn comes; a
+    build is loaded once (on the compute thread, between two requests) and kept."""
+    if not token_matches(self.token, context.invocation_metadata()):
+        self.counts["unauthenticated"] += 1
+        return wire.ReconfigureReply(
+            ok=False, code="UNAUTHENTICATED", message="missing or wrong token"
+        )
+    from lamc.errors import LamcError
+    from lamc.verify import verify_files
+
+    method = str(request.method)
+    if method == self.variant:
+        return wire.ReconfigureReply(ok=True, stage=self.index)
+    if method and self.lost:
+        return wire.ReconfigureReply(
+            ok=False,
+            code="FAILED_PRECONDITION",
+            message="variants are built for the primary plan's stages; this server runs a "
+            "failover plan",
+        )
+    started = time.perf_counter()
+    if method not in self.builds:
+        try:
+            spec = self.spec if not method else self.manifest.variant(self.index, method).spec
+        except LamcError as exc:
+            return wire.ReconfigureReply(ok=False, code="INVALID_ARGUMENT", message=exc.message)
+
+        def build() -> StageRunner:
+            verify_files(self.out_dir, [f for f in spec.files if f.path not in self.verified])
+            return load_stage(self.out_dir, spec, providers=self.providers, threads=self.threads)
+
+        if not self.builds:
+            self.builds[self.variant] = self.runner
+        try:
+            self.builds[method] = await asyncio.get_running_loop().run_in_executor(
+                self._compute, build
+            )
+        except LamcError as exc:
+            return wire.ReconfigureReply(ok=False, code="FAILED_PRECONDITION", message=exc.message)
+        self.verified |= {f.path for f in spec.files}
+    self.runner, self.variant = self.builds[method], method
+    self.counts["variant switches"] += 1
+    load_ms = (time.perf_counter() - started) * 1000
+    log.info(
+        "stage %d now runs %s (%.0f ms)", self.index, method or "the plan's own build", load_ms
+    )
+    return wire.ReconfigureReply(ok=True, stage=self.index, load_ms=load_ms)

@@ -27,6 +27,7 @@ import numpy as np
 
 from lamc.errors import UsageError
 from lamc.runtime import wire
+from lamc.runtime.adapt import Adapt, Answer
 from lamc.runtime.failover import Failover, StageFailure
 from lamc.runtime.hosts import Endpoints
 from lamc.runtime.kvcache import Step, local_inputs, local_outputs, unsupported
@@ -52,7 +53,7 @@ class _Pending:
     outputs: tuple[str, ...] = ()
 
 
-class RemotePipeline(Failover):
+class RemotePipeline(Failover, Adapt):
     def __init__(
         self,
         out_dir: Path | str,
@@ -64,6 +65,8 @@ class RemotePipeline(Failover):
         failover_grace_s: float = 0.5,
         failback_hold_s: float = 5.0,
         without: Sequence[str] = (),
+        slo_ms: float | None = None,
+        max_error: float | None = None,
     ) -> None:
         self.full_manifest = self.manifest = read_manifest(Path(out_dir))
         if without:  # servers started on a failover plan (`lamc serve --without`)
@@ -101,6 +104,8 @@ class RemotePipeline(Failover):
         self._whereabouts = Whereabouts(self._channels, self.addresses, endpoints.token)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        # Under load (p95 over `slo_ms`): faster variants of the stages, within `max_error`.
+        self._init_adapt(slo_ms, max_error)
         self._thread.start()
         try:
             asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(
@@ -162,7 +167,7 @@ class RemotePipeline(Failover):
         self._closed = True
 
         async def stop() -> None:
-            for task in (*self._tasks, self._return, self._switch):
+            for task in (*self._tasks, self._return, self._switch, self._adapting):
                 if task is not None:
                     task.cancel()
             for channel in self._channels:
@@ -182,6 +187,8 @@ class RemotePipeline(Failover):
 
     async def _start(self) -> None:
         await self._connect()
+        if self.slo_ms is not None:
+            self._adapting = asyncio.get_running_loop().create_task(self._adapt())
 
     async def _connect(self) -> None:
         """Channels and subscriptions to the stages of the current plan."""
@@ -217,61 +224,20 @@ class RemotePipeline(Failover):
                 hint="start it with `lamc serve OUT --stage K --listen HOST:PORT`",
             ) from None
 
-    async def _subscription(self, k: int, connected: asyncio.Event) -> None:
-        import grpc
-
-        call = self._channels[k].unary_stream(
-            wire.method("Subscribe"),
-            request_serializer=wire.SubscribeRequest.SerializeToString,
-            response_deserializer=wire.Delivery.FromString,
-        )
-        backoff = 0.05
-        while not self._closed:
-            try:
-                stream = call(
-                    wire.SubscribeRequest(client_secret=self._client_secret),
-                    metadata=auth_metadata(self.endpoints.token),
-                    wait_for_ready=True,
-                )
-                await stream.wait_for_connection()
-                self._up[k] = True
-                connected.set()
-                backoff = 0.05
-                async for delivery in stream:
-                    self._on_delivery(delivery)
-                raise grpc.aio.AioRpcError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    grpc.aio.Metadata(),
-                    grpc.aio.Metadata(),
-                    "stream ended",
-                    None,
-                )
-            except asyncio.CancelledError:
-                return
-            except grpc.aio.AioRpcError as exc:
-                if self._closed:
-                    return
-                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    connected.set()
-                    self._fail_all(f"stage {k} at {self.addresses[k]} refused the token")
-                    return
-                if self._up[k]:
-                    self._up[k] = False
-                    self._on_stage_down(k, f"{exc.code().name}: {exc.details()}")
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
-
     # ------------------------------------------------------------------------ requests
 
     async def _request(
         self, feeds: dict[str, np.ndarray], timeout_s: float, sequence: Step | None
     ) -> dict[str, np.ndarray]:
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline = started + timeout_s
         attempt = 0
         while True:
             await self._switched()
             try:
-                return await self._attempt(feeds, deadline, sequence, attempt)
+                answer = await self._attempt(feeds, deadline, sequence, attempt)
+                self._observe(time.monotonic() - started)
+                return answer
             except StageFailure as exc:
                 lost = getattr(exc, "lost", False)
                 if self.retry and lost and attempt == 0 and time.monotonic() < deadline - 0.05:
@@ -390,7 +356,9 @@ class RemotePipeline(Failover):
                 )
             )
             return
-        pending.future.set_result(outputs)
+        answer = Answer(outputs)
+        answer.variants = tuple(str(v) for v in delivery.variants)
+        pending.future.set_result(answer)
 
     def _fail_all(self, reason: str) -> None:
         for pending in self._pending.values():

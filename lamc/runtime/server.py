@@ -130,6 +130,10 @@ class StageService:
         # Bumped by every `Reconfigure`: a request accepted under an older plan is failed
         # (and so sent again by the client), never run by the new plan's stage.
         self.plan = 0
+        # `Variant`: the build of this stage that runs ("": the plan's own), and the
+        # sessions of the builds loaded so far (switching back and forth loads nothing).
+        self.variant = ""
+        self.builds: dict[str, StageRunner] = {}
 
     def forwarder(self, index: int, address: str) -> Forwarder:
         """The hand-off from stage `index` (of the current plan) to the next at `address`."""
@@ -225,6 +229,7 @@ class StageService:
             request.attempt,
             binding=binding,
             plan=self.plan,
+            variants=tuple(str(v) for v in request.variants[: self.index]),
         )
         assert self.queue is not None
         try:
@@ -276,6 +281,11 @@ class StageService:
 
         return await reconfigure(self, request, context)
 
+    async def switch_variant(self, request: Any, context: Any) -> Any:
+        from lamc.runtime.reconfigure import switch_variant
+
+        return await switch_variant(self, request, context)
+
     # --------------------------------------------------------------------------- work
 
     async def _worker(self) -> None:
@@ -294,12 +304,13 @@ class StageService:
             self.ledger.state(job.request_id, "running")
             # One plan's runner, caches and hand-off together: a `Reconfigure` waits on the
             # compute thread for this hop, and whatever it swaps in is not used for it.
-            runner, manifest, caches, last, forwarder = (
+            runner, manifest, caches, last, forwarder, build = (
                 self.runner,
                 self.manifest,
                 self.caches,
                 self.last,
                 self._next,
+                self.variant or self.spec.precision,
             )
             try:
                 _, sends = await loop.run_in_executor(
@@ -314,6 +325,7 @@ class StageService:
                     f"stage {self.index} engine failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
                 )
                 continue
+            job.variants = (*job.variants, f"{self.index}:{build}")
             if last:
                 self.ledger.result(job, sends)
             else:

@@ -74,6 +74,7 @@ def _messages() -> dict[str, Any]:
             ("attempt", 6, _T.TYPE_INT32, one, None),
             ("position", 7, _T.TYPE_INT64, one, None),  # tokens the stages hold cached
             ("end", 8, _T.TYPE_BOOL, one, None),  # drop the sequence's caches after this
+            ("variants", 9, _T.TYPE_STRING, many, None),  # "K:method" of each stage passed
         ],
     )
     message(
@@ -96,6 +97,7 @@ def _messages() -> dict[str, Any]:
             ("stage", 4, _T.TYPE_INT32, one, None),
             ("where", 5, _T.TYPE_STRING, one, None),  # the stage's address
             ("retryable", 6, _T.TYPE_BOOL, one, None),
+            ("variants", 7, _T.TYPE_STRING, many, None),  # which build of each stage answered
         ],
     )
     message("StatusRequest", [("request_id", 1, _T.TYPE_STRING, one, None)])
@@ -130,6 +132,8 @@ def _messages() -> dict[str, Any]:
             ("reused_bytes", 7, _T.TYPE_INT64, one, None),  # weights already held
         ],
     )
+    # Switch this stage to its variant built with `method` (empty: the plan's own build).
+    message("VariantRequest", [("method", 1, _T.TYPE_STRING, one, None)])
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file)
     names = [
@@ -143,6 +147,7 @@ def _messages() -> dict[str, Any]:
         "ResetRequest",
         "ReconfigureRequest",
         "ReconfigureReply",
+        "VariantRequest",
     ]
     return {
         name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{PACKAGE}.{name}"))
@@ -161,6 +166,7 @@ StatusReply = _CLASSES["StatusReply"]
 ResetRequest = _CLASSES["ResetRequest"]
 ReconfigureRequest = _CLASSES["ReconfigureRequest"]
 ReconfigureReply = _CLASSES["ReconfigureReply"]
+VariantRequest = _CLASSES["VariantRequest"]
 
 
 def client_id_of(secret: str) -> str:
