@@ -67,7 +67,7 @@ def session_only(out: Path, stage: int) -> float:
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from lamc.manifest import read_manifest\n"
+        "from lamc.verify import read_manifest\n"
         "from lamc.runtime.executor import load_stage\n"
         f"out = Path({str(out)!r})\n"
         f"load_stage(out, read_manifest(out).stages[{stage}])\n"
@@ -146,6 +146,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="minilm,zoo:gpt2")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--starts-only",
+        action="store_true",
+        help="Only the cold start comparison (no recovery runs).",
+    )
     args = parser.parse_args()
     from lamc.compiler import analyse
     from lamc.frontend import random_inputs
@@ -188,10 +193,10 @@ def main() -> None:
             )
             # Recovery: three servers on three devices, so every failover plan runs on
             # servers that exist (the fourth mini PC is left out).
-            three = Path(tmp) / "three"
-            compile_with(ref, three, 1, analysed, exclude=("n100-d",))
-            recovered = recovery(three, feeds, args.repeats)
-            recoveries.append((name, recovered))
+            if not args.starts_only:
+                three = Path(tmp) / "three"
+                compile_with(ref, three, 1, analysed, exclude=("n100-d",))
+                recoveries.append((name, recovery(three, feeds, args.repeats)))
             served, alone = [], []
             for _ in range(args.repeats):
                 alone.append(session_only(elastic, 1))

@@ -46,6 +46,7 @@ class Adapt:
     _channels: list[Any]
     _pending: dict[str, Any]
     _closed: bool
+    _loop: asyncio.AbstractEventLoop
 
     def _init_adapt(
         self,
@@ -147,6 +148,13 @@ class Adapt:
             record["method"],
             level,
             len(self.ladder),
+        )
+
+    def use_variant(self, stage: int, method: str) -> None:
+        """From any thread: switch primary stage `stage` to its `method` variant ("": its
+        own build), as the controller does (e.g. to start a run from the plan's builds)."""
+        asyncio.run_coroutine_threadsafe(self.set_variant(stage, method), self._loop).result(
+            timeout=max(self.timeout_s, 30.0) + 5
         )
 
     async def set_variant(self, stage: int, method: str) -> None:
