@@ -6,6 +6,7 @@ from __future__ import annotations
 MODULES = {
     "bundle": "bundle_cmd",
     "compile": "compile_cmd",
+    "control": "control_cmd",
     "generate": "generate_cmd",
     "inspect": "inspect_cmd",
     "plan": "plan_cmd",

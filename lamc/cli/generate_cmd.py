@@ -46,6 +46,11 @@ from lamc.errors import UsageError
     help="With --hosts: when a stage server is lost, switch to the compiled failover plan "
     "and replay the tokens so far to rebuild the KV caches there.",
 )
+@click.option(
+    "--controller",
+    metavar="HOST:PORT",
+    help="With --hosts: follow the plan of a `lamc control` process (it switches the servers).",
+)
 @click.option("--providers", metavar="cpu|cuda,cpu|...", help="Override the execution providers.")
 @lamc_command("generate")
 def generate_command(
@@ -59,6 +64,7 @@ def generate_command(
     seed: int,
     hosts_file: Path | None,
     failover: bool,
+    controller: str | None,
     providers: str | None,
 ) -> str:
     """Generate tokens one step at a time; each is printed as soon as it is known."""
@@ -89,13 +95,17 @@ def generate_command(
             bad = next(i for i in ids if not 0 <= i < 2**63)
             raise UsageError(f"--prompt-ids: {str(bad)[:30]} is not a token id (0 or more, int64)")
     pipeline: Any
-    if failover and hosts_file is None:
-        raise UsageError("--failover switches stage servers: give --hosts")
+    if (failover or controller) and hosts_file is None:
+        raise UsageError("--failover and --controller are for stage servers: give --hosts")
+    if failover and controller:
+        raise UsageError("--controller switches the servers itself: not with --failover")
     if hosts_file is not None:
         from lamc.runtime.hosts import load_hosts
         from lamc.runtime.remote import RemotePipeline
 
-        pipeline = RemotePipeline(out, load_hosts(hosts_file), failover=failover)
+        pipeline = RemotePipeline(
+            out, load_hosts(hosts_file), failover=failover, controller=controller
+        )
     else:
         pipeline = Pipeline.open(out, providers=parse_providers(providers))
     started = time.perf_counter()

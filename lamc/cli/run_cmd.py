@@ -159,6 +159,11 @@ def random_feeds(manifest: object, sizes: dict[str, int], seed: int) -> dict[str
     "failover plan compiled for losing its device (and send its requests again).",
 )
 @click.option(
+    "--controller",
+    metavar="HOST:PORT",
+    help="With --hosts: follow the plan of a `lamc control` process (it switches the servers).",
+)
+@click.option(
     "--without",
     "without",
     metavar="DEVICE,...",
@@ -184,6 +189,7 @@ def run_command(
     ray_address: str | None,
     seed: int,
     failover: bool,
+    controller: str | None,
     without: str | None,
     check_finite: bool,
     as_json: bool,
@@ -192,8 +198,10 @@ def run_command(
     from lamc.runtime.executor import Pipeline, parse_providers
 
     started = time.perf_counter()
-    if failover and hosts_file is None and not endpoints:
-        raise UsageError("--failover switches stage servers: give --hosts or --endpoint")
+    if (failover or controller) and hosts_file is None and not endpoints:
+        raise UsageError("--failover and --controller are for stage servers: give --hosts")
+    if failover and controller:
+        raise UsageError("--controller switches the servers itself: not with --failover")
     if without is not None and (ray_address is not None or hosts_file is not None or endpoints):
         raise UsageError("--without runs in this process: not with --ray, --hosts or --endpoint")
     if ray_address is not None:
@@ -204,7 +212,7 @@ def run_command(
         pipeline: Any = RayPipeline(out, ray_address, timeout_s=timeout_s)
         where = f"Ray Serve at {ray_address}"
     elif hosts_file is not None or endpoints:
-        pipeline = _remote(out, hosts_file, endpoints, timeout_s, failover)
+        pipeline = _remote(out, hosts_file, endpoints, timeout_s, failover, controller)
         where = f"stage servers {', '.join(pipeline.addresses)}"
     else:
         lost = tuple(d.strip() for d in without.split(",") if d.strip()) if without else ()
@@ -287,6 +295,7 @@ def _remote(
     endpoints: tuple[str, ...],
     timeout_s: float,
     failover: bool = False,
+    controller: str | None = None,
 ) -> Any:
     from lamc.runtime.hosts import Endpoints, load_hosts, parse_endpoints
     from lamc.runtime.remote import RemotePipeline
@@ -296,4 +305,6 @@ def _remote(
         load_hosts(hosts_file) if hosts_file is not None else Endpoints({}, None, load_token(None))
     )
     config.stages.update(parse_endpoints(endpoints))
-    return RemotePipeline(out, config, timeout_s=timeout_s, failover=failover)
+    return RemotePipeline(
+        out, config, timeout_s=timeout_s, failover=failover, controller=controller
+    )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lamc.errors import RuntimeEnvironmentError, UsageError
 from lamc.manifest import Manifest
@@ -58,8 +58,14 @@ class Failover:
 
     _client_secret: str
 
+    controller: str | None
+
     async def _connect(self) -> None:
         raise NotImplementedError
+
+    if TYPE_CHECKING:  # `control.Follow`'s, later in RemotePipeline's bases
+
+        async def _follow(self, noticed: float, wait_s: float | None = None) -> None: ...
 
     def _on_delivery(self, delivery: Any) -> None:
         raise NotImplementedError
@@ -71,7 +77,7 @@ class Failover:
         """After a failure: wait for a switch to a failover plan (one that has begun, or
         one the grace period is about to start) and say whether the pipeline is on a newer
         plan than it was when `len(self.switches)` was `epoch`."""
-        if not self.failover:
+        if not (self.failover or self.controller is not None):
             return False
         started = time.monotonic()
         deadline = started + (timeout_s or self.failover_grace_s * 4 + self.timeout_s)
@@ -97,7 +103,7 @@ class Failover:
     # ----------------------------------------------------------------------- failover
 
     def _watch(self, k: int) -> None:
-        if not self.failover or self._closed:
+        if not (self.failover or self.controller is not None) or self._closed:
             return
         if self._switch is None or self._switch.done():
             self._switch = asyncio.get_running_loop().create_task(self._fail_over(k))
@@ -106,6 +112,10 @@ class Failover:
         """Stage `k` went down: if it stays down past the grace period, move the pipeline
         to the plan without its device."""
         noticed = time.monotonic()
+        if self.controller is not None:
+            # `lamc control` switches the servers; follow it once it has.
+            await self._follow(noticed)
+            return
         await asyncio.sleep(self.failover_grace_s)
         if self._closed or self._up[k]:
             return
@@ -120,12 +130,17 @@ class Failover:
             self._return = asyncio.get_running_loop().create_task(self._watch_return())
 
     async def _switch_to(
-        self, lost: tuple[str, ...], noticed: float, down: int | None = None
+        self,
+        lost: tuple[str, ...],
+        noticed: float,
+        down: int | None = None,
+        reconfigure: bool = True,
     ) -> None:
         """Reconfigure the servers of the plan for losing `lost` (the primary plan when
         empty), all at once, then reconnect to that plan's stages. `down`: the old plan's
         stage that was lost; requests it still held are failed as lost (and so sent
-        again) before the old plan's view of them goes."""
+        again) before the old plan's view of them goes. `reconfigure=False`: a controller
+        (`lamc control`) has switched the servers already; only reconnect."""
         detected = time.monotonic()
         plan = self.full_manifest.without(lost) if lost else self.full_manifest
         missing = [s.device for s in plan.stages if s.device not in self.by_device]
@@ -143,6 +158,7 @@ class Failover:
                     addresses[j], lost, j, addresses[j + 1] if j + 1 < len(addresses) else ""
                 )
                 for j in range(len(plan.stages))
+                if reconfigure
             )
         )
         replies = dict(enumerate(built))

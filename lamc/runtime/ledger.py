@@ -81,8 +81,9 @@ class Ledger:
         self.state(job.request_id, "delivered")
         self.counts["delivered"] += 1
 
-    def fail(self, job: Job, reason: str) -> None:
-        """A failure naming this stage, to the client that sent the request (once)."""
+    def fail(self, job: Job, reason: str, replanned: bool = False) -> None:
+        """A failure naming this stage, to the client that sent the request (once);
+        `replanned`: the stage switched plans before running it (safe to send again)."""
         if self._open.pop(job.request_id, None) is None:
             return
         self._deliver(
@@ -93,6 +94,7 @@ class Ledger:
                 where=self.where,
                 error=reason,
                 retryable=True,
+                replanned=replanned,
             ),
         )
         self.state(job.request_id, "failed", reason)

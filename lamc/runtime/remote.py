@@ -28,6 +28,7 @@ import numpy as np
 from lamc.errors import UsageError
 from lamc.runtime import wire
 from lamc.runtime.adapt import Adapt, Answer
+from lamc.runtime.control import Follow
 from lamc.runtime.failover import Failover, StageFailure
 from lamc.runtime.hosts import Endpoints
 from lamc.runtime.kvcache import Step, local_inputs, local_outputs, unsupported
@@ -53,7 +54,7 @@ class _Pending:
     outputs: tuple[str, ...] = ()
 
 
-class RemotePipeline(Failover, Adapt):
+class RemotePipeline(Failover, Adapt, Follow):
     def __init__(
         self,
         out_dir: Path | str,
@@ -67,6 +68,7 @@ class RemotePipeline(Failover, Adapt):
         without: Sequence[str] = (),
         slo_ms: float | None = None,
         max_error: float | None = None,
+        controller: str | None = None,
     ) -> None:
         self.full_manifest = self.manifest = read_manifest(Path(out_dir))
         if without:  # servers started on a failover plan (`lamc serve --without`)
@@ -106,6 +108,8 @@ class RemotePipeline(Failover, Adapt):
         self._closed = False
         # Under load (p95 over `slo_ms`): faster variants of the stages, within `max_error`.
         self._init_adapt(slo_ms, max_error)
+        # With a controller (`lamc control`), it switches the servers; this client follows.
+        self._init_follow(controller)
         self._thread.start()
         try:
             asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(
@@ -167,7 +171,7 @@ class RemotePipeline(Failover, Adapt):
         self._closed = True
 
         async def stop() -> None:
-            for task in (*self._tasks, self._return, self._switch, self._adapting):
+            for task in (*self._tasks, self._return, self._switch, self._adapting, self._following):
                 if task is not None:
                     task.cancel()
             for channel in self._channels:
@@ -186,7 +190,15 @@ class RemotePipeline(Failover, Adapt):
     # -------------------------------------------------------------------------- setup
 
     async def _start(self) -> None:
-        await self._connect()
+        if self.controller is None:
+            await self._connect()
+        else:  # start on the plan the servers run now
+            lost, self._epoch = await self.fetch_plan(wait_s=self.timeout_s)
+            if lost != self.lost:
+                await self._switch_to(lost, time.monotonic(), reconfigure=False)
+            else:
+                await self._connect()
+            self._following = asyncio.get_running_loop().create_task(self._follow_loop())
         if self.slo_ms is not None:
             self._adapting = asyncio.get_running_loop().create_task(self._adapt())
 
@@ -334,9 +346,14 @@ class RemotePipeline(Failover, Adapt):
             # A request of the plan before a switch (or caught in one) that failed before
             # any stage applied it is sent again, on the new plan.
             switching = self._switch is not None and not self._switch.done()
-            failure.lost = bool(delivery.retryable) and (  # type: ignore[attr-defined]
-                switching or pending.submitted < self._plan_since
+            # A request the stage never ran because a controller switched the plan under
+            # this client: sent again once the client follows.
+            followed = bool(delivery.replanned) and self.controller is not None
+            failure.lost = followed or (  # type: ignore[attr-defined]
+                bool(delivery.retryable) and (switching or pending.submitted < self._plan_since)
             )
+            if followed:
+                self._follow_now(time.monotonic())
             pending.future.set_exception(failure)
             return
         try:

@@ -298,7 +298,9 @@ class StageService:
                 continue
             if job.plan != self.plan:
                 self.ledger.fail(
-                    job, f"stage {self.index} was reconfigured to another plan before it ran"
+                    job,
+                    f"stage {self.index} was reconfigured to another plan before it ran",
+                    replanned=True,
                 )
                 continue
             self.ledger.state(job.request_id, "running")
@@ -348,7 +350,8 @@ class StageService:
         if problem is None:
             self.ledger.forwarded(job, f"to {following}")
         else:
-            self.ledger.fail(job, problem)
+            # A hand-off closed by a reconfigure: the next stage never took it.
+            self.ledger.fail(job, problem, replanned=forwarder.closed)
 
 
 def _timed(function: Any, *args: Any) -> float:

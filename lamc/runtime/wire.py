@@ -98,6 +98,9 @@ def _messages() -> dict[str, Any]:
             ("where", 5, _T.TYPE_STRING, one, None),  # the stage's address
             ("retryable", 6, _T.TYPE_BOOL, one, None),
             ("variants", 7, _T.TYPE_STRING, many, None),  # which build of each stage answered
+            # Failed because the stage switched plans before running it: nothing applied it,
+            # so a client may send it again on the new plan.
+            ("replanned", 8, _T.TYPE_BOOL, one, None),
         ],
     )
     message("StatusRequest", [("request_id", 1, _T.TYPE_STRING, one, None)])
@@ -134,6 +137,18 @@ def _messages() -> dict[str, Any]:
     )
     # Switch this stage to its variant built with `method` (empty: the plan's own build).
     message("VariantRequest", [("method", 1, _T.TYPE_STRING, one, None)])
+    # `lamc control`: the plan the stage servers run now (the devices lost; `epoch` counts
+    # the switches so far), for clients that follow the controller.
+    message("PlanRequest", [])
+    message(
+        "PlanReply",
+        [
+            ("lost", 1, _T.TYPE_STRING, many, None),
+            ("epoch", 2, _T.TYPE_INT32, one, None),
+            ("ok", 3, _T.TYPE_BOOL, one, None),
+            ("message", 4, _T.TYPE_STRING, one, None),
+        ],
+    )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file)
     names = [
@@ -148,6 +163,8 @@ def _messages() -> dict[str, Any]:
         "ReconfigureRequest",
         "ReconfigureReply",
         "VariantRequest",
+        "PlanRequest",
+        "PlanReply",
     ]
     return {
         name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{PACKAGE}.{name}"))
@@ -167,6 +184,9 @@ ResetRequest = _CLASSES["ResetRequest"]
 ReconfigureRequest = _CLASSES["ReconfigureRequest"]
 ReconfigureReply = _CLASSES["ReconfigureReply"]
 VariantRequest = _CLASSES["VariantRequest"]
+PlanRequest = _CLASSES["PlanRequest"]
+PlanReply = _CLASSES["PlanReply"]
+CONTROL_SERVICE = "lamc.v1.Control"
 
 
 def client_id_of(secret: str) -> str:
