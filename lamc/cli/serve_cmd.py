@@ -105,6 +105,12 @@ from lamc.errors import UsageError
     metavar="DEVICE,...",
     help="Serve stage K of the failover plan compiled for losing these devices.",
 )
+@click.option(
+    "--standby",
+    is_flag=True,
+    help="Once serving, also build (in the background) the sessions of the stages this "
+    "device runs in the failover plans, so a switch to one only swaps sessions.",
+)
 @lamc_command("serve")
 def serve_command(
     out: Path,
@@ -127,6 +133,7 @@ def serve_command(
     delay_ms: float,
     ray_address: str | None,
     without: str | None,
+    standby: bool,
 ) -> str:
     """Serve stage K of a compiled pipeline until SIGTERM (which drains it first)."""
     from lamc.runtime.executor import parse_providers
@@ -176,6 +183,7 @@ def serve_command(
         next_tls=next_tls,
         delay_ms=delay_ms,
         without=tuple(d.strip() for d in (without or "").split(",") if d.strip()),
+        standby=standby,
     )
     asyncio.run(serve_forever(service))
     counts = service.counts

@@ -86,6 +86,10 @@ async def start(self: StageService) -> None:
     self._spawn(self._worker())
     await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
     await self._health.set(wire.SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    if self.standby_on:
+        from lamc.runtime.reconfigure import prepare_standby
+
+        self._spawn(prepare_standby(self))
     log.info(
         "stage %d serving on %s; cold start %.0f ms (%s)",
         self.index,

@@ -53,9 +53,13 @@ async def reconfigure(self: StageService, request: Any, context: Any) -> Any:
         return wire.ReconfigureReply(ok=False, code="INVALID_ARGUMENT", message=exc.message)
     started = time.perf_counter()
     held = {key[0]: int(m.size) for key, m in mapped_files().items()}
+    ready = "a standby session" if spec.model in self.standby else "a session built now"
 
     def build() -> StageRunner:
         # Runs on the compute thread: between two requests, never during one.
+        ready = self.standby.pop(spec.model, None)
+        if ready is not None:
+            return ready
         fresh = [f for f in spec.files if f.path not in self.verified]
         verify_files(self.out_dir, fresh)
         return load_stage(self.out_dir, spec, providers=self.providers, threads=self.threads)
@@ -70,6 +74,8 @@ async def reconfigure(self: StageService, request: Any, context: Any) -> Any:
             ok=False, code="INTERNAL", message=f"{type(exc).__name__}: {str(exc)[:300]}"
         )
     old_next = self._next
+    if self.standby_on:  # keep the stage being left, for a switch back
+        self.standby[self.spec.model] = self.runner
     self.manifest, self.spec, self.index, self.last = manifest, spec, index, last
     self.runner = runner
     self.plan += 1
@@ -95,12 +101,13 @@ async def reconfigure(self: StageService, request: Any, context: Any) -> Any:
     load_ms = (time.perf_counter() - started) * 1000
     self.counts["reconfigured"] += 1
     log.info(
-        "stage server of %s now serves stage %d of the plan without %s in %.0f ms "
+        "stage server of %s now serves stage %d of the plan without %s in %.0f ms, from %s "
         "(weights: %d bytes mapped anew, %d bytes reused)",
         self.device,
         index,
         ", ".join(lost) or "nothing (the primary plan)",
         load_ms,
+        ready,
         mapped,
         reused,
     )
@@ -163,3 +170,44 @@ async def switch_variant(self: StageService, request: Any, context: Any) -> Any:
         "stage %d now runs %s (%.0f ms)", self.index, method or "the plan's own build", load_ms
     )
     return wire.ReconfigureReply(ok=True, stage=self.index, load_ms=load_ms)
+
+
+async def prepare_standby(self: StageService) -> None:
+    """Build, in the background and one at a time, the session of every stage this
+    device runs in another plan of the artifact (verified first), so that a reconfigure
+    to that plan swaps sessions instead of building one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lamc.verify import verify_files
+
+    wanted = [
+        spec
+        for _, stages, _ in self.full_manifest.pipelines()
+        for spec in stages
+        if spec.device == self.device and spec.model != self.spec.model
+    ]
+    started = time.perf_counter()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="standby")
+    loop = asyncio.get_running_loop()
+
+    def build(spec: Any) -> StageRunner:
+        verify_files(self.out_dir, [f for f in spec.files if f.path not in self.verified])
+        return load_stage(self.out_dir, spec, providers=self.providers, threads=self.threads)
+
+    try:
+        for spec in {s.model: s for s in wanted}.values():
+            if spec.model in self.standby or self.draining:
+                continue
+            try:
+                self.standby[spec.model] = await loop.run_in_executor(pool, build, spec)
+            except Exception as exc:  # the stage is built on demand instead
+                log.warning("standby: %s not prepared: %s", spec.model, str(exc)[:300])
+                continue
+            self.verified |= {f.path for f in spec.files}
+    finally:
+        pool.shutdown(wait=False)
+    log.info(
+        "standby: %d stage(s) of other plans ready in %.0f ms",
+        len(self.standby),
+        (time.perf_counter() - started) * 1000,
+    )

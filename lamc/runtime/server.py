@@ -66,6 +66,7 @@ class StageService:
         max_sequences: int = 64,
         max_deadline_s: float = 600.0,
         without: tuple[str, ...] = (),
+        standby: bool = False,
     ) -> None:
         check_bind(listen, tls, insecure)
         started = time.perf_counter()
@@ -134,6 +135,10 @@ class StageService:
         # sessions of the builds loaded so far (switching back and forth loads nothing).
         self.variant = ""
         self.builds: dict[str, StageRunner] = {}
+        # `--standby`: sessions of the other plans' stages this device runs, built in the
+        # background once serving (by stage graph path), so a reconfigure only swaps.
+        self.standby_on = standby
+        self.standby: dict[str, StageRunner] = {}
 
     def forwarder(self, index: int, address: str) -> Forwarder:
         """The hand-off from stage `index` (of the current plan) to the next at `address`."""

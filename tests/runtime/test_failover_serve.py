@@ -111,6 +111,54 @@ def test_a_killed_stage_under_load_switches_to_the_failover_plan(
         assert f"of the plan without {lost}" in log, log[-2000:]
 
 
+@pytest.mark.slow
+def test_standby_sessions_make_the_switch_a_swap(three_devices: Path, tmp_path: Path) -> None:
+    """`lamc serve --standby`: once serving, each server builds the sessions of its stages
+    in the failover plans; the switch then swaps sessions, and a switch back finds the
+    primary's session kept."""
+    manifest = verify(three_devices)
+    lost = manifest.stages[1].device
+    failover = Pipeline.open(three_devices, without=(lost,))
+    primary = Pipeline.open(three_devices)
+    feeds = _feeds(6)
+    with StageServers(three_devices, 3, log_dir=tmp_path, common=["--standby"]) as servers:
+        logs = [tmp_path / f"stage{k}.log" for k in range(3)]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(
+            "standby:" in log.read_text() for log in logs
+        ):
+            time.sleep(0.1)
+        assert all("stage(s) of other plans ready" in log.read_text() for log in logs)
+        endpoints = Endpoints(dict(enumerate(servers.addresses)))
+        with RemotePipeline(
+            three_devices, endpoints, failover=True, failover_grace_s=0.2, failback_hold_s=0.3
+        ) as client:
+            client.run(feeds[0])
+            servers.kill(1)
+            deadline = time.monotonic() + 30
+            while not client.switches and time.monotonic() < deadline:
+                try:
+                    client.run(feeds[0])
+                except Exception:
+                    continue
+            for f in feeds:
+                np.testing.assert_array_equal(client.run(f)["logits"], failover.run(f)["logits"])
+            for k in (0, 2):
+                text = logs[k].read_text()
+                assert f"of the plan without {lost} in" in text, text[-2000:]
+                assert "from a standby session" in text, text[-2000:]
+            servers.start(1)
+            deadline = time.monotonic() + 30
+            while len(client.switches) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert [s["lost"] for s in client.switches] == [(lost,), ()]
+            for f in feeds:
+                np.testing.assert_array_equal(client.run(f)["logits"], primary.run(f)["logits"])
+        text = logs[0].read_text()
+        assert "of the plan without nothing (the primary plan)" in text
+        assert text.count("from a standby session") == 2, text[-2000:]
+
+
 def test_a_reconfigure_without_the_token_is_refused(three_devices: Path) -> None:
     import grpc
 
