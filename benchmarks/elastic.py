@@ -97,6 +97,16 @@ def server_start(out: Path, stage: int) -> float:
         process.wait(timeout=60)
 
 
+def _standby_ready(logs: Path, stages: int, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        texts = [(logs / f"stage{k}.log").read_text() for k in range(stages)]
+        if all("standby:" in t for t in texts):
+            return
+        time.sleep(0.1)
+    raise TimeoutError("standby sessions not ready")
+
+
 def recovery(out: Path, feeds: dict[str, np.ndarray], repeats: int) -> dict[str, float]:
     from lamc.runtime.hosts import Endpoints
     from lamc.runtime.remote import RemotePipeline
@@ -106,25 +116,31 @@ def recovery(out: Path, feeds: dict[str, np.ndarray], repeats: int) -> dict[str,
     manifest = read_manifest(out)
     lost = manifest.stages[1].device
     plan = manifest.without((lost,))
-    warm, cold, rates = [], [], []
+    warm, standby, cold, rates = [], [], [], []
     for _ in range(repeats):
-        with StageServers(out, len(manifest.stages)) as servers:
-            endpoints = Endpoints(dict(enumerate(servers.addresses)))
-            with RemotePipeline(out, endpoints, failover=True, failover_grace_s=0.2) as client:
-                client.run(feeds)
-                servers.kill(1)
-                while True:
-                    try:
-                        client.run(feeds)
-                        answered = time.monotonic()
-                        break
-                    except Exception:
-                        continue
-                switch = client.switches[0]
-                warm.append(answered - switch["noticed"] - switch["grace_ms"] / 1000)
-                started = time.perf_counter()
-                client.run_many([feeds] * 64, in_flight=16)
-                rates.append(64 / (time.perf_counter() - started))
+        for ready, times in ((False, warm), (True, standby)):
+            logs = Path(tempfile.mkdtemp(prefix="lamc-elastic-"))
+            common = ["--standby"] if ready else []
+            with StageServers(out, len(manifest.stages), common=common, log_dir=logs) as servers:
+                if ready:
+                    _standby_ready(logs, len(manifest.stages))
+                endpoints = Endpoints(dict(enumerate(servers.addresses)))
+                with RemotePipeline(out, endpoints, failover=True, failover_grace_s=0.2) as client:
+                    client.run(feeds)
+                    servers.kill(1)
+                    while True:
+                        try:
+                            client.run(feeds)
+                            answered = time.monotonic()
+                            break
+                        except Exception:
+                            continue
+                    switch = client.switches[0]
+                    times.append(answered - switch["noticed"] - switch["grace_ms"] / 1000)
+                    if not ready:
+                        started = time.perf_counter()
+                        client.run_many([feeds] * 64, in_flight=16)
+                        rates.append(64 / (time.perf_counter() - started))
         # Cold: the failover plan's stages on fresh servers, from disk.
         started = time.monotonic()
         fresh = StageServers(out, len(plan.stages), common=["--without", lost])
@@ -136,6 +152,7 @@ def recovery(out: Path, feeds: dict[str, np.ndarray], repeats: int) -> dict[str,
     predicted = plan.plan.throughput_rps
     return {
         "warm_s": statistics.median(warm),
+        "standby_s": statistics.median(standby),
         "cold_s": statistics.median(cold),
         "rate": statistics.median(rates),
         "predicted": predicted,
@@ -204,12 +221,14 @@ def main() -> None:
             starts.append((name, statistics.median(alone), statistics.median(served)))
     print()
     print(
-        "| model | warm re-plan s | cold restart s | cold / warm | req/s after failover | predicted req/s |"
+        "| model | warm re-plan s | warm, --standby s | cold restart s | cold / warm "
+        "| cold / warm --standby | req/s after failover | predicted req/s |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in recoveries:
         print(
-            f"| {name} | {r['warm_s']:.3f} | {r['cold_s']:.2f} | {r['cold_s'] / r['warm_s']:.1f} "
+            f"| {name} | {r['warm_s']:.3f} | {r['standby_s']:.3f} | {r['cold_s']:.2f} "
+            f"| {r['cold_s'] / r['warm_s']:.1f} | {r['cold_s'] / r['standby_s']:.1f} "
             f"| {r['rate']:.1f} | {r['predicted']:.1f} |"
         )
     print()
