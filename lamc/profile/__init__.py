@@ -28,7 +28,7 @@ from typing import Any
 
 from lamc.backends.onnxruntime.run import check_providers, session_options
 from lamc.cost import op_time
-from lamc.profile.host import cache_bytes, memory_bytes
+from lamc.profile.host import cache_bytes, cpu_quota, memory_bytes
 from lamc.profile.model import DeviceProfile
 from lamc.profile.probes import Probe, analyse, chain, conv, matmul, probes, unary
 from lamc.profile.report import describe
@@ -167,21 +167,38 @@ def profile_machine(
             busy_s = sum(max(p.seconds - call_s - overhead_s * p.ops, 1e-9) for p in group)
             table[op_class] = min(max(roofline_s / busy_s, 0.005), 1.0)
         efficiency[dtype] = table
+    # Under a CPU quota (a container's CPU limit) a short probe runs at full speed until
+    # the quota's period runs out; sustained work gets only the quota's share. Rates and
+    # overheads are scaled to it (efficiencies are ratios, measured at one speed).
+    share = sustained_share(threads) if provider == "cpu" else 1.0
     hostname = socket.gethostname()
     return DeviceProfile(
         name=name or hostname,
         host=host or hostname,
         kind="gpu" if provider == "cuda" else "cpu",
         memory_bytes=memory_bytes(),
-        peak_flops=peak,
-        memory_bandwidth=bandwidth,
+        peak_flops={d: rate * share for d, rate in peak.items()},
+        memory_bandwidth=bandwidth * share,
         cache_bytes=cache,
-        cache_bandwidth=cache_bandwidth,
+        cache_bandwidth=cache_bandwidth * share,
         efficiency=efficiency,
-        class_overhead_ms=class_overhead,
-        op_overhead_ms=op_s * 1000,
-        call_overhead_ms=call_s * 1000,
+        class_overhead_ms={k: v / share for k, v in class_overhead.items()},
+        op_overhead_ms=op_s * 1000 / share,
+        call_overhead_ms=call_s * 1000 / share,
         providers=providers,
         threads=threads,
         probes=measured,
+        cpu_share=share,
     )
+
+
+def sustained_share(threads: int) -> float:
+    """The fraction of the measured (burst) speed this process sustains under its CPU
+    quota: the quota's CPUs over the threads a session uses (1.0 without a quota)."""
+    import os
+
+    quota = cpu_quota()
+    if quota is None:
+        return 1.0
+    used = threads or os.cpu_count() or 1
+    return min(1.0, quota / used)

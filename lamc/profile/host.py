@@ -35,3 +35,38 @@ def memory_bytes() -> float:
         pass
     pages = os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     return 0.8 * pages * os.sysconf("SC_PAGE_SIZE") if pages else 8 * 2**30
+
+
+def cpu_quota(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPUs this process may use by its cgroup's CPU quota (a container's `--cpus`, a
+    pod's CPU limit), or None when unlimited or unknown. cgroup v2 (`cpu.max`) and v1
+    (`cpu.cfs_quota_us` / `cpu.cfs_period_us`)."""
+    try:
+        with open(proc) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        names = controllers.split(",")
+        try:
+            if controllers == "":
+                with open(f"{root}{path}/cpu.max") as f:
+                    quota_text, period_text = f.read().split()
+                if quota_text != "max":
+                    return int(quota_text) / int(period_text)
+            elif "cpu" in names:
+                for mount in (controllers, "cpu", "cpu,cpuacct"):
+                    base = f"{root}/{mount}{path}"
+                    if os.path.isfile(f"{base}/cpu.cfs_quota_us"):
+                        with open(f"{base}/cpu.cfs_quota_us") as f:
+                            quota = int(f.read())
+                        with open(f"{base}/cpu.cfs_period_us") as f:
+                            period = int(f.read())
+                        return quota / period if quota > 0 else None
+        except (OSError, ValueError):
+            continue
+    return None

@@ -24,6 +24,7 @@ class DeviceProfile:
     providers: list[str]
     threads: int
     probes: list[Probe] = field(default_factory=list)
+    cpu_share: float = 1.0  # the sustained fraction of the measured speed (CPU quota)
 
     def to_yaml(self) -> str:
         """A device entry that a topology can `include:`."""

@@ -28,6 +28,11 @@ def describe(profile: DeviceProfile) -> list[str]:
     )
     for dtype, table in profile.efficiency.items():
         rows.append(f"efficiency {dtype}: " + ", ".join(f"{k} {v:.2f}" for k, v in table.items()))
+    if profile.cpu_share < 1.0:
+        rows.append(
+            f"cpu quota: this process sustains {profile.cpu_share:.2f} of the measured speed; "
+            "rates and overheads above are scaled to it"
+        )
     if not math.isfinite(profile.memory_bandwidth):
         rows.append("warning: memory bandwidth could not be measured")
     return rows

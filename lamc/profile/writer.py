@@ -14,6 +14,13 @@ def device_yaml(self: DeviceProfile) -> str:
         "# A device measured by `lamc profile` with ONNX Runtime",
         f"# ({platform.machine()}, {os.cpu_count()} CPUs, providers {', '.join(self.providers)}, {self.threads or 'default'} threads).",
         "# Include it from a topology:  devices: [{include: this-file.yaml, name: NAME, host: HOST}]",
+        *(
+            [
+                f"# Under a CPU quota: rates and overheads scaled to {self.cpu_share:.2f} of the measured speed."
+            ]
+            if self.cpu_share < 1.0
+            else []
+        ),
         "lamc_device: 1",
         f"name: {self.name}",
         f"host: {self.host}",
