@@ -13,8 +13,10 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from rich.console import Console
+if TYPE_CHECKING:  # imported when a console is made: `lamc serve` starts without rich
+    from rich.console import Console
 
 
 def interactive() -> bool:
@@ -25,12 +27,16 @@ def interactive() -> bool:
 def stdout_console() -> Console:
     """Results go here. Markup is off: unit, tensor and file names are printed as they are
     (`[batch, seq, 64]` is a shape, not a style)."""
+    from rich.console import Console
+
     if sys.stdout.isatty():
         return Console(highlight=False, markup=False)
     return Console(width=160, highlight=False, no_color=True, soft_wrap=True, markup=False)
 
 
 def stderr_console() -> Console:
+    from rich.console import Console
+
     if sys.stderr.isatty():
         return Console(stderr=True, highlight=False)
     return Console(stderr=True, width=160, highlight=False, no_color=True, soft_wrap=True)
