@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from lamc.errors import RuntimeEnvironmentError
 from lamc.runtime import wire
-from lamc.runtime.security import auth_metadata, channel_options, token_matches
+from lamc.runtime.security import auth_metadata, open_channel, token_matches
 
 log = logging.getLogger("lamc.control")
 
@@ -63,13 +63,7 @@ class Follow:
         import grpc
 
         assert self.controller is not None
-        tls = self.endpoints.tls
-        options = channel_options(1 << 20, tls)
-        channel = (
-            grpc.aio.secure_channel(self.controller, tls.channel_credentials(), options=options)
-            if tls
-            else grpc.aio.insecure_channel(self.controller, options=options)
-        )
+        channel = open_channel(self.controller, self.endpoints.tls)
         try:
             reply = await channel.unary_unary(
                 PLAN,

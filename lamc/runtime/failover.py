@@ -19,7 +19,7 @@ from lamc.manifest import Manifest
 from lamc.runtime import wire
 from lamc.runtime.hosts import Endpoints
 from lamc.runtime.kvcache import local_inputs, local_outputs, unsupported
-from lamc.runtime.security import auth_metadata, channel_options
+from lamc.runtime.security import auth_metadata, open_channel
 from lamc.runtime.whereabouts import Whereabouts, lost_inside
 
 
@@ -212,12 +212,7 @@ class Failover:
             await asyncio.sleep(min(0.2, self.failback_hold_s / 4))
             for device in self.lost:
                 address = self.by_device[device]
-                tls = self.endpoints.tls
-                channel = (
-                    grpc.aio.secure_channel(address, tls.channel_credentials())
-                    if tls
-                    else grpc.aio.insecure_channel(address)
-                )
+                channel = open_channel(address, self.endpoints.tls)
                 try:
                     reply = await health_pb2_grpc.HealthStub(channel).Check(
                         health_pb2.HealthCheckRequest(service=wire.SERVICE), timeout=1.0
@@ -250,12 +245,8 @@ class Failover:
     ) -> Any:
         import grpc
 
-        tls = self.endpoints.tls
-        options = channel_options(wire.max_message_bytes(self.full_manifest), tls)
-        channel = (
-            grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
-            if tls
-            else grpc.aio.insecure_channel(address, options=options)
+        channel = open_channel(
+            address, self.endpoints.tls, wire.max_message_bytes(self.full_manifest)
         )
         try:
             call = channel.unary_unary(

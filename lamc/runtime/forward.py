@@ -11,7 +11,7 @@ import numpy as np
 
 from lamc.runtime import wire
 from lamc.runtime.ledger import Job
-from lamc.runtime.security import TlsConfig, auth_metadata, channel_options
+from lamc.runtime.security import TlsConfig, auth_metadata, open_channel
 
 
 class Forwarder:
@@ -38,15 +38,7 @@ class Forwarder:
         self.closed = False  # the stage was reconfigured: requests waiting here fail at once
 
     def connect(self) -> None:
-        import grpc
-
-        options = channel_options(self.max_message, self.tls)
-        if self.tls is not None:
-            self._channel = grpc.aio.secure_channel(
-                self.address, self.tls.channel_credentials(), options=options
-            )
-        else:
-            self._channel = grpc.aio.insecure_channel(self.address, options=options)
+        self._channel = open_channel(self.address, self.tls, self.max_message)
         self._call = self._channel.unary_unary(
             wire.method("Submit"),
             request_serializer=lambda b: b,

@@ -32,7 +32,7 @@ from lamc.runtime.control import Follow
 from lamc.runtime.failover import Failover, StageFailure
 from lamc.runtime.hosts import Endpoints
 from lamc.runtime.kvcache import Step, local_inputs, local_outputs, unsupported
-from lamc.runtime.security import auth_metadata, channel_options
+from lamc.runtime.security import auth_metadata, open_channel
 from lamc.runtime.tensors import TensorMismatch, check_all
 from lamc.runtime.whereabouts import Whereabouts
 from lamc.verify import read_manifest
@@ -204,18 +204,11 @@ class RemotePipeline(Failover, Adapt, Follow):
 
     async def _connect(self) -> None:
         """Channels and subscriptions to the stages of the current plan."""
-        import grpc
 
         limit = wire.max_message_bytes(self.manifest)
         tls = self.endpoints.tls
         for address in self.addresses:
-            options = channel_options(limit, tls)
-            channel = (
-                grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
-                if tls
-                else grpc.aio.insecure_channel(address, options=options)
-            )
-            self._channels.append(channel)
+            self._channels.append(open_channel(address, tls, limit))
         connected = [asyncio.Event() for _ in self.addresses]
         for k in range(len(self.addresses)):
             self._tasks.append(

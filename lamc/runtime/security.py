@@ -202,3 +202,14 @@ def channel_options(
     if tls is not None and tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
     return options
+
+
+def open_channel(address: str, tls: TlsConfig | None, max_message: int = 1 << 20) -> Any:
+    """An asyncio gRPC channel to `address`: TLS (mutual, with a client certificate) when
+    `tls` is given, plaintext otherwise; lamc's keepalive and message size options."""
+    import grpc
+
+    options = channel_options(max_message, tls)
+    if tls is not None:
+        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
+    return grpc.aio.insecure_channel(address, options=options)
