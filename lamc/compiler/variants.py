@@ -82,14 +82,14 @@ def build_variants(
     if captured.reference is None:
         raise UsageError("--variants needs the model's weights to measure the variants' error")
     notes: list[str] = []
-    samples = calibration_inputs(captured, calibration, count=4)
-    arriving = stage_samples(graphs, samples)
-    cases = inputs_for(captured, manifest, samples=2, seed=1)
-    calibration_samples = (
-        stage_samples(graphs, calibration_inputs(captured, calibration))
-        if any(m in CALIBRATED for m in methods)
-        else None
+    # What arrives at each fp32 stage: 16 samples to calibrate the int8 methods, when one
+    # is asked for; the first 4 (the same inputs either way) to time the builds on.
+    calibrated = any(m in CALIBRATED for m in methods)
+    calibration_samples = stage_samples(
+        graphs, calibration_inputs(captured, calibration, count=16 if calibrated else 4)
     )
+    arriving = [samples[:4] for samples in calibration_samples]
+    cases = inputs_for(captured, manifest, samples=2, seed=1)
     chosen: list[_Candidate] = []
     costs = CostModel(workload, topology)
     names = [d.name for d in topology.devices]
@@ -118,7 +118,7 @@ def build_variants(
                     spec,
                     method,
                     folder,
-                    calibration_samples,
+                    calibration_samples if calibrated else None,
                     backends[spec.index],
                     topology,
                     tmp,

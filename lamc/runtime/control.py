@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from lamc.errors import RuntimeEnvironmentError
 from lamc.runtime import wire
-from lamc.runtime.security import auth_metadata, open_channel, token_matches
+from lamc.runtime.security import auth_metadata, listen_on, open_channel, token_matches
 
 log = logging.getLogger("lamc.control")
 
@@ -166,14 +166,7 @@ class Controller:
             },
         )
         self._server.add_generic_rpc_handlers((handler,))
-        if self.tls is not None and self.tls.cert is not None:
-            port = self._server.add_secure_port(self.listen, self.tls.server_credentials())
-        else:
-            port = self._server.add_insecure_port(self.listen)
-        if port == 0:
-            from lamc.errors import UsageError
-
-            raise UsageError(f"cannot listen on {self.listen} (address in use or not available)")
+        listen_on(self._server, self.listen, self.tls)
         await self._server.start()
         log.info("controller serving the plan on %s", self.listen)
 

@@ -9,9 +9,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from lamc.errors import UsageError
 from lamc.runtime import wire
-from lamc.runtime.security import server_options
+from lamc.runtime.security import listen_on, server_options
 from lamc.runtime.tensors import warm_up_feeds
 
 if TYPE_CHECKING:
@@ -63,12 +62,7 @@ async def start(self: StageService) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
     await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     await self._health.set(wire.SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
-    if self.tls is not None:
-        port = self._server.add_secure_port(self.listen, self.tls.server_credentials())
-    else:
-        port = self._server.add_insecure_port(self.listen)
-    if port == 0:
-        raise UsageError(f"cannot listen on {self.listen} (address in use or not available)")
+    listen_on(self._server, self.listen, self.tls)
     await self._server.start()
     if self._next is not None:
         self._next.connect()

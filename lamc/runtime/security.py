@@ -213,3 +213,14 @@ def open_channel(address: str, tls: TlsConfig | None, max_message: int = 1 << 20
     if tls is not None:
         return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
     return grpc.aio.insecure_channel(address, options=options)
+
+
+def listen_on(server: Any, address: str, tls: TlsConfig | None) -> None:
+    """Bind a gRPC server to `address`, with TLS when `tls` is given (exit 2 if the
+    address is taken or not available)."""
+    if tls is not None:
+        port = server.add_secure_port(address, tls.server_credentials())
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise UsageError(f"cannot listen on {address} (address in use or not available)")
