@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from lamc.cli.main import cli, lamc_command
+from lamc.errors import UsageError
 
 
 @cli.command("control")
@@ -44,6 +45,18 @@ from lamc.cli.main import cli, lamc_command
     show_default=True,
     help="How long a lost device must be healthy before the servers move back.",
 )
+@click.option(
+    "--slo-ms",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Latency objective: while the stages' summed p95 residence time is over it, switch "
+    "the next stage up the variants ladder (`lamc compile --variants`); under half of it "
+    "for 3 s, switch the last one back.",
+)
+@click.option(
+    "--max-error",
+    type=click.FloatRange(min=0),
+    help="With --slo-ms: never take a ladder step whose measured error is over this.",
+)
 @click.option("--insecure", is_flag=True, help="Listen without TLS beyond loopback.")
 @lamc_command("control")
 def control_command(
@@ -52,13 +65,16 @@ def control_command(
     listen: str,
     grace_s: float,
     failback_hold_s: float,
+    slo_ms: float | None,
+    max_error: float | None,
     insecure: bool,
 ) -> str:
     """Watch the stage servers of OUT; when one is lost past the grace period, switch them
     all to the failover plan compiled for losing its device (authenticated Reconfigure),
     and back when it returns. Runs until SIGTERM or SIGINT. Clients started with
     `lamc run --controller HOST:PORT` follow it instead of switching the servers
-    themselves."""
+    themselves. With --slo-ms it also switches stages to their faster variants under load
+    and back when it drops (every answer names the build that produced it)."""
     import asyncio
 
     from lamc.runtime.control import Controller
@@ -69,6 +85,8 @@ def control_command(
     endpoints = load_hosts(hosts_file)
     tls = endpoints.tls if endpoints.tls is not None and endpoints.tls.cert else None
     check_bind(listen, tls, insecure)
+    if max_error is not None and slo_ms is None:
+        raise UsageError("--max-error bounds the variants --slo-ms switches to: give --slo-ms")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -79,11 +97,20 @@ def control_command(
         failover=True,
         failover_grace_s=grace_s,
         failback_hold_s=failback_hold_s,
+        slo_ms=slo_ms,
+        max_error=max_error,
+        observe_servers=True,
     ) as pipeline:
         controller = Controller(pipeline, listen, tls)
         loop = pipeline._loop
         asyncio.run_coroutine_threadsafe(controller.start(), loop).result(timeout=30)
         seen = 0
+        if slo_ms is not None:
+            logging.getLogger("lamc.control").info(
+                "variants: %d ladder step(s) within the error budget, SLO %.1f ms",
+                len(pipeline.ladder),
+                slo_ms,
+            )
         while not stopping.wait(0.2):
             for switch in pipeline.switches[seen:]:
                 logging.getLogger("lamc.control").info(
@@ -96,4 +123,8 @@ def control_command(
         asyncio.run_coroutine_threadsafe(controller.stop(), loop).result(timeout=30)
         switches = len(pipeline.switches)
         lost = ", ".join(pipeline.lost) or "none"
-    return f"{out}: {switches} switch(es), devices lost at the end: {lost}, plan asked {controller.asked} time(s)"
+        variant_switches, level = len(pipeline.variant_switches), pipeline.level
+    summary = f"{out}: {switches} switch(es), devices lost at the end: {lost}, plan asked {controller.asked} time(s)"
+    if slo_ms is not None:
+        summary += f", {variant_switches} variant switch(es), ladder level {level} at the end"
+    return summary

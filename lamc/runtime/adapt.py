@@ -55,8 +55,11 @@ class Adapt:
         window_s: float = 2.0,
         up_hold_s: float = 0.5,
         down_hold_s: float = 3.0,
+        observe_servers: bool = False,
     ) -> None:
         self.slo_ms = slo_ms
+        # A controller sends no requests: it sums the stages' own p95 residence times.
+        self._observe_servers = observe_servers
         budget = max_error if max_error is not None else float("inf")
         ladder = sorted(self.full_manifest.variants, key=lambda v: v.step)
         if slo_ms is not None and not ladder:
@@ -105,7 +108,8 @@ class Adapt:
                 # A failover plan's stages run their own builds (a reconfigure resets them).
                 self.level, self._calm_since = 0, None
                 continue
-            p95, now = self.p95_ms(), time.monotonic()
+            p95 = await self.servers_p95_ms() if self._observe_servers else self.p95_ms()
+            now = time.monotonic()
             if p95 > self.slo_ms:
                 self._calm_since = None
                 if self.level < len(self.ladder) and now - self._last_switch >= self._up_hold_s:
@@ -117,6 +121,31 @@ class Adapt:
                     self._calm_since = now
             else:
                 self._calm_since = None
+
+    async def servers_p95_ms(self) -> float:
+        """The pipeline's p95 latency as the stage servers see it: the sum over the stages
+        of each one's p95 residence time (queued, running, handing on) over its last two
+        seconds. A stage that does not answer adds nothing (failover deals with it)."""
+        import grpc
+
+        async def one(stage: int) -> float:
+            call = self._channels[stage].unary_unary(
+                wire.method("Status"),
+                request_serializer=wire.StatusRequest.SerializeToString,
+                response_deserializer=wire.StatusReply.FromString,
+            )
+            try:
+                reply = await call(
+                    wire.StatusRequest(request_id=""),
+                    timeout=2.0,
+                    metadata=auth_metadata(self.endpoints.token),
+                )
+            except grpc.aio.AioRpcError:
+                return 0.0
+            return float(reply.residence_p95_ms)
+
+        loads = await asyncio.gather(*(one(k) for k in range(len(self._channels))))
+        return float(sum(loads))
 
     async def _step(self, level: int, p95_ms: float) -> None:
         """Move to ladder level `level` (one step up or down)."""

@@ -17,6 +17,7 @@ from lamc.runtime.kvcache import Step
 
 _STATE_LIMIT = 10_000
 _PENDING_LIMIT = 1_000
+_RESIDENCE_WINDOW_S = 2.0
 
 
 @dataclass
@@ -48,6 +49,8 @@ class Ledger:
         self.counts = collections.Counter[str]()
         # Accepted and not yet handed on (queued, running or forwarding), by request id.
         self._open: dict[str, Job] = {}
+        # (when, seconds): how long each request handed on lately stayed at this stage.
+        self._residence: collections.deque[tuple[float, float]] = collections.deque()
 
     @property
     def in_flight(self) -> int:
@@ -63,13 +66,15 @@ class Ledger:
 
     def forwarded(self, job: Job, to: str) -> None:
         self.state(job.request_id, "forwarded", to)
-        self._open.pop(job.request_id, None)
+        if self._open.pop(job.request_id, None) is not None:
+            self._resided(job)
         self.counts["forwarded"] += 1
 
     def result(self, job: Job, tensors: dict[str, np.ndarray]) -> None:
         """The last stage's answer, to the client that sent the request."""
         if self._open.pop(job.request_id, None) is None:
             return  # already failed (the stage stopped before the answer was ready)
+        self._resided(job)
         delivery = wire.Delivery(
             request_id=job.request_id,
             stage=self.stage,
@@ -80,6 +85,23 @@ class Ledger:
         self._deliver(job, delivery)
         self.state(job.request_id, "delivered")
         self.counts["delivered"] += 1
+
+    def _resided(self, job: Job) -> None:
+        now = time.monotonic()
+        self._residence.append((now, now - job.accepted_at))
+
+    def residence_p95_ms(self) -> float:
+        """The p95 of how long requests stay at this stage (queued, running, handing on)
+        over the last two seconds, counting the age of those still here: the load signal
+        a controller (`lamc control --slo-ms`) sums over the stages."""
+        now = time.monotonic()
+        while self._residence and self._residence[0][0] < now - _RESIDENCE_WINDOW_S:
+            self._residence.popleft()
+        samples = [s for _, s in self._residence]
+        samples += [now - job.accepted_at for job in self._open.values()]
+        if not samples:
+            return 0.0
+        return float(np.percentile(np.asarray(samples), 95)) * 1000
 
     def fail(self, job: Job, reason: str, replanned: bool = False) -> None:
         """A failure naming this stage, to the client that sent the request (once);

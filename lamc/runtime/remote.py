@@ -69,6 +69,7 @@ class RemotePipeline(Failover, Adapt, Follow):
         slo_ms: float | None = None,
         max_error: float | None = None,
         controller: str | None = None,
+        observe_servers: bool = False,
     ) -> None:
         self.full_manifest = self.manifest = read_manifest(Path(out_dir))
         if without:  # servers started on a failover plan (`lamc serve --without`)
@@ -106,8 +107,9 @@ class RemotePipeline(Failover, Adapt, Follow):
         self._whereabouts = Whereabouts(self._channels, self.addresses, endpoints.token)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
-        # Under load (p95 over `slo_ms`): faster variants of the stages, within `max_error`.
-        self._init_adapt(slo_ms, max_error)
+        # Under load (p95 over `slo_ms`): faster variants of the stages, within `max_error`;
+        # `observe_servers`: the p95 the stage servers report (a controller sends nothing).
+        self._init_adapt(slo_ms, max_error, observe_servers=observe_servers)
         # With a controller (`lamc control`), it switches the servers; this client follows.
         self._init_follow(controller)
         self._thread.start()

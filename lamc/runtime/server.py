@@ -101,21 +101,17 @@ class StageService:
         verified = time.perf_counter()
         self._hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
         self._weights_checked = self._hashing.submit(_timed, verify_files, out_dir, weights)
-        try:
-            self.runner: StageRunner = load_stage(
-                out_dir, self.spec, providers=providers, threads=threads
-            )
-        except Exception:
-            self._weights_checked.result()  # a tampered weight file is the reason to give
-            raise
+        # The session is built on the compute thread (ONNX Runtime lets go of the GIL)
+        # while `start` imports gRPC and binds the port; `start` waits for it.
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{index}")
+        self._loading = self._compute.submit(
+            _timed, load_stage, out_dir, self.spec, providers=providers, threads=threads
+        )
+        self.runner: StageRunner
         self.started = started
-        self.startup_ms = {
-            "verify": (verified - started) * 1000,
-            "load": (time.perf_counter() - verified) * 1000,
-        }
+        self.startup_ms = {"verify": (verified - started) * 1000}
         # The sequences whose KV caches this stage holds (touched by the compute thread only).
         self.caches = StageCaches(self.manifest, self.spec, capacity=max_sequences)
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{index}")
         self.queue: asyncio.Queue[Job] | None = None
         self.ledger = Ledger(index, listen)
         self.counts = self.ledger.counts
@@ -278,6 +274,13 @@ class StageService:
     async def status(self, request: Any, context: Any) -> Any:
         if not token_matches(self.token, context.invocation_metadata()):
             return wire.StatusReply(state="unauthenticated", stage=self.index)
+        if not request.request_id:  # the stage's load, for a controller
+            return wire.StatusReply(
+                state="serving",
+                stage=self.index,
+                in_flight=self.ledger.in_flight,
+                residence_p95_ms=self.ledger.residence_p95_ms(),
+            )
         state, detail = self.ledger.states.get(request.request_id, ("unknown", ""))
         return wire.StatusReply(state=state, detail=detail, stage=self.index)
 
@@ -359,8 +362,9 @@ class StageService:
             self.ledger.fail(job, problem, replanned=forwarder.closed)
 
 
-def _timed(function: Any, *args: Any) -> float:
-    """Milliseconds `function(*args)` took (it runs on another thread)."""
+def _timed(function: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    """What `function(*args, **kwargs)` returned, and the milliseconds it took (it runs on
+    another thread)."""
     started = time.perf_counter()
-    function(*args)
-    return (time.perf_counter() - started) * 1000
+    value = function(*args, **kwargs)
+    return value, (time.perf_counter() - started) * 1000

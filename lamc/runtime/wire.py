@@ -110,6 +110,9 @@ def _messages() -> dict[str, Any]:
             ("state", 1, _T.TYPE_STRING, one, None),
             ("detail", 2, _T.TYPE_STRING, one, None),
             ("stage", 3, _T.TYPE_INT32, one, None),
+            # For an empty request id: the stage's load (`Ledger.residence_p95_ms`).
+            ("in_flight", 4, _T.TYPE_INT32, one, None),
+            ("residence_p95_ms", 5, _T.TYPE_DOUBLE, one, None),
         ],
     )
     message("ResetRequest", [("sequence_id", 1, _T.TYPE_STRING, one, None)])

@@ -5,6 +5,7 @@ when the load drops, and every answer says which builds produced it."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -176,3 +177,62 @@ def test_an_slo_needs_variants(with_variants: Path, tmp_path: Path) -> None:
     shutil.rmtree(plain / "variants")
     with pytest.raises(UsageError, match="has none"):
         RemotePipeline(plain, Endpoints({k: "127.0.0.1:1" for k in range(3)}), slo_ms=10.0)
+
+
+@pytest.mark.slow
+def test_lamc_control_switches_variants_on_the_servers_load(
+    with_variants: Path, tmp_path: Path
+) -> None:
+    """`lamc control --slo-ms`: no request passes through the controller; it sums the
+    stages' reported p95 residence times, climbs the ladder while they are over the SLO
+    and comes back down once the servers are idle."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.runtime.servers import free_port
+
+    manifest = verify(with_variants)
+    top = len(manifest.variants)
+    on = {v.stage: v.method for v in manifest.variants}
+    climbed = tuple(f"{s.index}:{on.get(s.index, s.precision)}" for s in manifest.stages)
+    own = tuple(f"{s.index}:{s.precision}" for s in manifest.stages)
+    rng = np.random.default_rng(6)
+    feeds = [{"input_ids": rng.integers(0, 500, size=(1, 12)).astype(np.int64)} for _ in range(6)]
+    token = "control-variants-token"
+    env = {"LAMC_TOKEN": token}
+    with StageServers(with_variants, 3, log_dir=tmp_path, env=env) as servers:
+        hosts = tmp_path / "hosts.yaml"
+        hosts.write_text("stages:\n" + "".join(f"  - {a}\n" for a in servers.addresses))
+        command = [sys.executable, "-m", "lamc", "control", str(with_variants)]
+        command += ["--hosts", str(hosts), "--listen", f"127.0.0.1:{free_port()}"]
+        command += ["--slo-ms", "0.001", "--max-error", str(BUDGET)]
+        log = (tmp_path / "control.log").open("w")
+        control = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}
+        )
+        try:
+            endpoints = Endpoints(dict(enumerate(servers.addresses)), token=token)
+            with RemotePipeline(with_variants, endpoints, timeout_s=30) as client:
+                # Under load every stage's residence is over the SLO: the controller climbs.
+                deadline = time.monotonic() + 90
+                answer = client.run(feeds[0])
+                while answer.variants != climbed and time.monotonic() < deadline:
+                    client.run_many(feeds, in_flight=4)
+                    answer = client.run(feeds[0])
+                assert answer.variants == climbed, (tmp_path / "control.log").read_text()[-2000:]
+                # Idle servers report nothing in their window: it steps back down, one
+                # step per hold-down (3 s), to the plan's own builds.
+                time.sleep(2.5 + 3.5 * top)
+                answer = client.run(feeds[1])
+                assert answer.variants == own, (tmp_path / "control.log").read_text()[-2000:]
+        finally:
+            control.send_signal(signal.SIGTERM)
+            code = control.wait(timeout=30)
+            log.close()
+    text = (tmp_path / "control.log").read_text()
+    assert code == 0, text[-3000:]
+    assert text.count("load: p95") >= 2 * top, text[-3000:]
+    switched = re.search(r"(\d+) variant switch\(es\), ladder level 0 at the end", text)
+    assert switched and int(switched.group(1)) >= 2 * top, text[-1000:]
