@@ -77,6 +77,29 @@ def session_only(out: Path, stage: int) -> float:
     return time.perf_counter() - started
 
 
+def optimisation_levels(out: Path, stage: int, repeats: int) -> dict[str, float]:
+    """Median seconds to create `stage`'s session at ONNX Runtime's default graph
+    optimisation ("all") and with none ("disable"), interleaved in this process: the
+    most a compile-time optimised graph could take off a start."""
+    import dataclasses
+
+    from lamc.runtime.executor import load_stage
+    from lamc.verify import read_manifest
+
+    spec = read_manifest(out).stages[stage]
+    times: dict[str, list[float]] = {"all": [], "disable": []}
+    load_stage(out, spec)  # the first session pays for page faults on the weights
+    for _ in range(repeats):
+        for level in times:
+            chosen = dataclasses.replace(
+                spec, session={**spec.session, "graph_optimization": level}
+            )
+            started = time.perf_counter()
+            load_stage(out, chosen)
+            times[level].append(time.perf_counter() - started)
+    return {level: statistics.median(values) for level, values in times.items()}
+
+
 def server_start(out: Path, stage: int) -> float:
     """Seconds from `lamc serve` launch to health SERVING."""
     from tests.runtime.servers import free_port, wait_serving
@@ -218,7 +241,8 @@ def main() -> None:
             for _ in range(args.repeats):
                 alone.append(session_only(elastic, 1))
                 served.append(server_start(elastic, 1))
-            starts.append((name, statistics.median(alone), statistics.median(served)))
+            levels = optimisation_levels(elastic, 1, max(args.repeats, 5))
+            starts.append((name, statistics.median(alone), statistics.median(served), levels))
     print()
     print(
         "| model | warm re-plan s | warm, --standby s | cold restart s | cold / warm "
@@ -232,10 +256,16 @@ def main() -> None:
             f"| {r['rate']:.1f} | {r['predicted']:.1f} |"
         )
     print()
-    print("| model | session only (fresh process) s | lamc serve to SERVING s | ratio |")
-    print("|---|---|---|---|")
-    for name, alone_s, served_s in starts:
-        print(f"| {name} | {alone_s:.2f} | {served_s:.2f} | {served_s / alone_s:.2f} |")
+    print(
+        "| model | session only (fresh process) s | lamc serve to SERVING s | ratio "
+        "| session, optimisation all / none ms |"
+    )
+    print("|---|---|---|---|---|")
+    for name, alone_s, served_s, levels in starts:
+        print(
+            f"| {name} | {alone_s:.2f} | {served_s:.2f} | {served_s / alone_s:.2f} "
+            f"| {levels['all'] * 1000:.0f} / {levels['disable'] * 1000:.0f} |"
+        )
 
 
 if __name__ == "__main__":

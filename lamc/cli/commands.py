@@ -13,6 +13,7 @@ MODULES = {
     "profile": "profile_cmd",
     "run": "run_cmd",
     "serve": "serve_cmd",
+    "train": "train_cmd",
     "validate": "validate_cmd",
 }
 

@@ -66,27 +66,17 @@ async def start(self: StageService) -> None:
     await self._server.start()
     if self._next is not None:
         self._next.connect()
-    try:
-        try:  # the session, built on the compute thread meanwhile
-            self.runner, self.startup_ms["load (alongside)"] = await asyncio.wrap_future(
-                self._loading
-            )
-        except Exception:
-            # A tampered weight file is the reason to give, before the engine's complaint.
-            await asyncio.wrap_future(self._weights_checked)
-            raise
-        warm = time.perf_counter()
-        await warm_up(self)
-        self.startup_ms["warm-up"] = (time.perf_counter() - warm) * 1000
-        # Nothing is served before every byte the stage loaded matched its hash.
-        _, self.startup_ms["weights hashed alongside"] = await asyncio.wrap_future(
-            self._weights_checked
-        )
+    warm = time.perf_counter()
+    await warm_up(self)
+    self.startup_ms["warm-up"] = (time.perf_counter() - warm) * 1000
+    try:  # nothing is served before every byte the stage loaded matched its hash
+        hashed_ms = await asyncio.wrap_future(self._weights_checked)
     except BaseException:
         await self._server.stop(None)
         raise
     finally:
         self._hashing.shutdown(wait=False)
+    self.startup_ms["weights hashed alongside"] = hashed_ms
     self._spawn(self._worker())
     await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
     await self._health.set(wire.SERVICE, health_pb2.HealthCheckResponse.SERVING)

@@ -101,17 +101,21 @@ class StageService:
         verified = time.perf_counter()
         self._hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
         self._weights_checked = self._hashing.submit(_timed, verify_files, out_dir, weights)
-        # The session is built on the compute thread (ONNX Runtime lets go of the GIL)
-        # while `start` imports gRPC and binds the port; `start` waits for it.
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{index}")
-        self._loading = self._compute.submit(
-            _timed, load_stage, out_dir, self.spec, providers=providers, threads=threads
-        )
-        self.runner: StageRunner
+        try:
+            self.runner: StageRunner = load_stage(
+                out_dir, self.spec, providers=providers, threads=threads
+            )
+        except Exception:
+            self._weights_checked.result()  # a tampered weight file is the reason to give
+            raise
         self.started = started
-        self.startup_ms = {"verify": (verified - started) * 1000}
+        self.startup_ms = {
+            "verify": (verified - started) * 1000,
+            "load": (time.perf_counter() - verified) * 1000,
+        }
         # The sequences whose KV caches this stage holds (touched by the compute thread only).
         self.caches = StageCaches(self.manifest, self.spec, capacity=max_sequences)
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{index}")
         self.queue: asyncio.Queue[Job] | None = None
         self.ledger = Ledger(index, listen)
         self.counts = self.ledger.counts
@@ -362,9 +366,8 @@ class StageService:
             self.ledger.fail(job, problem, replanned=forwarder.closed)
 
 
-def _timed(function: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
-    """What `function(*args, **kwargs)` returned, and the milliseconds it took (it runs on
-    another thread)."""
+def _timed(function: Any, *args: Any) -> float:
+    """Milliseconds `function(*args)` took (it runs on another thread)."""
     started = time.perf_counter()
-    value = function(*args, **kwargs)
-    return value, (time.perf_counter() - started) * 1000
+    function(*args)
+    return (time.perf_counter() - started) * 1000

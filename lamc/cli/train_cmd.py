@@ -1,0 +1,246 @@
+"""`lamc train MODEL -t T.yaml --method lora|prompt|full --dry-run [--compare]`: the
+training plan over the topology (stages, step time, memory per stage) and the baselines."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lamc.cli.common import capture_options, model_options, require_compile_extra
+from lamc.cli.main import CommandOutcome, cli, lamc_command
+from lamc.errors import ExitCode, UsageError
+
+
+@cli.command("train")
+@click.argument("model")
+@click.option(
+    "--topology",
+    "-t",
+    "topology_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Topology file (YAML): the devices that train together.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["lora", "prompt", "full"]),
+    default="lora",
+    show_default=True,
+    help="What trains: LoRA adapters, a soft prompt, or every parameter.",
+)
+@click.option("--micro-batches", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--schedule",
+    type=click.Choice(["1f1b", "gpipe"]),
+    default="1f1b",
+    show_default=True,
+    help="Pipeline schedule: 1F1B keeps fewer micro-batches' activations per stage.",
+)
+@click.option(
+    "--optimizer",
+    "optimiser",
+    type=click.Choice(["adamw", "adam", "sgd"]),
+    default="adamw",
+    show_default=True,
+)
+@click.option("--lora-rank", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--lora-targets",
+    metavar="NAME,...",
+    help="Projections to adapt (peft's target_modules); default per architecture.",
+)
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Plan only: print the stages, the step time and each stage's memory.",
+)
+@click.option(
+    "--compare",
+    is_flag=True,
+    help="Beside the plan: equal split, memory-proportional split, one device, data parallel.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@model_options
+@lamc_command("train")
+def train_command(
+    model: str,
+    topology_path: Path,
+    method: str,
+    micro_batches: int,
+    schedule: str,
+    optimiser: str,
+    lora_rank: int,
+    lora_targets: str | None,
+    prompt_tokens: int,
+    dry_run: bool,
+    compare: bool,
+    as_json: bool,
+    **options: Any,
+) -> str:
+    """Plan fine-tuning MODEL over the devices of a topology. The micro-batch's shape is
+    the analysed one (`--dims batch=4,seq=128`)."""
+    if not dry_run:
+        raise UsageError(
+            "this version of lamc train plans only: give --dry-run",
+            hint="the torch.distributed training runtime is not built yet",
+        )
+    require_compile_extra()
+    from lamc.compiler import analyse
+    from lamc.compiler.training import TrainingOptions, plan_training
+    from lamc.topology import load_topology
+    from lamc.training_cost import TrainingSpec
+
+    topology = load_topology(topology_path)
+    spec = TrainingSpec(method, micro_batches, schedule, optimiser)
+    targets = tuple(t.strip() for t in (lora_targets or "").split(",") if t.strip())
+    analysed = analyse(
+        model,
+        capture_options(
+            options["dynamic"],
+            options["dims"],
+            options["trust_pickle"],
+            options["no_weights"],
+            options["kv_cache"],
+        ),
+        dump_ir=options["dump_ir"],
+        granularity=options["granularity"],
+    )
+    plan = plan_training(
+        analysed,
+        topology,
+        TrainingOptions(spec, lora_rank, targets, prompt_tokens),
+        compare=compare,
+    )
+    data = _plan_data(plan)
+    if as_json:
+        click.echo(json.dumps(_finite(data), indent=2, sort_keys=True))
+    else:
+        _render(data)
+    if plan.solution is None:
+        raise CommandOutcome(
+            int(ExitCode.NO_FIT),
+            f"{model} on {topology.name}: no pipeline holds the {method} training state "
+            f"({spec.micro_batches} micro-batches, {spec.schedule})",
+        )
+    summary = (
+        f"{model} {method} on {topology.name}: {len(plan.solution.segments)} stage(s), "
+        f"step {plan.solution.step_ms:.1f} ms, {data['samples_per_s']:.1f} samples/s"
+    )
+    faster = [b for b in plan.baselines if b.step_ms < plan.solution.step_ms * (1 - 1e-9)]
+    if faster:  # only data parallelism can be: the pipelines are all in the search
+        summary += f"; {faster[0].name} is faster ({faster[0].step_ms:.1f} ms)"
+    return summary
+
+
+def _plan_data(plan: Any) -> dict[str, Any]:
+    cost, solution = plan.cost, plan.solution
+    names = [d.name for d in cost.devices]
+    units = cost.inference.workload.units
+    stages = []
+    if solution is not None:
+        for position, seg in enumerate(solution.segments):
+            memory = cost.memory(seg.device, seg.start, seg.end, len(solution.segments) - position)
+            stages.append(
+                {
+                    "device": names[seg.device],
+                    "units": [units[seg.start].name, units[seg.end - 1].name],
+                    "forward_ms": float(cost.forward_ms[seg.device, seg.start : seg.end].sum()),
+                    "backward_ms": float(cost.backward_ms[seg.device, seg.start : seg.end].sum()),
+                    "micro_batches_kept": cost.in_flight(len(solution.segments) - position),
+                    "memory_bytes": {
+                        "frozen": memory.frozen,
+                        "trainable": memory.trainable,
+                        "gradients": memory.gradients,
+                        "optimiser": memory.optimiser,
+                        "activations": memory.activations,
+                        "runtime": memory.runtime,
+                        "total": memory.total,
+                        "capacity": memory.capacity,
+                    },
+                }
+            )
+    step = solution.step_ms if solution is not None else math.inf
+    return {
+        "method": cost.spec.method,
+        "schedule": cost.spec.schedule,
+        "micro_batches": cost.spec.micro_batches,
+        "trainable_params": plan.trainable_params,
+        "lora_targets": list(plan.targets),
+        "stages": stages,
+        "step_ms": step,
+        "bottleneck_ms": solution.bottleneck_ms if solution is not None else math.inf,
+        "samples_per_s": plan.samples_per_s(step),
+        "bottleneck_candidates": solution.candidates if solution is not None else 0,
+        "compare": [
+            {
+                "name": b.name,
+                "description": b.description,
+                "step_ms": b.step_ms,
+                "samples_per_s": plan.samples_per_s(b.step_ms),
+                "vs_lamc": (b.step_ms / step) if math.isfinite(step) else None,
+                "reason": b.reason,
+            }
+            for b in plan.baselines
+        ],
+    }
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no infinity: a plan that does not fit says null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _render(data: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from lamc.cli.ui import stdout_console
+
+    console = stdout_console()
+    table = Table(
+        title=f"{data['method']} training, {data['micro_batches']} micro-batches, "
+        f"{data['schedule']}: {data['trainable_params']:,} trainable parameters"
+    )
+    for column in ("stage", "device", "units", "fwd ms", "bwd ms", "kept", "memory", "of"):
+        table.add_column(column, justify="right" if column not in ("device", "units") else "left")
+    for k, stage in enumerate(data["stages"]):
+        memory = stage["memory_bytes"]
+        table.add_row(
+            str(k),
+            stage["device"],
+            " .. ".join(dict.fromkeys(stage["units"])),
+            f"{stage['forward_ms']:.2f}",
+            f"{stage['backward_ms']:.2f}",
+            str(stage["micro_batches_kept"]),
+            f"{memory['total'] / 2**20:.1f} MiB",
+            f"{memory['capacity'] / 2**30:.1f} GiB",
+        )
+    console.print(table)
+    console.print(
+        f"step {data['step_ms']:.2f} ms (bottleneck {data['bottleneck_ms']:.2f} ms), "
+        f"{data['samples_per_s']:.1f} samples/s"
+    )
+    if data["compare"]:
+        compare = Table(title="against")
+        for column in ("plan", "how", "step ms", "samples/s", "vs lamc"):
+            compare.add_column(column)
+        for row in data["compare"]:
+            fits = math.isfinite(row["step_ms"])
+            compare.add_row(
+                row["name"],
+                row["description"] if fits else f"does not fit: {row['reason']}",
+                f"{row['step_ms']:.2f}" if fits else "-",
+                f"{row['samples_per_s']:.1f}" if fits else "-",
+                f"{row['vs_lamc']:.2f}x" if fits and row["vs_lamc"] else "-",
+            )
+        console.print(compare)

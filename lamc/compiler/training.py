@@ -1,0 +1,191 @@
+"""Planning a training run (`lamc train --dry-run`): which parameters train, unit by unit,
+the training step's cost tables, the exact pipeline over the topology and the baselines.
+
+What trains comes from the source PyTorch module (the units are its submodules):
+
+- full: every parameter;
+- lora: rank-r adapters (A: in x r, B: r x out) on the target projections, named as peft
+  names them (`--lora-targets`; defaults per architecture: GPT-2 `c_attn`, Llama and
+  Mistral `q_proj,v_proj`, BERT `query,value`); the base weights stay frozen;
+- prompt: N virtual token embeddings in front of the input, at the first unit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lamc.compiler.analysis import Analysed
+from lamc.cost import CostModel
+from lamc.errors import UsageError
+from lamc.passes.partition.training import TrainingProblem, TrainingSolution, solve
+from lamc.passes.partition.training_baselines import TrainingAlternative, alternatives
+from lamc.topology import Topology
+from lamc.training_cost import TrainingCost, TrainingSpec
+
+# peft's own defaults for these architectures, by the projection names they use.
+LORA_DEFAULTS = (("c_attn",), ("q_proj", "v_proj"), ("query", "value"), ("qkv",))
+BYTES_PER_PARAM = 4  # trainable weights, their gradients and optimiser states in fp32
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    spec: TrainingSpec
+    lora_rank: int = 8
+    lora_targets: tuple[str, ...] = ()  # empty: the architecture's default
+    prompt_tokens: int = 20
+
+
+@dataclass
+class TrainingPlan:
+    cost: TrainingCost
+    problem: TrainingProblem
+    solution: TrainingSolution | None
+    baselines: tuple[TrainingAlternative, ...]
+    trainable_params: int
+    targets: tuple[str, ...]  # LoRA: the module names adapted
+    samples_per_step: int
+
+    def samples_per_s(self, step_ms: float) -> float:
+        return self.samples_per_step * 1000.0 / step_ms if math.isfinite(step_ms) else 0.0
+
+
+def plan_training(
+    analysed: Analysed, topology: Topology, options: TrainingOptions, *, compare: bool = False
+) -> TrainingPlan:
+    module = _source_module(analysed)
+    units = analysed.workload.units
+    owners = _unit_modules(module, [u.name for u in units])
+    tokens = math.prod(analysed.workload.binding.values()) or 1
+    batch = int(analysed.workload.binding.get("batch", 1))
+    n = len(units)
+    trainable = np.zeros(n)
+    share = np.zeros(n)
+    adapter_flops = np.zeros(n)
+    targets: tuple[str, ...] = ()
+    method = options.spec.method
+    if method == "full":
+        # Every parameter of the module, a tied one once (with its first owner); one no
+        # unit names stays with the first unit rather than vanish from the budget.
+        for name, parameter in module.named_parameters():
+            unit = owners.get(name.rsplit(".", 1)[0] if "." in name else "", 0)
+            trainable[unit] += parameter.numel() * BYTES_PER_PARAM
+        share[:] = 1.0
+    elif method == "lora":
+        targets = options.lora_targets or _default_targets(module)
+        found = 0
+        for name, child in module.named_modules():
+            if name.rsplit(".", 1)[-1] not in targets:
+                continue
+            shape = _matrix_shape(child)
+            if shape is None:
+                continue
+            owner = owners.get(name)
+            if owner is None:
+                continue
+            found += 1
+            fan_in, fan_out = shape
+            trainable[owner] += options.lora_rank * (fan_in + fan_out) * BYTES_PER_PARAM
+            adapter_flops[owner] += 2.0 * tokens * options.lora_rank * (fan_in + fan_out)
+        if not found:
+            raise UsageError(
+                f"no Linear module named {', '.join(targets)} in the model",
+                hint="name the projections to adapt: --lora-targets NAME,...",
+            )
+    else:  # prompt
+        hidden = _embedding_width(module)
+        trainable[0] = options.prompt_tokens * hidden * BYTES_PER_PARAM
+    saved = np.array([_saved_bytes(u) for u in units])
+    inference = CostModel(analysed.workload, topology)
+    cost = TrainingCost(
+        inference,
+        options.spec,
+        trainable_bytes=trainable,
+        trainable_matrix_share=share,
+        saved_bytes=saved,
+        adapter_flops=adapter_flops,
+    )
+    problem = TrainingProblem.from_cost(cost)
+    try:
+        solution = solve(problem)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return TrainingPlan(
+        cost=cost,
+        problem=problem,
+        solution=solution,
+        baselines=alternatives(cost, problem) if compare else (),
+        trainable_params=int(trainable.sum() // BYTES_PER_PARAM),
+        targets=targets,
+        samples_per_step=batch * options.spec.micro_batches,
+    )
+
+
+def _source_module(analysed: Analysed) -> Any:
+    module = getattr(analysed.captured.reference, "module", None)
+    if module is None:
+        raise UsageError(
+            f"{analysed.captured.source}: lamc train needs the PyTorch module (a zoo model, "
+            "a factory or a Hugging Face checkpoint), not an ONNX file"
+        )
+    return module
+
+
+def _unit_modules(module: Any, unit_names: list[str]) -> dict[str, int]:
+    """Module qualified name -> the unit that holds it. A unit is named by the module
+    paths it covers ("a+b"); the source module may wrap the model (a prefix)."""
+    parts = [(k, p) for k, name in enumerate(unit_names) for p in name.split("+") if p]
+    owners: dict[str, int] = {}
+    for qualified, _ in module.named_modules():
+        dotted = f".{qualified}."
+        for k, part in parts:
+            # the unit's module itself, or one inside it, under any wrapper's prefix
+            if f".{part}." in dotted:
+                owners[qualified] = k
+                break
+    return owners
+
+
+def _matrix_shape(child: Any) -> tuple[int, int] | None:
+    """(fan in, fan out) of a Linear or GPT-2 Conv1D module; None for anything else."""
+    import torch
+
+    if isinstance(child, torch.nn.Linear):
+        return int(child.in_features), int(child.out_features)
+    weight = getattr(child, "weight", None)
+    if type(child).__name__ == "Conv1D" and weight is not None and weight.dim() == 2:
+        return int(weight.shape[0]), int(weight.shape[1])  # stored (in, out)
+    return None
+
+
+def _default_targets(module: Any) -> tuple[str, ...]:
+    names = {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}
+    for targets in LORA_DEFAULTS:
+        if all(t in names for t in targets):
+            return targets
+    raise UsageError(
+        "no default LoRA targets for this architecture",
+        hint="name the projections to adapt: --lora-targets NAME,...",
+    )
+
+
+def _embedding_width(module: Any) -> int:
+    import torch
+
+    get = getattr(module, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if embedding is None:
+        embedding = next((m for m in module.modules() if isinstance(m, torch.nn.Embedding)), None)
+    if embedding is None:
+        raise UsageError("prompt tuning needs a model with an input embedding (token ids in)")
+    return int(embedding.embedding_dim)
+
+
+def _saved_bytes(unit: Any) -> float:
+    """Activation bytes a unit keeps for its backward per micro-batch: each operator's
+    output, about half of the activation traffic it moves (the other half is its
+    inputs, the previous operator's outputs)."""
+    return float(sum(max(op.moved_bytes - op.weight_bytes, 0.0) for op in unit.ops)) / 2.0

@@ -1,0 +1,118 @@
+"""`lamc train --dry-run`: the training plan over a topology, and the baselines beside it."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lamc.compiler.training import TrainingOptions, plan_training
+from lamc.passes.partition.dp import Segment
+from lamc.passes.partition.training import brute_force
+from lamc.topology import load_topology
+from lamc.training_cost import TrainingSpec
+from tests.cli.helpers import lamc
+from tests.compiled import MINIPCS
+from tests.conftest import analysed_model
+
+MODEL = "zoo:gpt2:test"
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt", "full"])
+def test_dry_run_prints_the_plan_and_beats_every_pipeline_baseline(method: str) -> None:
+    outcome = lamc(
+        "train", MODEL, "-t", str(MINIPCS), "--method", method, "--dry-run", "--compare", "--json"
+    )
+    assert outcome.code == 0, outcome.stderr
+    data = json.loads(outcome.stdout)
+    assert data["method"] == method and data["stages"]
+    stages = data["stages"]
+    # 1F1B: the stage r from the end keeps min(m, r) micro-batches.
+    assert [s["micro_batches_kept"] for s in stages] == [
+        min(8, len(stages) - k) for k in range(len(stages))
+    ]
+    for stage in stages:
+        memory = stage["memory_bytes"]
+        parts = ("frozen", "trainable", "gradients", "optimiser", "activations", "runtime")
+        assert memory["total"] == pytest.approx(sum(memory[p] for p in parts))
+        assert memory["total"] <= memory["capacity"]
+        assert memory["optimiser"] == 2 * memory["trainable"] == 2 * memory["gradients"]
+        if method == "lora":  # adapters are a sliver of the weights they adapt
+            assert memory["trainable"] < 0.2 * memory["frozen"]
+    names = [b["name"] for b in data["compare"]]
+    assert names == ["equal split", "memory-proportional", "one device", "data parallel"]
+    for baseline in data["compare"][:3]:  # pipelines: the exact search covers them
+        assert baseline["step_ms"] is None or baseline["step_ms"] >= data["step_ms"] * (1 - 1e-9)
+
+
+def test_trainable_parameters_follow_the_method() -> None:
+    analysed = analysed_model(MODEL)
+    topology = load_topology(MINIPCS)
+    plans = {
+        m: plan_training(analysed, topology, TrainingOptions(TrainingSpec(m), lora_rank=4))
+        for m in ("lora", "prompt", "full")
+    }
+    import torch
+
+    module = analysed.captured.reference.module  # type: ignore[union-attr]
+    every = sum(p.numel() for p in module.parameters())  # tied weights once
+    assert plans["full"].trainable_params == every
+    # LoRA on GPT-2's c_attn (Conv1D, in x 3*in): rank x (in + out) per layer.
+    c_attn = [m for n, m in module.named_modules() if n.endswith("c_attn")]
+    expected = sum(4 * (m.weight.shape[0] + m.weight.shape[1]) for m in c_attn)
+    assert plans["lora"].trainable_params == expected and plans["lora"].targets == ("c_attn",)
+    width = next(m for m in module.modules() if isinstance(m, torch.nn.Embedding)).embedding_dim
+    assert plans["prompt"].trainable_params == 20 * width
+    # Full training costs more than adapters: the weights' gradients and the optimiser.
+    assert plans["full"].solution.step_ms > plans["lora"].solution.step_ms  # type: ignore[union-attr]
+
+
+def test_the_plan_equals_brute_force_on_the_real_tables() -> None:
+    analysed = analysed_model(MODEL)
+    topology = load_topology(MINIPCS)
+    plan = plan_training(analysed, topology, TrainingOptions(TrainingSpec("full", 4)))
+    expected = brute_force(plan.problem)
+    assert plan.solution is not None and expected is not None
+    assert plan.solution.step_ms == pytest.approx(expected.step_ms, rel=1e-9)
+    # The reported step time is the cost model's, stage by stage.
+    cost, segments = plan.cost, plan.solution.segments
+    works = [cost.work_ms(s.device, s.start, s.end) for s in segments]
+    links = [cost.link_ms(a.device, b.device, a.end) for a, b in itertools.pairwise(segments)]
+    first = segments[0]
+    step = (
+        sum(works)
+        + sum(links)
+        + 3 * max(works + links)
+        + cost.update_ms(first.device, first.start, first.end)
+    )
+    assert plan.solution.step_ms == pytest.approx(step, rel=1e-9)
+
+
+def test_too_little_memory_is_no_fit_and_baselines_say_why(tmp_path: Path) -> None:
+    text = Path(MINIPCS).read_text().replace("memory: 12GiB", "memory: 256.25MiB")
+    assert text != Path(MINIPCS).read_text()
+    small = tmp_path / "small.yaml"
+    small.write_text(text)
+    outcome = lamc("train", MODEL, "-t", str(small), "--method", "full", "--dry-run", "--compare")
+    assert outcome.code == 6, outcome.stdout + outcome.stderr
+    assert "no pipeline holds the full training state" in outcome.final
+    assert "does not fit" in outcome.stdout
+
+
+def test_without_dry_run_and_with_unknown_targets_it_says_why() -> None:
+    outcome = lamc("train", MODEL, "-t", str(MINIPCS))
+    assert outcome.code == 2 and "give --dry-run" in outcome.final
+    outcome = lamc("train", MODEL, "-t", str(MINIPCS), "--dry-run", "--lora-targets", "nope")
+    assert outcome.code == 2 and "no Linear module named nope" in outcome.final
+
+
+def test_data_parallel_shares_follow_speed() -> None:
+    from lamc.passes.partition.training_baselines import _shares
+
+    assert _shares([1.0, 1.0], 8) == [4, 4]
+    assert _shares([1.0, 3.0], 8) == [6, 2]
+    assert sum(_shares(list(np.linspace(1, 4, 5)), 11)) == 11
+    assert Segment(0, 0, 1).end == 1
