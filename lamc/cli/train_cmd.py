@@ -131,9 +131,11 @@ def train_command(
         f"{model} {method} on {topology.name}: {len(plan.solution.segments)} stage(s), "
         f"step {plan.solution.step_ms:.1f} ms, {data['samples_per_s']:.1f} samples/s"
     )
-    faster = [b for b in plan.baselines if b.step_ms < plan.solution.step_ms * (1 - 1e-9)]
-    if faster:  # only data parallelism can be: the pipelines are all in the search
-        summary += f"; {faster[0].name} is faster ({faster[0].step_ms:.1f} ms)"
+    if plan.replicated is not None:  # the pipelines are all in the search; this is not
+        summary += (
+            f"; data parallelism is faster: {plan.replicated.step_ms:.1f} ms per step "
+            f"({plan.replicated.description})"
+        )
     return summary
 
 
@@ -176,6 +178,8 @@ def _plan_data(plan: Any) -> dict[str, Any]:
         "bottleneck_ms": solution.bottleneck_ms if solution is not None else math.inf,
         "samples_per_s": plan.samples_per_s(step),
         "bottleneck_candidates": solution.candidates if solution is not None else 0,
+        "choice": "pipeline" if plan.replicated is None else "data parallel",
+        "data_parallel_step_ms": plan.replicated.step_ms if plan.replicated else None,
         "compare": [
             {
                 "name": b.name,
@@ -230,6 +234,11 @@ def _render(data: dict[str, Any]) -> None:
         f"step {data['step_ms']:.2f} ms (bottleneck {data['bottleneck_ms']:.2f} ms), "
         f"{data['samples_per_s']:.1f} samples/s"
     )
+    if data["choice"] == "data parallel":
+        console.print(
+            f"data parallelism over every device beats every pipeline: "
+            f"{data['data_parallel_step_ms']:.2f} ms per step"
+        )
     if data["compare"]:
         compare = Table(title="against")
         for column in ("plan", "how", "step ms", "samples/s", "vs lamc"):

@@ -22,7 +22,11 @@ from lamc.compiler.analysis import Analysed
 from lamc.cost import CostModel
 from lamc.errors import UsageError
 from lamc.passes.partition.training import TrainingProblem, TrainingSolution, solve
-from lamc.passes.partition.training_baselines import TrainingAlternative, alternatives
+from lamc.passes.partition.training_baselines import (
+    TrainingAlternative,
+    alternatives,
+    data_parallel,
+)
 from lamc.topology import Topology
 from lamc.training_cost import TrainingCost, TrainingSpec
 
@@ -45,6 +49,8 @@ class TrainingPlan:
     problem: TrainingProblem
     solution: TrainingSolution | None
     baselines: tuple[TrainingAlternative, ...]
+    # Every device with the whole model, when that beats every pipeline (else None).
+    replicated: TrainingAlternative | None
     trainable_params: int
     targets: tuple[str, ...]  # LoRA: the module names adapted
     samples_per_step: int
@@ -113,11 +119,14 @@ def plan_training(
         solution = solve(problem)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    everywhere = data_parallel(cost, problem)
+    best_pipeline = solution.step_ms if solution is not None else math.inf
     return TrainingPlan(
         cost=cost,
         problem=problem,
         solution=solution,
         baselines=alternatives(cost, problem) if compare else (),
+        replicated=everywhere if everywhere.step_ms < best_pipeline * (1 - 1e-9) else None,
         trainable_params=int(trainable.sum() // BYTES_PER_PARAM),
         targets=targets,
         samples_per_step=batch * options.spec.micro_batches,

@@ -116,3 +116,22 @@ def test_data_parallel_shares_follow_speed() -> None:
     assert _shares([1.0, 3.0], 8) == [6, 2]
     assert sum(_shares(list(np.linspace(1, 4, 5)), 11)) == 11
     assert Segment(0, 0, 1).end == 1
+
+
+def test_the_plan_says_when_data_parallelism_beats_every_pipeline() -> None:
+    """LoRA on a tiny model over four equal devices: no weight gradients to all-reduce
+    to speak of, so replicas beat a pipeline's fill and drain."""
+    analysed = analysed_model(MODEL)
+    topology = load_topology(MINIPCS)
+    plan = plan_training(analysed, topology, TrainingOptions(TrainingSpec("lora")), compare=True)
+    everywhere = next(b for b in plan.baselines if b.name == "data parallel")
+    assert plan.solution is not None
+    assert everywhere.step_ms < plan.solution.step_ms
+    assert plan.replicated is not None and plan.replicated.step_ms == everywhere.step_ms
+    outcome = lamc("train", MODEL, "-t", str(MINIPCS), "--dry-run", "--json")
+    data = json.loads(outcome.stdout)
+    assert data["choice"] == "data parallel"
+    assert data["data_parallel_step_ms"] == pytest.approx(everywhere.step_ms)
+    # Full training moves every weight's gradient: there the pipeline wins.
+    full = plan_training(analysed, topology, TrainingOptions(TrainingSpec("full")))
+    assert full.replicated is None
