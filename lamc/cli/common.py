@@ -55,6 +55,24 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def analyse_model(model: str, options: dict[str, Any]) -> Any:
+    """Capture and analyse MODEL as `model_options` ask (the commands that plan)."""
+    from lamc.compiler import analyse
+
+    return analyse(
+        model,
+        capture_options(
+            options["dynamic"],
+            options["dims"],
+            options["trust_pickle"],
+            options["no_weights"],
+            options["kv_cache"],
+        ),
+        dump_ir=options["dump_ir"],
+        granularity=options["granularity"],
+    )
+
+
 def capture_options(
     dynamic: str | None,
     dims: str | None,

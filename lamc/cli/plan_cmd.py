@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from lamc.cli.common import capture_options, model_options, require_compile_extra
+from lamc.cli.common import analyse_model, model_options, require_compile_extra
 from lamc.cli.main import CommandOutcome, cli, lamc_command
 from lamc.cli.plan_options import describe, plan_options, request_from_options
 from lamc.cli.plan_view import explain_data, render_failover, render_plan
@@ -45,25 +45,14 @@ def plan_command(
 ) -> str:
     """Find the best pipeline of MODEL over the devices of a topology (compile's dry run)."""
     require_compile_extra()
-    from lamc.compiler import analyse, plan_model
+    from lamc.compiler import plan_model
     from lamc.topology import load_topology
 
     steps = Steps()
     topology = load_topology(topology_path)
     request = request_from_options(options, compare)
     with steps.step("capture and analyse"):
-        result = analyse(
-            model,
-            capture_options(
-                options["dynamic"],
-                options["dims"],
-                options["trust_pickle"],
-                options["no_weights"],
-                options["kv_cache"],
-            ),
-            dump_ir=options["dump_ir"],
-            granularity=options["granularity"],
-        )
+        result = analyse_model(model, options)
     with steps.step("partition"):
         best, cost = plan_model(result, topology, request, compress=options.get("compress"))
     failover: tuple[Any, ...] = ()

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from lamc.cli.common import capture_options, model_options, require_compile_extra
+from lamc.cli.common import analyse_model, model_options, require_compile_extra
 from lamc.cli.main import CommandOutcome, cli, lamc_command
 from lamc.errors import ExitCode, UsageError
 
@@ -90,7 +90,6 @@ def train_command(
             hint="the torch.distributed training runtime is not built yet",
         )
     require_compile_extra()
-    from lamc.compiler import analyse
     from lamc.compiler.training import TrainingOptions, plan_training
     from lamc.topology import load_topology
     from lamc.training_cost import TrainingSpec
@@ -98,18 +97,7 @@ def train_command(
     topology = load_topology(topology_path)
     spec = TrainingSpec(method, micro_batches, schedule, optimiser)
     targets = tuple(t.strip() for t in (lora_targets or "").split(",") if t.strip())
-    analysed = analyse(
-        model,
-        capture_options(
-            options["dynamic"],
-            options["dims"],
-            options["trust_pickle"],
-            options["no_weights"],
-            options["kv_cache"],
-        ),
-        dump_ir=options["dump_ir"],
-        granularity=options["granularity"],
-    )
+    analysed = analyse_model(model, options)
     plan = plan_training(
         analysed,
         topology,
