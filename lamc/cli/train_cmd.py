@@ -64,7 +64,30 @@ from lamc.errors import ExitCode, UsageError
     is_flag=True,
     help="Beside the plan: equal split, memory-proportional split, one device, data parallel.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Training data: an .npz with input_ids [samples, tokens] (causal LM).",
+)
+@click.option(
+    "-o",
+    "--output",
+    "run_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The run's directory: run.json, and the adapter (peft) or model.safetensors.",
+)
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--clip",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Clip the gradients' global norm to this (0: no clipping).",
+)
+@click.option("--lora-alpha", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the plan (or each step) as JSON.")
 @model_options
 @lamc_command("train")
 def train_command(
@@ -79,16 +102,26 @@ def train_command(
     prompt_tokens: int,
     dry_run: bool,
     compare: bool,
+    data: Path | None,
+    run_dir: Path | None,
+    steps: int,
+    lr: float,
+    seed: int,
+    clip: float,
+    lora_alpha: int,
     as_json: bool,
     **options: Any,
 ) -> str:
     """Plan fine-tuning MODEL over the devices of a topology. The micro-batch's shape is
     the analysed one (`--dims batch=4,seq=128`)."""
     if not dry_run:
-        raise UsageError(
-            "this version of lamc train plans only: give --dry-run",
-            hint="the torch.distributed training runtime is not built yet",
-        )
+        if data is None or run_dir is None:
+            raise UsageError("a training run needs --data DATA.npz and -o RUN (or --dry-run)")
+        if method == "prompt":
+            raise UsageError(
+                "running prompt tuning is not built yet: plan it with --dry-run",
+                hint="--method lora and --method full run",
+            )
     require_compile_extra()
     from lamc.compiler.training import TrainingOptions, plan_training
     from lamc.topology import load_topology
@@ -104,11 +137,11 @@ def train_command(
         TrainingOptions(spec, lora_rank, targets, prompt_tokens),
         compare=compare,
     )
-    data = _plan_data(plan)
-    if as_json:
-        click.echo(json.dumps(_finite(data), indent=2, sort_keys=True))
-    else:
-        _render(data)
+    planned = _plan_data(plan)
+    if dry_run and as_json:
+        click.echo(json.dumps(_finite(planned), indent=2, sort_keys=True))
+    elif not (as_json and not dry_run):
+        _render(planned)
     if plan.solution is None:
         raise CommandOutcome(
             int(ExitCode.NO_FIT),
@@ -117,8 +150,26 @@ def train_command(
         )
     summary = (
         f"{model} {method} on {topology.name}: {len(plan.solution.segments)} stage(s), "
-        f"step {plan.solution.step_ms:.1f} ms, {data['samples_per_s']:.1f} samples/s"
+        f"step {plan.solution.step_ms:.1f} ms, {planned['samples_per_s']:.1f} samples/s"
     )
+    if not dry_run:
+        assert data is not None and run_dir is not None
+        from lamc.cli.train_run import run_plan
+
+        return run_plan(
+            model,
+            plan,
+            analysed,
+            planned,
+            data,
+            run_dir,
+            steps,
+            lr,
+            seed,
+            clip,
+            lora_alpha,
+            as_json,
+        )
     if plan.replicated is not None:  # the pipelines are all in the search; this is not
         summary += (
             f"; data parallelism is faster: {plan.replicated.step_ms:.1f} ms per step "

@@ -54,6 +54,7 @@ class TrainingPlan:
     trainable_params: int
     targets: tuple[str, ...]  # LoRA: the module names adapted
     samples_per_step: int
+    lora_rank: int = 8
 
     def samples_per_s(self, step_ms: float) -> float:
         return self.samples_per_step * 1000.0 / step_ms if math.isfinite(step_ms) else 0.0
@@ -130,6 +131,7 @@ def plan_training(
         trainable_params=int(trainable.sum() // BYTES_PER_PARAM),
         targets=targets,
         samples_per_step=batch * options.spec.micro_batches,
+        lora_rank=options.lora_rank,
     )
 
 

@@ -1,0 +1,153 @@
+"""Launching a training run on this machine: one `lamc.training.worker` process per stage,
+torch.distributed over gloo on loopback. The last stage's JSON lines are the progress; a
+stage that dies fails the run naming it and its device. The stages' trainable weights are
+gathered into RUN/ at the end (peft's adapter format for LoRA, safetensors for full)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lamc.errors import RuntimeEnvironmentError
+from lamc.training.job import Job, build_module
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_local(
+    job: Job,
+    run_dir: Path,
+    *,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    timeout_s: float = 3600.0,
+) -> list[dict[str, Any]]:
+    """Run `job` with one process per stage here; returns the last stage's step records."""
+    world = len(job.split_points) + 1
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job.write(run_dir / "job.json")
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": str(world),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
+    processes = []
+    logs = []
+    for rank in range(world):
+        log = (run_dir / f"stage-{rank}.log").open("w")
+        logs.append(log)
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "lamc.training.worker", str(run_dir)],
+                env={**env, "RANK": str(rank)},
+                stdout=subprocess.PIPE if rank == world - 1 else log,
+                stderr=log,
+                text=True,
+            )
+        )
+    records: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    last = processes[-1]
+    assert last.stdout is not None
+    reader = threading.Thread(target=_read_lines, args=(last.stdout, records, progress))
+    reader.start()
+    try:
+        # A stage that dies leaves the others blocked in a collective: watch them all,
+        # and end the run at the first failure, naming the stage and its device.
+        while any(p.poll() is None for p in processes):
+            for rank, process in enumerate(processes):
+                code = process.poll()
+                if code not in (None, 0):
+                    raise RuntimeEnvironmentError(
+                        f"stage {rank} on {job.devices[rank]} exited with {code}: "
+                        f"{_tail(run_dir / f'stage-{rank}.log')}"
+                    )
+            if time.monotonic() > deadline:
+                raise RuntimeEnvironmentError(f"the run took longer than {timeout_s:.0f} s")
+            time.sleep(0.1)
+        for rank, process in enumerate(processes):
+            if process.returncode != 0:
+                raise RuntimeEnvironmentError(
+                    f"stage {rank} on {job.devices[rank]} exited with {process.returncode}: "
+                    f"{_tail(run_dir / f'stage-{rank}.log')}"
+                )
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        reader.join(timeout=10)
+        for log in logs:
+            log.close()
+    if len(records) != job.steps:
+        raise RuntimeEnvironmentError(
+            f"the last stage reported {len(records)} of {job.steps} steps"
+        )
+    return records
+
+
+def gather(job: Job, run_dir: Path) -> Path:
+    """The stages' trainable weights, as one result: RUN/adapter (peft) or RUN/model.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    world = len(job.split_points) + 1
+    module = build_module(job)
+    # A tied weight is saved by whichever stage owned it, under the name that stage
+    # knew it by: one name per weight, the module's own.
+    canonical = {
+        alias: name
+        for name, parameter in module.named_parameters()
+        for alias, other in module.named_parameters(remove_duplicate=False)
+        if other is parameter
+    }
+    state: dict[str, Any] = {}
+    for rank in range(world):
+        for name, tensor in load_file(str(run_dir / f"stage-{rank}.safetensors")).items():
+            state[canonical.get(name, name)] = tensor
+    if job.method == "full":
+        path = run_dir / "model.safetensors"
+        save_file(state, str(path))
+        return path
+    missing = [n for n, p in module.named_parameters() if p.requires_grad and n not in state]
+    if missing:
+        raise RuntimeEnvironmentError(f"no stage saved {', '.join(missing[:5])}")
+    module.load_state_dict(state, strict=False)
+    path = run_dir / "adapter"
+    module.save_pretrained(str(path))
+    return path
+
+
+def _read_lines(
+    stream: Any,
+    records: list[dict[str, Any]],
+    progress: Callable[[dict[str, Any]], None] | None,
+) -> None:
+    for line in stream:
+        if not line.startswith("{"):
+            continue
+        record = json.loads(line)
+        records.append(record)
+        if progress is not None:
+            progress(record)
+
+
+def _tail(path: Path, lines: int = 2) -> str:
+    """The last lines of a stage's log (a traceback's last is the exception)."""
+    try:
+        text = [x.strip() for x in path.read_text().splitlines() if x.strip()]
+    except OSError:
+        return "(no log)"
+    return " | ".join(text[-lines:])[-600:] or "(empty log)"

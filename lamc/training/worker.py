@@ -1,0 +1,175 @@
+"""One stage of a pipelined training run: `python -m lamc.training.worker RUN` with RANK,
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (the launcher sets them).
+
+Every process builds the module the same way (seeded), torch.distributed.pipelining splits
+it at the plan's cuts and keeps this rank's stage. Weights tied across stages (GPT-2's
+embedding and output head) are copies that must stay one weight: their gradients are
+summed over the stages that hold them before each update. The last stage prints one JSON
+line per step (loss, step time); at the end each stage writes its trainable weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lamc.training.job import (
+    Job,
+    build_module,
+    causal_lm_loss,
+    load_tokens,
+    make_optimizer,
+    module_prefix,
+    step_rows,
+)
+
+
+def tied_groups(module: Any) -> list[list[str]]:
+    """Names that share one parameter, each group sorted (deterministic on every rank)."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(parameter), []).append(name)
+    return sorted(sorted(names) for names in by_tensor.values() if len(names) > 1)
+
+
+def run_stage(job: Job, run_dir: Path, rank: int, world: int) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.pipelining import (
+        Schedule1F1B,
+        ScheduleGPipe,
+        SplitPoint,
+        pipeline,
+    )
+
+    torch.manual_seed(job.seed)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ids = torch.from_numpy(load_tokens(job.data))
+    module = build_module(job)
+    groups = tied_groups(module)
+    per_step = job.micro_batches * job.micro_batch_size
+    example = ids[step_rows(0, per_step, len(ids))][: job.micro_batch_size]
+    prefix = module_prefix(job)
+    pipe = pipeline(
+        module,
+        mb_args=(example,),
+        split_spec={prefix + p: SplitPoint.BEGINNING for p in job.split_points},
+    )
+    stage = pipe.build_stage(rank, torch.device("cpu"))
+    mine = dict(stage.submod.named_parameters(remove_duplicate=False))
+    # Which ranks hold a copy of each tied weight: a group of its own to sum gradients in.
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, sorted(mine))
+    tied: list[tuple[Any, list[Any], bool]] = []  # (group, my copies, I own it)
+    for names in groups:
+        holders = [r for r in range(world) if any(n in everyone[r] for n in names)]
+        group = dist.new_group(holders) if len(holders) > 1 else None
+        if group is not None and rank in holders:
+            copies = list({id(mine[n]): mine[n] for n in names if n in mine}.values())
+            tied.append((group, copies, rank == holders[0]))
+    # Counted once (gradient norm, saving): the owner's first copy of each tied weight.
+    skip = {id(p) for _, copies, owner in tied for p in (copies if not owner else copies[1:])}
+    trainable = [p for p in stage.submod.parameters() if p.requires_grad]
+    optimizer = make_optimizer(job, trainable)
+    kind = Schedule1F1B if job.schedule == "1f1b" else ScheduleGPipe
+    schedule = kind(stage, job.micro_batches, loss_fn=causal_lm_loss)
+    last = rank == world - 1
+    for step in range(job.steps):
+        started = time.perf_counter()
+        batch = ids[step_rows(step, per_step, len(ids))]
+        optimizer.zero_grad()
+        losses: list[Any] = []
+        if rank == 0 and last:
+            schedule.step(batch, target=batch, losses=losses)
+        elif rank == 0:
+            schedule.step(batch)
+        elif last:
+            schedule.step(target=batch, losses=losses)
+        else:
+            schedule.step()
+        for group, copies, _ in tied:
+            # One weight: the sum of every copy's gradient, on every copy (one collective
+            # per group on every holder, whichever of its copies the stage used).
+            total = sum((p.grad for p in copies if p.grad is not None), torch.zeros_like(copies[0]))
+            dist.all_reduce(total, group=group)
+            for parameter in copies:
+                parameter.grad = total.clone()
+        if job.clip > 0:
+            local = sum(
+                float(p.grad.pow(2).sum())
+                for p in trainable
+                if p.grad is not None and id(p) not in skip
+            )
+            total = torch.tensor([local], dtype=torch.float64)
+            dist.all_reduce(total)
+            coef = job.clip / (float(total.sqrt()) + 1e-6)
+            if coef < 1.0:
+                for p in trainable:
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+        optimizer.step()
+        if last:
+            loss = float(torch.stack(losses).mean())
+            elapsed = time.perf_counter() - started
+            line = {"step": step, "loss": loss, "step_ms": elapsed * 1000, "samples": per_step}
+            print(json.dumps(line), flush=True)
+    _save(stage.submod, run_dir / f"stage-{rank}.safetensors", skip)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _save(submod: Any, path: Path, skip: set[int]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {
+        name: p.detach().contiguous().clone()
+        for name, p in submod.named_parameters(remove_duplicate=False)
+        if p.requires_grad and id(p) not in skip
+    }
+    save_file(tensors, str(path))
+
+
+def run_reference(job: Job) -> tuple[list[float], dict[str, np.ndarray]]:
+    """The same training in one process, without pipelining: the same module, data order,
+    micro-batching (gradients of loss / m accumulated) and optimiser. The losses per step,
+    and the trainable weights at the end (names as the stages save them)."""
+    import torch
+
+    torch.manual_seed(job.seed)
+    ids = torch.from_numpy(load_tokens(job.data))
+    module = build_module(job)
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    optimizer = make_optimizer(job, params)
+    per_step = job.micro_batches * job.micro_batch_size
+    losses = []
+    for step in range(job.steps):
+        batch = ids[step_rows(step, per_step, len(ids))]
+        optimizer.zero_grad()
+        step_losses = []
+        for micro in batch.split(job.micro_batch_size):
+            loss = causal_lm_loss(module(micro), micro)
+            (loss / job.micro_batches).backward()
+            step_losses.append(float(loss.detach()))
+        if job.clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, job.clip)
+        optimizer.step()
+        losses.append(float(np.mean(step_losses)))
+    state = {n: p.detach().numpy().copy() for n, p in named}
+    return losses, state
+
+
+def main() -> None:
+    run_dir = Path(sys.argv[1])
+    job = Job.read(run_dir / "job.json")
+    run_stage(job, run_dir, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+
+
+if __name__ == "__main__":
+    main()
