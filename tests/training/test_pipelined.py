@@ -15,6 +15,8 @@ from lamc.training.worker import run_reference
 
 MODEL = "zoo:gpt2:test"
 CUTS = {2: ("transformer.h.2",), 3: ("transformer.h.1", "transformer.h.3")}
+LLAMA = "zoo:llama:test"
+LLAMA_CUTS = {2: ("model.layers.2",), 3: ("model.layers.1", "model.norm")}
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +27,16 @@ def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _job(tokens: Path, method: str, stages: int, steps: int = 20) -> Job:
+def _job(tokens: Path, method: str, stages: int, steps: int = 20, model: str = MODEL) -> Job:
     # SGD: AdamW divides by the root of the second moment, so a gradient that is zero up
     # to rounding (GPT-2's key bias) moves by the learning rate in one run and not in the
     # other; with SGD the weights' differences stay the size of the gradients'.
+    llama = model == LLAMA
     return Job(
-        model=MODEL,
+        model=model,
         method=method,
         data=str(tokens),
-        split_points=CUTS[stages],
+        split_points=(LLAMA_CUTS if llama else CUTS)[stages],
         devices=tuple(f"cpu{k}" for k in range(stages)),
         micro_batches=4,
         micro_batch_size=2,
@@ -42,23 +45,25 @@ def _job(tokens: Path, method: str, stages: int, steps: int = 20) -> Job:
         optimizer="sgd",
         clip=1.0,
         lora_rank=4,
-        lora_targets=("c_attn",),
+        lora_targets=("q_proj", "v_proj") if llama else ("c_attn",),
     )
 
 
 @pytest.mark.parametrize(
-    ("method", "stages"),
+    ("method", "stages", "model"),
     [
-        ("full", 2),
-        ("lora", 2),
-        pytest.param("full", 3, marks=pytest.mark.slow),
-        pytest.param("lora", 3, marks=pytest.mark.slow),
+        ("full", 2, MODEL),
+        ("lora", 2, MODEL),
+        pytest.param("full", 3, MODEL, marks=pytest.mark.slow),
+        pytest.param("lora", 3, MODEL, marks=pytest.mark.slow),
+        pytest.param("full", 3, LLAMA, marks=pytest.mark.slow),
+        pytest.param("lora", 2, LLAMA, marks=pytest.mark.slow),
     ],
 )
 def test_pipelined_equals_one_process(
-    tokens: Path, tmp_path: Path, method: str, stages: int
+    tokens: Path, tmp_path: Path, method: str, stages: int, model: str
 ) -> None:
-    job = _job(tokens, method, stages)
+    job = _job(tokens, method, stages, model=model)
     records = run_local(job, tmp_path)
     losses, state = run_reference(job)
     got = np.array([r["loss"] for r in records])
