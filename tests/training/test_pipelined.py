@@ -55,7 +55,6 @@ def _job(tokens: Path, method: str, stages: int, steps: int = 20, model: str = M
         ("full", 2, MODEL),
         ("lora", 2, MODEL),
         pytest.param("full", 3, MODEL, marks=pytest.mark.slow),
-        pytest.param("lora", 3, MODEL, marks=pytest.mark.slow),
         pytest.param("full", 3, LLAMA, marks=pytest.mark.slow),
         pytest.param("lora", 2, LLAMA, marks=pytest.mark.slow),
     ],
