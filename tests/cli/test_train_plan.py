@@ -104,7 +104,7 @@ def test_too_little_memory_is_no_fit_and_baselines_say_why(tmp_path: Path) -> No
 
 def test_without_dry_run_and_with_unknown_targets_it_says_why() -> None:
     outcome = lamc("train", MODEL, "-t", str(MINIPCS))
-    assert outcome.code == 2 and "give --dry-run" in outcome.final
+    assert outcome.code == 2 and "needs --data DATA.npz and -o RUN" in outcome.final
     outcome = lamc("train", MODEL, "-t", str(MINIPCS), "--dry-run", "--lora-targets", "nope")
     assert outcome.code == 2 and "no Linear module named nope" in outcome.final
 
