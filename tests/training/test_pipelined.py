@@ -54,7 +54,6 @@ def _job(tokens: Path, method: str, stages: int, steps: int = 20, model: str = M
     [
         ("full", 2, MODEL),  # LoRA over 2 stages: the adapter test below
         pytest.param("full", 3, LLAMA, marks=pytest.mark.slow),
-        pytest.param("lora", 2, LLAMA, marks=pytest.mark.slow),
     ],
 )
 def test_pipelined_equals_one_process(
