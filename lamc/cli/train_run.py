@@ -10,8 +10,6 @@ from typing import Any
 
 import click
 
-from lamc.errors import UsageError
-
 
 def run_plan(
     model: str,
@@ -28,14 +26,13 @@ def run_plan(
     as_json: bool,
 ) -> str:
     from lamc.atomic import atomic_directory
-    from lamc.training.job import Job, load_tokens
+    from lamc.training.job import Job, check_source, load_tokens
     from lamc.training.launch import gather, run_local
 
     load_tokens(str(data))  # refused now, before any process starts
     solution = plan.solution
     units = analysed.workload.units
-    if not model.startswith("zoo:") and not Path(model).is_dir():
-        raise UsageError(f"{model}: lamc train runs zoo models and Hugging Face checkpoints")
+    check_source(model)  # before any process starts
     spec = plan.cost.spec
     devices = tuple(plan.cost.devices[s.device].name for s in solution.segments)
     job = Job(

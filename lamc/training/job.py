@@ -70,21 +70,25 @@ def module_prefix(job: Job) -> str:
     return "base_model.model." if job.method == "lora" else ""
 
 
+def check_source(ref: str) -> None:
+    """Refuse, with the reason, a model a training run cannot build in its processes."""
+    if not ref.startswith("zoo:") and not Path(ref).is_dir():
+        raise UsageError(
+            f"{ref}: lamc train runs zoo models and Hugging Face checkpoint directories"
+        )
+
+
 def load_module(ref: str) -> Any:
     """The PyTorch module of a zoo model or a Hugging Face checkpoint directory."""
+    check_source(ref)
     if ref.startswith("zoo:"):
         from lamc import models
 
         _, name, *rest = ref.split(":", 2)
         return models.build(name, rest[0] if rest else None).module
-    path = Path(ref)
-    if path.is_dir():
-        from lamc.frontend.hf import spec_from_checkpoint
+    from lamc.frontend.hf import spec_from_checkpoint
 
-        return spec_from_checkpoint(path, trust_pickle=False).module
-    raise UsageError(
-        f"{ref}: lamc train runs zoo models and Hugging Face checkpoint directories",
-    )
+    return spec_from_checkpoint(Path(ref), trust_pickle=False).module
 
 
 def load_tokens(path: str) -> np.ndarray:
