@@ -16,12 +16,11 @@ from lamc.errors import ExitCode, UsageError
 
 
 @cli.command("train")
-@click.argument("model")
+@click.argument("model", required=False)
 @click.option(
     "--topology",
     "-t",
     "topology_path",
-    required=True,
     type=click.Path(dir_okay=False, path_type=Path),
     help="Topology file (YAML): the devices that train together.",
 )
@@ -87,6 +86,21 @@ from lamc.errors import ExitCode, UsageError
     help="Clip the gradients' global norm to this (0: no clipping).",
 )
 @click.option("--lora-alpha", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="Checkpoint the trainable and optimiser state every N steps (0: never); RUN is then "
+    "written in place, so a run whose stage dies can be resumed.",
+)
+@click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Continue the run in this directory from its last checkpoint (no MODEL, no -t).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (or each step) as JSON.")
 @model_options
 @lamc_command("train")
@@ -109,11 +123,24 @@ def train_command(
     seed: int,
     clip: float,
     lora_alpha: int,
+    checkpoint_every: int,
+    resume_dir: Path | None,
     as_json: bool,
     **options: Any,
 ) -> str:
-    """Plan fine-tuning MODEL over the devices of a topology. The micro-batch's shape is
-    the analysed one (`--dims batch=4,seq=128`)."""
+    """Plan fine-tuning MODEL over the devices of a topology, and run it with --data and
+    -o. The micro-batch's shape is the analysed one (`--dims batch=4,seq=128`)."""
+    if resume_dir is not None:
+        if model is not None or topology_path is not None or dry_run:
+            raise UsageError(
+                "--resume RUN continues the run as it was planned: give no MODEL, -t or --dry-run"
+            )
+        require_compile_extra()
+        from lamc.cli.train_run import resume_run
+
+        return resume_run(resume_dir, as_json)
+    if model is None or topology_path is None:
+        raise UsageError("give MODEL and -t TOPOLOGY (or --resume RUN)")
     if not dry_run:
         if data is None or run_dir is None:
             raise UsageError("a training run needs --data DATA.npz and -o RUN (or --dry-run)")
@@ -154,22 +181,10 @@ def train_command(
     )
     if not dry_run:
         assert data is not None and run_dir is not None
-        from lamc.cli.train_run import run_plan
+        from lamc.cli.train_run import RunSettings, run_plan
 
-        return run_plan(
-            model,
-            plan,
-            analysed,
-            planned,
-            data,
-            run_dir,
-            steps,
-            lr,
-            seed,
-            clip,
-            lora_alpha,
-            as_json,
-        )
+        settings = RunSettings(steps, lr, seed, clip, lora_alpha, checkpoint_every)
+        return run_plan(model, plan, analysed, _finite(planned), data, run_dir, settings, as_json)
     if plan.replicated is not None:  # the pipelines are all in the search; this is not
         summary += (
             f"; data parallelism is faster: {plan.replicated.step_ms:.1f} ms per step "

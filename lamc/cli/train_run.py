@@ -1,14 +1,38 @@
 """`lamc train ... --data D.npz -o RUN`: run the plan, one stage process per stage on this
-machine, and write RUN atomically (run.json, and the adapter or the full weights)."""
+machine, and write RUN (run.json, and the adapter or the full weights).
+
+Without `--checkpoint-every`, RUN is written atomically: it appears whole or not at all.
+With it, RUN is the run's working directory from the start (job.json, plan.json,
+steps.jsonl, checkpoints/): a run whose stage dies stays there, and
+`lamc train --resume RUN` continues it from its last checkpoint. run.json, written last,
+marks a finished run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import shutil
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
+
+from lamc.errors import LamcError, UsageError
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How the run trains, beside the plan: the command's run options."""
+
+    steps: int = 20
+    lr: float = 1e-3
+    seed: int = 0
+    clip: float = 0.0
+    lora_alpha: int = 16
+    checkpoint_every: int = 0
 
 
 def run_plan(
@@ -18,70 +42,117 @@ def run_plan(
     planned: dict[str, Any],
     data: Path,
     run_dir: Path,
-    steps: int,
-    lr: float,
-    seed: int,
-    clip: float,
-    lora_alpha: int,
+    settings: RunSettings,
     as_json: bool,
 ) -> str:
     from lamc.atomic import atomic_directory
     from lamc.training.job import Job, check_source, load_tokens
-    from lamc.training.launch import gather, run_local
 
     load_tokens(str(data))  # refused now, before any process starts
+    check_source(model)
     solution = plan.solution
     units = analysed.workload.units
-    check_source(model)  # before any process starts
     spec = plan.cost.spec
-    devices = tuple(plan.cost.devices[s.device].name for s in solution.segments)
     job = Job(
         model=model,
         method=spec.method,
         data=str(data.resolve()),
         split_points=tuple(units[s.start].name.split("+")[0] for s in solution.segments[1:]),
-        devices=devices,
+        devices=tuple(plan.cost.devices[s.device].name for s in solution.segments),
         micro_batches=spec.micro_batches,
         micro_batch_size=int(analysed.workload.binding.get("batch", 1)),
-        steps=steps,
-        lr=lr,
+        steps=settings.steps,
+        lr=settings.lr,
         optimizer=spec.optimiser,
         schedule=spec.schedule,
-        seed=seed,
-        clip=clip,
+        seed=settings.seed,
+        clip=settings.clip,
         lora_rank=plan.lora_rank,  # the plan's sizes are the run's
-        lora_alpha=lora_alpha,
+        lora_alpha=settings.lora_alpha,
         lora_targets=plan.targets,
+        checkpoint_every=settings.checkpoint_every,
     )
+    plan_text = json.dumps(planned, indent=2, sort_keys=True) + "\n"
+    if job.checkpoint_every:
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise UsageError(
+                f"{run_dir} exists and is not empty",
+                hint=f"continue a run there with lamc train --resume {run_dir}, or choose another -o",
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "plan.json").write_text(plan_text)
+        return _execute(job, run_dir, planned, as_json, shown=run_dir)
+    with atomic_directory(run_dir, owner_file="run.json") as tmp:
+        (tmp / "plan.json").write_text(plan_text)
+        return _execute(job, tmp, planned, as_json, shown=run_dir)
+
+
+def resume_run(run_dir: Path, as_json: bool) -> str:
+    """Continue the run in `run_dir` from its newest complete checkpoint."""
+    from lamc.training import checkpoint
+    from lamc.training.job import Job
+
+    if not (run_dir / "job.json").is_file() or not (run_dir / "plan.json").is_file():
+        raise UsageError(f"--resume {run_dir}: not a lamc train run (no job.json and plan.json)")
+    if (run_dir / "run.json").is_file():
+        raise UsageError(f"--resume {run_dir}: the run has finished (it has run.json)")
+    try:
+        job = Job.read(run_dir / "job.json")
+        planned = json.loads((run_dir / "plan.json").read_text())
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UsageError(f"--resume {run_dir}: job.json or plan.json is damaged ({exc})") from None
+    start = checkpoint.latest(run_dir) or 0
+    if not as_json:
+        click.echo(f"resuming {job.model} {job.method} at step {start + 1} of {job.steps}")
+    return _execute(
+        dataclasses.replace(job, start_step=start), run_dir, planned, as_json, shown=run_dir
+    )
+
+
+def _execute(job: Any, where: Path, planned: dict[str, Any], as_json: bool, shown: Path) -> str:
+    from lamc.training import checkpoint
+    from lamc.training.launch import STEPS, gather, read_steps, run_local
+
+    predicted = float(planned["step_ms"])
 
     def progress(record: dict[str, Any]) -> None:
         if as_json:
             click.echo(json.dumps(record, sort_keys=True))
         else:
             click.echo(
-                f"step {record['step'] + 1}/{steps}  loss {record['loss']:.4f}  "
-                f"{record['step_ms']:.0f} ms (predicted {solution.step_ms:.0f} ms)  "
+                f"step {record['step'] + 1}/{job.steps}  loss {record['loss']:.4f}  "
+                f"{record['step_ms']:.0f} ms (predicted {predicted:.0f} ms)  "
                 f"{record['samples'] * 1000 / record['step_ms']:.1f} samples/s"
             )
 
-    with atomic_directory(run_dir, owner_file="run.json") as tmp:
-        records = run_local(job, tmp, progress=progress)
-        result = gather(job, tmp)
-        for leftover in tmp.glob("stage-*.safetensors"):
-            leftover.unlink()
-        # The first step also traces and builds the stages: the median of the rest.
-        measured = statistics.median(r["step_ms"] for r in records[1:] or records)
-        summary = {
-            "job": json.loads((tmp / "job.json").read_text()),
-            "plan": planned,
-            "steps": records,
-            "measured_step_ms": measured,
-            "predicted_step_ms": solution.step_ms,
-            "result": result.name,
-        }
-        (tmp / "run.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    try:
+        run_local(job, where, progress=progress)
+    except LamcError as exc:
+        saved = checkpoint.latest(where) if job.checkpoint_every else None
+        if saved is not None:
+            exc.hint = f"continue from step {saved + 1}: lamc train --resume {shown}"
+        raise
+    result = gather(job, where)
+    for leftover in where.glob("stage-*.safetensors"):
+        leftover.unlink()
+    shutil.rmtree(where / checkpoint.CHECKPOINTS, ignore_errors=True)
+    records = read_steps(where / STEPS)
+    # The first step of each launch also traces and builds the stages: the median of the rest.
+    timed = [r for r in records if r["step"] not in (0, job.start_step)] or records
+    measured = statistics.median(r["step_ms"] for r in timed)
+    summary = {
+        "job": json.loads((where / "job.json").read_text()),
+        "plan": planned,
+        "steps": records,
+        "measured_step_ms": measured,
+        "predicted_step_ms": predicted,
+        "result": result.name,
+    }
+    tmp = where / ".run.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, where / "run.json")
     return (
-        f"{model} {spec.method} -> {run_dir}/{result.name}: {steps} steps on "
-        f"{len(devices)} stage process(es), loss {records[0]['loss']:.4f} -> "
-        f"{records[-1]['loss']:.4f}, step {measured:.0f} ms (predicted {solution.step_ms:.0f} ms)"
+        f"{job.model} {job.method} -> {shown}/{result.name}: {job.steps} steps on "
+        f"{len(job.devices)} stage process(es), loss {records[0]['loss']:.4f} -> "
+        f"{records[-1]['loss']:.4f}, step {measured:.0f} ms (predicted {predicted:.0f} ms)"
     )

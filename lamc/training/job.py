@@ -32,6 +32,8 @@ class Job:
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ()
+    checkpoint_every: int = 0  # steps between checkpoints (0: none)
+    start_step: int = 0  # a resumed run starts here, from the checkpoint of this step
     extra: dict[str, Any] = field(default_factory=dict)
 
     def write(self, path: Path) -> None:

@@ -62,7 +62,14 @@ def run_local(
     deadline = time.monotonic() + timeout_s
     last = processes[-1]
     assert last.stdout is not None
-    reader = threading.Thread(target=_read_lines, args=(last.stdout, records, progress))
+    log_steps = _StepLog(run_dir / STEPS, job.start_step)
+
+    def record(line: dict[str, Any]) -> None:
+        log_steps.append(line)
+        if progress is not None:
+            progress(line)
+
+    reader = threading.Thread(target=_read_lines, args=(last.stdout, records, record))
     reader.start()
     try:
         # A stage that dies leaves the others blocked in a collective: watch them all,
@@ -92,11 +99,35 @@ def run_local(
         reader.join(timeout=10)
         for log in logs:
             log.close()
-    if len(records) != job.steps:
+    if len(records) != job.steps - job.start_step:
         raise RuntimeEnvironmentError(
-            f"the last stage reported {len(records)} of {job.steps} steps"
+            f"the last stage reported {len(records)} of {job.steps - job.start_step} steps"
         )
     return records
+
+
+STEPS = "steps.jsonl"
+
+
+class _StepLog:
+    """RUN/steps.jsonl: every step's record as it is reported. A resumed run first drops
+    the records of the steps it runs again (those after its checkpoint)."""
+
+    def __init__(self, path: Path, start_step: int) -> None:
+        self.path = path
+        kept = [r for r in read_steps(path) if r["step"] < start_step]
+        path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_steps(path: Path) -> list[dict[str, Any]]:
+    """The step records in `path` (none if it is missing)."""
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.startswith("{")]
 
 
 def gather(job: Job, run_dir: Path) -> Path:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from lamc.training import checkpoint
 from lamc.training.job import (
     Job,
     build_module,
@@ -75,12 +76,15 @@ def run_stage(job: Job, run_dir: Path, rank: int, world: int) -> None:
             tied.append((group, copies, rank == holders[0]))
     # Counted once (gradient norm, saving): the owner's first copy of each tied weight.
     skip = {id(p) for _, copies, owner in tied for p in (copies if not owner else copies[1:])}
-    trainable = [p for p in stage.submod.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in stage.submod.named_parameters() if p.requires_grad]
+    trainable = [p for _, p in named]
     optimizer = make_optimizer(job, trainable)
+    if job.start_step > 0:
+        checkpoint.restore(run_dir, job.start_step, rank, named, optimizer, groups, world)
     kind = Schedule1F1B if job.schedule == "1f1b" else ScheduleGPipe
     schedule = kind(stage, job.micro_batches, loss_fn=causal_lm_loss)
     last = rank == world - 1
-    for step in range(job.steps):
+    for step in range(job.start_step, job.steps):
         started = time.perf_counter()
         batch = ids[step_rows(step, per_step, len(ids))]
         optimizer.zero_grad()
@@ -119,6 +123,12 @@ def run_stage(job: Job, run_dir: Path, rank: int, world: int) -> None:
             elapsed = time.perf_counter() - started
             line = {"step": step, "loss": loss, "step_ms": elapsed * 1000, "samples": per_step}
             print(json.dumps(line), flush=True)
+        done = step + 1
+        if job.checkpoint_every and done % job.checkpoint_every == 0 and done < job.steps:
+            checkpoint.save(run_dir, done, rank, named, optimizer, skip)
+            dist.barrier()
+            if rank == 0:
+                checkpoint.mark_complete(run_dir, done, world)
     _save(stage.submod, run_dir / f"stage-{rank}.safetensors", skip)
     dist.barrier()
     dist.destroy_process_group()

@@ -4,6 +4,10 @@ bad data, a method that cannot run yet, and a stage that dies each say why."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -88,3 +92,72 @@ def test_a_stage_that_dies_fails_the_run_naming_it(setup: tuple[Path, Path]) -> 
     assert code == 10, stdout + final
     assert "stage 0 on cpu0 exited" in final, final
     assert not out.exists() and not list(out.parent.glob(".run.lamc-*"))
+
+
+def _stage_pid(run: Path, rank: int) -> int | None:
+    """The pid of the `lamc.training.worker` process of stage `rank` of the run in `run`."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"lamc.training.worker" in cmdline and str(run).encode() in cmdline:
+            if f"RANK={rank}".encode() in environ:
+                return int(proc.name)
+    return None
+
+
+def test_a_stage_killed_mid_run_resumes_from_its_checkpoint_with_the_same_losses(
+    setup: tuple[Path, Path],
+) -> None:
+    topology, data = setup
+    steps, every = 12, 3
+    whole = data.parent / "whole"
+    code, _, final = _train(
+        topology, data, whole, "--steps", str(steps), "--checkpoint-every", str(every)
+    )
+    assert code == 0, final
+    expected = [s["loss"] for s in json.loads((whole / "run.json").read_text())["steps"]]
+    assert len(expected) == steps and not (whole / "checkpoints").exists()
+
+    run = data.parent / "killed"
+    command = [
+        sys.executable, "-m", "lamc", "train", MODEL, "-t", str(topology), "--method", "full",
+        "--data", str(data), "-o", str(run), "--steps", str(steps), "--micro-batches", "4",
+        "--dims", "batch=2", "--optimizer", "sgd", "--json", "--checkpoint-every", str(every),
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    seen = []
+    for line in process.stdout:
+        if line.startswith("{"):
+            seen.append(json.loads(line)["step"])
+            if seen[-1] == 4:  # steps 0..4 done: the checkpoint of step 3 is written
+                pid = _stage_pid(run, 0)
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+                break
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 10, stderr
+    assert "stage 0 on cpu0 exited with -9" in stderr, stderr
+    assert "lamc train --resume" in stderr, stderr
+    assert not (run / "run.json").exists() and (run / "job.json").is_file()
+    saved = json.loads(next((run / "checkpoints").glob("step-*/complete.json")).read_text())
+    # At most --checkpoint-every steps are lost.
+    assert max(seen) + 1 - saved["step"] <= every, (seen, saved)
+
+    outcome = lamc("train", "--resume", str(run), "--json")
+    assert outcome.code == 0, outcome.stdout + outcome.final
+    resumed = [json.loads(x)["step"] for x in outcome.stdout.splitlines() if x.startswith("{")]
+    assert resumed == list(range(saved["step"], steps))
+    losses = [s["loss"] for s in json.loads((run / "run.json").read_text())["steps"]]
+    assert [s["step"] for s in json.loads((run / "run.json").read_text())["steps"]] == list(
+        range(steps)
+    )
+    np.testing.assert_allclose(losses, expected, rtol=1e-5)
+    assert (run / "model.safetensors").is_file() and not (run / "checkpoints").exists()
+    again = lamc("train", "--resume", str(run))
+    assert again.code == 2 and "the run has finished" in again.final
