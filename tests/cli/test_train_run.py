@@ -104,9 +104,9 @@ def _stage_pid(run: Path, rank: int) -> int | None:
             environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"lamc.training.worker" in cmdline and str(run).encode() in cmdline:
-            if f"RANK={rank}".encode() in environ:
-                return int(proc.name)
+        ours = b"lamc.training.worker" in cmdline and str(run).encode() in cmdline
+        if ours and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
     return None
 
 
