@@ -114,9 +114,7 @@ def restore(
             parameter.copy_(merged[f"param:{key}"])
             prefix = f"state:{key}:"
             # Each copy of a tied weight gets state of its own: optimisers update in place.
-            state = {
-                k[len(prefix) :]: v.clone() for k, v in merged.items() if k.startswith(prefix)
-            }
+            state = {k[len(prefix) :]: v.clone() for k, v in merged.items() if k.startswith(prefix)}
             if state:
                 optimizer.state[parameter] = state
     if saved_stages == stages:
