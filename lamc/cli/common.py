@@ -36,6 +36,12 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         help="Write the IR after each pass into this directory.",
     )(fn)
     fn = click.option(
+        "--adapter",
+        type=click.Path(path_type=Path),
+        help="Apply a fine-tuning result first: a peft LoRA adapter directory (merged into "
+        "the weights), full weights (.safetensors), or a lamc train run directory.",
+    )(fn)
+    fn = click.option(
         "--trust-pickle",
         is_flag=True,
         help="Allow pickle weights (.bin, .pt2); they can run code when loaded.",
@@ -67,6 +73,7 @@ def analyse_model(model: str, options: dict[str, Any]) -> Any:
             options["trust_pickle"],
             options["no_weights"],
             options["kv_cache"],
+            options.get("adapter"),
         ),
         dump_ir=options["dump_ir"],
         granularity=options["granularity"],
@@ -79,6 +86,7 @@ def capture_options(
     trust_pickle: bool,
     no_weights: bool = False,
     kv_cache: bool = False,
+    adapter: Path | None = None,
 ) -> Any:
     from lamc.frontend import CaptureOptions
 
@@ -88,6 +96,7 @@ def capture_options(
         trust_pickle=trust_pickle,
         weights=not no_weights,
         kv_cache=kv_cache,
+        adapter=adapter,
     )
 
 

@@ -90,6 +90,7 @@ def compile_command(
         options["trust_pickle"],
         options["no_weights"],
         options["kv_cache"],
+        options.get("adapter"),
     )
     request = request_from_options(options, compare=False)
     with steps.step("capture and analyse"):

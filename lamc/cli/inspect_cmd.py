@@ -28,6 +28,7 @@ def inspect_command(
     kv_cache: bool,
     granularity: str,
     dump_ir: Path | None,
+    adapter: Path | None,
     as_json: bool,
 ) -> str:
     """Show the units of MODEL (params, FLOPs, activations, cut sizes) or a compiled OUT."""
@@ -42,7 +43,7 @@ def inspect_command(
     with steps.step("capture and analyse"):
         result = analyse(
             model,
-            capture_options(dynamic, dims, trust_pickle, no_weights, kv_cache),
+            capture_options(dynamic, dims, trust_pickle, no_weights, kv_cache, adapter),
             dump_ir=dump_ir,
             granularity=granularity,
         )

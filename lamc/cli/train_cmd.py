@@ -141,6 +141,10 @@ def train_command(
         return resume_run(resume_dir, as_json)
     if model is None or topology_path is None:
         raise UsageError("give MODEL and -t TOPOLOGY (or --resume RUN)")
+    if options.get("adapter") is not None:
+        raise UsageError(
+            "lamc train starts from MODEL as it is; --adapter applies a result to compile it"
+        )
     if not dry_run:
         if data is None or run_dir is None:
             raise UsageError("a training run needs --data DATA.npz and -o RUN (or --dry-run)")

@@ -62,10 +62,19 @@ def validate_command(
     with steps.step("capture the source model"):
         # A pipeline compiled with its KV cache is checked against the source captured so.
         kv = Path(source).is_dir() and any(s.kv_cache for s in pipeline.manifest.stages)
+        # A pipeline compiled with an adapter is checked against the adapted source as
+        # trained (a LoRA adapter: the peft model, unmerged).
+        adapter = options.get("adapter")
+        if adapter is None and model is None and "adapter" in pipeline.manifest.model:
+            adapter = Path(pipeline.manifest.model["adapter"])
         captured = capture(
             source,
             capture_options(
-                options["dynamic"], options["dims"], options["trust_pickle"], kv_cache=kv
+                options["dynamic"],
+                options["dims"],
+                options["trust_pickle"],
+                kv_cache=kv,
+                adapter=adapter,
             ),
         )
     if captured.reference is None:

@@ -110,6 +110,11 @@ def build_manifest(
             "name": captured.name,
             "source": captured.source,
             "sha256": captured.source_sha256 or model_sha256(captured.model),
+            **(
+                {"adapter": captured.adapter, "adapter_sha256": captured.adapter_sha256}
+                if captured.adapter
+                else {}
+            ),
         },
         topology={"name": topology.name, "sha256": topology.sha256},
         provenance=provenance(),

@@ -39,6 +39,8 @@ class CaptureOptions:
     weights: bool = True
     # Hugging Face causal LMs: capture with the KV cache as inputs and outputs.
     kv_cache: bool = False
+    # A LoRA adapter or full weights (what `lamc train` writes) applied before capture.
+    adapter: Path | None = None
 
 
 def capture(ref: str, options: CaptureOptions | None = None) -> Captured:
@@ -54,6 +56,12 @@ def capture(ref: str, options: CaptureOptions | None = None) -> Captured:
             "--kv-cache applies to Hugging Face checkpoint directories",
             hint="zoo decoders take kv=1 (zoo:gpt2:small,kv=1); your own modules return their cache",
         )
+    if options.adapter is not None and (ref.endswith((".onnx", ".pt2"))):
+        raise UsageError(
+            f"--adapter applies to PyTorch sources (zoo, factory, checkpoint directory), not {ref}"
+        )
+    if options.adapter is not None and not options.weights:
+        raise UsageError("--adapter needs the model's weights: leave out --no-weights")
     captured = _capture(ref, options)
     for name, size in options.dims.items():
         if name not in captured.dims:
@@ -114,7 +122,9 @@ def _capture_zoo(ref: str, options: CaptureOptions) -> Captured:
             spec.example_inputs = {k: v.to("meta") for k, v in spec.example_inputs.items()}
     except ValueError as exc:
         raise UsageError(f"{ref}: {exc}") from exc
-    return capture_spec(spec, source=ref, dynamic_overrides=options.dynamic)
+    reference = _adapt(spec, options)
+    captured = capture_spec(spec, source=ref, dynamic_overrides=options.dynamic)
+    return _adapted(captured, reference, options)
 
 
 def _capture_factory(ref: str, options: CaptureOptions) -> Captured:
@@ -171,7 +181,9 @@ def _capture_factory(ref: str, options: CaptureOptions) -> Captured:
     spec = _as_spec(result, ref)
     if not options.weights:
         spec.example_inputs = {k: v.to("meta") for k, v in spec.example_inputs.items()}
-    return capture_spec(spec, source=ref, dynamic_overrides=options.dynamic)
+    reference = _adapt(spec, options)
+    captured = capture_spec(spec, source=ref, dynamic_overrides=options.dynamic)
+    return _adapted(captured, reference, options)
 
 
 def _capture_hf(path: Path, options: CaptureOptions) -> Captured:
@@ -179,7 +191,10 @@ def _capture_hf(path: Path, options: CaptureOptions) -> Captured:
     from lamc.frontend.torch import capture_spec
 
     spec = spec_from_checkpoint(path, trust_pickle=options.trust_pickle, kv_cache=options.kv_cache)
-    captured = capture_spec(spec, source=str(path), dynamic_overrides=options.dynamic)
+    reference = _adapt(spec, options)
+    captured = _adapted(
+        capture_spec(spec, source=str(path), dynamic_overrides=options.dynamic), reference, options
+    )
     digest = hashlib.sha256()
     for weights in sorted([*path.glob("*.safetensors"), path / "config.json"]):
         digest.update(weights.name.encode())
@@ -187,6 +202,34 @@ def _capture_hf(path: Path, options: CaptureOptions) -> Captured:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     captured.source_sha256 = digest.hexdigest()
+    return captured
+
+
+def _adapt(spec: Any, options: CaptureOptions) -> Any:
+    """Apply `--adapter` to the spec's module; the module to validate against, if any."""
+    if options.adapter is None:
+        return None
+    from lamc.frontend import adapter
+
+    spec.module, reference = adapter.apply(spec.module, options.adapter)
+    return reference
+
+
+def _adapted(captured: Captured, reference: Any, options: CaptureOptions) -> Captured:
+    """Record the adapter; the reference becomes the adapted source as trained (for LoRA,
+    the peft model, unmerged)."""
+    if options.adapter is None:
+        return captured
+    from lamc.frontend import adapter
+    from lamc.frontend.torch import TorchReference
+
+    path = adapter.resolve(options.adapter)
+    captured.adapter = str(path)
+    captured.adapter_sha256 = adapter.digest(path)
+    if captured.reference is not None:
+        old = captured.reference
+        assert isinstance(old, TorchReference)
+        captured.reference = TorchReference(reference, old.input_names, old.output_names)
     return captured
 
 

@@ -37,6 +37,9 @@ class Captured:
     source_sha256: str | None = None
     # False for a shapes-only capture (--no-weights): fine to plan, not to compile.
     has_weights: bool = True
+    # `--adapter`: the fine-tuning result applied before capture, and its files' sha256.
+    adapter: str | None = None
+    adapter_sha256: str | None = None
 
     @property
     def input_names(self) -> list[str]:

@@ -4,6 +4,7 @@ for full training (GPT-2's tied embedding and head on different stages) and LoRA
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from lamc.training.job import Job
 from lamc.training.launch import gather, run_local
 from lamc.training.worker import run_reference
 
+ROOT = Path(__file__).resolve().parent.parent.parent
 MODEL = "zoo:gpt2:test"
 CUTS = {2: ("transformer.h.2",), 3: ("transformer.h.1", "transformer.h.3")}
 LLAMA = "zoo:llama:test"
@@ -119,3 +121,28 @@ def test_lora_pipelined_equals_one_process_and_loads_in_peft(tokens: Path, tmp_p
     # and the adapter moved the model: the untuned one answers differently
     with torch.no_grad():
         assert not np.allclose(loaded(ids).numpy(), load_module(MODEL)(ids).numpy(), atol=1e-7)
+
+    # Back to deployment: the adapter merged at compile time, the pipeline checked against
+    # the peft model (unmerged) by lamc validate, and run here against it directly.
+    from lamc.runtime.executor import Pipeline
+    from tests.cli.helpers import lamc
+
+    out = tmp_path / "compiled"
+    topology = ROOT / "examples" / "topologies" / "4x-minipc-1gbe.yaml"
+    compiled = lamc("compile", MODEL, "-t", str(topology), "--stages", "2", "--adapter",
+                    str(adapter), "-o", str(out))  # fmt: skip
+    assert compiled.code == 0, compiled.stdout + compiled.final
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["adapter"] == str(adapter)
+    assert len(manifest["model"]["adapter_sha256"]) == 64
+    checked = lamc("validate", str(out))
+    assert checked.code == 0 and "PASSED" in checked.final, checked.stdout + checked.final
+    pipeline = Pipeline.open(out)
+    feeds = {pipeline.manifest.inputs[0]: ids.numpy()}
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            next(iter(pipeline.run(feeds).values())), loaded(ids).numpy(), rtol=1e-4, atol=1e-4
+        )
+    # Against the model without the adapter, the same pipeline fails validation (exit 7).
+    untuned = lamc("validate", str(out), "--model", MODEL)
+    assert untuned.code == 7, untuned.stdout + untuned.final

@@ -1,0 +1,106 @@
+"""`--adapter`: a fine-tuning result applied to the source module before capture.
+
+What `lamc train` writes (or any peft adapter directory) deploys through the usual path:
+
+- a peft LoRA adapter (`adapter_config.json` + weights): loaded onto the module with
+  `PeftModel.from_pretrained`, then merged into the weights it adapts, so the captured
+  graph is the plain architecture with fine-tuned weights. The reference `lamc validate`
+  compares against is the peft model itself, unmerged;
+- full weights (`model.safetensors`, or a safetensors file): loaded into the module by
+  parameter name; every name must be one of the module's and every shape must match;
+- a `lamc train` run directory: its `adapter/` or `model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from lamc.errors import UsageError
+
+
+def resolve(path: Path) -> Path:
+    """The adapter directory or weights file that `path` names."""
+    if path.is_dir() and (path / "run.json").is_file():
+        run = json.loads((path / "run.json").read_text())
+        path = path / str(run.get("result", ""))
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return path
+    if path.is_dir() and (path / "model.safetensors").is_file():
+        return path / "model.safetensors"
+    if path.is_file() and path.suffix == ".safetensors":
+        return path
+    raise UsageError(
+        f"--adapter {path}: not a peft adapter directory (adapter_config.json), a "
+        "safetensors file of weights, or a lamc train run",
+    )
+
+
+def digest(path: Path) -> str:
+    """sha256 over the adapter's files (names and bytes), for the manifest."""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    total = hashlib.sha256()
+    for file in files:
+        total.update(file.name.encode())
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                total.update(block)
+    return total.hexdigest()
+
+
+def apply(module: Any, path: Path) -> tuple[Any, Any]:
+    """(the module to capture, the reference module): `path` applied to `module`."""
+    path = resolve(path)
+    if path.is_dir():
+        return _peft(module, path)
+    return _full(module, path)
+
+
+def _peft(module: Any, path: Path) -> tuple[Any, Any]:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        from lamc.errors import missing_extra
+
+        raise missing_extra("peft", "train") from None
+    config = json.loads((path / "adapter_config.json").read_text())
+    kind = str(config.get("peft_type", ""))
+    if kind != "LORA":
+        raise UsageError(
+            f"--adapter {path}: a {kind or 'unknown'} adapter; lamc compiles LoRA adapters "
+            "and full weights",
+        )
+    try:
+        reference = PeftModel.from_pretrained(module, str(path)).eval()
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise UsageError(f"--adapter {path}: does not fit the model ({exc})") from None
+    merged = copy.deepcopy(reference).merge_and_unload()
+    return merged.eval(), reference
+
+
+def _full(module: Any, path: Path) -> tuple[Any, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise UsageError(f"--adapter {path}: not a readable safetensors file ({exc})") from None
+    own = dict(module.state_dict())
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise UsageError(
+            f"--adapter {path}: weights the model does not have: {', '.join(unknown[:5])}"
+        )
+    wrong = [
+        f"{name} {list(tensor.shape)} (the model's is {list(own[name].shape)})"
+        for name, tensor in state.items()
+        if tuple(tensor.shape) != tuple(own[name].shape)
+    ]
+    if wrong:
+        raise UsageError(f"--adapter {path}: shapes differ: {', '.join(wrong[:3])}")
+    module.load_state_dict(state, strict=False)
+    return module.eval(), module
