@@ -74,6 +74,7 @@ def analyse_model(model: str, options: dict[str, Any]) -> Any:
             options["no_weights"],
             options["kv_cache"],
             options.get("adapter"),
+            options.get("labels"),
         ),
         dump_ir=options["dump_ir"],
         granularity=options["granularity"],
@@ -87,6 +88,7 @@ def capture_options(
     no_weights: bool = False,
     kv_cache: bool = False,
     adapter: Path | None = None,
+    labels: int | None = None,
 ) -> Any:
     from lamc.frontend import CaptureOptions
 
@@ -97,6 +99,7 @@ def capture_options(
         weights=not no_weights,
         kv_cache=kv_cache,
         adapter=adapter,
+        labels=labels,
     )
 
 

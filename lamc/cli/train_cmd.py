@@ -66,7 +66,9 @@ from lamc.errors import ExitCode, UsageError
 @click.option(
     "--data",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Training data: an .npz with input_ids [samples, tokens] (causal LM).",
+    help="Training data: an .npz (input_ids [samples, tokens]; attention_mask, labels "
+    "optional) or a .jsonl of {\"text\": ..., \"label\": ...} lines (checkpoint directories: "
+    "their tokenizer). Labels train a sequence classifier; without them, a causal LM.",
 )
 @click.option(
     "-o",
@@ -158,6 +160,13 @@ def train_command(
     from lamc.topology import load_topology
     from lamc.training_cost import TrainingSpec
 
+    if data is not None and not dry_run:
+        from lamc.training.job import load_data
+
+        # A classifier's data names its classes: the model is analysed with that head.
+        dataset = load_data(str(data), model)
+        if dataset.labels is not None:
+            options["labels"] = len(dataset.label_names)
     topology = load_topology(topology_path)
     spec = TrainingSpec(method, micro_batches, schedule, optimiser)
     targets = tuple(t.strip() for t in (lora_targets or "").split(",") if t.strip())

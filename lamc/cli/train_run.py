@@ -46,9 +46,9 @@ def run_plan(
     as_json: bool,
 ) -> str:
     from lamc.atomic import atomic_directory
-    from lamc.training.job import Job, check_source, load_tokens
+    from lamc.training.job import Job, check_source, load_data
 
-    load_tokens(str(data))  # refused now, before any process starts
+    dataset = load_data(str(data), model)  # refused now, before any process starts
     check_source(model)
     solution = plan.solution
     units = analysed.workload.units
@@ -70,7 +70,10 @@ def run_plan(
         lora_rank=plan.lora_rank,  # the plan's sizes are the run's
         lora_alpha=settings.lora_alpha,
         lora_targets=plan.targets,
+        task=dataset.task,
+        labels=len(dataset.label_names) if dataset.labels is not None else 0,
         checkpoint_every=settings.checkpoint_every,
+        extra={"label_names": list(dataset.label_names)} if dataset.labels is not None else {},
     )
     plan_text = json.dumps(planned, indent=2, sort_keys=True) + "\n"
     if job.checkpoint_every:

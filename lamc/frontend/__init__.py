@@ -41,6 +41,8 @@ class CaptureOptions:
     kv_cache: bool = False
     # A LoRA adapter or full weights (what `lamc train` writes) applied before capture.
     adapter: Path | None = None
+    # Checkpoint directories: load as a sequence classifier with this many classes.
+    labels: int | None = None
 
 
 def capture(ref: str, options: CaptureOptions | None = None) -> Captured:
@@ -190,7 +192,14 @@ def _capture_hf(path: Path, options: CaptureOptions) -> Captured:
     from lamc.frontend.hf import spec_from_checkpoint
     from lamc.frontend.torch import capture_spec
 
-    spec = spec_from_checkpoint(path, trust_pickle=options.trust_pickle, kv_cache=options.kv_cache)
+    labels = options.labels
+    if labels is None and options.adapter is not None:
+        from lamc.frontend import adapter
+
+        labels = adapter.classes(options.adapter)
+    spec = spec_from_checkpoint(
+        path, trust_pickle=options.trust_pickle, kv_cache=options.kv_cache, labels=labels
+    )
     reference = _adapt(spec, options)
     captured = _adapted(
         capture_spec(spec, source=str(path), dynamic_overrides=options.dynamic), reference, options

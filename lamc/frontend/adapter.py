@@ -39,6 +39,25 @@ def resolve(path: Path) -> Path:
     )
 
 
+TASK_FILE = "lamc_task.json"
+
+
+def classes(path: Path) -> int | None:
+    """The number of classes of the classifier a `lamc train` adapter was trained as (the
+    head the checkpoint must be given before the adapter applies), if it was one."""
+    found = resolve(path)
+    task = (found if found.is_dir() else found.parent) / TASK_FILE
+    if not task.is_file():
+        return None
+    try:
+        labels = json.loads(task.read_text()).get("labels")
+    except ValueError:
+        raise UsageError(f"--adapter {found}: {TASK_FILE} is not JSON") from None
+    if not isinstance(labels, int) or labels < 1:
+        raise UsageError(f"--adapter {found}: {TASK_FILE} names no number of labels")
+    return labels
+
+
 def digest(path: Path) -> str:
     """sha256 over the adapter's files (names and bytes), for the manifest."""
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]

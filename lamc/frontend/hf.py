@@ -19,8 +19,18 @@ _PICKLE = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "mod
 
 
 def spec_from_checkpoint(
-    directory: Path, *, trust_pickle: bool, seq: int = 128, batch: int = 1, kv_cache: bool = False
+    directory: Path,
+    *,
+    trust_pickle: bool,
+    seq: int = 128,
+    batch: int = 1,
+    kv_cache: bool = False,
+    labels: int | None = None,
 ) -> ModelSpec:
+    """The checkpoint as a module with example inputs and dynamic dims. It is loaded with
+    the head its config names (`architectures`: a causal LM's, a sequence classifier's), or
+    as a sequence classifier with `labels` classes (a new head, seeded by the caller's
+    torch RNG, when the checkpoint has none)."""
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CaptureError(f"{directory} is not a Hugging Face checkpoint: it has no config.json")
@@ -48,18 +58,36 @@ def spec_from_checkpoint(
         raise CaptureError(
             f"--kv-cache needs a causal language model; {directory} is {', '.join(architectures) or 'not one'}"
         )
-    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    classify = labels is not None or any(
+        a.endswith("ForSequenceClassification") for a in architectures
+    )
+    if classify and kv_cache:
+        raise CaptureError("--kv-cache needs a causal language model, not a classifier")
+    auto = (
+        transformers.AutoModelForSequenceClassification
+        if classify
+        else transformers.AutoModelForCausalLM
+        if causal
+        else transformers.AutoModel
+    )
+    extra: dict[str, Any] = {"num_labels": labels} if labels is not None else {}
+    verbosity = transformers.logging.get_verbosity()
+    if labels is not None:  # the new head is asked for: no report of its missing weights
+        transformers.logging.set_verbosity_error()
     try:
         model = auto.from_pretrained(
             str(directory),
             local_files_only=True,
             use_safetensors=has_safetensors,
             attn_implementation="eager",
+            **extra,
         )
     except Exception as exc:
         raise CaptureError(
             f"transformers could not load {directory}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         ) from exc
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     model.eval()
     vocab = int(getattr(model.config, "vocab_size", 30522))
     max_pos = int(getattr(model.config, "max_position_embeddings", 512) or 512)
@@ -70,9 +98,9 @@ def spec_from_checkpoint(
     batch_dim, seq_dim = Dim("batch", 1, 64), Dim("seq", 1, max_pos)
     if kv_cache:
         return _decoder_spec(model, directory, vocab, max_pos, seq, batch)
-    output = "logits" if causal else "last_hidden_state"
+    output = "logits" if causal or classify else "last_hidden_state"
     return ModelSpec(
-        module=_OutputAdapter(model, output),
+        module=_OutputAdapter(model, output, causal=causal and not classify),
         example_inputs={"input_ids": ids, "attention_mask": mask},
         dynamic={
             "input_ids": {0: batch_dim, 1: seq_dim},
@@ -170,10 +198,11 @@ class _DecoderAdapter(torch.nn.Module):
 class _OutputAdapter(torch.nn.Module):
     """Calls a transformers model and returns one named output tensor."""
 
-    def __init__(self, model: torch.nn.Module, output: str) -> None:
+    def __init__(self, model: torch.nn.Module, output: str, *, causal: bool = False) -> None:
         super().__init__()
         self.model = model
         self.output = output
+        self.causal = causal
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         kwargs: dict[str, Any] = {
@@ -181,7 +210,7 @@ class _OutputAdapter(torch.nn.Module):
             "attention_mask": attention_mask,
             "return_dict": True,
         }
-        if self.output == "logits":
+        if self.causal:
             kwargs["use_cache"] = False
         out = self.model(**kwargs)
         result: torch.Tensor = out[self.output]

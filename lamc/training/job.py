@@ -18,7 +18,7 @@ from lamc.errors import UsageError
 class Job:
     model: str
     method: str  # lora | full
-    data: str  # an .npz with input_ids [N, T] (int)
+    data: str  # an .npz (input_ids [N, T], attention_mask, labels) or a JSONL of texts
     split_points: tuple[str, ...]  # module paths where stages 1.. begin
     devices: tuple[str, ...]  # the plan's device of each stage
     micro_batches: int = 8
@@ -32,6 +32,8 @@ class Job:
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ()
+    task: str = "causal-lm"  # causal-lm | classify (sequence classification)
+    labels: int = 0  # classify: the number of classes (the head the model gets)
     checkpoint_every: int = 0  # steps between checkpoints (0: none)
     start_step: int = 0  # a resumed run starts here, from the checkpoint of this step
     extra: dict[str, Any] = field(default_factory=dict)
@@ -51,7 +53,8 @@ def build_module(job: Job) -> Any:
     """The source module with what trains marked (the same on every process: seeded)."""
     import torch
 
-    module = load_module(job.model)
+    torch.manual_seed(job.seed)  # a classification head is initialised from it
+    module = load_module(job.model, labels=job.labels)
     if job.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -61,10 +64,23 @@ def build_module(job: Job) -> Any:
             lora_alpha=job.lora_alpha,
             target_modules=list(job.lora_targets),
             lora_dropout=0.0,
+            # A new classification head trains whole beside the adapters, and is saved
+            # with them.
+            modules_to_save=head_modules(module) if job.task == "classify" else None,
         )
         module = get_peft_model(module, config)
     module.train()
     return module
+
+
+def head_modules(module: Any) -> list[str]:
+    """The names of a sequence classifier's head (transformers calls it `classifier` or
+    `score`)."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}
+    found = [n for n in ("classifier", "score") if n in names]
+    if not found:
+        raise UsageError("the model has no classification head (classifier or score)")
+    return found
 
 
 def module_prefix(job: Job) -> str:
@@ -80,34 +96,136 @@ def check_source(ref: str) -> None:
         )
 
 
-def load_module(ref: str) -> Any:
-    """The PyTorch module of a zoo model or a Hugging Face checkpoint directory."""
+def load_module(ref: str, labels: int = 0) -> Any:
+    """The PyTorch module of a zoo model or a Hugging Face checkpoint directory; with
+    `labels`, the checkpoint as a sequence classifier with that many classes."""
     check_source(ref)
     if ref.startswith("zoo:"):
+        if labels:
+            raise UsageError(f"{ref}: sequence classification runs Hugging Face checkpoints")
         from lamc import models
 
         _, name, *rest = ref.split(":", 2)
         return models.build(name, rest[0] if rest else None).module
     from lamc.frontend.hf import spec_from_checkpoint
 
-    return spec_from_checkpoint(Path(ref), trust_pickle=False).module
+    return spec_from_checkpoint(Path(ref), trust_pickle=False, labels=labels or None).module
 
 
-def load_tokens(path: str) -> np.ndarray:
-    """input_ids [N, T] from an .npz; refused with the reason when it is not that."""
+@dataclass
+class Dataset:
+    """What a run trains on: token ids, their attention mask, and labels for a classifier
+    (a causal LM's targets are its own ids)."""
+
+    input_ids: np.ndarray  # [N, T] int64
+    attention_mask: np.ndarray  # [N, T] int64 (all ones when the data has none)
+    labels: np.ndarray | None = None  # [N] int64 class indices
+    label_names: tuple[str, ...] = ()
+
+    @property
+    def task(self) -> str:
+        return "classify" if self.labels is not None else "causal-lm"
+
+    def take(self, rows: np.ndarray) -> Dataset:
+        return Dataset(
+            self.input_ids[rows],
+            self.attention_mask[rows],
+            None if self.labels is None else self.labels[rows],
+            self.label_names,
+        )
+
+
+def load_data(path: str, model: str | None = None) -> Dataset:
+    """An .npz (`input_ids` [N, T] integers; `attention_mask` [N, T] and `labels` [N]
+    optional) or a JSONL file of `{"text": ..., "label": ...}` lines tokenised with the
+    checkpoint's own tokenizer (`label` optional: with it, sequence classification);
+    refused with the reason when it is neither."""
     file = Path(path)
-    if file.suffix != ".npz" or not file.is_file():
-        raise UsageError(f"--data {path}: give an .npz file with input_ids [samples, tokens]")
-    with np.load(file, allow_pickle=False) as data:
-        if "input_ids" not in data:
-            raise UsageError(f"--data {path}: no input_ids array (it has {', '.join(data)})")
-        ids = data["input_ids"]
+    if not file.is_file():
+        raise UsageError(f"--data {path}: no such file")
+    if file.suffix == ".jsonl":
+        return _load_jsonl(file, model)
+    if file.suffix != ".npz":
+        raise UsageError(f"--data {path}: give an .npz of input_ids or a .jsonl of texts")
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data}
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"--data {path}: not a readable .npz ({exc})") from None
+    if "input_ids" not in arrays:
+        raise UsageError(f"--data {path}: no input_ids array (it has {', '.join(arrays)})")
+    ids = arrays["input_ids"]
     if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.shape[1] < 2:
         raise UsageError(
             f"--data {path}: input_ids must be integers [samples, tokens >= 2], "
             f"got {ids.dtype} {list(ids.shape)}"
         )
-    return ids.astype(np.int64)
+    mask = arrays.get("attention_mask", np.ones_like(ids))
+    if mask.shape != ids.shape or mask.dtype.kind not in "iub":
+        raise UsageError(f"--data {path}: attention_mask must be integers shaped as input_ids")
+    labels = arrays.get("labels")
+    if labels is not None and (labels.shape != (len(ids),) or labels.dtype.kind not in "iu"):
+        raise UsageError(f"--data {path}: labels must be integers [samples]")
+    names: tuple[str, ...] = ()
+    if labels is not None:
+        if labels.min() < 0:
+            raise UsageError(f"--data {path}: labels must be class indices from 0")
+        names = tuple(str(k) for k in range(int(labels.max()) + 1))
+        labels = labels.astype(np.int64)
+    return Dataset(ids.astype(np.int64), mask.astype(np.int64), labels, names)
+
+
+def _load_jsonl(file: Path, model: str | None) -> Dataset:
+    import json as _json
+
+    if model is None or not Path(model).is_dir():
+        raise UsageError(
+            f"--data {file}: texts need the model's tokenizer, which a Hugging Face "
+            "checkpoint directory has (give zoo models an .npz of input_ids)"
+        )
+    texts: list[str] = []
+    labels: list[str] = []
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = _json.loads(line)
+        except ValueError as exc:
+            raise UsageError(f"--data {file}:{number}: not JSON ({exc})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise UsageError(
+                f'--data {file}:{number}: each line is {{"text": "...", "label": ...}}'
+            )
+        texts.append(row["text"])
+        if "label" in row:
+            labels.append(str(row["label"]))
+    if not texts:
+        raise UsageError(f"--data {file}: no texts")
+    if labels and len(labels) != len(texts):
+        raise UsageError(f"--data {file}: some lines have a label and some do not")
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--data {file}: {model} has no tokenizer lamc can load ({exc})") from None
+    # One length for every row (pipeline stages exchange fixed shapes): the longest text's.
+    encoded = tokenizer(
+        texts, padding="longest", truncation=True, max_length=512, return_tensors="np"
+    )
+    names = tuple(sorted(set(labels)))
+    index = {name: k for k, name in enumerate(names)}
+    return Dataset(
+        np.asarray(encoded["input_ids"], dtype=np.int64),
+        np.asarray(encoded["attention_mask"], dtype=np.int64),
+        np.array([index[x] for x in labels], dtype=np.int64) if labels else None,
+        names,
+    )
+
+
+def load_tokens(path: str) -> np.ndarray:
+    """input_ids [N, T] of an .npz (the causal LM data of zoo models)."""
+    return load_data(path).input_ids
 
 
 def step_rows(step: int, per_step: int, samples: int) -> np.ndarray:
@@ -123,6 +241,28 @@ def causal_lm_loss(logits: Any, target: Any) -> Any:
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, vocab), target[:, 1:].reshape(-1)
     )
+
+
+def classify_loss(logits: Any, labels: Any) -> Any:
+    """Cross entropy of a sequence classifier's logits [B, classes] against labels [B]."""
+    import torch
+
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+def loss_of(task: str) -> Any:
+    return classify_loss if task == "classify" else causal_lm_loss
+
+
+def takes_mask(module: Any) -> bool:
+    """Whether the module's forward takes the attention mask after the ids (checkpoint
+    directories' modules do; the zoo's take ids only)."""
+    import inspect
+
+    forward = (
+        module.get_base_model().forward if hasattr(module, "get_base_model") else module.forward
+    )
+    return "attention_mask" in inspect.signature(forward).parameters
 
 
 def make_optimizer(job: Job, params: list[Any]) -> Any:

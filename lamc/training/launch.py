@@ -151,6 +151,7 @@ def gather(job: Job, run_dir: Path) -> Path:
     if job.method == "full":
         path = run_dir / "model.safetensors"
         save_file(state, str(path))
+        _write_task(job, run_dir)
         return path
     missing = [n for n, p in module.named_parameters() if p.requires_grad and n not in state]
     if missing:
@@ -158,7 +159,22 @@ def gather(job: Job, run_dir: Path) -> Path:
     module.load_state_dict(state, strict=False)
     path = run_dir / "adapter"
     module.save_pretrained(str(path))
+    _write_task(job, path)
     return path
+
+
+def _write_task(job: Job, where: Path) -> None:
+    """A classifier's result says how many classes its head has, and their names, so that
+    `lamc compile --adapter` gives the checkpoint the same head."""
+    from lamc.frontend.adapter import TASK_FILE
+
+    if job.task == "classify":
+        task = {
+            "task": "classify",
+            "labels": job.labels,
+            "label_names": job.extra.get("label_names", []),
+        }
+        (where / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n")
 
 
 def _read_lines(

@@ -21,14 +21,30 @@ import numpy as np
 
 from lamc.training import checkpoint
 from lamc.training.job import (
+    Dataset,
     Job,
     build_module,
-    causal_lm_loss,
-    load_tokens,
+    load_data,
+    loss_of,
     make_optimizer,
     module_prefix,
     step_rows,
+    takes_mask,
 )
+
+
+def batch_of(data: Dataset, rows: np.ndarray, with_mask: bool) -> tuple[tuple[Any, ...], Any]:
+    """(the module's inputs, the loss's target) for these rows: a classifier's labels, or
+    a causal LM's own ids with padding left out of the loss (-100)."""
+    import torch
+
+    part = data.take(rows)
+    ids = torch.from_numpy(part.input_ids)
+    mask = torch.from_numpy(part.attention_mask)
+    inputs = (ids, mask) if with_mask else (ids,)
+    if part.labels is not None:
+        return inputs, torch.from_numpy(part.labels)
+    return inputs, torch.where(mask.bool(), ids, torch.full_like(ids, -100))
 
 
 def tied_groups(module: Any) -> list[list[str]]:
@@ -51,15 +67,17 @@ def run_stage(job: Job, run_dir: Path, rank: int, world: int) -> None:
 
     torch.manual_seed(job.seed)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    ids = torch.from_numpy(load_tokens(job.data))
+    data = load_data(job.data, job.model)
     module = build_module(job)
+    with_mask = takes_mask(module)
     groups = tied_groups(module)
     per_step = job.micro_batches * job.micro_batch_size
-    example = ids[step_rows(0, per_step, len(ids))][: job.micro_batch_size]
+    samples = len(data.input_ids)
+    example, _ = batch_of(data, step_rows(0, job.micro_batch_size, samples), with_mask)
     prefix = module_prefix(job)
     pipe = pipeline(
         module,
-        mb_args=(example,),
+        mb_args=example,
         split_spec={prefix + p: SplitPoint.BEGINNING for p in job.split_points},
     )
     stage = pipe.build_stage(rank, torch.device("cpu"))
@@ -82,19 +100,19 @@ def run_stage(job: Job, run_dir: Path, rank: int, world: int) -> None:
     if job.start_step > 0:
         checkpoint.restore(run_dir, job.start_step, rank, named, optimizer, groups, world)
     kind = Schedule1F1B if job.schedule == "1f1b" else ScheduleGPipe
-    schedule = kind(stage, job.micro_batches, loss_fn=causal_lm_loss)
+    schedule = kind(stage, job.micro_batches, loss_fn=loss_of(job.task))
     last = rank == world - 1
     for step in range(job.start_step, job.steps):
         started = time.perf_counter()
-        batch = ids[step_rows(step, per_step, len(ids))]
+        inputs, target = batch_of(data, step_rows(step, per_step, samples), with_mask)
         optimizer.zero_grad()
         losses: list[Any] = []
         if rank == 0 and last:
-            schedule.step(batch, target=batch, losses=losses)
+            schedule.step(*inputs, target=target, losses=losses)
         elif rank == 0:
-            schedule.step(batch)
+            schedule.step(*inputs)
         elif last:
-            schedule.step(target=batch, losses=losses)
+            schedule.step(target=target, losses=losses)
         else:
             schedule.step()
         for group, copies, _ in tied:
@@ -152,19 +170,22 @@ def run_reference(job: Job) -> tuple[list[float], dict[str, np.ndarray]]:
     import torch
 
     torch.manual_seed(job.seed)
-    ids = torch.from_numpy(load_tokens(job.data))
+    data = load_data(job.data, job.model)
     module = build_module(job)
+    with_mask = takes_mask(module)
+    loss_fn = loss_of(job.task)
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     optimizer = make_optimizer(job, params)
     per_step = job.micro_batches * job.micro_batch_size
     losses = []
     for step in range(job.steps):
-        batch = ids[step_rows(step, per_step, len(ids))]
+        inputs, target = batch_of(data, step_rows(step, per_step, len(data.input_ids)), with_mask)
         optimizer.zero_grad()
         step_losses = []
-        for micro in batch.split(job.micro_batch_size):
-            loss = causal_lm_loss(module(micro), micro)
+        parts = [x.split(job.micro_batch_size) for x in (*inputs, target)]
+        for *micro, micro_target in zip(*parts, strict=True):
+            loss = loss_fn(module(*micro), micro_target)
             (loss / job.micro_batches).backward()
             step_losses.append(float(loss.detach()))
         if job.clip > 0:

@@ -146,3 +146,70 @@ def test_lora_pipelined_equals_one_process_and_loads_in_peft(tokens: Path, tmp_p
     # Against the model without the adapter, the same pipeline fails validation (exit 7).
     untuned = lamc("validate", str(out), "--model", MODEL)
     assert untuned.code == 7, untuned.stdout + untuned.final
+
+
+def test_a_classifier_trains_pipelined_as_in_one_process_and_compiles_with_its_head(
+    tmp_path: Path,
+) -> None:
+    """A BERT checkpoint (random init) given a 3-class head by its data's labels: LoRA over
+    2 stages with padded rows (attention mask) equals one process; the adapter (with the
+    head trained whole beside it) compiles, and the pipeline answers as the peft model."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from lamc.frontend import adapter
+    from lamc.frontend.hf import spec_from_checkpoint
+    from lamc.runtime.executor import Pipeline
+    from tests.cli.helpers import lamc
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=200, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(tmp_path / "bert")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 200, size=(32, 12))
+    mask = np.ones_like(ids)
+    mask[::3, 8:] = 0  # every third row is padded
+    ids[mask == 0] = 0
+    data = tmp_path / "labelled.npz"
+    np.savez(data, input_ids=ids, attention_mask=mask, labels=rng.integers(0, 3, size=32))
+    job = Job(
+        model=str(tmp_path / "bert"), method="lora", data=str(data),
+        split_points=("model.bert.encoder.layer.2",), devices=("cpu0", "cpu1"),
+        micro_batches=4, micro_batch_size=2, steps=8, lr=0.05, optimizer="sgd",
+        task="classify", labels=3, lora_rank=4, lora_targets=("query", "value"),
+    )  # fmt: skip
+    run = tmp_path / "run"
+    records = run_local(job, run)
+    losses, state = run_reference(job)
+    np.testing.assert_allclose([r["loss"] for r in records], losses, rtol=1e-5)
+    assert losses[-1] < losses[0]
+    from safetensors.numpy import load_file
+
+    trained: dict[str, np.ndarray] = {}
+    for part in sorted(run.glob("stage-*.safetensors")):
+        trained.update(load_file(str(part)))
+    assert any("classifier" in name for name in trained)  # the head trained too
+    for name, value in state.items():
+        np.testing.assert_allclose(trained[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+    result = gather(job, run)
+    assert json.loads((result / "lamc_task.json").read_text())["labels"] == 3
+
+    out = tmp_path / "compiled"
+    topology = ROOT / "examples" / "topologies" / "4x-minipc-1gbe.yaml"
+    compiled = lamc("compile", str(tmp_path / "bert"), "-t", str(topology), "--stages", "2",
+                    "--adapter", str(result), "-o", str(out), "--dims", "batch=2,seq=12")  # fmt: skip
+    assert compiled.code == 0, compiled.stdout + compiled.final
+    torch.manual_seed(0)
+    base = spec_from_checkpoint(tmp_path / "bert", trust_pickle=False, labels=3).module
+    _, peft_model = adapter.apply(base, result)
+    pipeline = Pipeline.open(out)
+    feeds = {"input_ids": ids[:2], "attention_mask": mask[:2]}
+    with torch.no_grad():
+        expected = peft_model(torch.from_numpy(ids[:2]), torch.from_numpy(mask[:2])).numpy()
+    got = next(iter(pipeline.run(feeds).values()))
+    assert got.shape == (2, 3)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
