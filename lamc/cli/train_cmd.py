@@ -67,7 +67,7 @@ from lamc.errors import ExitCode, UsageError
     "--data",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Training data: an .npz (input_ids [samples, tokens]; attention_mask, labels "
-    "optional) or a .jsonl of {\"text\": ..., \"label\": ...} lines (checkpoint directories: "
+    'optional) or a .jsonl of {"text": ..., "label": ...} lines (checkpoint directories: '
     "their tokenizer). Labels train a sequence classifier; without them, a causal LM.",
 )
 @click.option(
