@@ -140,6 +140,19 @@ def _execute(job: Any, where: Path, planned: dict[str, Any], as_json: bool, show
         leftover.unlink()
     shutil.rmtree(where / checkpoint.CHECKPOINTS, ignore_errors=True)
     records = read_steps(where / STEPS)
+    # Each stage's peak resident memory against the plan's prediction for it.
+    memory = []
+    for k, stage in enumerate(planned["stages"]):
+        report = where / f"stage-{k}.json"
+        peak = json.loads(report.read_text())["peak_rss_bytes"] if report.is_file() else None
+        memory.append(
+            {
+                "device": stage["device"],
+                "predicted_bytes": stage["memory_bytes"]["total"],
+                "peak_rss_bytes": peak,
+            }
+        )
+        report.unlink(missing_ok=True)
     # The first step of each launch also traces and builds the stages: the median of the rest.
     timed = [r for r in records if r["step"] not in (0, job.start_step)] or records
     measured = statistics.median(r["step_ms"] for r in timed)
@@ -149,8 +162,18 @@ def _execute(job: Any, where: Path, planned: dict[str, Any], as_json: bool, show
         "steps": records,
         "measured_step_ms": measured,
         "predicted_step_ms": predicted,
+        "memory": memory,
         "result": result.name,
     }
+    if not as_json:
+        for k, entry in enumerate(memory):
+            if entry["peak_rss_bytes"]:
+                click.echo(
+                    f"stage {k} on {entry['device']}: peak memory "
+                    f"{entry['peak_rss_bytes'] / 2**20:.0f} MiB, planned "
+                    f"{entry['predicted_bytes'] / 2**20:.0f} MiB "
+                    f"({entry['peak_rss_bytes'] / entry['predicted_bytes']:.2f}x)"
+                )
     tmp = where / ".run.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, where / "run.json")

@@ -148,8 +148,16 @@ def run_stage(job: Job, run_dir: Path, rank: int, world: int) -> None:
             if rank == 0:
                 checkpoint.mark_complete(run_dir, done, world)
     _save(stage.submod, run_dir / f"stage-{rank}.safetensors", skip)
+    (run_dir / f"stage-{rank}.json").write_text(json.dumps({"peak_rss_bytes": peak_rss()}) + "\n")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory, in bytes (Linux reports KiB)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _save(submod: Any, path: Path, skip: set[int]) -> None:

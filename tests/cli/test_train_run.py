@@ -56,6 +56,9 @@ def test_a_run_writes_its_result_and_one_json_line_per_step(setup: tuple[Path, P
     assert run["result"] == "model.safetensors" and (out / "model.safetensors").is_file()
     assert [s["loss"] for s in run["steps"]] == [x["loss"] for x in lines]
     assert run["predicted_step_ms"] > 0 and run["measured_step_ms"] > 0
+    # each stage process's peak memory, beside what the plan predicted for its stage
+    assert [m["device"] for m in run["memory"]] == ["cpu0", "cpu1"]
+    assert all(m["peak_rss_bytes"] > 2**20 and m["predicted_bytes"] > 0 for m in run["memory"])
     assert not list(out.glob("stage-*.safetensors"))  # gathered into one file
     assert "PASSED train" in final
 
