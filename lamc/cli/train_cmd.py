@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,12 @@ from lamc.errors import ExitCode, UsageError
     type=click.Path(file_okay=False, path_type=Path),
     help="Continue the run in this directory from its last checkpoint (no MODEL, no -t).",
 )
+@click.option(
+    "--without",
+    metavar="DEVICE,...",
+    help="With --resume: these devices are gone; plan the rest of the run anew over the "
+    "run's topology without them.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (or each step) as JSON.")
 @model_options
 @lamc_command("train")
@@ -127,6 +134,7 @@ def train_command(
     lora_alpha: int,
     checkpoint_every: int,
     resume_dir: Path | None,
+    without: str | None,
     as_json: bool,
     **options: Any,
 ) -> str:
@@ -140,7 +148,10 @@ def train_command(
         require_compile_extra()
         from lamc.cli.train_run import resume_run
 
-        return resume_run(resume_dir, as_json)
+        gone = tuple(d.strip() for d in (without or "").split(",") if d.strip())
+        return resume_run(resume_dir, as_json, without=gone)
+    if without is not None:
+        raise UsageError("--without DEVICE applies to --resume RUN")
     if model is None or topology_path is None:
         raise UsageError("give MODEL and -t TOPOLOGY (or --resume RUN)")
     if options.get("adapter") is not None:
@@ -197,13 +208,75 @@ def train_command(
         from lamc.cli.train_run import RunSettings, run_plan
 
         settings = RunSettings(steps, lr, seed, clip, lora_alpha, checkpoint_every)
-        return run_plan(model, plan, analysed, _finite(planned), data, run_dir, settings, as_json)
+        # What planning took, so that --resume --without can plan the rest anew.
+        replan = {
+            "topology": topology_path.read_text(),
+            "training": {
+                "method": method,
+                "micro_batches": micro_batches,
+                "schedule": schedule,
+                "optimiser": optimiser,
+                "lora_rank": lora_rank,
+                "lora_targets": list(targets),
+                "prompt_tokens": prompt_tokens,
+            },
+            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()},
+        }
+        return run_plan(
+            model, plan, analysed, _finite(planned), data, run_dir, settings, as_json, replan
+        )
     if plan.replicated is not None:  # the pipelines are all in the search; this is not
         summary += (
             f"; data parallelism is faster: {plan.replicated.step_ms:.1f} ms per step "
             f"({plan.replicated.description})"
         )
     return summary
+
+
+def replan_training(model: str, replan: dict[str, Any], gone: tuple[str, ...]) -> Any:
+    """The plan of a run's model over its topology without the devices `gone` (for
+    `--resume --without`)."""
+    from lamc.compiler.training import TrainingOptions, plan_training
+    from lamc.topology import load_topology
+    from lamc.training_cost import TrainingSpec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "topology.yaml"
+        path.write_text(replan["topology"])
+        topology = load_topology(path)
+    names = {d.name for d in topology.devices}
+    unknown = sorted(set(gone) - names)
+    if unknown:
+        raise UsageError(
+            f"--without {', '.join(unknown)}: not a device of {topology.name}",
+            hint=f"its devices: {', '.join(sorted(names))}",
+        )
+    if set(gone) >= names:
+        raise UsageError("--without names every device of the run's topology")
+    training = replan["training"]
+    options = dict(replan["options"])
+    if options.get("dump_ir") is not None:
+        options["dump_ir"] = Path(options["dump_ir"])
+    analysed = analyse_model(model, options)
+    spec = TrainingSpec(
+        training["method"], training["micro_batches"], training["schedule"], training["optimiser"]
+    )
+    plan = plan_training(
+        analysed,
+        topology.without(set(gone)),
+        TrainingOptions(
+            spec,
+            training["lora_rank"],
+            tuple(training["lora_targets"]),
+            training["prompt_tokens"],
+        ),
+    )
+    if plan.solution is None:
+        raise CommandOutcome(
+            int(ExitCode.NO_FIT),
+            f"{model}: without {', '.join(gone)}, no pipeline holds the training state",
+        )
+    return plan, analysed, _finite(_plan_data(plan))
 
 
 def _plan_data(plan: Any) -> dict[str, Any]:

@@ -44,21 +44,20 @@ def run_plan(
     run_dir: Path,
     settings: RunSettings,
     as_json: bool,
+    replan: dict[str, Any] | None = None,
 ) -> str:
     from lamc.atomic import atomic_directory
     from lamc.training.job import Job, check_source, load_data
 
     dataset = load_data(str(data), model)  # refused now, before any process starts
     check_source(model)
-    solution = plan.solution
-    units = analysed.workload.units
     spec = plan.cost.spec
     job = Job(
         model=model,
         method=spec.method,
         data=str(data.resolve()),
-        split_points=tuple(units[s.start].name.split("+")[0] for s in solution.segments[1:]),
-        devices=tuple(plan.cost.devices[s.device].name for s in solution.segments),
+        split_points=split_points(plan, analysed),
+        devices=plan_devices(plan),
         micro_batches=spec.micro_batches,
         micro_batch_size=int(analysed.workload.binding.get("batch", 1)),
         steps=settings.steps,
@@ -84,14 +83,28 @@ def run_plan(
             )
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "plan.json").write_text(plan_text)
+        if replan is not None:
+            (run_dir / "replan.json").write_text(json.dumps(replan, indent=2) + "\n")
         return _execute(job, run_dir, planned, as_json, shown=run_dir)
     with atomic_directory(run_dir, owner_file="run.json") as tmp:
         (tmp / "plan.json").write_text(plan_text)
         return _execute(job, tmp, planned, as_json, shown=run_dir)
 
 
-def resume_run(run_dir: Path, as_json: bool) -> str:
-    """Continue the run in `run_dir` from its newest complete checkpoint."""
+def split_points(plan: Any, analysed: Any) -> tuple[str, ...]:
+    """The module paths where the plan's stages 1.. begin."""
+    units = analysed.workload.units
+    return tuple(units[s.start].name.split("+")[0] for s in plan.solution.segments[1:])
+
+
+def plan_devices(plan: Any) -> tuple[str, ...]:
+    return tuple(plan.cost.devices[s.device].name for s in plan.solution.segments)
+
+
+def resume_run(run_dir: Path, as_json: bool, without: tuple[str, ...] = ()) -> str:
+    """Continue the run in `run_dir` from its newest complete checkpoint; `without`: on a
+    plan made anew without these devices (the checkpoint names weights by the module's
+    own names, so it loads on any split)."""
     from lamc.training import checkpoint
     from lamc.training.job import Job
 
@@ -105,8 +118,23 @@ def resume_run(run_dir: Path, as_json: bool) -> str:
     except (ValueError, TypeError, KeyError) as exc:
         raise UsageError(f"--resume {run_dir}: job.json or plan.json is damaged ({exc})") from None
     start = checkpoint.latest(run_dir) or 0
+    if without:
+        from lamc.cli.train_cmd import replan_training
+
+        if not (run_dir / "replan.json").is_file():
+            raise UsageError(f"--resume {run_dir}: the run kept no replan.json to plan anew from")
+        replan = json.loads((run_dir / "replan.json").read_text())
+        plan, analysed, planned = replan_training(job.model, replan, without)
+        job = dataclasses.replace(
+            job, split_points=split_points(plan, analysed), devices=plan_devices(plan)
+        )
+        (run_dir / "plan.json").write_text(json.dumps(planned, indent=2, sort_keys=True) + "\n")
+        job.write(run_dir / "job.json")
     if not as_json:
-        click.echo(f"resuming {job.model} {job.method} at step {start + 1} of {job.steps}")
+        stages = ", ".join(job.devices)
+        click.echo(
+            f"resuming {job.model} {job.method} at step {start + 1} of {job.steps} on {stages}"
+        )
     return _execute(
         dataclasses.replace(job, start_step=start), run_dir, planned, as_json, shown=run_dir
     )

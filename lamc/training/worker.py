@@ -85,13 +85,14 @@ def run_stage(job: Job, run_dir: Path, rank: int, world: int) -> None:
     # Which ranks hold a copy of each tied weight: a group of its own to sum gradients in.
     everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, sorted(mine))
-    tied: list[tuple[Any, list[Any], bool]] = []  # (group, my copies, I own it)
+    tied: list[tuple[Any, list[Any], bool]] = []  # (group or None, my copies, I own it)
     for names in groups:
         holders = [r for r in range(world) if any(n in everyone[r] for n in names)]
         group = dist.new_group(holders) if len(holders) > 1 else None
-        if group is not None and rank in holders:
+        if rank in holders:
             copies = list({id(mine[n]): mine[n] for n in names if n in mine}.values())
-            tied.append((group, copies, rank == holders[0]))
+            if group is not None or len(copies) > 1:  # a stage alone may hold two copies
+                tied.append((group, copies, rank == holders[0]))
     # Counted once (gradient norm, saving): the owner's first copy of each tied weight.
     skip = {id(p) for _, copies, owner in tied for p in (copies if not owner else copies[1:])}
     named = [(n, p) for n, p in stage.submod.named_parameters() if p.requires_grad]
@@ -119,7 +120,8 @@ def run_stage(job: Job, run_dir: Path, rank: int, world: int) -> None:
             # One weight: the sum of every copy's gradient, on every copy (one collective
             # per group on every holder, whichever of its copies the stage used).
             total = sum((p.grad for p in copies if p.grad is not None), torch.zeros_like(copies[0]))
-            dist.all_reduce(total, group=group)
+            if group is not None:
+                dist.all_reduce(total, group=group)
             for parameter in copies:
                 parameter.grad = total.clone()
         if job.clip > 0:

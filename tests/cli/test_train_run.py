@@ -113,6 +113,31 @@ def _stage_pid(run: Path, rank: int) -> int | None:
     return None
 
 
+def _kill_at(command: list[str], run: Path, step: int, every: int = 3) -> int:
+    """Run `command` (a lamc train with --json and --checkpoint-every), SIGKILL its stage 0
+    once step `step` is reported; the step its newest checkpoint holds."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    seen = []
+    for line in process.stdout:
+        if line.startswith("{"):
+            seen.append(json.loads(line)["step"])
+            if seen[-1] == step:
+                pid = _stage_pid(run, 0)
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+                break
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 10, stderr
+    assert "stage 0 on cpu0 exited with -9" in stderr, stderr
+    assert "lamc train --resume" in stderr, stderr
+    assert not (run / "run.json").exists() and (run / "job.json").is_file()
+    saved = json.loads(next((run / "checkpoints").glob("step-*/complete.json")).read_text())
+    # At most --checkpoint-every steps are lost.
+    assert max(seen) + 1 - saved["step"] <= every, (seen, saved)
+    return int(saved["step"])
+
+
 def test_a_stage_killed_mid_run_resumes_from_its_checkpoint_with_the_same_losses(
     setup: tuple[Path, Path],
 ) -> None:
@@ -132,35 +157,21 @@ def test_a_stage_killed_mid_run_resumes_from_its_checkpoint_with_the_same_losses
         "--data", str(data), "-o", str(run), "--steps", str(steps), "--micro-batches", "4",
         "--dims", "batch=2", "--optimizer", "sgd", "--json", "--checkpoint-every", str(every),
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    seen = []
-    for line in process.stdout:
-        if line.startswith("{"):
-            seen.append(json.loads(line)["step"])
-            if seen[-1] == 4:  # steps 0..4 done: the checkpoint of step 3 is written
-                pid = _stage_pid(run, 0)
-                assert pid is not None
-                os.kill(pid, signal.SIGKILL)
-                break
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 10, stderr
-    assert "stage 0 on cpu0 exited with -9" in stderr, stderr
-    assert "lamc train --resume" in stderr, stderr
-    assert not (run / "run.json").exists() and (run / "job.json").is_file()
-    saved = json.loads(next((run / "checkpoints").glob("step-*/complete.json")).read_text())
-    # At most --checkpoint-every steps are lost.
-    assert max(seen) + 1 - saved["step"] <= every, (seen, saved)
-
-    outcome = lamc("train", "--resume", str(run), "--json")
+    # Killed at step 4, resumed, killed again at step 8, then resumed on a plan made anew
+    # without cpu1 (one stage on cpu0).
+    first = _kill_at(command, run, 4)
+    second = _kill_at(
+        [sys.executable, "-m", "lamc", "train", "--resume", str(run), "--json"], run, 8
+    )
+    assert first < second
+    outcome = lamc("train", "--resume", str(run), "--without", "cpu1", "--json")
     assert outcome.code == 0, outcome.stdout + outcome.final
     resumed = [json.loads(x)["step"] for x in outcome.stdout.splitlines() if x.startswith("{")]
-    assert resumed == list(range(saved["step"], steps))
-    losses = [s["loss"] for s in json.loads((run / "run.json").read_text())["steps"]]
-    assert [s["step"] for s in json.loads((run / "run.json").read_text())["steps"]] == list(
-        range(steps)
-    )
-    np.testing.assert_allclose(losses, expected, rtol=1e-5)
+    assert resumed == list(range(second, steps))
+    assert json.loads((run / "job.json").read_text())["devices"] == ["cpu0"]
+    record = json.loads((run / "run.json").read_text())
+    assert [s["step"] for s in record["steps"]] == list(range(steps))
+    np.testing.assert_allclose([s["loss"] for s in record["steps"]], expected, rtol=1e-5)
     assert (run / "model.safetensors").is_file() and not (run / "checkpoints").exists()
     again = lamc("train", "--resume", str(run))
     assert again.code == 2 and "the run has finished" in again.final
