@@ -7,6 +7,7 @@ MODULES = {
     "bundle": "bundle_cmd",
     "compile": "compile_cmd",
     "control": "control_cmd",
+    "diff": "diff_cmd",
     "generate": "generate_cmd",
     "inspect": "inspect_cmd",
     "plan": "plan_cmd",
