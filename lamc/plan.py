@@ -58,6 +58,8 @@ class Alternative:
     bottleneck_ms: float
     latency_ms: float
     reason: str = ""
+    # Each stage's units [start, end): where the baseline cuts the model.
+    unit_ranges: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,7 @@ def alternatives(
             reason="out of memory: " + "; ".join(over)
             if over
             else ("no route between consecutive devices" if not math.isfinite(bottleneck) else ""),
+            unit_ranges=tuple((s.start, s.end) for s in segments),
         )
 
     if devices:
@@ -107,6 +108,7 @@ def alternatives(
                 best.devices,
                 best.bottleneck_ms,
                 best.latency_ms,
+                unit_ranges=best.unit_ranges,
             )
         )
     elif singles:
@@ -120,6 +122,7 @@ def alternatives(
                 fastest.bottleneck_ms,
                 fastest.latency_ms,
                 "no device holds the whole model",
+                unit_ranges=fastest.unit_ranges,
             )
         )
     return tuple(results)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -49,6 +50,14 @@ def test_plan_json_is_byte_identical() -> None:
     assert first.stdout == second.stdout
     data = json.loads(first.stdout)
     assert data["objective"] == "throughput" and data["stages"] and data["fluid_bound_ms"] > 0
+    # Each baseline says where it cuts: contiguous unit ranges over the whole model.
+    units = data["stages"][-1]["end_unit"]
+    assert {a["name"] for a in data["alternatives"]} >= {"equal", "memory", "single"}
+    for baseline in data["alternatives"]:
+        ranges = baseline["unit_ranges"]
+        assert ranges[0][0] == 0 and ranges[-1][1] == units, baseline
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges)), baseline
+        assert len(ranges) == len(baseline["devices"])
 
 
 def test_bad_topology_exits_3(tmp_path: Path) -> None:
