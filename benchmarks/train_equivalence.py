@@ -1,6 +1,6 @@
 """Pipelined training equals one process, on a real model: all-MiniLM-L6-v2 (real weights)
 as a topic classifier (examples/data/topics-train.jsonl), LoRA and full training over 2
-and 3 stage processes, against the same training in one process (same seed, data order
+stage processes, against the same training in one process (same seed, data order
 and micro-batching; `lamc.training.worker.run_reference`).
 
     .venv/bin/python benchmarks/train_equivalence.py [--steps 20]
@@ -25,10 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 DATA = ROOT / "examples" / "data" / "topics-train.jsonl"
-CUTS = {
-    2: ("model.bert.encoder.layer.3",),
-    3: ("model.bert.encoder.layer.2", "model.bert.encoder.layer.4"),
-}
+# Over 3 stages the attention mask made in stage 0 skips stage 1 to reach stage 2, and
+# torch.distributed.pipelining does not run backward through skip connections yet.
+CUTS = {2: ("model.bert.encoder.layer.3",)}
 
 
 def main() -> None:
@@ -49,7 +48,7 @@ def main() -> None:
     print("| method | stages | steps | max rel. loss difference | max abs. weight difference | s |")
     print("|---|---|---|---|---|---|")
     for method in ("lora", "full"):
-        for stages in (2, 3):
+        for stages in (2,):
             job = Job(
                 model=str(checkpoint),
                 method=method,
@@ -66,6 +65,7 @@ def main() -> None:
                 labels=2,
                 lora_rank=8,
                 lora_targets=("query", "value"),
+                dropout=0.0,  # dropout's random masks differ between the processes
             )
             started = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:

@@ -90,6 +90,13 @@ from lamc.errors import ExitCode, UsageError
 )
 @click.option("--lora-alpha", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option(
+    "--dropout",
+    type=click.FloatRange(min=0, max=1, max_open=True),
+    help="Set every dropout layer's probability (default: the model's own). Dropout draws "
+    "random masks in each stage process, so only a run without it repeats one process's "
+    "losses exactly.",
+)
+@click.option(
     "--checkpoint-every",
     type=click.IntRange(min=0),
     default=0,
@@ -132,6 +139,7 @@ def train_command(
     seed: int,
     clip: float,
     lora_alpha: int,
+    dropout: float | None,
     checkpoint_every: int,
     resume_dir: Path | None,
     without: str | None,
@@ -207,7 +215,7 @@ def train_command(
         assert data is not None and run_dir is not None
         from lamc.cli.train_run import RunSettings, run_plan
 
-        settings = RunSettings(steps, lr, seed, clip, lora_alpha, checkpoint_every)
+        settings = RunSettings(steps, lr, seed, clip, lora_alpha, checkpoint_every, dropout)
         # What planning took, so that --resume --without can plan the rest anew.
         replan = {
             "topology": topology_path.read_text(),

@@ -33,6 +33,7 @@ class RunSettings:
     clip: float = 0.0
     lora_alpha: int = 16
     checkpoint_every: int = 0
+    dropout: float | None = None
 
 
 def run_plan(
@@ -56,7 +57,7 @@ def run_plan(
         model=model,
         method=spec.method,
         data=str(data.resolve()),
-        split_points=split_points(plan, analysed),
+        split_points=split_points(plan.solution.segments, analysed),
         devices=plan_devices(plan),
         micro_batches=spec.micro_batches,
         micro_batch_size=int(analysed.workload.binding.get("batch", 1)),
@@ -72,6 +73,7 @@ def run_plan(
         task=dataset.task,
         labels=len(dataset.label_names) if dataset.labels is not None else 0,
         checkpoint_every=settings.checkpoint_every,
+        dropout=settings.dropout,
         extra={"label_names": list(dataset.label_names)} if dataset.labels is not None else {},
     )
     plan_text = json.dumps(planned, indent=2, sort_keys=True) + "\n"
@@ -91,10 +93,10 @@ def run_plan(
         return _execute(job, tmp, planned, as_json, shown=run_dir)
 
 
-def split_points(plan: Any, analysed: Any) -> tuple[str, ...]:
-    """The module paths where the plan's stages 1.. begin."""
+def split_points(segments: Any, analysed: Any) -> tuple[str, ...]:
+    """The module paths where a pipeline's stages 1.. begin."""
     units = analysed.workload.units
-    return tuple(units[s.start].name.split("+")[0] for s in plan.solution.segments[1:])
+    return tuple(units[s.start].name.split("+")[0] for s in segments[1:])
 
 
 def plan_devices(plan: Any) -> tuple[str, ...]:
@@ -126,7 +128,9 @@ def resume_run(run_dir: Path, as_json: bool, without: tuple[str, ...] = ()) -> s
         replan = json.loads((run_dir / "replan.json").read_text())
         plan, analysed, planned = replan_training(job.model, replan, without)
         job = dataclasses.replace(
-            job, split_points=split_points(plan, analysed), devices=plan_devices(plan)
+            job,
+            split_points=split_points(plan.solution.segments, analysed),
+            devices=plan_devices(plan),
         )
         (run_dir / "plan.json").write_text(json.dumps(planned, indent=2, sort_keys=True) + "\n")
         job.write(run_dir / "job.json")

@@ -33,6 +33,7 @@ class Job:
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ()
     task: str = "causal-lm"  # causal-lm | classify (sequence classification)
+    dropout: float | None = None  # every dropout layer's probability (None: the model's)
     labels: int = 0  # classify: the number of classes (the head the model gets)
     checkpoint_every: int = 0  # steps between checkpoints (0: none)
     start_step: int = 0  # a resumed run starts here, from the checkpoint of this step
@@ -55,6 +56,10 @@ def build_module(job: Job) -> Any:
 
     torch.manual_seed(job.seed)  # a classification head is initialised from it
     module = load_module(job.model, labels=job.labels)
+    if job.dropout is not None:
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.Dropout):
+                layer.p = job.dropout
     if job.method == "lora":
         from peft import LoraConfig, get_peft_model
 

