@@ -1,12 +1,13 @@
 """Training plans measured on an emulated heterogeneous testbed (issue 14).
 
 Two "devices" on this machine, each a cgroup v1 CPU quota (`cpu.cfs_quota_us`): a board
-(1.0 CPU, 336 MiB declared) and an old PC (0.33 CPU, 400 MiB). Neither holds the training
-state alone. Every stage process runs inside its device's quota (one thread each). Two
-devices, not three: a 3-stage split of this encoder passes the attention mask from stage
-0 to stage 2, and torch.distributed.pipelining does not run backward through such skip
-connections yet. Links are loopback (declared 10 Gbit/s, 0.05 ms); they are not
-shaped here (tc between network namespaces is not set up by this script).
+(1.0 CPU, 368 MiB declared) and an old PC (0.33 CPU, 400 MiB: more memory, a third of the
+speed). Only the old PC holds the whole training state; the board does not. Every stage
+process runs inside its device's quota (one thread each). Two devices, not three: a
+3-stage split of this encoder passes the attention mask from stage 0 to stage 2, and
+torch.distributed.pipelining does not run backward through such skip connections yet.
+Links are loopback (declared 10 Gbit/s, 0.05 ms); they are not shaped here (tc between
+network namespaces is not set up by this script).
 
 The workload: all-MiniLM-L6-v2 (real weights) as a topic classifier, LoRA (rank 8 on
 query,value; the head trained whole), examples/data/topics-train.jsonl, 4 micro-batches
@@ -42,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 CGROUP = Path("/sys/fs/cgroup/cpu")
 DATA = ROOT / "examples" / "data" / "topics-train.jsonl"
 # An edge board and an old PC: the PC has a third of the board's CPU and more memory.
-DEVICES = [("board", 1.0, 336), ("oldpc", 0.33, 400)]  # name, CPUs, MiB
+DEVICES = [("board", 1.0, 368), ("oldpc", 0.33, 400)]  # name, CPUs, MiB
 
 
 def groups() -> dict[str, Path]:

@@ -270,8 +270,25 @@ def takes_mask(module: Any) -> bool:
     return "attention_mask" in inspect.signature(forward).parameters
 
 
+class _NothingToTrain:
+    """The optimiser of a stage without trainable parameters (under LoRA, a stage of
+    embeddings only): it steps nothing."""
+
+    def __init__(self) -> None:
+        self.state: dict[Any, Any] = {}
+
+    def zero_grad(self) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+
 def make_optimizer(job: Job, params: list[Any]) -> Any:
     import torch
+
+    if not params:
+        return _NothingToTrain()
 
     if job.optimizer == "sgd":
         return torch.optim.SGD(params, lr=job.lr, momentum=0.9)

@@ -152,8 +152,9 @@ def test_a_classifier_trains_pipelined_as_in_one_process_and_compiles_with_its_h
     tmp_path: Path,
 ) -> None:
     """A BERT checkpoint (random init) given a 3-class head by its data's labels: LoRA over
-    2 stages with padded rows (attention mask) equals one process; the adapter (with the
-    head trained whole beside it) compiles, and the pipeline answers as the peft model."""
+    2 stages with padded rows (attention mask) equals one process. Stage 0 holds the
+    embeddings only, so it has nothing to train. The adapter (with the head trained whole
+    beside it) compiles, and the pipeline answers as the peft model."""
     import torch
     from transformers import BertConfig, BertModel
 
@@ -178,7 +179,7 @@ def test_a_classifier_trains_pipelined_as_in_one_process_and_compiles_with_its_h
     np.savez(data, input_ids=ids, attention_mask=mask, labels=rng.integers(0, 3, size=32))
     job = Job(
         model=str(tmp_path / "bert"), method="lora", data=str(data),
-        split_points=("model.bert.encoder.layer.2",), devices=("cpu0", "cpu1"),
+        split_points=("model.bert.encoder.layer.0",), devices=("cpu0", "cpu1"),
         micro_batches=4, micro_batch_size=2, steps=8, lr=0.05, optimizer="sgd",
         task="classify", labels=3, lora_rank=4, lora_targets=("query", "value"),
     )  # fmt: skip
