@@ -130,9 +130,12 @@ def test_killed_mid_build_leaves_out_untouched(tmp_path: Path, how: signal.Signa
     compile_zoo("zoo:resnet:test", out, 2)
     before = _tree(out)
     # Compile a different model into the same OUT and kill it while it writes its stages.
+    # gpt2-small's widths with 4 of its layers: a build of about 250 MB, long enough to
+    # be killed in, with a shorter capture before it.
     process = _lamc(
-        "compile", "zoo:gpt2", "-t", str(MINIPCS), "-o", "out", "--stages", "3", cwd=tmp_path
-    )
+        "compile", "zoo:gpt2:small,layers=4", "-t", str(MINIPCS), "-o", "out", "--stages", "3",
+        cwd=tmp_path,
+    )  # fmt: skip
     _wait_for_build(tmp_path, "out", process)
     process.send_signal(how)
     code = process.wait(timeout=120)

@@ -406,7 +406,7 @@ def _large_topologies(draw: st.DrawFn) -> str:
     return "\n".join(rows) + "\n"
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_large_topologies())
 def test_large_and_odd_topologies_plan_or_refuse_quickly(text: str) -> None:
     import time
