@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lamc.errors import UsageError
@@ -65,6 +65,14 @@ def atomic_directory(out: Path, *, owner_file: str = "manifest.json") -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_file(path: Path, write: Callable[[Path], object]) -> None:
+    """Write a file beside `path` with `write(tmp)`, then rename it into place: a reader
+    sees the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def check_writable(out: Path) -> None:

@@ -59,6 +59,18 @@ def sha256_file(path: Path) -> str:
             return digest.hexdigest()
 
 
+def files_sha256(files: Iterable[Path]) -> str:
+    """One sha256 over several files, in the order given: each file's name, then its
+    bytes (a checkpoint directory's or an adapter's files, pinned in the manifest)."""
+    total = hashlib.sha256()
+    for file in files:
+        total.update(file.name.encode())
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                total.update(block)
+    return total.hexdigest()
+
+
 def safe_path(root: Path, relative: str, what: str) -> Path:
     """`root/relative`, refusing absolute paths, `..`, and symlinks at any level."""
     if (

@@ -175,27 +175,32 @@ def train_command(
                 hint="--method lora and --method full run",
             )
     require_compile_extra()
-    from lamc.compiler.training import TrainingOptions, plan_training
+    from lamc.compiler.training import plan_training
     from lamc.topology import load_topology
-    from lamc.training_cost import TrainingSpec
 
+    dataset = None
     if data is not None and not dry_run:
         from lamc.training.job import load_data
 
-        # A classifier's data names its classes: the model is analysed with that head.
+        # Refused now, before any process starts; and a classifier's data names its
+        # classes: the model is analysed with that head.
         dataset = load_data(str(data), model)
         if dataset.labels is not None:
             options["labels"] = len(dataset.label_names)
     topology = load_topology(topology_path)
-    spec = TrainingSpec(method, micro_batches, schedule, optimiser)
-    targets = tuple(t.strip() for t in (lora_targets or "").split(",") if t.strip())
+    # What planning takes besides the model: kept in a resumable run (replan.json).
+    training = {
+        "method": method,
+        "micro_batches": micro_batches,
+        "schedule": schedule,
+        "optimiser": optimiser,
+        "lora_rank": lora_rank,
+        "lora_targets": [t.strip() for t in (lora_targets or "").split(",") if t.strip()],
+        "prompt_tokens": prompt_tokens,
+    }
+    spec = _training_options(training).spec
     analysed = analyse_model(model, options)
-    plan = plan_training(
-        analysed,
-        topology,
-        TrainingOptions(spec, lora_rank, targets, prompt_tokens),
-        compare=compare,
-    )
+    plan = plan_training(analysed, topology, _training_options(training), compare=compare)
     planned = _plan_data(plan)
     if dry_run and as_json:
         click.echo(json.dumps(_finite(planned), indent=2, sort_keys=True))
@@ -219,20 +224,13 @@ def train_command(
         # What planning took, so that --resume --without can plan the rest anew.
         replan = {
             "topology": topology_path.read_text(),
-            "training": {
-                "method": method,
-                "micro_batches": micro_batches,
-                "schedule": schedule,
-                "optimiser": optimiser,
-                "lora_rank": lora_rank,
-                "lora_targets": list(targets),
-                "prompt_tokens": prompt_tokens,
-            },
+            "training": training,
             "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()},
         }
         return run_plan(
-            model, plan, analysed, _finite(planned), data, run_dir, settings, as_json, replan
-        )
+            model, plan, analysed, _finite(planned), data, dataset, run_dir, settings, as_json,
+            replan,
+        )  # fmt: skip
     if plan.replicated is not None:  # the pipelines are all in the search; this is not
         summary += (
             f"; data parallelism is faster: {plan.replicated.step_ms:.1f} ms per step "
@@ -244,9 +242,8 @@ def train_command(
 def replan_training(model: str, replan: dict[str, Any], gone: tuple[str, ...]) -> Any:
     """The plan of a run's model over its topology without the devices `gone` (for
     `--resume --without`)."""
-    from lamc.compiler.training import TrainingOptions, plan_training
+    from lamc.compiler.training import plan_training
     from lamc.topology import load_topology
-    from lamc.training_cost import TrainingSpec
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "topology.yaml"
@@ -266,25 +263,26 @@ def replan_training(model: str, replan: dict[str, Any], gone: tuple[str, ...]) -
     if options.get("dump_ir") is not None:
         options["dump_ir"] = Path(options["dump_ir"])
     analysed = analyse_model(model, options)
-    spec = TrainingSpec(
-        training["method"], training["micro_batches"], training["schedule"], training["optimiser"]
-    )
-    plan = plan_training(
-        analysed,
-        topology.without(set(gone)),
-        TrainingOptions(
-            spec,
-            training["lora_rank"],
-            tuple(training["lora_targets"]),
-            training["prompt_tokens"],
-        ),
-    )
+    plan = plan_training(analysed, topology.without(set(gone)), _training_options(training))
     if plan.solution is None:
         raise CommandOutcome(
             int(ExitCode.NO_FIT),
             f"{model}: without {', '.join(gone)}, no pipeline holds the training state",
         )
     return plan, analysed, _finite(_plan_data(plan))
+
+
+def _training_options(training: dict[str, Any]) -> Any:
+    """The planner's options from the command's (or a run's replan.json) training settings."""
+    from lamc.compiler.training import TrainingOptions
+    from lamc.training_cost import TrainingSpec
+
+    spec = TrainingSpec(
+        training["method"], training["micro_batches"], training["schedule"], training["optimiser"]
+    )
+    return TrainingOptions(
+        spec, training["lora_rank"], tuple(training["lora_targets"]), training["prompt_tokens"]
+    )
 
 
 def _plan_data(plan: Any) -> dict[str, Any]:

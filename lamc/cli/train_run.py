@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import statistics
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 
 import click
 
+from lamc.atomic import replace_file
 from lamc.errors import LamcError, UsageError
 
 
@@ -42,15 +42,16 @@ def run_plan(
     analysed: Any,
     planned: dict[str, Any],
     data: Path,
+    dataset: Any,
     run_dir: Path,
     settings: RunSettings,
     as_json: bool,
     replan: dict[str, Any] | None = None,
 ) -> str:
+    """`dataset`: `data` as loaded (and checked) by the command, before any process starts."""
     from lamc.atomic import atomic_directory
-    from lamc.training.job import Job, check_source, load_data
+    from lamc.training.job import Job, check_source
 
-    dataset = load_data(str(data), model)  # refused now, before any process starts
     check_source(model)
     spec = plan.cost.spec
     job = Job(
@@ -206,9 +207,8 @@ def _execute(job: Any, where: Path, planned: dict[str, Any], as_json: bool, show
                     f"{entry['predicted_bytes'] / 2**20:.0f} MiB "
                     f"({entry['peak_rss_bytes'] / entry['predicted_bytes']:.2f}x)"
                 )
-    tmp = where / ".run.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, where / "run.json")
+    text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
+    replace_file(where / "run.json", lambda path: path.write_text(text))
     return (
         f"{job.model} {job.method} -> {shown}/{result.name}: {job.steps} steps on "
         f"{len(job.devices)} stage process(es), loss {records[0]['loss']:.4f} -> "

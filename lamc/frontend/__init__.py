@@ -204,13 +204,11 @@ def _capture_hf(path: Path, options: CaptureOptions) -> Captured:
     captured = _adapted(
         capture_spec(spec, source=str(path), dynamic_overrides=options.dynamic), reference, options
     )
-    digest = hashlib.sha256()
-    for weights in sorted([*path.glob("*.safetensors"), path / "config.json"]):
-        digest.update(weights.name.encode())
-        with weights.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    captured.source_sha256 = digest.hexdigest()
+    from lamc.verify import files_sha256
+
+    captured.source_sha256 = files_sha256(
+        sorted([*path.glob("*.safetensors"), path / "config.json"])
+    )
     return captured
 
 

@@ -14,7 +14,6 @@ What `lamc train` writes (or any peft adapter directory) deploys through the usu
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -60,14 +59,11 @@ def classes(path: Path) -> int | None:
 
 def digest(path: Path) -> str:
     """sha256 over the adapter's files (names and bytes), for the manifest."""
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    total = hashlib.sha256()
-    for file in files:
-        total.update(file.name.encode())
-        with file.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                total.update(block)
-    return total.hexdigest()
+    from lamc.verify import files_sha256
+
+    return files_sha256(
+        sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    )
 
 
 def apply(module: Any, path: Path) -> tuple[Any, Any]:

@@ -12,10 +12,11 @@ older ones.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+from lamc.atomic import replace_file
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "complete.json"
@@ -33,12 +34,6 @@ def latest(run_dir: Path) -> int | None:
         if marker.is_file():
             found.append(int(json.loads(marker.read_text())["step"]))
     return max(found) if found else None
-
-
-def _replace_into(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def save(
@@ -64,14 +59,14 @@ def save(
             tensors[f"state:{name}:{key}"] = tensor.detach().contiguous().clone()
     folder = step_dir(run_dir, step)
     folder.mkdir(parents=True, exist_ok=True)
-    _replace_into(folder / f"stage-{rank}.safetensors", lambda p: save_file(tensors, str(p)))
+    replace_file(folder / f"stage-{rank}.safetensors", lambda p: save_file(tensors, str(p)))
 
 
 def mark_complete(run_dir: Path, step: int, stages: int) -> None:
     """Called once every stage has saved: the checkpoint counts, the older ones go."""
     folder = step_dir(run_dir, step)
     record = json.dumps({"step": step, "stages": stages}) + "\n"
-    _replace_into(folder / COMPLETE, lambda p: p.write_text(record))
+    replace_file(folder / COMPLETE, lambda p: p.write_text(record))
     for older in (run_dir / CHECKPOINTS).glob("step-*"):
         if older != folder:
             shutil.rmtree(older, ignore_errors=True)

@@ -228,11 +228,6 @@ def _load_jsonl(file: Path, model: str | None) -> Dataset:
     )
 
 
-def load_tokens(path: str) -> np.ndarray:
-    """input_ids [N, T] of an .npz (the causal LM data of zoo models)."""
-    return load_data(path).input_ids
-
-
 def step_rows(step: int, per_step: int, samples: int) -> np.ndarray:
     """The data rows of step `step`, in order, wrapping around the data set."""
     return (np.arange(per_step) + step * per_step) % samples
