@@ -1,5 +1,5 @@
 """`python -m lamc`: the same as the `lamc` command."""
 
-from lamc.cli.main import main
+from lamc.cli.entry import main
 
 main()

@@ -30,23 +30,40 @@ def version_tuple(text: str) -> tuple[int, ...]:
 
 def check_requires(manifest: Manifest) -> None:
     """`requires: {package: ">=X.Y"}`: each package installed, at that version or newer."""
-    from importlib import metadata
-
     for package, spec in sorted(manifest.requires.items()):
         if not spec.startswith(">=") or not version_tuple(spec[2:]):
             raise IntegrityError(f"requires/{package}: {spec!r} is not '>=VERSION'")
-        try:
-            installed = metadata.version(package)
-        except metadata.PackageNotFoundError:
+        installed = installed_version(package)
+        if installed is None:
             raise RuntimeEnvironmentError(
                 f"this pipeline requires {package} {spec}, which is not installed",
                 hint=f"pip install '{package}{spec}'",
-            ) from None
+            )
         if version_tuple(installed) < version_tuple(spec[2:]):
             raise RuntimeEnvironmentError(
                 f"this pipeline requires {package} {spec}; {installed} is installed",
                 hint=f"pip install '{package}{spec}'",
             )
+
+
+def installed_version(package: str) -> str | None:
+    """The version of `package` that imports here: its module's `__version__` (which also
+    answers for a build of it installed under another name, such as onnxruntime-gpu for
+    onnxruntime), else the installed distribution's; None when neither is there."""
+    import importlib
+
+    try:
+        version = getattr(importlib.import_module(package.replace("-", "_")), "__version__", None)
+    except ImportError:
+        version = None
+    if isinstance(version, str):
+        return version
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def check_unlisted(out_dir: Path, manifest: Manifest) -> None:

@@ -14,7 +14,6 @@ import json
 import mmap
 import os
 from collections.abc import Callable, Iterable, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,9 @@ from lamc.manifest import FILENAME, MIN_ONNXRUNTIME, VERSION, ArtifactFile, Mani
 
 
 def schema() -> dict[str, Any]:
-    text = resources.files("lamc.schemas").joinpath("manifest.schema.json").read_text()
+    # A plain path, not importlib.resources (whose import alone is a tenth of a stage
+    # server's start-up imports): lamc installs as files, never zipped.
+    text = (Path(__file__).parent / "schemas" / "manifest.schema.json").read_text()
     loaded: dict[str, Any] = json.loads(text)
     return loaded
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
@@ -163,10 +162,23 @@ def serve_command(
             ca=tls.ca if tls else None,
             server_name=server_name,
         )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from lamc.runtime.loading import devices, take
+    from lamc.runtime.security import check_bind
+
+    check_bind(listen, tls, insecure)  # a usage error before the artifact is read
+
+    lost = devices(without)
+    chosen = parse_providers(providers)
+
+    # Begun before the command line was parsed (`lamc.cli.main`), or now: the session is
+    # built on its own thread while gRPC and the server are imported.
+    load = take(out, stage, without=lost, providers=chosen, threads=threads)
+    import asyncio
+
     from lamc.runtime.lifecycle import serve_forever
     from lamc.runtime.server import StageService
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     service = StageService(
         out,
         stage,
@@ -178,12 +190,13 @@ def serve_command(
         tls=tls,
         insecure=insecure,
         token=token,
-        providers=parse_providers(providers),
+        providers=chosen,
         threads=threads,
         next_tls=next_tls,
         delay_ms=delay_ms,
-        without=tuple(d.strip() for d in (without or "").split(",") if d.strip()),
+        without=lost,
         standby=standby,
+        load=load,
     )
     asyncio.run(serve_forever(service))
     counts = service.counts

@@ -66,17 +66,23 @@ async def start(self: StageService) -> None:
     await self._server.start()
     if self._next is not None:
         self._next.connect()
-    warm = time.perf_counter()
-    await warm_up(self)
-    self.startup_ms["warm-up"] = (time.perf_counter() - warm) * 1000
-    try:  # nothing is served before every byte the stage loaded matched its hash
-        hashed_ms = await asyncio.wrap_future(self._weights_checked)
+    try:
+        try:
+            self.runner, self.startup_ms["load"] = await asyncio.wrap_future(self._load.session)
+        except Exception:
+            # A tampered weight file is the reason to give for a session that failed.
+            await asyncio.wrap_future(self._load.hashed)
+            raise
+        warm = time.perf_counter()
+        await warm_up(self)
+        self.startup_ms["warm-up"] = (time.perf_counter() - warm) * 1000
+        # Nothing is served before every byte the stage loaded matched its hash.
+        hashed_ms = await asyncio.wrap_future(self._load.hashed)
     except BaseException:
         await self._server.stop(None)
         raise
-    finally:
-        self._hashing.shutdown(wait=False)
     self.startup_ms["weights hashed alongside"] = hashed_ms
+    self.ready = True
     self._spawn(self._worker())
     await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
     await self._health.set(wire.SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -94,15 +100,22 @@ async def start(self: StageService) -> None:
 
 
 async def warm_up(self: StageService) -> None:
-    """Run the engine once on inputs of the smallest sizes before reporting ready."""
-    binding, feeds = warm_up_feeds(self.manifest, self.spec)
-    try:
-        await asyncio.get_running_loop().run_in_executor(self._compute, self.runner.run, feeds)
-        log.info("stage %d warmed up at %s", self.index, binding)
-    except Exception as exc:
-        # An input whose valid values lamc could not record (one computed from data): the
-        # engine is loaded either way, and the first real request warms it.
-        log.warning("stage %d warm-up skipped: %s", self.index, str(exc).splitlines()[0][:200])
+    """Run the engine once before reporting ready, on inputs of the smallest sizes the
+    manifest allows (the cheapest run that shows the engine runs at all); at the plan's
+    sizes where that fails."""
+    loop = asyncio.get_running_loop()
+    for smallest in (True, False):
+        binding, feeds = warm_up_feeds(self.manifest, self.spec, smallest=smallest)
+        try:
+            await loop.run_in_executor(self._compute, self.runner.run, feeds)
+            log.info("stage %d warmed up at %s", self.index, binding)
+            return
+        except Exception as exc:
+            # An input whose valid values lamc could not record (one computed from data): the
+            # engine is loaded either way, and the first real request warms it.
+            reason = str(exc).splitlines()[0][:200]
+            log.warning("stage %d warm-up at %s failed: %s", self.index, binding, reason)
+    log.warning("stage %d warm-up skipped", self.index)
 
 
 async def serve_forever(service: StageService) -> None:

@@ -30,6 +30,10 @@ async def reconfigure(self: StageService, request: Any, context: Any) -> Any:
         return wire.ReconfigureReply(
             ok=False, code="UNAUTHENTICATED", message="missing or wrong token"
         )
+    if not self.ready:  # it listens before its own session is built and checked
+        return wire.ReconfigureReply(
+            ok=False, code="UNAVAILABLE", message=f"stage {self.index} is still starting"
+        )
     from lamc.errors import LamcError
     from lamc.runtime.weights import mapped_files
     from lamc.verify import verify_files
@@ -129,6 +133,10 @@ async def switch_variant(self: StageService, request: Any, context: Any) -> Any:
         self.counts["unauthenticated"] += 1
         return wire.ReconfigureReply(
             ok=False, code="UNAUTHENTICATED", message="missing or wrong token"
+        )
+    if not self.ready:  # it listens before its own session is built and checked
+        return wire.ReconfigureReply(
+            ok=False, code="UNAVAILABLE", message=f"stage {self.index} is still starting"
         )
     from lamc.errors import LamcError
     from lamc.verify import verify_files

@@ -34,20 +34,22 @@ from typing import Any
 import numpy as np
 
 from lamc.errors import UsageError
-from lamc.manifest import ArtifactFile, StageSpec
+from lamc.manifest import StageSpec
 from lamc.runtime import wire
-from lamc.runtime.executor import StageRunner, load_stage
+from lamc.runtime.executor import StageRunner
 from lamc.runtime.forward import Forwarder
 from lamc.runtime.kvcache import CacheLost, StageCaches, Step
 from lamc.runtime.ledger import Job, Ledger
+from lamc.runtime.loading import StageLoad
 from lamc.runtime.security import TlsConfig, check_bind, token_matches
 from lamc.runtime.tensors import TensorMismatch, check_all
-from lamc.verify import verify, verify_files
 
 log = logging.getLogger("lamc.serve")
 
 
 class StageService:
+    runner: StageRunner  # built on the loader's thread; set by `start`
+
     def __init__(
         self,
         out_dir: Path,
@@ -67,21 +69,20 @@ class StageService:
         max_deadline_s: float = 600.0,
         without: tuple[str, ...] = (),
         standby: bool = False,
+        load: StageLoad | None = None,
     ) -> None:
         check_bind(listen, tls, insecure)
-        started = time.perf_counter()
-        # Hashes this stage's files only (of the failover plan for losing `without`): its
-        # graph now, its weights (raw bytes nothing parses) while the session is built.
-        weights: list[ArtifactFile] = []
-        self.full_manifest = verify(out_dir, stage=index, without=without, later=weights)
-        self.manifest = self.full_manifest.without(without) if without else self.full_manifest
+        if load is None:
+            load = StageLoad(out_dir, index, without=without, providers=providers, threads=threads)
+        self.full_manifest = load.full_manifest
+        self.manifest = load.manifest
         # What a reconfigure needs: every plan of the artifact, and the files checked so far.
         self.out_dir = out_dir
         self.verified = {f.path for f in self.manifest.stages[index].files}
         self.providers, self.threads, self.max_sequences = providers, threads, max_sequences
         self.delay_ms = delay_ms
         self.lost: tuple[str, ...] = tuple(without)
-        self.spec: StageSpec = self.manifest.stages[index]
+        self.spec: StageSpec = load.spec
         self.device = self.spec.device
         self.index = index
         self.last = index == len(self.manifest.stages) - 1
@@ -98,21 +99,11 @@ class StageService:
         self.queue_size = queue_size
         self.max_deadline_ms = max_deadline_s * 1000.0
         self.max_message = wire.max_message_bytes(self.manifest)
-        verified = time.perf_counter()
-        self._hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
-        self._weights_checked = self._hashing.submit(_timed, verify_files, out_dir, weights)
-        try:
-            self.runner: StageRunner = load_stage(
-                out_dir, self.spec, providers=providers, threads=threads
-            )
-        except Exception:
-            self._weights_checked.result()  # a tampered weight file is the reason to give
-            raise
-        self.started = started
-        self.startup_ms = {
-            "verify": (verified - started) * 1000,
-            "load": (time.perf_counter() - verified) * 1000,
-        }
+        # The weights are hashed while the session is built; `start` waits for both.
+        self._load = load
+        self.started = load.started
+        self.startup_ms = {"verify": (load.verified - load.started) * 1000}
+        self.ready = False  # the session built, warmed up and its weights' hashes matched
         # The sequences whose KV caches this stage holds (touched by the compute thread only).
         self.caches = StageCaches(self.manifest, self.spec, capacity=max_sequences)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{index}")
@@ -364,10 +355,3 @@ class StageService:
         else:
             # A hand-off closed by a reconfigure: the next stage never took it.
             self.ledger.fail(job, problem, replanned=forwarder.closed)
-
-
-def _timed(function: Any, *args: Any) -> float:
-    """Milliseconds `function(*args)` took (it runs on another thread)."""
-    started = time.perf_counter()
-    function(*args)
-    return (time.perf_counter() - started) * 1000

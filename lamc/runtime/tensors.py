@@ -103,13 +103,16 @@ def check_all(
 
 
 def warm_up_feeds(
-    manifest: Manifest, spec: StageSpec
+    manifest: Manifest, spec: StageSpec, smallest: bool = False
 ) -> tuple[dict[str, int], dict[str, np.ndarray]]:
-    """A stage's inputs at the plan's binding (the dims' smallest sizes where it has none):
-    random floats, zeros for integers, and shape tensors at the value the manifest
-    records for them (so a Reshape downstream gets a valid target)."""
+    """A stage's inputs at the plan's binding (the dims' smallest sizes where it has none;
+    every dim at its smallest size with `smallest`): random floats, zeros for integers,
+    and shape tensors at the value the manifest records for them (so a Reshape downstream
+    gets a valid target)."""
     binding = {name: max(bounds.min, 1) for name, bounds in manifest.dims.items()}
-    binding.update({k: v for k, v in manifest.plan.get("binding", {}).items() if k in binding})
+    if not smallest:
+        plan = manifest.plan.get("binding", {})
+        binding.update({k: v for k, v in plan.items() if k in binding})
     rng = np.random.default_rng(0)
     feeds = {}
     for name in spec.inputs:

@@ -230,6 +230,10 @@ def test_required_runtime_version_is_checked(copy: Path, no_loading: None) -> No
         Pipeline.open(copy)
     assert info.value.exit_code == ExitCode.ENVIRONMENT
     assert "requires onnxruntime >=99.0" in info.value.message
+    _edit(copy, lambda d: d.update(requires={"lamc-no-such-package": ">=1.0"}))
+    with pytest.raises(RuntimeEnvironmentError) as info:
+        Pipeline.open(copy)
+    assert "lamc-no-such-package >=1.0, which is not installed" in info.value.message
 
 
 def test_inconsistent_dims_fail_before_loading(copy: Path, no_loading: None) -> None:
@@ -391,3 +395,65 @@ def test_a_stage_server_hashes_its_weights_before_it_serves(copy: Path) -> None:
     assert f"{relative}: sha256" in info.value.message, info.value.message
     assert service.queue is not None and service.queue.empty()
     assert not service.counts["accepted"]
+
+
+def test_a_stage_load_begun_early_is_handed_over_for_the_same_arguments_only(
+    compiled: Path, tmp_path: Path
+) -> None:
+    """`lamc serve` begins checking and loading its stage before the command line is
+    parsed; the command takes that load only for the very arguments it parsed, and any
+    argument the guess does not understand leaves nothing begun (the command reports)."""
+    from lamc.runtime import loading
+
+    loading.begin_early([str(compiled), "--listen", "127.0.0.1:1", "--stage", "1", "--insecure"])
+    assert loading._early is not None
+    begun = loading._early[1]
+    taken = loading.take(compiled, 1, without=(), providers=None, threads=None)
+    assert taken is begun and loading._early is None
+    runner, _ = taken.session.result(timeout=120)
+    assert runner.spec.index == 1 and taken.hashed.result(timeout=120) >= 0
+    # Other arguments than the command parsed: a load of its own.
+    loading.begin_early([str(compiled), "--stage=0", "--threads", "1"])
+    assert loading._early is not None
+    other = loading.take(compiled, 0, without=(), providers=None, threads=None)
+    assert other is not loading._early and other.spec.index == 0
+    assert loading._early is None
+    # Nothing begun for what the guess cannot read, or where the command would fail.
+    for args in (
+        [str(compiled), "--stage", "x"],
+        [str(compiled), "--stage", "9"],
+        [str(tmp_path / "missing"), "--stage", "0"],
+        [str(compiled), "--stage", "1", "--help"],
+        [str(compiled), "--ray", "auto"],
+        [str(compiled), "-x", "--stage", "1"],
+        ["--stage"],
+    ):
+        loading.begin_early(args)
+        assert loading._early is None, args
+
+
+def test_a_switch_asked_for_while_the_stage_starts_is_refused(compiled: Path) -> None:
+    """A stage server listens before its session is built and checked; a reconfigure or
+    variant switch before then is answered UNAVAILABLE (after the token check)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from lamc.runtime import wire
+    from lamc.runtime.reconfigure import reconfigure, switch_variant
+    from lamc.runtime.server import StageService
+    from tests.runtime.servers import free_port
+
+    service = StageService(compiled, 1, listen=f"127.0.0.1:{free_port()}", token="t")
+    assert not service.ready
+    context = SimpleNamespace(invocation_metadata=lambda: (("authorization", "Bearer t"),))
+    stranger = SimpleNamespace(invocation_metadata=lambda: ())
+    for switch, request in (
+        (reconfigure, wire.ReconfigureRequest(stage=0)),
+        (switch_variant, wire.VariantRequest(method="fp16")),
+    ):
+        reply = asyncio.run(switch(service, request, context))
+        assert (reply.ok, reply.code) == (False, "UNAVAILABLE"), reply
+        assert "still starting" in reply.message
+        reply = asyncio.run(switch(service, request, stranger))
+        assert reply.code == "UNAUTHENTICATED"
+    service._load.session.result(timeout=120)
