@@ -7,6 +7,7 @@ networkx, so an edge device needs only `pip install lamc`.
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,11 +197,13 @@ class Pipeline:
         trace: dict[int, dict[str, np.ndarray]] | None = None,
         *,
         sequence: Step | None = None,
+        timings: dict[int, float] | None = None,
     ) -> dict[str, np.ndarray]:
         """Run one request through every stage; tensors are checked at every hop. With
         `trace`, each stage's outputs are recorded in it by stage index. With `sequence`
         (a decoder step), each stage keeps its own KV caches: `feeds` hold no cache
-        tensors and the outputs no presents."""
+        tensors and the outputs no presents. With `timings`, the seconds each stage's hop
+        took (its engine's run and the checks around it) are recorded by stage index."""
         manifest = self.manifest
         takes, gives = manifest.inputs, manifest.outputs
         if sequence is not None:
@@ -225,7 +228,10 @@ class Pipeline:
                     binding,
                     f"stage {spec.index} ({spec.device}) input",
                 )
+                started = time.perf_counter()
                 produced, env = stage.hop(manifest, arriving, binding, caches, sequence)
+                if timings is not None:
+                    timings[spec.index] = time.perf_counter() - started
                 if trace is not None:
                     trace[spec.index] = produced
                 codecs = self.codecs.get(spec.index + 1)
