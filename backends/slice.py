@@ -24,7 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from lamc.errors import InternalError
-from lamc.ir import CONST, STAGE, UNIT, annotation
+from lamc.ir import CONST, STAGE, UNIT, annotation, node_inputs, subgraph_users
 
 if TYPE_CHECKING:
     from lamc.backends.weights import SharedWeights
@@ -204,8 +204,8 @@ def _units_of(view: ir.GraphView) -> dict[str, str]:
         unit = annotation(node, UNIT)
         if not isinstance(unit, int):
             continue
-        for value in node.inputs:
-            if value is not None and value.name and value.name not in found:
+        for value in node_inputs(node):
+            if value.name and value.name not in found:
                 found[value.name] = f"u{unit:04d}"
     return found
 
@@ -281,8 +281,8 @@ def _slice_one(
     frontier = list(members)
     while frontier:
         node = frontier.pop()
-        for value in node.inputs:
-            producer = value.producer() if value is not None else None
+        for value in node_inputs(node):
+            producer = value.producer()
             if (
                 producer is not None
                 and id(producer) in const_ids
@@ -297,8 +297,8 @@ def _slice_one(
     initializers: list[ir.Value] = []
     seen: set[int] = set()
     for node in ordered:
-        for value in node.inputs:
-            if value is None or id(value) in seen:
+        for value in node_inputs(node):
+            if id(value) in seen:
                 continue
             seen.add(id(value))
             producer = value.producer()
@@ -307,9 +307,10 @@ def _slice_one(
             elif producer is None or id(producer) not in included:
                 inputs.append(value)
     outputs: list[ir.Value] = []
+    users = subgraph_users(all_nodes)
     for node in members:
         for value in node.outputs:
-            later = any(stage_of.get(id(use.node), -1) > k for use in value.uses())
+            later = any(stage_of.get(id(user), -1) > k for user in users(value))
             if id(value) in graph_outputs or later:
                 outputs.append(value)
     if not outputs:

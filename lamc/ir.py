@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -85,6 +85,57 @@ def user_frame(node: ir.Node) -> str | None:
     if not m:
         return None
     return f"{m.group(1)}:{m.group(2)} in {m.group(3)}: {m.group(4).strip()}"
+
+
+def subgraphs(node: ir.Node) -> list[ir.Graph]:
+    """The graphs a node holds in its attributes (an If's branches, a Loop's body)."""
+    graphs: list[ir.Graph] = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs.append(attr.value)
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs.extend(attr.value)
+    return graphs
+
+
+def node_inputs(node: ir.Node) -> list[ir.Value]:
+    """What `node` reads: its inputs, and the outer values its subgraphs (an If's branches,
+    a Loop's or Scan's body, at any depth) refer to by name."""
+    found: dict[int, ir.Value] = {id(v): v for v in node.inputs if v is not None}
+    pending = subgraphs(node)
+    while pending:
+        graph = pending.pop()
+        local = {id(v) for v in graph.inputs} | {id(v) for v in graph.initializers.values()}
+        local |= {id(o) for inner in graph for o in inner.outputs}
+        for inner in graph:
+            for value in inner.inputs:
+                if value is not None and id(value) not in local and value.graph is not graph:
+                    found.setdefault(id(value), value)
+            pending.extend(subgraphs(inner))
+    return list(found.values())
+
+
+def subgraph_users(nodes: Iterable[ir.Node]) -> Callable[[ir.Value], list[ir.Node]]:
+    """`users(value)`: the nodes of `nodes` that use `value`, a node inside a subgraph (an
+    If's branch, a Loop's or Scan's body, at any depth) counted as the top-level node that
+    holds it, so control flow stays whole with its node."""
+    owner: dict[int, ir.Node] = {}
+    for top in nodes:
+        pending = [top]
+        while pending:
+            for graph in subgraphs(pending.pop()):
+                for inner in graph:
+                    owner[id(inner)] = top
+                    pending.append(inner)
+
+    def users(value: ir.Value) -> list[ir.Node]:
+        found: dict[int, ir.Node] = {}
+        for use in value.uses():
+            node = owner.get(id(use.node), use.node)
+            found[id(node)] = node
+        return list(found.values())
+
+    return users
 
 
 def _literal_list(text: str) -> list[Any]:

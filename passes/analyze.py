@@ -24,7 +24,9 @@ from lamc.ir import (
     eval_shape,
     itemsize,
     module_scope,
+    node_inputs,
     numel,
+    subgraphs,
 )
 from lamc.passes import op_costs
 from lamc.passes.base import Pass, PassResult
@@ -81,13 +83,13 @@ class Analyze(Pass):
         graph = model.graph
         unresolved: list[str] = []
         total_flops = total_matrix = 0.0
-        for node in graph:
+        for position, node in enumerate(graph):
             scope = module_scope(node)
             annotate(node, SCOPE, list(scope.paths))
             node.meta["lamc.scope_classes"] = scope.classes
             cost = node_cost(node, self.binding, concrete)
             if not cost.resolved:
-                unresolved.append(node.name or node.op_type)
+                unresolved.append(node.name or f"{node.op_type} (node {position})")
             annotate(node, COST, cost)
             total_flops += cost.flops
             total_matrix += cost.matrix_flops
@@ -168,6 +170,20 @@ def node_cost(
             moved += size
             if inp.is_initializer():
                 weight_read += size
+    inner = _control_flow_cost(node, binding, concrete)
+    if inner is not None:
+        # Control flow is costed with what it runs: an If's heavier branch, a Loop's or
+        # Scan's body once per iteration; the weights its subgraphs read are its own.
+        flops += inner.flops
+        matrix += inner.matrix_flops
+        moved += inner.moved_bytes
+        weight_read += inner.weight_read_bytes
+        resolved = resolved and inner.resolved
+        param_bytes = sum(
+            int(v.const_value.nbytes)
+            for v in node_inputs(node)
+            if v.is_initializer() and v.const_value is not None
+        )
     return NodeCost(
         cls,
         flops,
@@ -179,6 +195,68 @@ def node_cost(
         compute_dtype(node),
         weight_read,
     )
+
+
+def _control_flow_cost(
+    node: ir.Node, binding: Mapping[str, int], concrete: Mapping[str, tuple[int, ...]] | None
+) -> NodeCost | None:
+    """What the subgraphs of `node` cost per run of it (None: it holds none). The number of
+    iterations of a Loop is its trip count where that is a constant, of a Scan the length
+    of its first scanned input; otherwise one, and the cost is marked unresolved."""
+    graphs = subgraphs(node)
+    if not graphs:
+        return None
+    per_graph = []
+    for graph in graphs:
+        costs = [node_cost(inner, binding, concrete) for inner in graph]
+        per_graph.append(
+            NodeCost(
+                op_costs.DATA,
+                sum(c.flops for c in costs),
+                sum(c.matrix_flops for c in costs),
+                0,
+                0,
+                sum(c.moved_bytes for c in costs),
+                all(c.resolved for c in costs),
+                "fp32",
+                sum(c.weight_read_bytes for c in costs),
+            )
+        )
+    if node.op_type == "If":
+        return max(per_graph, key=lambda c: (c.flops, c.moved_bytes))
+    body = per_graph[0]
+    trips, known = _iterations(node, binding)
+    return NodeCost(
+        body.op_class,
+        body.flops * trips,
+        body.matrix_flops * trips,
+        0,
+        0,
+        body.moved_bytes * trips,
+        body.resolved and known,
+        body.dtype,
+        body.weight_read_bytes * trips,
+    )
+
+
+def _iterations(node: ir.Node, binding: Mapping[str, int]) -> tuple[int, bool]:
+    """(iterations, whether lamc knows them) of a Loop or Scan."""
+    if node.op_type == "Loop" and node.inputs and node.inputs[0] is not None:
+        tensor = node.inputs[0].const_value
+        if tensor is not None and tensor.size == 1:
+            return max(int(tensor.numpy().reshape(())), 0), True
+    if node.op_type == "Scan":
+        scanned = node.attributes.get_int("num_scan_inputs", 0)
+        first = len(node.inputs) - scanned
+        scanned_input = node.inputs[first] if scanned and first < len(node.inputs) else None
+        if scanned_input is not None:
+            axes = node.attributes.get_ints("scan_input_axes", [0]) or [0]
+            try:
+                shape = eval_shape(scanned_input.shape, binding)
+                return shape[axes[0]], True
+            except (UnresolvedDim, IndexError):
+                pass
+    return 1, False
 
 
 _DTYPE_NAMES = {
@@ -287,7 +365,9 @@ def concrete_shapes(model: ir.Model, binding: Mapping[str, int]) -> dict[str, tu
 
 
 def fill_shapes(model: ir.Model) -> int:
-    """Fill unknown dims of intermediate values by ONNX shape inference (data propagation on).
+    """Fill unknown dims of intermediate values by ONNX shape inference (data propagation
+    on), then, for what that leaves unknown (a Loop's outputs, ONNX Runtime's contrib
+    ops), by ONNX Runtime's symbolic shape inference.
 
     Known dims are kept as they are, so the exporter's symbol names survive. Returns how
     many values gained information.
@@ -296,9 +376,54 @@ def fill_shapes(model: ir.Model) -> int:
     values = {v.name: v for node in graph for v in node.outputs if v.name}
     if not any(_incomplete(v) for v in values.values()):
         return 0
-    inferred = _infer(skeleton(model))
-    if inferred is None:
-        return 0
+    skeleton_proto = skeleton(model)
+    gained = 0
+    inferred = _infer(skeleton_proto)
+    if inferred is not None:
+        gained += _take_shapes(inferred, values)
+    if any(_incomplete(v) for v in values.values()):
+        symbolic = _infer_symbolic(skeleton_proto)
+        if symbolic is not None:
+            gained += _take_shapes(symbolic, values)
+    return gained
+
+
+def _infer_symbolic(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """ONNX Runtime's symbolic shape inference (it knows Loop, Scan and contrib ops)."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred: onnx.ModelProto = SymbolicShapeInference.infer_shapes(
+            proto, auto_merge=True, guess_output_rank=False
+        )
+        return inferred
+    except Exception:  # a model it cannot follow: the values stay unknown, and say so
+        return None
+
+
+def _dim_text(text: str) -> str | None:
+    """A symbolic dim lamc can evaluate (names, integers, + - * // %), else None."""
+    import ast
+
+    if not text or text.startswith("unk__"):
+        return None
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        return None
+    allowed = (ast.Expression, ast.Name, ast.Constant, ast.BinOp, ast.Load)
+    allowed_ops = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod)
+    for node in ast.walk(tree):
+        if isinstance(node, allowed_ops):
+            continue
+        if not isinstance(node, allowed) or (
+            isinstance(node, ast.Constant) and not isinstance(node.value, int)
+        ):
+            return None
+    return text
+
+
+def _take_shapes(inferred: onnx.ModelProto, values: Mapping[str, ir.Value]) -> int:
     gained = 0
     for info in [*inferred.graph.value_info, *inferred.graph.output]:
         value = values.get(info.name)
@@ -313,8 +438,8 @@ def fill_shapes(model: ir.Model) -> int:
         for d in tensor_type.shape.dim:
             if d.HasField("dim_value"):
                 dims.append(int(d.dim_value))
-            elif d.HasField("dim_param") and not d.dim_param.startswith("unk__"):
-                dims.append(d.dim_param)
+            elif d.HasField("dim_param"):
+                dims.append(_dim_text(d.dim_param))
             else:
                 dims.append(None)
         if value.shape is None or len(value.shape) != len(dims):

@@ -29,7 +29,9 @@ from lamc.ir import (
     annotation,
     eval_shape,
     itemsize,
+    node_inputs,
     numel,
+    subgraph_users,
 )
 from lamc.passes.base import Pass, PassResult
 from lamc.passes.unit_groups import group_by_blocks, group_by_segments
@@ -71,6 +73,7 @@ def build_workload(
     graph = model.graph
     nodes = list(graph)
     position = {id(n): i for i, n in enumerate(nodes)}
+    users = subgraph_users(nodes)
     const = _constant_nodes(nodes)
     active = [n for n in nodes if id(n) not in const]
 
@@ -84,8 +87,8 @@ def build_workload(
     dag.add_nodes_from(range(len(groups)))
     for node in active:
         for value in node.outputs:
-            for use in value.uses():
-                target = group_of.get(id(use.node))
+            for user in users(value):
+                target = group_of.get(id(user))
                 if target is not None and target != group_of[id(node)]:
                     dag.add_edge(group_of[id(node)], target)
     condensed = nx.condensation(dag)
@@ -108,10 +111,8 @@ def build_workload(
     # Constant-only nodes are costed with the first unit that uses them.
     for node in reversed(nodes):
         if id(node) in const:
-            users = [
-                unit_of[id(u.node)] for v in node.outputs for u in v.uses() if id(u.node) in unit_of
-            ]
-            unit_of[id(node)] = min(users) if users else 0
+            using = [unit_of[id(u)] for v in node.outputs for u in users(v) if id(u) in unit_of]
+            unit_of[id(node)] = min(using) if using else 0
     for node in nodes:
         annotate(node, UNIT, unit_of[id(node)])
         if id(node) in const:
@@ -135,9 +136,9 @@ def build_workload(
     edges: dict[tuple[int, int], int] = defaultdict(int)
 
     def track(value: ir.Value, producer_unit: int, birth: int) -> None:
-        users = [u.node for u in value.uses() if id(u.node) not in const]
-        consumer_units = [unit_of[id(u)] for u in users]
-        death = max((vpos[id(u)] for u in users), default=birth)
+        consumers = [u for u in users(value) if id(u) not in const]
+        consumer_units = [unit_of[id(u)] for u in consumers]
+        death = max((vpos[id(u)] for u in consumers), default=birth)
         last_unit = max(consumer_units, default=producer_unit)
         if id(value) in graph_outputs:
             death, last_unit = end, n_units
@@ -174,9 +175,7 @@ def build_workload(
         costed = members
         params: set[str] = set()
         for node in costed:
-            for inp in node.inputs:
-                if inp is None:
-                    continue
+            for inp in node_inputs(node):  # a subgraph's weights are its node's
                 producer = inp.producer()
                 if inp.is_initializer() and inp.const_value is not None:
                     params.add(inp.name or "")

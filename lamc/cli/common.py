@@ -14,6 +14,12 @@ from lamc.cli.options import parse_ranges, parse_sizes
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--dynamic, --dims, --trust-pickle, --no-weights, --kv-cache, --dump-ir."""
     fn = click.option(
+        "--strict",
+        is_flag=True,
+        help="Fail (exit 4) when lamc cannot resolve the cost of some node (a shape it "
+        "cannot infer), instead of warning and planning without it.",
+    )(fn)
+    fn = click.option(
         "--granularity",
         type=click.Choice(["block", "fine"]),
         default="block",
@@ -61,8 +67,33 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def check_costs(analysed: Any, strict: bool) -> None:
+    """Name every node whose cost lamc could not resolve: a warning on stderr, or with
+    `--strict` a capture error (exit 4)."""
+    from lamc.errors import CaptureError
+
+    unresolved = analysed.captured.model.meta["lamc.analysis"].unresolved
+    if not unresolved:
+        return
+    message = (
+        f"{len(unresolved)} node(s) whose cost lamc could not resolve (a shape it cannot "
+        f"infer; the plan counts less than they cost): {', '.join(unresolved)}"
+    )
+    if strict:
+        raise CaptureError(
+            message, hint="give the inputs' sizes with --dims, or export the model with shapes"
+        )
+    click.echo(f"warning: {message}", err=True)
+
+
 def analyse_model(model: str, options: dict[str, Any]) -> Any:
     """Capture and analyse MODEL as `model_options` ask (the commands that plan)."""
+    analysed = _analyse(model, options)
+    check_costs(analysed, bool(options.get("strict")))
+    return analysed
+
+
+def _analyse(model: str, options: dict[str, Any]) -> Any:
     from lamc.compiler import analyse
 
     return analyse(

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from lamc.cli.common import capture_options, model_options, require_compile_extra
+from lamc.cli.common import capture_options, check_costs, model_options, require_compile_extra
 from lamc.cli.main import cli, lamc_command
 from lamc.cli.plan_options import describe, plan_options, request_from_options
 from lamc.cli.plan_view import render_failover, render_plan
@@ -97,6 +97,7 @@ def compile_command(
         analysed = analyse(
             model, capture, dump_ir=options["dump_ir"], granularity=options["granularity"]
         )
+    check_costs(analysed, options["strict"])
     if dry_run:
         from lamc.compiler import plan_model
         from lamc.topology import load_topology

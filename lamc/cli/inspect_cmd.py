@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from lamc.cli.common import capture_options, model_options, require_compile_extra
+from lamc.cli.common import capture_options, check_costs, model_options, require_compile_extra
 from lamc.cli.main import cli, lamc_command
 from lamc.cli.ui import Steps, stdout_console
 from lamc.quantity import format_bytes, format_flops
@@ -27,6 +27,7 @@ def inspect_command(
     no_weights: bool,
     kv_cache: bool,
     granularity: str,
+    strict: bool,
     dump_ir: Path | None,
     adapter: Path | None,
     as_json: bool,
@@ -47,6 +48,7 @@ def inspect_command(
             dump_ir=dump_ir,
             granularity=granularity,
         )
+    check_costs(result, strict)
     workload = result.workload
     summary = workload.summary()
     summary["source"] = model

@@ -40,6 +40,7 @@ def capture_onnx(
     _check_external_data(model, path)
     capture_s = time.perf_counter() - started
 
+    named = _name_anonymous_dims(model)
     symbols = _input_symbols(model)
     overrides = dict(dynamic_overrides or {})
     unknown = sorted(set(overrides) - set(symbols))
@@ -49,7 +50,10 @@ def capture_onnx(
             hint=f"its inputs' symbolic dims are: {', '.join(symbols) or 'none'}",
         )
     point = dict(operating_point or {})
-    warnings: list[str] = []
+    warnings: list[str] = [
+        f"input {value!r} axis {axis} has no dim name; lamc names it {symbol!r}"
+        for value, axis, symbol in named
+    ]
     dims: dict[str, tuple[int, int]] = {}
     for name in symbols:
         low, high = overrides.get(name, (1, 1 << 31))
@@ -112,6 +116,60 @@ class OnnxReference:
         session: ort.InferenceSession = self._session
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(None, dict(feeds))))
+
+
+def _anonymous(dim: object) -> bool:
+    """A dim that says nothing: no value and no name, the literal "?" some exporters
+    write, or a negative size (-1 for "any")."""
+    if isinstance(dim, int):
+        return dim < 0
+    if isinstance(dim, ir.SymbolicDim):
+        return dim.value is None or dim.value.strip() in ("", "?")
+    return dim is None
+
+
+def _name_anonymous_dims(model: ir.Model) -> list[tuple[str, int, str]]:
+    """Give each anonymous dim of each graph input a symbol of its own (`INPUT_AXIS`),
+    so two unknown sizes are never taken for one; anonymous dims of every other value
+    are forgotten, to be inferred from the inputs. Returns (input, axis, symbol) made."""
+    taken = {
+        d.value
+        for v in model.graph.inputs
+        if v.shape is not None
+        for d in v.shape.dims
+        if isinstance(d, ir.SymbolicDim) and d.value
+    }
+    made: list[tuple[str, int, str]] = []
+    for value in model.graph.inputs:
+        if value.shape is None or not any(_anonymous(d) for d in value.shape.dims):
+            continue
+        base = "".join(c if c.isalnum() else "_" for c in (value.name or "input")) or "input"
+        if not base[0].isalpha():
+            base = "x" + base
+        dims: list[int | str | None] = []
+        for axis, dim in enumerate(value.shape.dims):
+            if not _anonymous(dim):
+                dims.append(dim if isinstance(dim, int) else str(dim.value))
+                continue
+            symbol, n = f"{base}_{axis}", 1
+            while symbol in taken:
+                symbol, n = f"{base}_{axis}_{n}", n + 1
+            taken.add(symbol)
+            made.append((value.name or "", axis, symbol))
+            dims.append(symbol)
+        value.shape = ir.Shape(dims)
+    inputs = {id(v) for v in model.graph.inputs}
+    for value in [*model.graph.outputs, *(o for node in model.graph for o in node.outputs)]:
+        if id(value) in inputs or value.shape is None:
+            continue
+        if any(_anonymous(d) for d in value.shape.dims):
+            value.shape = ir.Shape(
+                [
+                    None if _anonymous(d) else (d if isinstance(d, int) else str(d.value))
+                    for d in value.shape.dims
+                ]
+            )
+    return made
 
 
 def _input_symbols(model: ir.Model) -> list[str]:

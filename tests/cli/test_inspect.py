@@ -62,3 +62,41 @@ def test_console_script_runs(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1].startswith("PASSED inspect")
     assert "Traceback" not in done.stderr
+
+
+def _data_dependent_model(path: Path) -> None:
+    """x -> NonZero -> Cast -> Transpose -> MatMul: the count of non-zeros sizes every
+    value after the first node, so no shape there can be known before it runs."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("NonZero", ["x"], ["nz"], name="find"),
+        helper.make_node("Cast", ["nz"], ["f"], to=1, name="to_float"),
+        helper.make_node("Transpose", ["f"], ["t"], name="flip"),
+        helper.make_node("MatMul", ["t", "w"], ["y"], name="project"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "nonzero",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(np.ones((1, 4), dtype=np.float32), "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_nodes_whose_cost_is_unknown_are_named_and_strict_refuses_them(tmp_path: Path) -> None:
+    path = tmp_path / "nonzero.onnx"
+    _data_dependent_model(path)
+    out = lamc("inspect", str(path), "--dims", "n=5")
+    assert out.code == 0, out.stdout + out.stderr
+    assert "could not resolve" in out.stderr
+    for name in ("to_float", "flip", "project"):
+        assert name in out.stderr
+    for command in (["inspect"], ["compile", "-o", str(tmp_path / "out"), "-t", str(USER.parent.parent.parent / "examples" / "topologies" / "4x-minipc-1gbe.yaml")]):  # fmt: skip
+        out = lamc(*command, str(path), "--dims", "n=5", "--strict")
+        assert out.code == 4, out.stdout + out.stderr
+        assert "could not resolve" in out.final and "project" in out.final
+    assert not (tmp_path / "out").exists()

@@ -249,3 +249,59 @@ def test_external_data_outside_the_model_is_refused_everywhere(tmp_path: Path, w
 def test_a_factory_calling_sys_exit_is_a_capture_error() -> None:
     message = _fails(f"{USER}:exiting_factory", ExitCode.CAPTURE, "called sys.exit(0)")
     assert "instead of returning a model" in message
+
+
+def _anonymous_dims_model(path: Path) -> None:
+    """A small conv net whose input has a literal "?" batch, an unnamed height and a -1
+    width, and whose intermediate and output shapes say "?" again (as some exporters
+    write them): three sizes that have nothing to do with each other."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "w2"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "anonymous",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["?", 3, None, -1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["?", 4])],
+        initializer=weights,
+        value_info=[helper.make_tensor_value_info("c", TensorProto.FLOAT, ["?", 8, "?", "?"])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_anonymous_dims_each_get_a_symbol_of_their_own(tmp_path: Path) -> None:
+    """`?`, unnamed and -1 dims are three independent sizes: the compiled pipeline runs
+    at shapes where they all differ, as ONNX Runtime runs the file itself."""
+    from lamc.compiler import CompileOptions, analyse, compile_model
+    from lamc.passes.partition.planner import PlanRequest
+    from lamc.runtime.executor import Pipeline
+    from lamc.topology import Constraints
+    from tests.compiled import MINIPCS
+
+    path = tmp_path / "anonymous.onnx"
+    _anonymous_dims_model(path)
+    analysed = analyse(str(path), CaptureOptions(dims={"x_2": 8, "x_3": 8}))
+    captured = analysed.captured
+    assert list(captured.dims) == ["x_0", "x_2", "x_3"]
+    assert [str(d) for d in captured.model.graph.inputs[0].shape.dims] == ["x_0", "3", "x_2", "x_3"]
+    assert any("axis 3 has no dim name; lamc names it 'x_3'" in w for w in captured.warnings)
+    request = PlanRequest(constraints=Constraints(stages=1))
+    compile_model(str(path), MINIPCS, tmp_path / "out", CompileOptions(request=request), analysed=analysed)  # fmt: skip
+    pipeline = Pipeline.open(tmp_path / "out")
+    reference = new_session(str(path))
+    rng = np.random.default_rng(0)
+    for shape in [(2, 3, 5, 9), (1, 3, 7, 4), (3, 3, 8, 8)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        got = pipeline.run({"x": x})["y"]
+        np.testing.assert_allclose(got, reference.run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
