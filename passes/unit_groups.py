@@ -127,30 +127,46 @@ def _fine_group(
 def group_by_segments(
     active: list[ir.Node], model: ir.Model, max_segments: int
 ) -> list[list[ir.Node]]:
-    """No scopes: cut the topological order where exactly one tensor is live, into
-    segments of roughly equal FLOPs."""
+    """No scopes: cut the topological order where few tensors are live (a block boundary
+    of a repeated stack: the residual stream, plus what every block reads, such as the
+    attention mask), into segments of roughly equal FLOPs. Tensors used inside a
+    node's subgraphs (an If's branches) live until that node."""
+    from lamc.ir import subgraph_users
+
+    users = subgraph_users(active)
     position = {id(n): i for i, n in enumerate(active)}
     last_use: dict[int, int] = {}
     for node in active:
         for value in node.outputs:
-            uses = [position[id(u.node)] for u in value.uses() if id(u.node) in position]
+            uses = [position[id(u)] for u in users(value) if id(u) in position]
             last_use[id(value)] = max(uses, default=position[id(node)])
+    for value in model.graph.inputs:
+        uses = [position[id(u)] for u in users(value) if id(u) in position]
+        last_use[id(value)] = max(uses, default=-1)
+    # How many tensors cross a cut after each node.
+    crossing: list[int] = []
+    live = {id(v): d for v, d in ((v, last_use[id(v)]) for v in model.graph.inputs) if d >= 0}
+    for i, node in enumerate(active):
+        for value in node.outputs:
+            live[id(value)] = last_use[id(value)]
+        live = {v: d for v, d in live.items() if d > i}
+        crossing.append(len(live))
+    # Candidate cuts: where fewest tensors cross among the positions around (a stack's
+    # block boundaries, where only the residual stream and what every block reads do).
+    reach = max(1, len(active) // (4 * max_segments))
+    inner = [*crossing[:-1], len(active)]  # nothing crosses after the last node
+    candidate = [
+        0 < count <= min(inner[max(0, i - reach) : i + reach + 1])
+        for i, count in enumerate(crossing)
+    ]
     total_flops = sum(annotation(n, COST).flops for n in active) or 1.0
     target = total_flops / max_segments
     groups: list[list[ir.Node]] = [[]]
     acc = 0.0
-    live: dict[int, int] = {}
     for i, node in enumerate(active):
         groups[-1].append(node)
         acc += annotation(node, COST).flops
-        for value in node.outputs:
-            live[id(value)] = last_use[id(value)]
-        live = {v: d for v, d in live.items() if d > i}
-        inputs_live = any(
-            any(u.node is not None and position.get(id(u.node), -1) > i for u in v.uses())
-            for v in model.graph.inputs
-        )
-        if acc >= target and len(live) == 1 and not inputs_live and i + 1 < len(active):
+        if acc >= target and candidate[i] and i + 1 < len(active):
             groups.append([])
             acc = 0.0
     return [g for g in groups if g]

@@ -111,3 +111,36 @@ def test_control_flow_runs_sliced_into_stages(
         np.testing.assert_allclose(
             pipeline.run({"x": x})["y"], reference.run(None, {"x": x})[0], rtol=1e-6, atol=1e-6
         )
+
+
+def test_a_scopeless_onnx_file_is_cut_at_its_block_boundaries(tmp_path: Path) -> None:
+    """An ONNX file with no module scopes and anonymous node names (as other exporters
+    write them): units come from where few tensors cross, so a 2-layer GPT-2 is not one
+    lopsided unit, and a 3-stage pipeline of it matches ONNX Runtime on the file."""
+    import onnx_ir as ir
+
+    from tests.conftest import analysed_model
+
+    path = tmp_path / "gpt2.onnx"
+    ir.save(analysed_model("zoo:gpt2:test").captured.model, path)
+    proto = onnx.load(str(path))
+    for position, node in enumerate(proto.graph.node):
+        del node.metadata_props[:]
+        node.name = f"n{position}"
+    onnx.save(proto, str(path))
+    analysed = analyse(str(path), CaptureOptions(dims={"batch": 1, "seq": 16}))
+    units = analysed.workload.units
+    total = sum(u.flops for u in units)
+    assert len(units) >= 6
+    assert max(u.flops for u in units) < 0.3 * total
+    request = PlanRequest(constraints=Constraints(stages=3))
+    compile_model(str(path), MINIPCS, tmp_path / "out", CompileOptions(request=request), analysed=analysed)  # fmt: skip
+    pipeline = Pipeline.open(tmp_path / "out")
+    reference = new_session(str(path))
+    ids = np.random.default_rng(0).integers(0, 100, size=(2, 11)).astype(np.int64)
+    want = dict(
+        zip([o.name for o in reference.get_outputs()], reference.run(None, {"input_ids": ids}))
+    )
+    got = pipeline.run({"input_ids": ids})
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
