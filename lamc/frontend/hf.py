@@ -52,8 +52,8 @@ def spec_from_checkpoint(
     except ImportError as exc:
         raise missing_extra("transformers", "hf") from exc
 
-    architectures = config.get("architectures") or []
-    causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures)
+    architectures = [str(a) for a in config.get("architectures") or []]
+    causal = any(a.endswith(_CAUSAL) for a in architectures)
     if kv_cache and not causal:
         raise CaptureError(
             f"--kv-cache needs a causal language model; {directory} is {', '.join(architectures) or 'not one'}"
@@ -63,13 +63,14 @@ def spec_from_checkpoint(
     )
     if classify and kv_cache:
         raise CaptureError("--kv-cache needs a causal language model, not a classifier")
-    auto = (
-        transformers.AutoModelForSequenceClassification
-        if classify
-        else transformers.AutoModelForCausalLM
-        if causal
-        else transformers.AutoModel
-    )
+    auto: Any
+    outputs: tuple[str, ...]
+    if classify:
+        auto, outputs = transformers.AutoModelForSequenceClassification, ("logits",)
+    elif causal:
+        auto, outputs = transformers.AutoModelForCausalLM, ("logits",)
+    else:
+        auto, outputs = _head_class(transformers, architectures, directory)
     extra: dict[str, Any] = {"num_labels": labels} if labels is not None else {}
     verbosity = transformers.logging.get_verbosity()
     if labels is not None:  # the new head is asked for: no report of its missing weights
@@ -98,15 +99,14 @@ def spec_from_checkpoint(
     batch_dim, seq_dim = Dim("batch", 1, 64), Dim("seq", 1, max_pos)
     if kv_cache:
         return _decoder_spec(model, directory, vocab, max_pos, seq, batch)
-    output = "logits" if causal or classify else "last_hidden_state"
     return ModelSpec(
-        module=_OutputAdapter(model, output, causal=causal and not classify),
+        module=_OutputAdapter(model, outputs, causal=causal and not classify),
         example_inputs={"input_ids": ids, "attention_mask": mask},
         dynamic={
             "input_ids": {0: batch_dim, 1: seq_dim},
             "attention_mask": {0: batch_dim, 1: seq_dim},
         },
-        output_names=[output],
+        output_names=list(outputs),
         int_ranges={"input_ids": (0, vocab), "attention_mask": (1, 2)},
         name=directory.resolve().name,
         operating_point={"batch": batch, "seq": seq},
@@ -195,16 +195,57 @@ class _DecoderAdapter(torch.nn.Module):
         return (out.logits, *presents)
 
 
-class _OutputAdapter(torch.nn.Module):
-    """Calls a transformers model and returns one named output tensor."""
+_CAUSAL = ("ForCausalLM", "LMHeadModel")
+# Heads over (input_ids, attention_mask) that lamc captures, by the suffix of the class
+# name in `architectures`, and the outputs each returns.
+_TEXT_HEADS = {
+    "ForTokenClassification": ("logits",),
+    "ForMaskedLM": ("logits",),
+    "ForQuestionAnswering": ("start_logits", "end_logits"),
+}
 
-    def __init__(self, model: torch.nn.Module, output: str, *, causal: bool = False) -> None:
+
+def _head_class(
+    transformers: Any, architectures: list[str], directory: Path
+) -> tuple[Any, tuple[str, ...]]:
+    """The class to load a checkpoint that is neither a causal LM nor a sequence
+    classifier with, and its outputs: the head its `architectures` names, the bare model
+    where it names one (or none), and a refusal naming the head otherwise: loading such
+    a checkpoint as its bare model would drop its head without a word."""
+    for name in architectures:
+        suffix = next((k for k in _TEXT_HEADS if name.endswith(k)), None)
+        if suffix is None:
+            continue
+        cls = getattr(transformers, name, None)
+        if cls is None:
+            raise CaptureError(f"{directory}: this transformers has no class {name}")
+        return cls, _TEXT_HEADS[suffix]
+    heads = [a for a in architectures if "For" in a or a.endswith(_CAUSAL)]
+    if heads:
+        raise CaptureError(
+            f"{directory} is a {', '.join(heads)}: lamc captures Hugging Face text models "
+            "(input_ids and attention_mask) as bare encoders or with a causal LM, sequence "
+            f"classification, {', '.join(k[3:] for k in _TEXT_HEADS)} head; not this one",
+            hint="export it to ONNX yourself (its file compiles as any ONNX model), or load "
+            "its bare model from a factory",
+        )
+    return transformers.AutoModel, ("last_hidden_state",)
+
+
+class _OutputAdapter(torch.nn.Module):
+    """Calls a transformers model and returns its named output tensor(s)."""
+
+    def __init__(
+        self, model: torch.nn.Module, outputs: tuple[str, ...], *, causal: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
-        self.output = output
+        self.outputs = outputs
         self.causal = causal
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -213,5 +254,7 @@ class _OutputAdapter(torch.nn.Module):
         if self.causal:
             kwargs["use_cache"] = False
         out = self.model(**kwargs)
-        result: torch.Tensor = out[self.output]
-        return result
+        if len(self.outputs) == 1:
+            result: torch.Tensor = out[self.outputs[0]]
+            return result
+        return tuple(out[name] for name in self.outputs)

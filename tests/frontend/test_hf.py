@@ -76,3 +76,68 @@ def test_bad_config_json_names_the_line(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(CaptureError, match="line 3"):
         capture(str(tmp_path))
+
+
+def _tiny_bert(kind: str, directory: Path) -> Path:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        num_labels=2 if kind.endswith("QuestionAnswering") else 5,
+    )
+    getattr(transformers, kind)(config).eval().save_pretrained(directory / kind)
+    return directory / kind
+
+
+@pytest.mark.parametrize(
+    ("kind", "outputs", "width"),
+    [
+        ("BertForTokenClassification", ["logits"], 5),
+        ("BertForQuestionAnswering", ["start_logits", "end_logits"], None),
+    ],
+)
+def test_a_checkpoint_is_captured_with_the_head_its_config_names(
+    kind: str, outputs: list[str], width: int | None, tmp_path: Path
+) -> None:
+    """The head `architectures` names is the one captured (never silently the bare
+    model), and the captured graph computes what transformers computes with it."""
+    import onnx_ir as ir
+    import torch
+    import transformers
+
+    from lamc.backends.onnxruntime.run import new_session
+
+    directory = _tiny_bert(kind, tmp_path)
+    captured = capture(str(directory))
+    assert captured.output_names == outputs
+    ir.save(captured.model, tmp_path / "model.onnx")
+    session = new_session(str(tmp_path / "model.onnx"))
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 97, (2, 9))
+    mask = np.ones((2, 9), np.int64)
+    mask[1, 6:] = 0
+    got = dict(zip(outputs, session.run(None, {"input_ids": ids, "attention_mask": mask})))
+    model = getattr(transformers, kind).from_pretrained(str(directory)).eval()
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    for name in outputs:
+        expected = want[name].numpy()
+        assert got[name].shape == expected.shape
+        if width is not None:
+            assert expected.shape == (2, 9, width)
+        np.testing.assert_allclose(got[name], expected, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def test_a_head_lamc_cannot_capture_is_refused_by_name(tmp_path: Path) -> None:
+    directory = _tiny_bert("BertForNextSentencePrediction", tmp_path)
+    with pytest.raises(CaptureError) as info:
+        capture(str(directory))
+    assert info.value.exit_code == ExitCode.CAPTURE
+    assert "BertForNextSentencePrediction" in info.value.message
