@@ -90,6 +90,17 @@ def spec_from_checkpoint(
     finally:
         transformers.logging.set_verbosity(verbosity)
     model.eval()
+    main_input = str(getattr(model, "main_input_name", "input_ids"))
+    if main_input == "pixel_values":
+        if kv_cache:
+            raise CaptureError("--kv-cache needs a causal language model, not a vision model")
+        return _vision_spec(model, directory, outputs, batch)
+    if main_input != "input_ids":
+        raise CaptureError(
+            f"{directory} takes {main_input}: lamc captures Hugging Face models that take "
+            "input_ids (text) or pixel_values (vision) so far",
+            hint="export it to ONNX yourself; its file compiles as any ONNX model",
+        )
     vocab = int(getattr(model.config, "vocab_size", 30522))
     max_pos = int(getattr(model.config, "max_position_embeddings", 512) or 512)
     t = min(seq, 32, max_pos)
@@ -199,6 +210,7 @@ _CAUSAL = ("ForCausalLM", "LMHeadModel")
 # Heads over (input_ids, attention_mask) that lamc captures, by the suffix of the class
 # name in `architectures`, and the outputs each returns.
 _TEXT_HEADS = {
+    "ForImageClassification": ("logits",),
     "ForTokenClassification": ("logits",),
     "ForMaskedLM": ("logits",),
     "ForQuestionAnswering": ("start_logits", "end_logits"),
@@ -232,25 +244,55 @@ def _head_class(
     return transformers.AutoModel, ("last_hidden_state",)
 
 
+def _vision_spec(
+    model: torch.nn.Module, directory: Path, outputs: tuple[str, ...], batch: int
+) -> ModelSpec:
+    """A vision model on `pixel_values` [batch, channels, size, size], at the image size
+    and channel count its config names (224 and 3 where it names none); dynamic batch."""
+    config: Any = model.config
+    size = getattr(config, "image_size", 224)
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    channels = int(getattr(config, "num_channels", 3) or 3)
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randn(2, channels, height, width, generator=gen)
+    if outputs == ("last_hidden_state",) and "pooler_output" in _output_keys(model, pixels):
+        outputs = ("last_hidden_state", "pooler_output")
+    return ModelSpec(
+        module=_OutputAdapter(model, outputs, inputs=("pixel_values",)),
+        example_inputs={"pixel_values": pixels},
+        dynamic={"pixel_values": {0: Dim("batch", 1, 64)}},
+        output_names=list(outputs),
+        name=directory.resolve().name,
+        operating_point={"batch": batch},
+    )
+
+
+def _output_keys(model: torch.nn.Module, pixels: torch.Tensor) -> list[str]:
+    with torch.no_grad():
+        out = model(pixel_values=pixels[:1], return_dict=True)
+    return [k for k, v in out.items() if isinstance(v, torch.Tensor)]
+
+
 class _OutputAdapter(torch.nn.Module):
     """Calls a transformers model and returns its named output tensor(s)."""
 
     def __init__(
-        self, model: torch.nn.Module, outputs: tuple[str, ...], *, causal: bool = False
+        self,
+        model: torch.nn.Module,
+        outputs: tuple[str, ...],
+        *,
+        causal: bool = False,
+        inputs: tuple[str, ...] = ("input_ids", "attention_mask"),
     ) -> None:
         super().__init__()
         self.model = model
         self.outputs = outputs
         self.causal = causal
+        self.inputs = inputs
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        kwargs: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "return_dict": True,
-        }
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        kwargs: dict[str, Any] = dict(zip(self.inputs, tensors))
+        kwargs["return_dict"] = True
         if self.causal:
             kwargs["use_cache"] = False
         out = self.model(**kwargs)

@@ -141,3 +141,65 @@ def test_a_head_lamc_cannot_capture_is_refused_by_name(tmp_path: Path) -> None:
         capture(str(directory))
     assert info.value.exit_code == ExitCode.CAPTURE
     assert "BertForNextSentencePrediction" in info.value.message
+
+
+def _tiny_vision(kind: str, directory: Path) -> Path:
+    import torch
+    import transformers
+
+    configs = {
+        "ViTForImageClassification": transformers.ViTConfig(
+            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=37, num_labels=3,
+        ),
+        "ConvNextForImageClassification": transformers.ConvNextConfig(
+            image_size=32, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3
+        ),
+        "SwinForImageClassification": transformers.SwinConfig(
+            image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+            window_size=4, num_labels=3,
+        ),
+    }  # fmt: skip
+    torch.manual_seed(0)
+    getattr(transformers, kind)(configs[kind]).eval().save_pretrained(directory / kind)
+    return directory / kind
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["ViTForImageClassification", "ConvNextForImageClassification", "SwinForImageClassification"],
+)
+def test_vision_checkpoints_capture_on_pixel_values(kind: str, tmp_path: Path) -> None:
+    """Vision checkpoints (ViT, ConvNeXt, Swin) are captured on `pixel_values` at their
+    config's image size with a dynamic batch, with their classification head, and the
+    graph computes what transformers computes at another batch size."""
+    import onnx_ir as ir
+
+    from lamc.backends.onnxruntime.run import new_session
+
+    captured = capture(str(_tiny_vision(kind, tmp_path)))
+    assert captured.input_names == ["pixel_values"] and captured.output_names == ["logits"]
+    assert list(captured.dims) == ["batch"]
+    ir.save(captured.model, tmp_path / "model.onnx")
+    session = new_session(str(tmp_path / "model.onnx"))
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    got = session.run(None, {"pixel_values": pixels})[0]
+    assert captured.reference is not None
+    want = captured.reference({"pixel_values": pixels})["logits"]
+    assert got.shape == (3, 3)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+    if kind.startswith("ConvNext"):  # and one compiles into two stages
+        from lamc.compiler import CompileOptions, analyse, compile_model
+        from lamc.passes.partition.planner import PlanRequest
+        from lamc.runtime.executor import Pipeline
+        from lamc.topology import Constraints
+        from tests.compiled import MINIPCS
+
+        checkpoint = str(tmp_path / kind)
+        request = PlanRequest(constraints=Constraints(stages=2))
+        analysed = analyse(checkpoint, captured=captured)
+        compile_model(checkpoint, MINIPCS, tmp_path / "out", CompileOptions(request=request), analysed=analysed)  # fmt: skip
+        pipeline = Pipeline.open(tmp_path / "out")
+        assert len(pipeline.stages) == 2
+        got = pipeline.run({"pixel_values": pixels})["logits"]
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
