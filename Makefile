@@ -42,12 +42,18 @@ layers: install
 	$(BIN)/python scripts/typecheck_tree.py
 	cd build/typecheck && PYTHONPATH=. "$(CURDIR)/$(BIN)/lint-imports" --config "$(CURDIR)/pyproject.toml" --no-cache
 
+# Two workers (pytest-xdist), a test file each at a time: the suite takes about 14
+# minutes on 2 cores instead of 24. Test ports come from a range per worker
+# (tests/runtime/servers.py). PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
+
 pytest: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 # The inner loop: lint, types, layers and every test but the slow end-to-end ones.
 test-fast: install lint
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q $(PYTEST_ARGS) -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/capture.py

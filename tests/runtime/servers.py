@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -18,11 +20,36 @@ from lamc.runtime import wire
 from tests.runtime.netns import EmulatedLinks
 
 
+def _worker_ports() -> Iterator[int]:
+    """Ports for this test process to try, in a range of its own: the suite runs in
+    pytest-xdist workers (`make test`), and a port one worker has picked but whose server
+    has not bound it yet must never be handed to the other. The ranges lie below Linux's
+    ephemeral ports (32768 and up), which outgoing connections take."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) + 1 if worker.startswith("gw") and worker[2:].isdigit() else 0
+    low = 20000 + 1500 * (index % 8)
+    start = random.randrange(1500)
+    for k in itertools.count():
+        yield low + (start + k) % 1500
+
+
+_PORTS = _worker_ports()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A loopback port no process listens on, from this test process's own range."""
+    for _ in range(1500):
+        port = next(_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # the whole range taken: any free port
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
 
 
 def wait_serving(
