@@ -18,6 +18,7 @@ import numpy as np
 
 from lamc.cli.main import cli, lamc_command
 from lamc.cli.options import parse_sizes
+from lamc.cli.run_cmd import stage_server_options
 from lamc.cli.ui import stdout_console
 from lamc.errors import UsageError
 
@@ -65,27 +66,7 @@ PERCENTILES = (50, 90, 95, 99)
     "--providers", metavar="cpu|cuda,cpu|...", help="Override the manifest's execution providers."
 )
 @click.option("--threads", type=click.IntRange(min=0), help="Intra-op threads per stage.")
-@click.option(
-    "--hosts",
-    "hosts_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Time the pipeline served by stage servers (hosts file) instead.",
-)
-@click.option(
-    "--endpoint",
-    "endpoints",
-    multiple=True,
-    metavar="K=HOST:PORT",
-    help="Stage K's server address (repeat; with or instead of --hosts).",
-)
-@click.option(
-    "--timeout",
-    "timeout_s",
-    type=click.FloatRange(min=0.001),
-    default=60.0,
-    show_default=True,
-    help="Seconds each request may take (stage servers).",
-)
+@stage_server_options
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @lamc_command("bench")
 def bench_command(

@@ -94,6 +94,31 @@ def random_feeds(manifest: object, sizes: dict[str, int], seed: int) -> dict[str
     return feeds
 
 
+def stage_server_options(fn: Any) -> Any:
+    """--hosts, --endpoint and --timeout: the pipeline served by stage servers (run, bench)."""
+    fn = click.option(
+        "--timeout",
+        "timeout_s",
+        type=click.FloatRange(min=0, min_open=True),
+        default=30.0,
+        show_default=True,
+        help="Seconds a request may take across the stage servers.",
+    )(fn)
+    fn = click.option(
+        "--endpoint",
+        "endpoints",
+        multiple=True,
+        metavar="STAGE=HOST:PORT",
+        help="A stage server's address (repeat for each stage).",
+    )(fn)
+    return click.option(
+        "--hosts",
+        "hosts_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Run on stage servers (`lamc serve`) listed in this file.",
+    )(fn)
+
+
 @cli.command("run")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option(
@@ -124,27 +149,7 @@ def random_feeds(manifest: object, sizes: dict[str, int], seed: int) -> dict[str
     help="Override the manifest's execution providers (an explicit CPU fallback).",
 )
 @click.option("--threads", type=click.IntRange(min=0), help="Intra-op threads per stage.")
-@click.option(
-    "--hosts",
-    "hosts_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Run on stage servers (`lamc serve`) listed in this file.",
-)
-@click.option(
-    "--endpoint",
-    "endpoints",
-    multiple=True,
-    metavar="STAGE=HOST:PORT",
-    help="A stage server's address (repeat for each stage).",
-)
-@click.option(
-    "--timeout",
-    "timeout_s",
-    type=click.FloatRange(min=0, min_open=True),
-    default=30.0,
-    show_default=True,
-    help="Seconds a request may take across the stage servers.",
-)
+@stage_server_options
 @click.option(
     "--ray",
     "ray_address",
