@@ -14,7 +14,7 @@ across compiles of the same model.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -244,10 +244,13 @@ def slice_stages(model: ir.Model) -> list[StageGraph]:
     if missing:
         raise InternalError(f"stage(s) {missing} have no node; the tags skip a stage")
     graph_outputs = {id(v) for v in graph.outputs}
+    users = subgraph_users(nodes)
     stages = []
     for k in range(n_stages):
         members = [n for n in nodes if stage_of.get(id(n)) == k]
-        stages.append(_slice_one(model, k, members, nodes, stage_of, const_ids, graph_outputs))
+        stages.append(
+            _slice_one(model, k, members, nodes, stage_of, const_ids, graph_outputs, users)
+        )
     return stages
 
 
@@ -259,9 +262,9 @@ def slice_nodes(model: ir.Model, members: Iterable[ir.Node], name: str = "part")
     # Every node outside the set counts as "later": whatever it uses becomes an output.
     stage_of = {id(n): (0 if id(n) in wanted else 1) for n in nodes if id(n) not in const_ids}
     chosen = [n for n in nodes if id(n) in wanted and id(n) not in const_ids]
-    result = _slice_one(
-        model, 0, chosen, nodes, stage_of, const_ids, {id(v) for v in model.graph.outputs}
-    )
+    outputs = {id(v) for v in model.graph.outputs}
+    users = subgraph_users(nodes)
+    result = _slice_one(model, 0, chosen, nodes, stage_of, const_ids, outputs, users)
     result.view.name = name
     return result
 
@@ -274,6 +277,7 @@ def _slice_one(
     stage_of: dict[int, int],
     const_ids: set[int],
     graph_outputs: set[int],
+    users: Callable[[ir.Value], list[ir.Node]],
 ) -> StageGraph:
     member_ids = {id(n) for n in members}
     # Constant-only producers this stage needs, copied in (transitively).
@@ -307,7 +311,6 @@ def _slice_one(
             elif producer is None or id(producer) not in included:
                 inputs.append(value)
     outputs: list[ir.Value] = []
-    users = subgraph_users(all_nodes)
     for node in members:
         for value in node.outputs:
             later = any(stage_of.get(id(user), -1) > k for user in users(value))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Callable
 
 import onnx_ir as ir
 
@@ -125,30 +126,29 @@ def _fine_group(
 
 
 def group_by_segments(
-    active: list[ir.Node], model: ir.Model, max_segments: int
+    active: list[ir.Node],
+    model: ir.Model,
+    max_segments: int,
+    users: Callable[[ir.Value], list[ir.Node]],
 ) -> list[list[ir.Node]]:
     """No scopes: cut the topological order where few tensors are live (a block boundary
     of a repeated stack: the residual stream, plus what every block reads, such as the
     attention mask), into segments of roughly equal FLOPs. Tensors used inside a
-    node's subgraphs (an If's branches) live until that node."""
-    from lamc.ir import subgraph_users
-
-    users = subgraph_users(active)
+    node's subgraphs (an If's branches) live until that node (`users`:
+    `lamc.ir.subgraph_users`)."""
     position = {id(n): i for i, n in enumerate(active)}
-    last_use: dict[int, int] = {}
-    for node in active:
-        for value in node.outputs:
-            uses = [position[id(u)] for u in users(value) if id(u) in position]
-            last_use[id(value)] = max(uses, default=position[id(node)])
-    for value in model.graph.inputs:
-        uses = [position[id(u)] for u in users(value) if id(u) in position]
-        last_use[id(value)] = max(uses, default=-1)
+
+    def last_use(value: ir.Value, born: int) -> int:
+        return max((position[id(u)] for u in users(value) if id(u) in position), default=born)
+
+    ends = {id(v): last_use(v, -1) for v in model.graph.inputs}
+    ends |= {id(v): last_use(v, position[id(n)]) for n in active for v in n.outputs}
     # How many tensors cross a cut after each node.
     crossing: list[int] = []
-    live = {id(v): d for v, d in ((v, last_use[id(v)]) for v in model.graph.inputs) if d >= 0}
+    live = {id(v): ends[id(v)] for v in model.graph.inputs if ends[id(v)] >= 0}
     for i, node in enumerate(active):
         for value in node.outputs:
-            live[id(value)] = last_use[id(value)]
+            live[id(value)] = ends[id(value)]
         live = {v: d for v, d in live.items() if d > i}
         crossing.append(len(live))
     # Candidate cuts: where fewest tensors cross among the positions around (a stack's

@@ -79,7 +79,7 @@ def build_workload(
 
     groups = group_by_blocks(active, fine=granularity == "fine")
     if groups is None:
-        groups = group_by_segments(active, model, max_segments)
+        groups = group_by_segments(active, model, max_segments, users)
 
     # Unit DAG over the groups; merge strongly connected groups (blocks that interleave).
     group_of = {id(n): g for g, members in enumerate(groups) for n in members}

@@ -220,7 +220,9 @@ def run_command(
         pipeline = _remote(out, hosts_file, endpoints, timeout_s, failover, controller)
         where = f"stage servers {', '.join(pipeline.addresses)}"
     else:
-        lost = tuple(d.strip() for d in without.split(",") if d.strip()) if without else ()
+        from lamc.runtime.loading import devices
+
+        lost = devices(without)
         pipeline = Pipeline.open(
             out, providers=parse_providers(providers), threads=threads, without=lost
         )

@@ -155,9 +155,9 @@ def train_command(
             )
         require_compile_extra()
         from lamc.cli.train_run import resume_run
+        from lamc.runtime.loading import devices
 
-        gone = tuple(d.strip() for d in (without or "").split(",") if d.strip())
-        return resume_run(resume_dir, as_json, without=gone)
+        return resume_run(resume_dir, as_json, without=devices(without))
     if without is not None:
         raise UsageError("--without DEVICE applies to --resume RUN")
     if model is None or topology_path is None:

@@ -128,6 +128,11 @@ def _anonymous(dim: object) -> bool:
     return dim is None
 
 
+def _kept(dim: int | ir.SymbolicDim) -> int | str:
+    """A dim that is not anonymous, as `ir.Shape` takes it back."""
+    return dim if isinstance(dim, int) else str(dim.value)
+
+
 def _name_anonymous_dims(model: ir.Model) -> list[tuple[str, int, str]]:
     """Give each anonymous dim of each graph input a symbol of its own (`INPUT_AXIS`),
     so two unknown sizes are never taken for one; anonymous dims of every other value
@@ -149,7 +154,7 @@ def _name_anonymous_dims(model: ir.Model) -> list[tuple[str, int, str]]:
         dims: list[int | str | None] = []
         for axis, dim in enumerate(value.shape.dims):
             if not _anonymous(dim):
-                dims.append(dim if isinstance(dim, int) else str(dim.value))
+                dims.append(_kept(dim))
                 continue
             symbol, n = f"{base}_{axis}", 1
             while symbol in taken:
@@ -163,12 +168,7 @@ def _name_anonymous_dims(model: ir.Model) -> list[tuple[str, int, str]]:
         if id(value) in inputs or value.shape is None:
             continue
         if any(_anonymous(d) for d in value.shape.dims):
-            value.shape = ir.Shape(
-                [
-                    None if _anonymous(d) else (d if isinstance(d, int) else str(d.value))
-                    for d in value.shape.dims
-                ]
-            )
+            value.shape = ir.Shape([None if _anonymous(d) else _kept(d) for d in value.shape.dims])
     return made
 
 
