@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.lamc-installed
 # The CPU build of torch, installed before the project so nothing pulls a CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install demo test test-fast lint typecheck layers pytest bench clean
+.PHONY: install demo test test-fast lint typecheck layers pytest bench proto clean
 
 install: $(STAMP)
 
@@ -54,6 +54,11 @@ pytest: install
 # The inner loop: lint, types, layers and every test but the slow end-to-end ones.
 test-fast: install lint
 	$(BIN)/pytest -q $(PYTEST_ARGS) -m "not slow"
+
+# The KServe v2 descriptor set the ingress loads, compiled from its .proto
+# (tests/runtime/test_kserve.py checks that the two agree).
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -I lamc/protos --descriptor_set_out=lamc/protos/grpc_predict_v2.binpb grpc_predict_v2.proto
 
 bench: install
 	$(BIN)/python benchmarks/capture.py

@@ -46,6 +46,8 @@ def test_wheel_contents(wheel: Path) -> None:
         "lamc/models/gpt2.py",
         "lamc/py.typed",
         "lamc/cli/main.py",
+        "lamc/protos/grpc_predict_v2.proto",
+        "lamc/protos/grpc_predict_v2.binpb",
     ):
         assert path in names, path
     assert not any(n.startswith(("passes/", "backends/", "models/", "tests/")) for n in names)
@@ -72,8 +74,9 @@ def test_wheel_imports(wheel: Path, tmp_path: Path) -> None:
     code = (
         # Drop the editable install's finder so that only the wheel's files can answer.
         "import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')];"
-        "import lamc, lamc.passes.analyze, lamc.backends, lamc.models.gpt2, lamc.runtime;"
-        "print(lamc.passes.analyze.__file__); print(lamc.models.gpt2.__file__)"
+        "import lamc, lamc.passes.analyze, lamc.backends, lamc.models.gpt2, lamc.runtime.kserve;"
+        "print(lamc.passes.analyze.__file__); print(lamc.models.gpt2.__file__);"
+        "print(lamc.runtime.kserve.DESCRIPTOR_SET)"
     )
     env = dict(os.environ, PYTHONPATH=str(target))
     done = subprocess.run(

@@ -85,7 +85,7 @@ def bench_command(
     as_json: bool,
 ) -> str:
     """Time OUT: latency percentiles, throughput, and per stage measured vs predicted."""
-    from lamc.cli.run_cmd import _remote, random_feeds
+    from lamc.cli.run_cmd import random_feeds, remote_pipeline
     from lamc.runtime.executor import Pipeline, parse_providers
 
     remote = hosts_file is not None or bool(endpoints)
@@ -95,7 +95,7 @@ def bench_command(
             hint="serve the stages (lamc serve) and give --hosts or --endpoint",
         )
     if remote:
-        pipeline: Any = _remote(out, hosts_file, endpoints, timeout_s)
+        pipeline: Any = remote_pipeline(out, hosts_file, endpoints, timeout_s)
         where = f"stage servers {', '.join(pipeline.addresses)}"
     else:
         pipeline = Pipeline.open(out, providers=parse_providers(providers), threads=threads)

@@ -10,6 +10,7 @@ MODULES = {
     "control": "control_cmd",
     "diff": "diff_cmd",
     "generate": "generate_cmd",
+    "ingress": "ingress_cmd",
     "inspect": "inspect_cmd",
     "plan": "plan_cmd",
     "profile": "profile_cmd",

@@ -217,7 +217,7 @@ def run_command(
         pipeline: Any = RayPipeline(out, ray_address, timeout_s=timeout_s)
         where = f"Ray Serve at {ray_address}"
     elif hosts_file is not None or endpoints:
-        pipeline = _remote(out, hosts_file, endpoints, timeout_s, failover, controller)
+        pipeline = remote_pipeline(out, hosts_file, endpoints, timeout_s, failover, controller)
         where = f"stage servers {', '.join(pipeline.addresses)}"
     else:
         from lamc.runtime.loading import devices
@@ -296,7 +296,7 @@ def _finite(tensors: dict[str, np.ndarray], what: str, strict: bool) -> None:
     click.echo(f"warning: {message} (--check-finite makes this a failure)", err=True)
 
 
-def _remote(
+def remote_pipeline(
     out: Path,
     hosts_file: Path | None,
     endpoints: tuple[str, ...],

@@ -5,11 +5,48 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import click
 
 from lamc.cli.main import cli, lamc_command
 from lamc.errors import UsageError
+
+
+def server_security_options(fn: Any) -> Any:
+    """TLS (--tls-cert/--tls-key/--tls-ca, --require-client-cert), --insecure and
+    --token-file: how a gRPC server of lamc's (a stage, the ingress) is reached."""
+    fn = click.option(
+        "--token-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Shared token (default: $LAMC_TOKEN).",
+    )(fn)
+    fn = click.option(
+        "--insecure",
+        is_flag=True,
+        help="Serve plaintext on a non-loopback address (trusted networks only).",
+    )(fn)
+    fn = click.option(
+        "--require-client-cert",
+        is_flag=True,
+        help="Mutual TLS: clients must present a certificate signed by --tls-ca.",
+    )(fn)
+    fn = click.option(
+        "--tls-ca",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="CA certificate: verifies the next stage, and clients with --require-client-cert.",
+    )(fn)
+    fn = click.option(
+        "--tls-key",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Server private key (PEM).",
+    )(fn)
+    fn = click.option(
+        "--tls-cert",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Server certificate (PEM).",
+    )(fn)
+    return fn
 
 
 @cli.command("serve")
@@ -56,33 +93,8 @@ from lamc.errors import UsageError
     show_default=True,
     help="Decoders: sequences whose KV caches the stage keeps; beyond it the least recently used is dropped.",
 )
-@click.option(
-    "--tls-cert", type=click.Path(dir_okay=False, path_type=Path), help="Server certificate (PEM)."
-)
-@click.option(
-    "--tls-key", type=click.Path(dir_okay=False, path_type=Path), help="Server private key (PEM)."
-)
-@click.option(
-    "--tls-ca",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="CA certificate: verifies the next stage, and clients with --require-client-cert.",
-)
-@click.option(
-    "--require-client-cert",
-    is_flag=True,
-    help="Mutual TLS: clients must present a certificate signed by --tls-ca.",
-)
+@server_security_options
 @click.option("--server-name", help="Name to expect in the next stage's certificate.")
-@click.option(
-    "--insecure",
-    is_flag=True,
-    help="Serve plaintext on a non-loopback address (trusted networks only).",
-)
-@click.option(
-    "--token-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Shared token (default: $LAMC_TOKEN).",
-)
 @click.option(
     "--providers", metavar="cpu|cuda,cpu|...", help="Override the manifest's execution providers."
 )

@@ -167,6 +167,10 @@ class RemotePipeline(Failover, Adapt, Follow):
 
         return asyncio.run_coroutine_threadsafe(all_of(), self._loop).result()
 
+    def reachable(self) -> bool:
+        """Every stage server of the current plan is connected and SERVING."""
+        return all(self._up)
+
     def close(self) -> None:
         if self._closed:
             return

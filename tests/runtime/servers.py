@@ -57,8 +57,10 @@ def wait_serving(
     timeout_s: float = 60.0,
     process: subprocess.Popen[bytes] | None = None,
     credentials: grpc.ChannelCredentials | None = None,
+    service: str = wire.SERVICE,
 ) -> None:
-    """Block until the gRPC health service at `address` says SERVING (ready: loaded and warm)."""
+    """Block until the gRPC health service at `address` says SERVING (ready: loaded and
+    warm) for `service`."""
     deadline = time.monotonic() + timeout_s
     # Reconnect quickly: gRPC's default backoff (1 s, growing) would add up to seconds
     # between the server's SERVING and this probe noticing it.
@@ -72,12 +74,12 @@ def wait_serving(
         if credentials is not None
         else grpc.insecure_channel(address, options=options)
     )
-    request = health_pb2.HealthCheckRequest(service=wire.SERVICE)
+    request = health_pb2.HealthCheckRequest(service=service)
     with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:
-                raise RuntimeError(f"stage server for {address} exited with {process.returncode}")
+                raise RuntimeError(f"server for {address} exited with {process.returncode}")
             # Watch streams each change of status as it happens (no polling interval
             # added to a start-up time measured with this).
             try:
