@@ -112,6 +112,12 @@ def server_security_options(fn: Any) -> Any:
     help="Deploy every stage on Ray Serve at this cluster address instead.",
 )
 @click.option(
+    "--http",
+    "http_listen",
+    metavar="HOST:PORT",
+    help="With --ray: Serve's HTTP proxy listens here, with a KServe v2 REST ingress.",
+)
+@click.option(
     "--without",
     metavar="DEVICE,...",
     help="Serve stage K of the failover plan compiled for losing these devices.",
@@ -143,6 +149,7 @@ def serve_command(
     threads: int | None,
     delay_ms: float,
     ray_address: str | None,
+    http_listen: str | None,
     without: str | None,
     standby: bool,
 ) -> str:
@@ -154,8 +161,14 @@ def serve_command(
     if ray_address is not None:
         from lamc.runtime.ray_serve import deploy
 
-        names = deploy(out, ray_address, providers=parse_providers(providers))
-        return f"{out}: deployed {len(names)} stage(s) on Ray Serve at {ray_address} ({', '.join(names)})"
+        names = deploy(
+            out, ray_address, providers=parse_providers(providers), http=http_listen, token=token
+        )
+        stages = sum(1 for n in names if n.startswith("stage"))
+        rest = f", KServe v2 REST on http://{http_listen}/v2" if http_listen else ""
+        return f"{out}: deployed {stages} stage(s) on Ray Serve at {ray_address} ({', '.join(names)}){rest}"
+    if http_listen is not None:
+        raise UsageError("--http is for --ray: a stage server speaks gRPC (see `lamc ingress`)")
     if stage is None:
         raise UsageError("give --stage K (or --ray ADDRESS to deploy every stage on Ray Serve)")
     tls = TlsConfig.from_files(tls_cert, tls_key, tls_ca, require_client_cert=require_client_cert)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
@@ -510,14 +510,7 @@ class Ingress:
     async def model_metadata(self, request: Any, context: Any) -> Any:
         await self._authorise(context)
         await self._model(context, request.name, request.version)
-        reply = MESSAGES["ModelMetadataResponse"](
-            name=self.name, versions=[VERSION], platform=PLATFORM
-        )
-        for entry in tensor_metadata(self.manifest, self.manifest.inputs):
-            reply.inputs.add(**entry)
-        for entry in tensor_metadata(self.manifest, self.manifest.outputs):
-            reply.outputs.add(**entry)
-        return reply
+        return MESSAGES["ModelMetadataResponse"](**model_metadata(self.manifest, self.name))
 
     async def model_infer(self, request: Any, context: Any) -> Any:
         await self._authorise(context)
@@ -559,14 +552,36 @@ class Ingress:
     async def infer(
         self, feeds: dict[str, np.ndarray], wanted: Sequence[str], timeout_s: float | None
     ) -> dict[str, np.ndarray]:
-        """Run one request (protocol-independent): the requested outputs, or InferError."""
-        names = pick_outputs(self.manifest, wanted)
-        check_inputs(self.manifest, feeds)
-        try:
-            outputs = await self.backend.infer(feeds, timeout_s)
-        except Exception as exc:
-            raise classify(exc) from None
-        return {n: outputs[n] for n in names}
+        return await answer(
+            self.manifest, feeds, wanted, lambda f: self.backend.infer(f, timeout_s)
+        )
+
+
+async def answer(
+    manifest: Manifest,
+    feeds: dict[str, np.ndarray],
+    wanted: Sequence[str],
+    run: Callable[[dict[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]],
+) -> dict[str, np.ndarray]:
+    """One request, whatever the protocol: the requested outputs, or InferError."""
+    names = pick_outputs(manifest, wanted)
+    check_inputs(manifest, feeds)
+    try:
+        outputs = await run(feeds)
+    except Exception as exc:
+        raise classify(exc) from None
+    return {n: outputs[n] for n in names}
+
+
+def model_metadata(manifest: Manifest, name: str) -> dict[str, Any]:
+    """The protocol's model metadata (the same fields over gRPC and REST)."""
+    return {
+        "name": name,
+        "versions": [VERSION],
+        "platform": PLATFORM,
+        "inputs": tensor_metadata(manifest, manifest.inputs),
+        "outputs": tensor_metadata(manifest, manifest.outputs),
+    }
 
 
 async def serve(

@@ -14,6 +14,16 @@ verifies the manifest's hashes before loading, so a stale copy fails loudly.
 
 Ray's own token authentication guards the cluster (`RAY_AUTH_MODE=token`, with the token
 in `RAY_AUTH_TOKEN` or `~/.ray/auth_token`); `deploy` refuses to connect with it off.
+
+Callers reach the pipeline three ways:
+- a deployment handle with lamc-encoded bytes (`RayPipeline`, `lamc run --ray`), or with
+  a plain dict of numpy arrays named as the model's inputs (`handle.remote({...})`
+  answers a dict of its outputs);
+- with `--http HOST:PORT` (or `serve run lamc.runtime.ray_serve:build_app out=OUT`), an
+  HTTP ingress deployment speaking the KServe v2 REST protocol (`/v2/health/live`,
+  `/v2/health/ready`, `/v2/models/NAME`, `/v2/models/NAME/ready`,
+  `POST /v2/models/NAME/infer`), which checks `Authorization: Bearer TOKEN` when the
+  pipeline was deployed with a token (`LAMC_TOKEN`).
 """
 
 from __future__ import annotations
@@ -88,7 +98,10 @@ def _decode(payload: bytes, where: str) -> dict[str, np.ndarray]:
     from lamc.runtime import wire
 
     if not isinstance(payload, bytes):
-        raise TypeError(f"{where}: expected encoded tensors (bytes), got {type(payload).__name__}")
+        raise TypeError(
+            f"{where}: expected encoded tensors (bytes) or a dict of numpy arrays named as the "
+            f"model's inputs, got {type(payload).__name__}"
+        )
     request = wire.SubmitRequest()
     request.ParseFromString(payload)
     return {t.name: wire.decode(t) for t in request.tensors}
@@ -118,7 +131,35 @@ class StageDeployment:
         self.codecs = {t.name: t.codec for t in edge.tensors} if edge else {}
         self.where = f"stage {index} ({self.spec.device}) on Ray Serve"
 
-    async def __call__(self, payload: bytes) -> bytes:
+    async def __call__(self, payload: Any) -> Any:
+        if isinstance(payload, dict):  # a plain call with the model's inputs
+            return await self.call_with_arrays(payload)
+        return await self.hop(payload)
+
+    async def call_with_arrays(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The first stage called with the model's inputs as numpy arrays (by name): the
+        model's outputs, decoded."""
+        from lamc.runtime.tensors import TensorMismatch
+
+        manifest = self.manifest
+        if self.spec.index != 0:
+            raise TypeError(f"{self.where}: only the first stage takes the model's inputs")
+        unknown = sorted(set(feeds) - set(manifest.inputs))
+        if unknown:
+            raise TensorMismatch(
+                f"input: unknown tensor(s) {', '.join(unknown)}; the model takes {', '.join(manifest.inputs)}"
+            )
+        checked = self._check_all(
+            manifest.inputs, manifest.tensors, feeds, manifest.dims, {}, "input"
+        )
+        edge = next((e for e in manifest.edges if e.source == -1), None)
+        codecs = {t.name: t.codec for t in edge.tensors} if edge else {}
+        first = {n: checked[n] for n in self.spec.receives}
+        outputs = _decode(await self.hop(_encode(first, codecs)), self.where)
+        return {name: outputs[name] for name in manifest.outputs}
+
+    async def hop(self, payload: bytes) -> bytes:
+        """Run this stage on encoded tensors and hand its outputs on (bytes back)."""
         manifest, spec = self.manifest, self.spec
         binding: dict[str, int] = {}
         arriving = self._check_all(
@@ -140,26 +181,96 @@ class StageDeployment:
         return result
 
 
-def deploy(
-    out: Path,
-    address: str,
-    *,
-    providers: Sequence[str] | None = None,
-    name: str | None = None,
-) -> list[str]:
-    """Deploy every stage of `out` on the Ray cluster at `address`; returns the deployment
-    names, first stage (the application's ingress) first."""
-    ray, serve = _require_ray()
+class HttpIngress:
+    """The KServe v2 REST front door of a pipeline on Ray Serve (its HTTP proxy routes
+    every path here). Handle calls (bytes or a dict of arrays) pass straight on to the
+    first stage, so `RayPipeline` works the same with or without it."""
 
-    _require_token_auth()
-    out = Path(out)
-    manifest = verify(out)
-    app = name or app_name(manifest, out)
-    try:
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ... by version
-        raise RuntimeEnvironmentError(f"cannot reach the Ray cluster at {address}: {exc}") from None
-    serve.start(proxy_location="Disabled")
+    def __init__(self, out: str, first_stage: Any, token: str | None = None) -> None:
+        from lamc.runtime import kserve
+        from lamc.verify import read_manifest
+
+        self.out = Path(out)
+        self.manifest = read_manifest(self.out)  # the stages verify what they load
+        kserve.check_servable(self.manifest)
+        self.name = kserve.model_name(self.manifest, self.out)
+        self.first = first_stage
+        self.token = token
+
+    async def __call__(self, request: Any) -> Any:
+        if isinstance(request, (bytes, dict)):  # a handle call (a Request is a Mapping too)
+            return await self.first.remote(request)
+        from starlette.responses import JSONResponse
+
+        status, body = await self.route(
+            request.method, request.url.path, request.headers.get("authorization"), request.body
+        )
+        return JSONResponse(body, status_code=status)
+
+    async def route(
+        self, method: str, path: str, authorization: str | None, read_body: Any
+    ) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, JSON body) for one v2 REST request."""
+        import json
+
+        from lamc import __version__
+        from lamc.runtime import kserve
+        from lamc.runtime.security import token_matches
+
+        parts = [p for p in path.split("/") if p]
+        not_found = kserve.InferError("NOT_FOUND", f"no route {method} {path}")
+        try:
+            if parts == ["v2", "health", "live"]:
+                return 200, {"live": True}
+            if parts == ["v2", "health", "ready"]:
+                return 200, {"ready": True}
+            if not token_matches(self.token, [("authorization", authorization)]):
+                raise kserve.InferError("UNAUTHENTICATED", "missing or wrong token")
+            if parts == ["v2"] and method == "GET":
+                return 200, {"name": "lamc", "version": __version__, "extensions": []}
+            if len(parts) < 3 or parts[:2] != ["v2", "models"]:
+                raise not_found
+            name, rest = parts[2], parts[3:]
+            if name != self.name:
+                raise kserve.InferError(
+                    "NOT_FOUND", f"no model {name!r} here; this server has {self.name!r}"
+                )
+            if rest[:1] == ["versions"]:
+                if rest[1:2] != [kserve.VERSION]:
+                    raise kserve.InferError(
+                        "NOT_FOUND", f"model {name} has version {kserve.VERSION} only"
+                    )
+                rest = rest[2:]
+            if rest == [] and method == "GET":
+                return 200, kserve.model_metadata(self.manifest, self.name)
+            if rest == ["ready"] and method == "GET":
+                return 200, {"name": self.name, "ready": True}
+            if rest != ["infer"] or method != "POST":
+                raise not_found
+            try:
+                body = json.loads(await read_body())
+            except ValueError as exc:
+                raise kserve.InferError(
+                    "INVALID_ARGUMENT", f"the body is not JSON: {exc}"
+                ) from None
+            feeds, wanted, request_id = kserve.rest_inputs(body)
+            outputs = await kserve.answer(self.manifest, feeds, wanted, self.first.remote)
+            return 200, kserve.rest_outputs(self.name, request_id, outputs)
+        except kserve.InferError as error:
+            return error.http, {"error": str(error)}
+
+
+def _bind(
+    serve: Any,
+    out: Path,
+    manifest: Manifest,
+    providers: Sequence[str] | None,
+    *,
+    http: bool,
+    token: str | None,
+) -> tuple[Any, list[str]]:
+    """The application: the stages chained from the last to the first, then (with `http`)
+    the REST ingress in front; and the deployment names, the application's ingress first."""
     bound: Any = None
     names = []
     for spec in reversed(manifest.stages):
@@ -173,8 +284,73 @@ def deploy(
         bound = deployment.bind(
             str(out.resolve()), spec.index, list(providers) if providers else None, bound
         )
-    serve.run(bound, name=app, route_prefix=None, blocking=False)
-    return list(reversed(names))
+    if http:
+        names.append("http")
+        ingress = serve.deployment(name="http", num_replicas=1)(HttpIngress)
+        bound = ingress.bind(str(out.resolve()), bound, token)
+    return bound, list(reversed(names))
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--http {text}: expected HOST:PORT")
+    return host, int(port)
+
+
+def deploy(
+    out: Path,
+    address: str,
+    *,
+    providers: Sequence[str] | None = None,
+    name: str | None = None,
+    http: str | None = None,
+    token: str | None = None,
+) -> list[str]:
+    """Deploy every stage of `out` on the Ray cluster at `address`; returns the deployment
+    names, the application's ingress first. With `http` (HOST:PORT), Serve's HTTP proxy
+    listens there and a KServe v2 REST ingress takes every path (`token`: the bearer token
+    it asks for)."""
+    ray, serve = _require_ray()
+
+    _require_token_auth()
+    listen = _host_port(http) if http is not None else None
+    out = Path(out)
+    manifest = verify(out)
+    if listen is not None:
+        from lamc.runtime.kserve import check_servable
+
+        check_servable(manifest)
+    app = name or app_name(manifest, out)
+    try:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ... by version
+        raise RuntimeEnvironmentError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+    if listen is None:
+        serve.start(proxy_location="Disabled")
+    else:
+        serve.start(proxy_location="HeadOnly", http_options={"host": listen[0], "port": listen[1]})
+    bound, names = _bind(serve, out, manifest, providers, http=listen is not None, token=token)
+    serve.run(bound, name=app, route_prefix="/" if listen else None, blocking=False)
+    return names
+
+
+def build_app(args: dict[str, str]) -> Any:
+    """`serve run lamc.runtime.ray_serve:build_app out=OUT [providers=cpu] [token=T]`: the
+    pipeline with its REST ingress, as a Serve application (the token defaults to
+    $LAMC_TOKEN; none: the REST paths are open)."""
+    _, serve = _require_ray()
+    from lamc.runtime.executor import parse_providers
+
+    if "out" not in args:
+        raise UsageError("give out=OUT, the compiled pipeline's directory")
+    out = Path(args["out"])
+    manifest = verify(out)
+    token = args.get("token") or os.environ.get("LAMC_TOKEN") or None
+    bound, _ = _bind(
+        serve, out, manifest, parse_providers(args.get("providers")), http=True, token=token
+    )
+    return bound
 
 
 class RayPipeline:

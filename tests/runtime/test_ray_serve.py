@@ -71,7 +71,11 @@ def test_ray_serve_pipeline_matches_in_process(
     address, env = ray_head
     out = tmp_path / "gpt2"
     compile_zoo("zoo:gpt2:test", out, 3)
-    deployed = _lamc("serve", str(out), "--ray", address, env=env)
+    http = f"127.0.0.1:{free_port()}"
+    token = "rest-token"
+    deployed = _lamc(
+        "serve", str(out), "--ray", address, "--http", http, env={**env, "LAMC_TOKEN": token}
+    )
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     assert "deployed 3 stage(s)" in deployed.stdout + deployed.stderr
     ran = _lamc(
@@ -86,3 +90,88 @@ def test_ray_serve_pipeline_matches_in_process(
     got = np.load(tmp_path / "r" / "logits.npy")
     want = np.load(tmp_path / "l" / "logits.npy")
     assert got.shape == want.shape and np.array_equal(got, want)
+
+    # The HTTP ingress speaks KServe v2 REST with the model's own names.
+    base = f"http://{http}/v2"
+    assert _http("GET", f"{base}/health/ready") == (200, {"ready": True})
+    ids = np.random.default_rng(5).integers(0, 500, size=(2, 6)).astype(np.int64)
+    body = {
+        "id": "rest-1",
+        "inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [2, 6], "data": ids.ravel().tolist()}],
+    }  # fmt: skip
+    auth = {"Authorization": f"Bearer {token}"}
+    assert _http("POST", f"{base}/models/gpt2-test/infer", body)[0] == 401
+    status, answer = _http("POST", f"{base}/models/gpt2-test/infer", body, auth)
+    assert status == 200, answer
+    assert answer["id"] == "rest-1" and answer["outputs"][0]["name"] == "logits"
+    rest = np.array(answer["outputs"][0]["data"], dtype=np.float32).reshape(
+        answer["outputs"][0]["shape"]
+    )
+    from lamc.runtime.executor import Pipeline
+
+    want_rest = Pipeline.open(out).run({"input_ids": ids})["logits"]
+    assert rest.shape == want_rest.shape and np.array_equal(rest, want_rest)
+    status, metadata = _http("GET", f"{base}/models/gpt2-test", None, auth)
+    assert status == 200 and metadata["inputs"] == [
+        {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]}
+    ]
+    status, refused = _http(
+        "POST", f"{base}/models/gpt2-test/infer",
+        {"inputs": [{"name": "input_ids", "datatype": "INT32", "shape": [1, 2], "data": [1, 2]}]},
+        auth,
+    )  # fmt: skip
+    assert status == 400 and "expected dtype int64" in refused["error"], refused
+    assert _http("GET", f"{base}/models/other", None, auth)[0] == 404
+
+    # A plain handle call with a dict of arrays answers a dict of the model's outputs.
+    script = (
+        "import ray, numpy as np, sys; from ray import serve;"
+        f"ray.init(address='{address}', log_to_driver=False);"
+        "h = serve.get_app_handle('lamc-gpt2-test');"
+        "ids = np.arange(12, dtype=np.int64).reshape(2, 6);"
+        "out = h.remote({'input_ids': ids}).result(timeout_s=60);"
+        f"np.save('{tmp_path / 'handle.npy'}', out['logits'])"
+    )
+    called = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert called.returncode == 0, called.stderr[-3000:]
+    handled = np.load(tmp_path / "handle.npy")
+    ids = np.arange(12, dtype=np.int64).reshape(2, 6)
+    assert np.array_equal(handled, Pipeline.open(out).run({"input_ids": ids})["logits"])
+
+
+def _http(
+    method: str, url: str, body: object = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, object]]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        url,
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_build_app_for_serve_run(tmp_path: Path) -> None:
+    """`serve run lamc.runtime.ray_serve:build_app out=OUT` builds the application (no
+    cluster needed to build it); without out= it names what is missing."""
+    from ray.serve import Application
+
+    from lamc.errors import UsageError
+    from lamc.runtime.ray_serve import build_app
+
+    out = tmp_path / "gpt2"
+    compile_zoo("zoo:gpt2:test", out, 2)
+    assert isinstance(build_app({"out": str(out), "token": "t"}), Application)
+    with pytest.raises(UsageError, match="give out=OUT"):
+        build_app({})
