@@ -76,6 +76,12 @@ def module_scope(node: ir.Node) -> Scope:
     return Scope((), ())
 
 
+def scope_named(node: ir.Node) -> bool:
+    """Whether the exporter said where `node` belongs (scope metadata, or a `/path/Op`
+    name), as opposed to a node an optimiser made (`Attention_0`, `SkipLayerNorm_3`)."""
+    return _TORCH_SCOPES in node.metadata_props or (node.name or "").startswith("/")
+
+
 def user_frame(node: ir.Node) -> str | None:
     """The outermost frame of the node's stack trace: the line in the user's model code."""
     trace = node.metadata_props.get(_TORCH_STACK)

@@ -18,6 +18,7 @@ from lamc.errors import CaptureError, InternalError
 from lamc.ir import (
     COST,
     SCOPE,
+    Scope,
     UnresolvedDim,
     annotate,
     annotation,
@@ -26,6 +27,7 @@ from lamc.ir import (
     module_scope,
     node_inputs,
     numel,
+    scope_named,
     subgraphs,
 )
 from lamc.passes import op_costs
@@ -83,8 +85,9 @@ class Analyze(Pass):
         graph = model.graph
         unresolved: list[str] = []
         total_flops = total_matrix = 0.0
+        scopes = borrowed_scopes(graph)
         for position, node in enumerate(graph):
-            scope = module_scope(node)
+            scope = scopes[node]
             annotate(node, SCOPE, list(scope.paths))
             node.meta["lamc.scope_classes"] = scope.classes
             cost = node_cost(node, self.binding, concrete)
@@ -114,6 +117,52 @@ class Analyze(Pass):
         for node in model.graph:
             if annotation(node, COST) is None:
                 raise InternalError(f"node {node.name} has no cost after Analyze")
+
+
+def borrowed_scopes(graph: ir.Graph) -> dict[ir.Node, Scope]:
+    """Every node's module scope. A node an optimiser made (a fused `Attention_0` or
+    `SkipLayerNorm_AddBias_3`, named by no module) takes the scope its scoped neighbours
+    share: the common prefix of its producers' and consumers' scopes, round after round
+    as its neighbours get theirs. So a fused layer's ops stay in that layer's unit, and
+    only what joins two layers falls to their common parent."""
+    scopes = {node: module_scope(node) for node in graph}
+    pending = [node for node in graph if not scope_named(node)]
+    if len(pending) == len(scopes):
+        return scopes  # no names at all: units come from the graph's structure
+    known = {node for node in graph if scope_named(node)}
+    while pending:
+        settled = []
+        for node in pending:
+            around = [
+                scopes[other]
+                for other in _neighbours(node)
+                if other in known and scopes[other].paths
+            ]
+            if not around:
+                continue
+            depth = min(len(s.paths) for s in around)
+            while depth and len({s.paths[:depth] for s in around}) > 1:
+                depth -= 1
+            if depth:
+                scopes[node] = Scope(around[0].paths[:depth], around[0].classes[:depth])
+            settled.append(node)
+        if not settled:
+            break
+        known.update(settled)
+        pending = [node for node in pending if node not in known]
+    return scopes
+
+
+def _neighbours(node: ir.Node) -> list[ir.Node]:
+    """The nodes that produce `node`'s inputs and that consume its outputs."""
+    found: list[ir.Node] = []
+    for value in node.inputs:
+        producer = value.producer() if value is not None else None
+        if producer is not None:
+            found.append(producer)
+    for value in node.outputs:
+        found.extend(use.node for use in value.uses())
+    return found
 
 
 def node_cost(
@@ -159,12 +208,12 @@ def node_cost(
     moved = weight_read = 0
     if op_costs.moves_bytes(node):
         moved = out_bytes
-        gathers = node.op_type in op_costs.GATHERS
+        gathered = op_costs.gathered_inputs(node)
         for position, (inp, shape) in enumerate(zip(node.inputs, ins)):
             if inp is None or shape is None:
                 continue
             size = int(numel(shape) * itemsize(inp.dtype))
-            if gathers and position == 0:
+            if position in gathered:
                 # A gather or slice reads only the elements it returns, not its whole input.
                 size = min(size, out_bytes)
             moved += size

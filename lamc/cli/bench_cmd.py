@@ -67,6 +67,19 @@ PERCENTILES = (50, 90, 95, 99)
 )
 @click.option("--threads", type=click.IntRange(min=0), help="Intra-op threads per stage.")
 @stage_server_options
+@click.option(
+    "--calibrate",
+    "calibrate",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The topology OUT was compiled for: write it corrected by what was measured "
+    "(each device's time_scale), for the next `lamc plan`/`compile`.",
+)
+@click.option(
+    "--calibrated",
+    "calibrated",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where --calibrate writes (default: T.calibrated.yaml beside T.yaml).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @lamc_command("bench")
 def bench_command(
@@ -82,6 +95,8 @@ def bench_command(
     hosts_file: Path | None,
     endpoints: tuple[str, ...],
     timeout_s: float,
+    calibrate: Path | None,
+    calibrated: Path | None,
     as_json: bool,
 ) -> str:
     """Time OUT: latency percentiles, throughput, and per stage measured vs predicted."""
@@ -89,6 +104,13 @@ def bench_command(
     from lamc.runtime.executor import Pipeline, parse_providers
 
     remote = hosts_file is not None or bool(endpoints)
+    if calibrated is not None and calibrate is None:
+        raise UsageError("--calibrated is where --calibrate writes: give --calibrate T.yaml")
+    if calibrate is not None and remote:
+        raise UsageError(
+            "--calibrate needs each stage timed on its own: run it in this process "
+            "(without --hosts/--endpoint), on the device the stages are planned for"
+        )
     if concurrency > 1 and not remote:
         raise UsageError(
             "--concurrency: this process runs one request at a time",
@@ -113,6 +135,8 @@ def bench_command(
         if hasattr(pipeline, "close"):
             pipeline.close()
     report = _report(manifest, latencies, wall, stages, where, concurrency)
+    if calibrate is not None:
+        report["calibration"] = _calibrate(out, manifest, report, calibrate, calibrated)
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
     else:
@@ -122,6 +146,39 @@ def bench_command(
         f"{out}: {len(latencies)} requests in {where}, p50 {latency['p50']:.2f} ms, "
         f"p99 {latency['p99']:.2f} ms, {report['throughput_rps']:.1f} req/s"
     )
+
+
+def _calibrate(
+    out: Path, manifest: Any, report: dict[str, Any], source: Path, target: Path | None
+) -> dict[str, Any]:
+    """Write the calibrated topology; what was written, for the report."""
+    import platform
+    import time as clock
+
+    from lamc.topology import load_topology
+    from lamc.topology.calibrate import device_ratios, write_calibrated
+
+    topology = load_topology(source)
+    old = {d.name: d.time_scale for d in topology.devices}
+    calibrations = device_ratios(report["stages"], old)
+    if not calibrations:
+        raise UsageError("--calibrate: no stage was timed with a prediction to compare")
+    target = target or source.with_name(f"{source.stem}.calibrated.yaml")
+    binding = report["predicted"]["binding"]
+    note = (
+        f"{source.name} calibrated by `lamc bench {out} --calibrate` on {platform.node()}, "
+        f"{clock.strftime('%Y-%m-%d %H:%M')}:\n"
+        f"{report['requests']} requests at {binding}; per device, measured / predicted "
+        "(median of its stages) became its time_scale."
+    )
+    write_calibrated(source, str(manifest.topology.get("sha256", "")), calibrations, target, note)
+    return {
+        "topology": str(target),
+        "devices": {
+            c.device: {"stages": list(c.stages), "ratio": c.ratio, "time_scale": c.time_scale}
+            for c in calibrations
+        },
+    }
 
 
 def _enough(done: int, started: float, iterations: int, duration: float) -> bool:
@@ -228,6 +285,19 @@ def _report(
 
 def _print(report: dict[str, Any]) -> None:
     console = stdout_console()
+    _print_timings(console, report)
+    calibration = report.get("calibration")
+    if calibration:
+        for device, entry in calibration["devices"].items():
+            console.print(
+                f"calibrated {device}: measured/predicted {entry['ratio']:.2f} over stage(s) "
+                f"{', '.join(map(str, entry['stages']))} -> time_scale {entry['time_scale']:.3f}",
+                markup=False,
+            )
+        console.print(f"calibrated topology: {calibration['topology']}", markup=False)
+
+
+def _print_timings(console: Any, report: dict[str, Any]) -> None:
     latency, predicted = report["latency_ms"], report["predicted"]
     console.print(
         f"{report['requests']} requests in {report['where']} "

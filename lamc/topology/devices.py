@@ -33,6 +33,7 @@ DEVICE_KEYS = {
     "include",
     "lamc_device",
     "cache",
+    "time_scale",
 }
 
 
@@ -202,26 +203,44 @@ def device_from(entry: LinedDict, where: str, source: Source, base: Path) -> Dev
         cache_bandwidth = quantity(
             cache, "bandwidth", f"{where}.cache", source, parse_bandwidth, positive=True
         )
+    scale = 1.0
+    if "time_scale" in merged:
+        raw_scale = merged["time_scale"]
+        if (
+            isinstance(raw_scale, bool)
+            or not isinstance(raw_scale, (int, float))
+            or not math.isfinite(raw_scale)
+            or raw_scale <= 0
+        ):
+            raise source.error(
+                line_of(merged, "time_scale"),
+                f"{where}.time_scale",
+                f"must be a positive number (measured time / predicted time), got {raw_scale!r}",
+            )
+        scale = float(raw_scale)
     if runtime_memory >= memory:
         raise source.error(
             line_of(merged, "memory"),
             f"{where}.memory",
             f"{memory:.0f} bytes leaves nothing after the runtime's own {runtime_memory:.0f}",
         )
+    # `time_scale` (written by `lamc bench --calibrate`): every time on this device is that
+    # many times what its rates and overheads say, so rates are divided by it.
     return Device(
         name=name,
         host=host,
         kind=kind,
         memory_bytes=memory,
-        peak_flops=peak,
-        memory_bandwidth=bandwidth,
+        peak_flops={dtype: rate / scale for dtype, rate in peak.items()},
+        memory_bandwidth=bandwidth / scale,
         backends=tuple(backends),
         efficiency=efficiency,
-        op_overhead_ms=op_overhead,
-        call_overhead_ms=call_overhead,
+        op_overhead_ms=op_overhead * scale,
+        call_overhead_ms=call_overhead * scale,
         runtime_memory_bytes=runtime_memory,
         line=entry.line,
         cache_bytes=cache_bytes,
-        cache_bandwidth=cache_bandwidth,
-        class_overhead_ms=class_overhead,
+        cache_bandwidth=cache_bandwidth / scale,
+        class_overhead_ms={k: v * scale for k, v in class_overhead.items()},
+        time_scale=scale,
     )

@@ -62,6 +62,8 @@ class Device:
     cache_bandwidth: float = 0.0
     # Per op class launch overhead where it differs from op_overhead_ms (parallel GEMMs).
     class_overhead_ms: dict[str, float] = field(default_factory=dict)
+    # The calibration factor already applied to the rates and overheads above (1: none).
+    time_scale: float = 1.0
 
     def overhead_ms(self, op_class: str) -> float:
         return self.class_overhead_ms.get(op_class, self.op_overhead_ms)

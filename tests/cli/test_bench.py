@@ -76,3 +76,72 @@ def test_bench_against_stage_servers_keeps_requests_in_flight(compiled: Path) ->
     assert report["where"].startswith("stage servers")
     _ordered(report["latency_ms"])
     assert all("measured_ms" not in s for s in report["stages"])
+
+
+def test_calibrate_writes_a_topology_that_predicts_what_was_measured(
+    compiled: Path, tmp_path: Path
+) -> None:
+    from lamc.topology import load_topology
+    from tests.compiled import MINIPCS
+    from tests.conftest import analysed_model
+
+    target = tmp_path / "calibrated.yaml"
+    out = lamc(
+        "bench", str(compiled), "--iterations", "10", "--warmup", "1", "--json",
+        "--calibrate", str(MINIPCS), "--calibrated", str(target),
+    )  # fmt: skip
+    assert out.code == 0, out.stdout + out.stderr
+    report = json.loads(out.stdout)
+    devices = report["calibration"]["devices"]
+    stages = {s["device"]: s for s in report["stages"]}
+    assert set(devices) == set(stages)  # one stage per device here
+    for device, entry in devices.items():
+        assert entry["ratio"] == pytest.approx(stages[device]["measured_over_predicted"])
+    calibrated = load_topology(target)
+    scales = {d.name: d.time_scale for d in calibrated.devices}
+    for device, entry in devices.items():
+        assert scales[device] == pytest.approx(entry["time_scale"], rel=1e-3)
+    # Devices that ran no stage keep their rates.
+    original = {d.name: d for d in load_topology(MINIPCS).devices}
+    for name, scale in scales.items():
+        if name not in devices:
+            assert scale == 1.0 and calibrated.device(name).peak("fp32") == original[name].peak(
+                "fp32"
+            )
+    # The same split costed on the calibrated topology predicts the measured times.
+    from lamc.cost import CostModel
+    from lamc.plan import parse_placement
+
+    manifest = json.loads((compiled / "manifest.json").read_text())
+    workload = analysed_model("zoo:gpt2:test").workload
+    before, after = CostModel(workload, load_topology(MINIPCS)), CostModel(workload, calibrated)
+    for place in parse_placement(manifest["plan"]["text"]):
+        d = [x.name for x in calibrated.devices].index(place.device)
+        old = before.compute_ms(d, place.start_unit, place.end_unit)
+        assert old == pytest.approx(stages[place.device]["predicted_compute_ms"], rel=1e-4)
+        new = after.compute_ms(d, place.start_unit, place.end_unit)
+        assert new == pytest.approx(old * devices[place.device]["ratio"], rel=2e-3)
+
+
+def test_calibrate_refuses_another_topology_and_stage_servers(
+    compiled: Path, tmp_path: Path
+) -> None:
+    from tests.compiled import MINIPCS
+
+    other = tmp_path / "other.yaml"
+    other.write_text(MINIPCS.read_text() + "\n# edited\n")
+    out = lamc("bench", str(compiled), "--iterations", "2", "--calibrate", str(other))
+    assert out.code == 2 and "not the topology this pipeline was compiled for" in out.final
+    assert not (tmp_path / "other.calibrated.yaml").exists()
+    out = lamc("bench", str(compiled), "--calibrated", str(tmp_path / "x.yaml"))
+    assert out.code == 2 and "give --calibrate" in out.final
+    out = lamc("bench", str(compiled), "--endpoint", "0=127.0.0.1:1", "--calibrate", str(MINIPCS))
+    assert out.code == 2 and "in this process" in out.final
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        MINIPCS.read_text().replace(
+            "memory_bandwidth: 38.4GB/s}", "memory_bandwidth: 38.4GB/s, time_scale: -2}", 1
+        )
+    )
+    out = lamc("plan", "zoo:gpt2:test", "-t", str(bad))
+    assert out.code == 3 and "time_scale" in out.final
