@@ -5,7 +5,9 @@ Per op: `op_overhead + max(flops / peak[dtype], bytes / bandwidth) / efficiency[
 a roofline with a measured fraction of it reached per op class (`lamc profile` measures
 these; the topology may state them). A stage adds one `call_overhead`.
 
-Per transfer: route latency + bytes / narrowest bandwidth on the route (multi-hop).
+Per transfer: route latency + bytes / narrowest bandwidth on the route (multi-hop). A
+stage also pays, on its own CPU, for each message it sends to or receives from another
+stage (`serialize`: a fixed cost plus bytes / rate, when the topology states it).
 
 Per stage memory: parameters (tied weights once) + peak live activations + the runtime's
 own memory (+ KV cache bytes per token x context x batch, for decoders).
@@ -217,6 +219,15 @@ class CostModel:
             ],
             dtype=np.float64,
         )
+        # A stage's own CPU time for the messages it exchanges with its neighbours: the
+        # tensors of cut j it receives (j > 0) and of cut k it sends (k < n).
+        self._receive_ms = np.zeros((len(self.devices), n + 1))
+        self._send_ms = np.zeros((len(self.devices), n + 1))
+        for d, device in enumerate(self.devices):
+            if device.serialize_overhead_ms or device.serialize_bandwidth:
+                hop = np.array([device.serialize_ms(b) for b in self.link_bytes])
+                self._receive_ms[d, 1:] = hop[1:]
+                self._send_ms[d, :n] = hop[:n]
         self._params = _segment_params(workload) * method.weight_ratio
         self._activations = _segment_max(
             np.array([u.peak_activation_bytes for u in workload.units], dtype=np.float64)
@@ -247,7 +258,13 @@ class CostModel:
 
     def compute_ms(self, d: int, j: int, k: int) -> float:
         prefix = self._prefix_cached if self.weights_cached(d, j, k) else self._prefix
-        return float(self.devices[d].call_overhead_ms + prefix[d, k] - prefix[d, j])
+        return float(
+            self.devices[d].call_overhead_ms
+            + prefix[d, k]
+            - prefix[d, j]
+            + self._receive_ms[d, j]
+            + self._send_ms[d, k]
+        )
 
     def memory(self, d: int, j: int, k: int) -> StageMemory:
         device = self.devices[d]
@@ -293,6 +310,7 @@ class CostModel:
                 else np.zeros_like(streamed, dtype=bool)
             )
             full = np.where(fits, cached, streamed) + device.call_overhead_ms
+            full = full + self._receive_ms[d][:, None] + self._send_ms[d][None, :]
             table[d][upper] = full[upper]
         return table
 

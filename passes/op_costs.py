@@ -301,7 +301,7 @@ def _contrib_attention(
         raise ValueError("Attention (com.microsoft) needs its input and weight shapes")
     b, s, hidden = x
     heads = max(node.attributes.get_int("num_heads", 1), 1)
-    sizes = list(node.attributes.get_ints("qkv_hidden_sizes", None) or [])
+    sizes = list(node.attributes.get_ints("qkv_hidden_sizes", ()) or [])
     dq, _, dv = sizes if len(sizes) == 3 else [w[1] // 3] * 3
     past = ins[4] if len(ins) > 4 else None
     skv = s + (past[3] if past is not None and len(past) == 5 else 0)

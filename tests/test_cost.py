@@ -95,3 +95,45 @@ def test_transfer_table_uses_routes() -> None:
         and table[1, 0, 1] == pytest.approx(4.0)
         and table[0, 0, 1] == 0
     )
+
+
+def test_serialize_cost_is_charged_per_message_on_each_side() -> None:
+    """`serialize:` charges a stage's own CPU for each message to or from another stage
+    (cut j received when j > 0, cut k sent when k < n), and so can make one stage better."""
+    import numpy as np
+
+    from lamc.passes.partition.planner import plan
+
+    fast = device_yaml("b", tflops=1.0)
+    slow = fast.replace("name: b, host: b", "name: a, host: a").replace(
+        "runtime_memory: 0B}", "runtime_memory: 0B, serialize: {overhead: 1ms, bandwidth: 1GB/s}}"
+    )
+    topology = parse_topology("devices:\n" + slow + fast)
+    workload = chain(4, flops=1e9, params=2**20, cut=2**20)
+    cost = CostModel(workload, topology)
+    hop = 1.0 + 2**20 / 1e9 * 1000  # 1 ms + 1 MiB at 1 GB/s
+    assert topology.devices[0].serialize_ms(2**20) == pytest.approx(hop)
+    assert cost.compute_ms(0, 0, 4) == pytest.approx(4.0)  # the whole model: no messages
+    assert cost.compute_ms(0, 0, 2) == pytest.approx(2.0 + hop)  # sends cut 2
+    assert cost.compute_ms(0, 1, 3) == pytest.approx(2.0 + 2 * hop)  # receives and sends
+    assert cost.compute_ms(0, 2, 4) == pytest.approx(2.0 + hop)  # receives cut 2
+    assert cost.compute_ms(1, 1, 3) == pytest.approx(2.0)  # b states no serialize cost
+    table = cost.compute_table()
+    for d in range(2):
+        for j in range(4):
+            for k in range(j + 1, 5):
+                assert table[d, j, k] == pytest.approx(cost.compute_ms(d, j, k))
+    assert np.isinf(table[0, 3, 1])
+    # Two devices that each pay 3 ms per message: one stage (4 ms) beats two (2 + 3 ms).
+    costly = device_yaml("x").replace(
+        "runtime_memory: 0B}", "runtime_memory: 0B, serialize: {overhead: 3ms}}"
+    ) + device_yaml("y").replace(
+        "runtime_memory: 0B}", "runtime_memory: 0B, serialize: {overhead: 3ms}}"
+    )
+    link = "links:\n  - {a: x, b: y, bandwidth: 100GB/s, latency: 0ms}\n"
+    best, _ = plan(workload, parse_topology("devices:\n" + costly + link))
+    assert len(best.stages) == 1 and best.bottleneck_ms == pytest.approx(4.0)
+    cheap, _ = plan(
+        workload, parse_topology("devices:\n" + device_yaml("x") + device_yaml("y") + link)
+    )
+    assert len(cheap.stages) == 2 and cheap.bottleneck_ms < 4.0

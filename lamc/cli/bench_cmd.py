@@ -4,7 +4,8 @@ each stage's measured time beside the plan's prediction.
 
 In this process the stages run one after another, request after request, and each stage
 is timed on its own. Against stage servers (`--hosts`/`--endpoint`) up to `--concurrency`
-requests are in flight and each is timed from submission to answer."""
+requests are in flight and each is timed from submission to answer; each server then
+reports its engine's time and its hand-off to the next stage for those requests."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import click
 import numpy as np
 
 from lamc.cli.main import cli, lamc_command
-from lamc.cli.options import parse_sizes
+from lamc.cli.options import json_file_option, parse_sizes
 from lamc.cli.run_cmd import stage_server_options
 from lamc.cli.ui import stdout_console
 from lamc.errors import UsageError
@@ -81,6 +82,7 @@ PERCENTILES = (50, 90, 95, 99)
     help="Where --calibrate writes (default: T.calibrated.yaml beside T.yaml).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@json_file_option
 @lamc_command("bench")
 def bench_command(
     out: Path,
@@ -98,6 +100,7 @@ def bench_command(
     calibrate: Path | None,
     calibrated: Path | None,
     as_json: bool,
+    output_json: Path | None,
 ) -> str:
     """Time OUT: latency percentiles, throughput, and per stage measured vs predicted."""
     from lamc.cli.run_cmd import random_feeds, remote_pipeline
@@ -125,8 +128,9 @@ def bench_command(
     try:
         manifest = pipeline.manifest
         feeds = random_feeds(manifest, parse_sizes(random_dims, "--random"), seed)
+        links: dict[int, list[float]] = {}
         if remote:
-            latencies, wall, stages = _remote_runs(
+            latencies, wall, stages, links = _remote_runs(
                 pipeline, feeds, warmup, iterations, duration, concurrency
             )
         else:
@@ -134,9 +138,13 @@ def bench_command(
     finally:
         if hasattr(pipeline, "close"):
             pipeline.close()
-    report = _report(manifest, latencies, wall, stages, where, concurrency)
+    report = _report(manifest, latencies, wall, stages, where, concurrency, links)
     if calibrate is not None:
         report["calibration"] = _calibrate(out, manifest, report, calibrate, calibrated)
+    if output_json is not None:
+        from lamc.cli.ui import write_json
+
+        write_json(output_json, report)
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
     else:
@@ -210,9 +218,10 @@ def _remote_runs(
     iterations: int,
     duration: float,
     concurrency: int,
-) -> tuple[list[float], float, dict[int, list[float]]]:
+) -> tuple[list[float], float, dict[int, list[float]], dict[int, list[float]]]:
     """Up to `concurrency` requests in flight; each timed from submission to its answer.
-    A failed request fails the bench (its error names the stage)."""
+    A failed request fails the bench (its error names the stage). Then each stage
+    server's own times for these requests: its engine's, and its hand-off onward."""
     import concurrent.futures
 
     for _ in range(warmup):
@@ -233,7 +242,15 @@ def _remote_runs(
             begun = pending.pop(future)
             future.result()  # raises the stage's failure
             latencies.append(now - begun)
-    return latencies, time.perf_counter() - started, {}
+    wall = time.perf_counter() - started
+    # What each stage server measured for these requests: its engine's time, and the
+    # hand-off to the next stage (the link, the next stage's checks and its answer).
+    stages: dict[int, list[float]] = {}
+    links: dict[int, list[float]] = {}
+    for index, (compute, handoff) in enumerate(pipeline.hop_times(len(latencies))):
+        stages[index] = [ms / 1000.0 for ms in compute]
+        links[index] = [ms / 1000.0 for ms in handoff]
+    return latencies, wall, stages, links
 
 
 def _percentiles(seconds: list[float]) -> dict[str, float]:
@@ -250,21 +267,27 @@ def _report(
     stages: dict[int, list[float]],
     where: str,
     concurrency: int,
+    links: dict[int, list[float]] | None = None,
 ) -> dict[str, Any]:
     plan = manifest.plan
     rows = []
     for spec in manifest.stages:
         predicted = float(spec.predicted.get("compute_ms", 0.0)) if spec.predicted else 0.0
+        transfer = float((spec.predicted or {}).get("transfer_ms", 0.0))
         row: dict[str, Any] = {
             "stage": spec.index,
             "device": spec.device,
             "predicted_compute_ms": predicted,
-            "predicted_transfer_ms": float((spec.predicted or {}).get("transfer_ms", 0.0)),
+            "predicted_transfer_ms": transfer,
         }
         if stages.get(spec.index):
             measured = _percentiles(stages[spec.index])
             row["measured_ms"] = measured
             row["measured_over_predicted"] = measured["p50"] / predicted if predicted else None
+        if links and links.get(spec.index):
+            handoff = _percentiles(links[spec.index])
+            row["measured_handoff_ms"] = handoff
+            row["handoff_over_predicted"] = handoff["p50"] / transfer if transfer else None
         rows.append(row)
     return {
         "where": where,
@@ -324,9 +347,16 @@ def _print_timings(console: Any, report: dict[str, Any]) -> None:
             f"{measured['p50']:<13.3f} {measured['p90']:<9.3f} {measured['p99']:<9.3f} "
             f"{row['measured_over_predicted'] or 0:.2f}"
             if measured
-            else "(not timed per stage against stage servers)"
+            else "(not timed)"
         )
         console.print(
             f"{row['stage']:<6} {row['device']:<17} {row['predicted_compute_ms']:<13.3f} {cells}",
             markup=False,
         )
+        handoff = row.get("measured_handoff_ms")
+        if handoff:
+            console.print(
+                f"  -> link onward: predicted {row['predicted_transfer_ms']:.3f} ms, "
+                f"measured hand-off p50 {handoff['p50']:.3f} ms, p90 {handoff['p90']:.3f} ms",
+                markup=False,
+            )

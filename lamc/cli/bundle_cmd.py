@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.table import Table
 
 from lamc.cli.main import cli, lamc_command
+from lamc.cli.tables import Table
 from lamc.cli.ui import stdout_console
 from lamc.quantity import format_bytes
 

@@ -136,10 +136,15 @@ def capture_options(
 
 def require_compile_extra() -> None:
     """The compile side needs torch, onnx and networkx (`lamc[compile]`)."""
+    require_extra("compile", (("onnx", "onnx"), ("onnx_ir", "onnx-ir"), ("networkx", "networkx")))
+
+
+def require_extra(extra: str, modules: tuple[tuple[str, str], ...]) -> None:
+    """Exit 10 naming the extra that installs the first missing (module, package)."""
     from lamc.errors import missing_extra
 
-    for module, package in (("onnx", "onnx"), ("onnx_ir", "onnx-ir"), ("networkx", "networkx")):
+    for module, package in modules:
         try:
             __import__(module)
         except ImportError:
-            raise missing_extra(package, "compile") from None
+            raise missing_extra(package, extra) from None

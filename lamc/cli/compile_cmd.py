@@ -59,6 +59,12 @@ from lamc.quantity import format_bytes
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write a JSON report: the plan, timings and checks.",
 )
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the report (plan, timings, checks, files) as JSON instead of tables.",
+)
 @lamc_command("compile")
 def compile_command(
     model: str,
@@ -69,6 +75,7 @@ def compile_command(
     no_check: bool,
     report_path: Path | None,
     variants: str | None,
+    as_json: bool,
     **options: Any,
 ) -> str:
     """Compile MODEL into a pipeline of per-device engines and a hash-pinned manifest."""
@@ -77,6 +84,10 @@ def compile_command(
     from lamc.compiler.variants import parse_variants
 
     methods = parse_variants(variants)
+    if as_json:  # the JSON is all of stdout: tables off
+        from lamc.cli import ui
+
+        ui.QUIET = True
 
     _terminate_as_interrupt()
     if not dry_run:
@@ -153,7 +164,7 @@ def compile_command(
         )
     if methods and not manifest.variants:
         console.print("variants: none kept (see the checks: slower here, or over --max-error)")
-    if report_path is not None:
+    if report_path is not None or as_json:
         report = {
             "out": str(out),
             "plan": result.plan.to_dict(),
@@ -165,7 +176,10 @@ def compile_command(
                 for f in s.files
             },
         }
-        report_path.write_text(json.dumps(report, indent=2, sort_keys=True))
+        if report_path is not None:
+            report_path.write_text(json.dumps(report, indent=2, sort_keys=True))
+        if as_json:
+            click.echo(json.dumps(report, indent=2, sort_keys=True))
     return f"{model} -> {out}: {len(manifest.stages)} stage(s), {format_bytes(total)}, in {sum(seconds.values()):.1f} s"
 
 

@@ -24,7 +24,13 @@ from lamc.errors import UsageError
     type=click.Path(file_okay=False, path_type=Path),
     help="A Hugging Face tokenizer directory (lamc[hf]).",
 )
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Tokens to generate after the prompt (fewer if an end token comes first).",
+)
 @click.option(
     "--temperature",
     type=click.FloatRange(min=0, max=100),
@@ -33,7 +39,13 @@ from lamc.errors import UsageError
     help="0: greedy; otherwise at least 1e-4 (smaller would overflow the softmax), at most 100.",
 )
 @click.option("--top-k", type=click.IntRange(min=0), default=0, help="Sample from the k likeliest.")
-@click.option("--seed", type=click.IntRange(min=0, max=2**128 - 1), default=0, show_default=True)
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0, max=2**128 - 1),
+    default=0,
+    show_default=True,
+    help="Seed of the sampling (with a temperature above 0).",
+)
 @click.option(
     "--hosts",
     "hosts_file",
@@ -52,6 +64,12 @@ from lamc.errors import UsageError
     help="With --hosts: follow the plan of a `lamc control` process (it switches the servers).",
 )
 @click.option("--providers", metavar="cpu|cuda,cpu|...", help="Override the execution providers.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the prompt, the token ids (and text) and the timings as JSON at the end.",
+)
 @lamc_command("generate")
 def generate_command(
     out: Path,
@@ -66,6 +84,7 @@ def generate_command(
     failover: bool,
     controller: str | None,
     providers: str | None,
+    as_json: bool,
 ) -> str:
     """Generate tokens one step at a time; each is printed as soon as it is known."""
     from lamc.runtime.executor import Pipeline, parse_providers
@@ -115,15 +134,30 @@ def generate_command(
         for token in generate(pipeline, [ids], max_new_tokens, Sampling(temperature, top_k, seed)):
             first = first or time.perf_counter()
             produced.append(int(token[0]))
+            if as_json:
+                continue  # the JSON is all of stdout
             text = decode.decode([produced[-1]]) if decode is not None else f"{produced[-1]} "
             sys.stdout.write(text)
             sys.stdout.flush()
     finally:
         if hasattr(pipeline, "close"):
             pipeline.close()
-    sys.stdout.write("\n")
     done = time.perf_counter()
     rate = (len(produced) - 1) / (done - first) if first and len(produced) > 1 else 0.0
+    if as_json:
+        import json
+
+        summary: dict[str, Any] = {
+            "prompt_ids": ids,
+            "token_ids": produced,
+            "first_token_ms": round(((first or done) - started) * 1000, 3),
+            "tokens_per_s": round(rate, 3),
+        }
+        if decode is not None:
+            summary["text"] = decode.decode(produced)
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    else:
+        sys.stdout.write("\n")
     return (
         f"{out}: {len(produced)} token(s) after a {len(ids)}-token prompt; first in "
         f"{((first or done) - started) * 1000:.1f} ms, then {rate:.1f} tokens/s"

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import click
-from rich.table import Table
 
 from lamc.cli.common import capture_options, check_costs, model_options, require_compile_extra
 from lamc.cli.main import cli, lamc_command
+from lamc.cli.tables import Table
 from lamc.cli.ui import Steps, stdout_console
 from lamc.quantity import format_bytes, format_flops
 

@@ -101,8 +101,102 @@ class LamcGroup(click.Group):
             sys.exit(exc.exit_code)
 
 
-@click.group(cls=LamcGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="lamc")
+EXIT_CODES = """\b
+Exit codes:
+  0  ok                      6   does not fit (memory, constraints, budgets)
+  1  internal error (a bug)  7   accuracy check failed
+  2  usage, bad input        8   engine build failed
+  3  bad topology or config  9   integrity check failed (tampered artifact)
+  4  model capture failed    10  environment (missing runtime or extra)
+  5  op not supported        130 interrupted
+Every command ends with one PASSED or FAILED line.
+Shell completion (bash; zsh and fish alike): eval "$(_LAMC_COMPLETE=bash_source lamc)"
+"""
+
+
+def versions() -> list[tuple[str, str]]:
+    """lamc's version and those of the runtimes and libraries it runs on."""
+    import platform
+    from importlib import metadata
+
+    found = [("lamc", __version__), ("python", platform.python_version())]
+    for package in (
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "numpy",
+        "grpcio",
+        "protobuf",
+        "onnx",
+        "torch",
+        "transformers",
+        "tensorrt",
+        "ray",
+    ):
+        try:
+            found.append((package, metadata.version(package)))
+        except metadata.PackageNotFoundError:
+            if package in ("onnxruntime", "numpy", "grpcio", "protobuf"):
+                found.append((package, "not installed"))
+    return found
+
+
+def _show_version(ctx: click.Context, _: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    for name, version in versions():
+        click.echo(f"{name} {version}" if name == "lamc" else f"  {name} {version}")
+    try:
+        import onnxruntime
+
+        click.echo(f"  execution providers: {', '.join(onnxruntime.get_available_providers())}")
+    except ImportError:
+        pass
+    ctx.exit(0)
+
+
+def _verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if ctx.resilient_parsing:
+        return
+    if param.name == "quiet":
+        from lamc.cli import ui
+
+        ui.QUIET = value  # set on every invocation (in-process callers run several)
+    elif value:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(message)s")
+        logging.getLogger("lamc").setLevel(logging.DEBUG)
+
+
+@click.group(
+    cls=LamcGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=EXIT_CODES,
+)
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_show_version,
+    help="Show lamc's version and its runtimes' (ONNX Runtime and its providers, ...), and exit.",
+)
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    expose_value=False,
+    callback=_verbosity,
+    help="Print only the final PASSED/FAILED line (and --json's JSON).",
+)
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    expose_value=False,
+    callback=_verbosity,
+    help="Log what lamc does (debug level) on stderr.",
+)
 def cli() -> None:
     """lamc: compile a large model into a pipeline of per-device engines and run it."""
 

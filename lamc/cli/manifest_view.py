@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.table import Table
 
+from lamc.cli.tables import Table
 from lamc.cli.ui import stdout_console
 from lamc.quantity import format_bytes, format_ms
 from lamc.verify import read_manifest

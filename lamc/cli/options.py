@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import click
 
 
@@ -58,3 +61,14 @@ def _items(text: str | None) -> list[str]:
     if not text:
         return []
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def json_file_option(fn: Any) -> Any:
+    """`-o FILE`: also write what --json prints to FILE (plan, bench, validate)."""
+    return click.option(
+        "-o",
+        "--output",
+        "output_json",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Also write what --json prints to this file.",
+    )(fn)

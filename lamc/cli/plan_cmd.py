@@ -10,6 +10,7 @@ import click
 
 from lamc.cli.common import analyse_model, model_options, require_compile_extra
 from lamc.cli.main import CommandOutcome, cli, lamc_command
+from lamc.cli.options import json_file_option
 from lamc.cli.plan_options import describe, plan_options, request_from_options
 from lamc.cli.plan_view import explain_data, render_failover, render_plan
 from lamc.cli.ui import Steps
@@ -33,6 +34,7 @@ from lamc.errors import ExitCode
     help="Write a picture: pipeline timeline and memory per device.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@json_file_option
 @lamc_command("plan")
 def plan_command(
     model: str,
@@ -41,6 +43,7 @@ def plan_command(
     explain: bool,
     plot_path: Path | None,
     as_json: bool,
+    output_json: Path | None,
     **options: Any,
 ) -> str:
     """Find the best pipeline of MODEL over the devices of a topology (compile's dry run)."""
@@ -72,12 +75,16 @@ def plan_command(
         from lamc.cli.plot import plot_plan
 
         plot_plan(best, plot_path)
+    data = best.to_dict()
+    if explain:
+        data["explain"] = explain_data(best, cost)
+    if failover:
+        data["failover"] = [f.to_dict() for f in failover]
+    if output_json is not None:
+        from lamc.cli.ui import write_json
+
+        write_json(output_json, data)
     if as_json:
-        data = best.to_dict()
-        if explain:
-            data["explain"] = explain_data(best, cost)
-        if failover:
-            data["failover"] = [f.to_dict() for f in failover]
         click.echo(json.dumps(data, indent=2, sort_keys=True))
     else:
         render_plan(best, cost, explain=explain)

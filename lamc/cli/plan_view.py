@@ -6,8 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from rich.table import Table
-
+from lamc.cli.tables import Table
 from lamc.cli.ui import stdout_console
 from lamc.quantity import format_bytes, format_flops, format_ms
 

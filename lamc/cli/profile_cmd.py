@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from lamc.cli.common import require_compile_extra
+from lamc.cli.common import require_extra
 from lamc.cli.main import cli, lamc_command
 from lamc.cli.ui import Steps, stdout_console
 
@@ -46,7 +46,8 @@ def profile_command(
 ) -> str:
     """Measure GEMM throughput per dtype, memory and cache bandwidth, per-op-class
     efficiency and overheads with ONNX Runtime on this machine."""
-    require_compile_extra()
+    # An edge device needs only onnx and onnx-ir for this (`lamc[profile]`), not torch.
+    require_extra("profile", (("onnx", "onnx"), ("onnx_ir", "onnx-ir")))
     from lamc.profile import describe, profile_machine
 
     steps = Steps()

@@ -20,48 +20,83 @@ _INPUT_KINDS = "biuf"
 
 
 def load_inputs(values: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """`--input NAME=FILE.npy`, repeated. .npy only, never pickled objects; the header is
-    checked against the file's size before any memory is allocated for the data."""
+    """`--input NAME=FILE.npy`, repeated, and `--input FILE.npz` (every array in it, by
+    its name). Never pickled objects: each array's header is checked against its size
+    before any memory is allocated for the data."""
     feeds: dict[str, np.ndarray] = {}
-    for name, path in parse_mapping(values, "--input").items():
+    archives = [v for v in values if "=" not in v and v.strip().endswith(".npz")]
+    pairs = tuple(v for v in values if v not in archives)
+    for path in archives:
+        for name, array in _read_npz(Path(path.strip())).items():
+            if name in feeds:
+                raise UsageError(f"--input {path}: {name} is given twice")
+            feeds[name] = array
+    for name, path in parse_mapping(pairs, "--input").items():
+        if name in feeds:
+            raise UsageError(f"--input {name}: given twice")
         file = Path(path)
         if not file.is_file():
             raise UsageError(f"--input {name}: {path} does not exist")
         try:
-            feeds[name] = _read_npy(file)
+            with file.open("rb") as handle:
+                feeds[name] = _read_npy(handle, file.stat().st_size)
         except Exception as exc:  # numpy's header parser raises many kinds on hostile bytes
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise UsageError(f"--input {name}: {path} is not a .npy array ({reason})") from None
     return feeds
 
 
-def _read_npy(file: Path) -> np.ndarray:
+def _read_npz(file: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz (a zip of .npy files), each checked like a .npy."""
+    import zipfile
+
+    if not file.is_file():
+        raise UsageError(f"--input {file} does not exist")
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(file) as archive:
+            for member in archive.infolist():
+                name = member.filename
+                if not name.endswith(".npy") or member.is_dir():
+                    raise ValueError(f"{name} is not a .npy member")
+                with archive.open(member) as handle:
+                    arrays[name[: -len(".npy")]] = _read_npy(handle, member.file_size)
+    except UsageError:
+        raise
+    except Exception as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UsageError(f"--input {file} is not an .npz of arrays ({reason})") from None
+    if not arrays:
+        raise UsageError(f"--input {file} holds no arrays")
+    return arrays
+
+
+def _read_npy(handle: Any, size: int) -> np.ndarray:
+    """One .npy array from `handle` (`size` bytes in all, header included)."""
     from numpy.lib import format as npy
 
-    with file.open("rb") as handle:
-        version = npy.read_magic(handle)
-        if version == (1, 0):
-            shape, fortran, dtype = npy.read_array_header_1_0(handle, max_header_size=10_000)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = npy.read_array_header_2_0(handle, max_header_size=10_000)
-        else:
-            raise ValueError(f"unknown .npy format version {version}")
-        if dtype.kind not in _INPUT_KINDS or dtype.fields is not None or dtype.subdtype:
-            raise ValueError(f"dtype {dtype} is not a numeric tensor")
-        count = 1
-        for d in shape:
-            count *= int(d)
-        expected = count * dtype.itemsize
-        available = file.stat().st_size - handle.tell()
-        if expected != available:
-            raise ValueError(
-                f"the header says {tuple(shape)} {dtype} ({expected} bytes), "
-                f"the file holds {available}"
-            )
-        data = np.fromfile(handle, dtype=dtype, count=count)
+    version = npy.read_magic(handle)
+    if version == (1, 0):
+        shape, fortran, dtype = npy.read_array_header_1_0(handle, max_header_size=10_000)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran, dtype = npy.read_array_header_2_0(handle, max_header_size=10_000)
+    else:
+        raise ValueError(f"unknown .npy format version {version}")
+    if dtype.kind not in _INPUT_KINDS or dtype.fields is not None or dtype.subdtype:
+        raise ValueError(f"dtype {dtype} is not a numeric tensor")
+    count = 1
+    for d in shape:
+        count *= int(d)
+    expected = count * dtype.itemsize
+    available = size - handle.tell()
+    if expected != available:
+        raise ValueError(
+            f"the header says {tuple(shape)} {dtype} ({expected} bytes), the file holds {available}"
+        )
+    data = np.frombuffer(handle.read(expected), dtype=dtype, count=count)
     array = data.reshape(shape, order="F" if fortran else "C")
-    # Native byte order and C layout: what the engines take.
-    return np.ascontiguousarray(array.astype(array.dtype.newbyteorder("="), copy=False))
+    # Native byte order and C layout: what the engines take (and a copy we own).
+    return np.array(array.astype(array.dtype.newbyteorder("="), copy=False), order="C")
 
 
 def random_feeds(manifest: object, sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
@@ -125,8 +160,8 @@ def stage_server_options(fn: Any) -> Any:
     "--input",
     "inputs",
     multiple=True,
-    metavar="NAME=FILE.npy",
-    help="An input tensor (repeat for each).",
+    metavar="NAME=FILE.npy|FILE.npz",
+    help="An input tensor (repeat for each), or an .npz holding them by name.",
 )
 @click.option(
     "--random",
@@ -138,10 +173,11 @@ def stage_server_options(fn: Any) -> Any:
     help="Run on random inputs (optionally at these dim sizes).",
 )
 @click.option(
+    "-o",
     "--output",
     "output_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Write each output as NAME.npy here.",
+    type=click.Path(path_type=Path),
+    help="Write the outputs: OUT.npz (one file), or a directory of NAME.npy.",
 )
 @click.option(
     "--providers",
@@ -156,7 +192,7 @@ def stage_server_options(fn: Any) -> Any:
     metavar="ADDRESS",
     help="Run on the pipeline deployed with `lamc serve OUT --ray ADDRESS`.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random's inputs.")
 @click.option(
     "--failover",
     is_flag=True,
@@ -248,9 +284,7 @@ def run_command(
     done = time.perf_counter()
     _finite(outputs, "output", check_finite)
     if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for name, value in outputs.items():
-            np.save(output_dir / f"{name.replace('/', '_')}.npy", value, allow_pickle=False)
+        write_outputs(outputs, output_dir)
     summary = {
         "stages": len(pipeline.manifest.stages),
         "where": where,
@@ -277,6 +311,31 @@ def run_command(
             f"ready in {summary['load_ms']} ms ({len(pipeline.manifest.stages)} stage(s) in {where}); ran in {summary['run_ms']} ms"
         )
     return f"{out}: {len(outputs)} output(s) from {len(pipeline.manifest.stages)} stage(s) in {summary['run_ms']} ms"
+
+
+def write_outputs(outputs: dict[str, np.ndarray], target: Path) -> None:
+    """`-o OUT.npz` (written beside, then renamed) or `-o DIR` (one NAME.npy each)."""
+    if target.suffix == ".npz":
+        from lamc.atomic import replace_file
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+
+        def write(tmp: Path) -> None:
+            import zipfile
+
+            from numpy.lib import format as npy
+
+            # What np.savez writes, one NAME.npy member per output (any name, no pickle).
+            with zipfile.ZipFile(tmp, "w", allowZip64=True) as archive:
+                for name, value in outputs.items():
+                    with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                        npy.write_array(member, np.asanyarray(value), allow_pickle=False)
+
+        replace_file(target, write)
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for name, value in outputs.items():
+        np.save(target / f"{name.replace('/', '_')}.npy", value, allow_pickle=False)
 
 
 def _finite(tensors: dict[str, np.ndarray], what: str, strict: bool) -> None:

@@ -32,7 +32,13 @@ from lamc.errors import ExitCode, UsageError
     show_default=True,
     help="What trains: LoRA adapters, a soft prompt, or every parameter.",
 )
-@click.option("--micro-batches", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--micro-batches",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Micro-batches per optimiser step (what the pipeline schedule overlaps).",
+)
 @click.option(
     "--schedule",
     type=click.Choice(["1f1b", "gpipe"]),
@@ -46,14 +52,27 @@ from lamc.errors import ExitCode, UsageError
     type=click.Choice(["adamw", "adam", "sgd"]),
     default="adamw",
     show_default=True,
+    help="Optimiser of the trainable parameters.",
 )
-@click.option("--lora-rank", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--lora-rank",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="LoRA: the rank of each adapter.",
+)
 @click.option(
     "--lora-targets",
     metavar="NAME,...",
     help="Projections to adapt (peft's target_modules); default per architecture.",
 )
-@click.option("--prompt-tokens", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option(
+    "--prompt-tokens",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Prompt tuning: the number of virtual tokens.",
+)
 @click.option(
     "--dry-run",
     is_flag=True,
@@ -78,9 +97,27 @@ from lamc.errors import ExitCode, UsageError
     type=click.Path(file_okay=False, path_type=Path),
     help="The run's directory: run.json, and the adapter (peft) or model.safetensors.",
 )
-@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Optimiser steps to run.",
+)
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1e-3,
+    show_default=True,
+    help="Learning rate.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the initial weights of new parameters, the data order and dropout.",
+)
 @click.option(
     "--clip",
     type=click.FloatRange(min=0),
@@ -88,7 +125,13 @@ from lamc.errors import ExitCode, UsageError
     show_default=True,
     help="Clip the gradients' global norm to this (0: no clipping).",
 )
-@click.option("--lora-alpha", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--lora-alpha",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="LoRA: the scale alpha (updates are scaled by alpha / rank).",
+)
 @click.option(
     "--dropout",
     type=click.FloatRange(min=0, max=1, max_open=True),
@@ -352,8 +395,7 @@ def _finite(value: Any) -> Any:
 
 
 def _render(data: dict[str, Any]) -> None:
-    from rich.table import Table
-
+    from lamc.cli.tables import Table
     from lamc.cli.ui import stdout_console
 
     console = stdout_console()

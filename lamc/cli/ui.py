@@ -13,15 +13,19 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported when a console is made: `lamc serve` starts without rich
     from rich.console import Console
 
 
+QUIET = False  # `lamc -q`: tables and progress off; the final line and --json's JSON stay
+
+
 def interactive() -> bool:
     ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-    return sys.stderr.isatty() and not ci
+    return sys.stderr.isatty() and not ci and not QUIET
 
 
 def stdout_console() -> Console:
@@ -30,8 +34,10 @@ def stdout_console() -> Console:
     from rich.console import Console
 
     if sys.stdout.isatty():
-        return Console(highlight=False, markup=False)
-    return Console(width=160, highlight=False, no_color=True, soft_wrap=True, markup=False)
+        return Console(highlight=False, markup=False, quiet=QUIET)
+    return Console(
+        width=160, highlight=False, no_color=True, soft_wrap=True, markup=False, quiet=QUIET
+    )
 
 
 def stderr_console() -> Console:
@@ -70,3 +76,14 @@ def final_line(ok: bool, text: str, *, to_stderr: bool = False) -> None:
     stream = sys.stderr if to_stderr else sys.stdout
     stream.flush()
     print(line, file=stream, flush=True)
+
+
+def write_json(path: Path, data: object) -> None:
+    """`-o FILE`: what --json prints, written beside FILE and renamed into place."""
+    import json
+
+    from lamc.atomic import replace_file
+
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_file(path, lambda tmp: tmp.write_text(text))

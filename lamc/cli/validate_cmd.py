@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.table import Table
 
 from lamc.cli.common import capture_options, model_options, require_compile_extra
 from lamc.cli.main import CommandOutcome, cli, lamc_command
+from lamc.cli.options import json_file_option
+from lamc.cli.tables import Table
 from lamc.cli.ui import Steps, stdout_console
 from lamc.errors import ExitCode
 
@@ -19,8 +20,20 @@ from lamc.errors import ExitCode
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--model", "model", help="The source model (default: the manifest's source).")
 @model_options
-@click.option("--atol", type=float, default=1e-4, show_default=True)
-@click.option("--rtol", type=float, default=1e-4, show_default=True)
+@click.option(
+    "--atol",
+    type=float,
+    default=1e-4,
+    show_default=True,
+    help="Absolute tolerance: an output passes where |pipeline - source| <= atol + rtol x |source|.",
+)
+@click.option(
+    "--rtol",
+    type=float,
+    default=1e-4,
+    show_default=True,
+    help="Relative tolerance (see --atol).",
+)
 @click.option(
     "--max-error",
     type=click.FloatRange(min=0, min_open=True),
@@ -36,7 +49,8 @@ from lamc.errors import ExitCode
 @click.option(
     "--providers", metavar="cpu|cuda,cpu|...", help="Override the manifest's execution providers."
 )
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_file_option
 @lamc_command("validate")
 def validate_command(
     out: Path,
@@ -47,6 +61,7 @@ def validate_command(
     samples: int,
     providers: str | None,
     as_json: bool,
+    output_json: Path | None,
     **options: Any,
 ) -> str:
     """Run the source model and the pipeline on the same inputs; exit 7 past the tolerances."""
@@ -94,6 +109,10 @@ def validate_command(
         )
     with steps.step("compare stage by stage"):
         report.stages = stage_report(pipeline, captured.model, cases)
+    if output_json is not None:
+        from lamc.cli.ui import write_json
+
+        write_json(output_json, report.to_dict())
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     else:

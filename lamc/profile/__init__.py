@@ -171,6 +171,7 @@ def profile_machine(
     # the quota's period runs out; sustained work gets only the quota's share. Rates and
     # overheads are scaled to it (efficiencies are ratios, measured at one speed).
     share = sustained_share(threads) if provider == "cpu" else 1.0
+    serialize_ms, serialize_rate = serialize_cost(budget_s)
     hostname = socket.gethostname()
     return DeviceProfile(
         name=name or hostname,
@@ -189,7 +190,65 @@ def profile_machine(
         threads=threads,
         probes=measured,
         cpu_share=share,
+        serialize_overhead_ms=serialize_ms / share,
+        serialize_bandwidth=serialize_rate * share,
     )
+
+
+def serialize_cost(budget_s: float) -> tuple[float, float]:
+    """(ms per message, bytes/s) of one side of a tensor message between stages: one
+    loopback gRPC call carrying a tensor the way stages hand them on (encode, serialise,
+    send; receive, parse, decode), halved. Fitted from a small and a large float32 tensor."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    import numpy as np
+
+    from lamc.runtime import wire
+
+    def echo(request: bytes, context: Any) -> bytes:
+        parsed = wire.SubmitRequest.FromString(request)
+        wire.decode(parsed.tensors[0])
+        return b""
+
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=1),
+        options=[("grpc.max_receive_message_length", 64 << 20)],
+    )
+    handler = grpc.unary_unary_rpc_method_handler(echo)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("lamc.profile", {"Echo": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)]
+    )
+    call = channel.unary_unary(
+        "/lamc.profile/Echo", request_serializer=None, response_deserializer=None
+    )
+
+    def one_side(count: int) -> float:
+        array = np.random.default_rng(0).standard_normal(count).astype(np.float32)
+        samples: list[float] = []
+        deadline = time.perf_counter() + budget_s
+        while len(samples) < 7 or (time.perf_counter() < deadline and len(samples) < 200):
+            started = time.perf_counter()
+            message = wire.SubmitRequest(tensors=[wire.encode("x", array)])
+            call(message.SerializeToString(), timeout=30)
+            samples.append((time.perf_counter() - started) / 2)
+        return statistics.median(samples)
+
+    try:
+        small, large = 4096, 2 << 20  # 16 KiB and 8 MiB
+        one_side(small)  # connect and warm up
+        t_small, t_large = one_side(small), one_side(large)
+    finally:
+        channel.close()
+        server.stop(None)
+    rate = (large - small) * 4 / max(t_large - t_small, 1e-9)
+    overhead_s = max(t_small - small * 4 / rate, 0.0)
+    return overhead_s * 1000, rate
 
 
 def sustained_share(threads: int) -> float:

@@ -25,6 +25,9 @@ class DeviceProfile:
     threads: int
     probes: list[Probe] = field(default_factory=list)
     cpu_share: float = 1.0  # the sustained fraction of the measured speed (CPU quota)
+    # One side of a tensor message between stages (encode or decode, checks included).
+    serialize_overhead_ms: float = 0.0
+    serialize_bandwidth: float = 0.0
 
     def to_yaml(self) -> str:
         """A device entry that a topology can `include:`."""

@@ -43,6 +43,11 @@ def device_yaml(self: DeviceProfile) -> str:
         [f"default: {self.op_overhead_ms * 1000:.2f}us"]
         + [f"{k}: {v * 1000:.2f}us" for k, v in self.class_overhead_ms.items()]
     )
+    if self.serialize_bandwidth:
+        lines.append(
+            f"serialize: {{overhead: {self.serialize_overhead_ms * 1000:.2f}us, "
+            f"bandwidth: {self.serialize_bandwidth / 1e9:.2f}GB/s}}"
+        )
     lines += [
         f"op_overhead: {{{overheads}}}",
         f"call_overhead: {self.call_overhead_ms * 1000:.2f}us",

@@ -126,26 +126,27 @@ class Adapt:
         """The pipeline's p95 latency as the stage servers see it: the sum over the stages
         of each one's p95 residence time (queued, running, handing on) over its last two
         seconds. A stage that does not answer adds nothing (failover deals with it)."""
+        replies = await asyncio.gather(*(self.stage_status(k) for k in range(len(self._channels))))
+        return float(sum(r.residence_p95_ms for r in replies if r is not None))
+
+    async def stage_status(self, stage: int) -> Any:
+        """Stage `stage`'s own report (load, and its latest hops' times), or None when it
+        does not answer."""
         import grpc
 
-        async def one(stage: int) -> float:
-            call = self._channels[stage].unary_unary(
-                wire.method("Status"),
-                request_serializer=wire.StatusRequest.SerializeToString,
-                response_deserializer=wire.StatusReply.FromString,
+        call = self._channels[stage].unary_unary(
+            wire.method("Status"),
+            request_serializer=wire.StatusRequest.SerializeToString,
+            response_deserializer=wire.StatusReply.FromString,
+        )
+        try:
+            return await call(
+                wire.StatusRequest(request_id=""),
+                timeout=2.0,
+                metadata=auth_metadata(self.endpoints.token),
             )
-            try:
-                reply = await call(
-                    wire.StatusRequest(request_id=""),
-                    timeout=2.0,
-                    metadata=auth_metadata(self.endpoints.token),
-                )
-            except grpc.aio.AioRpcError:
-                return 0.0
-            return float(reply.residence_p95_ms)
-
-        loads = await asyncio.gather(*(one(k) for k in range(len(self._channels))))
-        return float(sum(loads))
+        except grpc.aio.AioRpcError:
+            return None
 
     async def _step(self, level: int, p95_ms: float) -> None:
         """Move to ladder level `level` (one step up or down)."""

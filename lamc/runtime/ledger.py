@@ -18,6 +18,7 @@ from lamc.runtime.kvcache import Step
 _STATE_LIMIT = 10_000
 _PENDING_LIMIT = 1_000
 _RESIDENCE_WINDOW_S = 2.0
+_TIMED_HOPS = 1024
 
 
 @dataclass
@@ -51,6 +52,10 @@ class Ledger:
         self._open: dict[str, Job] = {}
         # (when, seconds): how long each request handed on lately stayed at this stage.
         self._residence: collections.deque[tuple[float, float]] = collections.deque()
+        # Milliseconds of the last hops: the engine's run, and the hand-off onward
+        # (`lamc bench` against stage servers reads them through Status).
+        self.compute_ms: collections.deque[float] = collections.deque(maxlen=_TIMED_HOPS)
+        self.handoff_ms: collections.deque[float] = collections.deque(maxlen=_TIMED_HOPS)
 
     @property
     def in_flight(self) -> int:

@@ -167,6 +167,22 @@ class RemotePipeline(Failover, Adapt, Follow):
 
         return asyncio.run_coroutine_threadsafe(all_of(), self._loop).result()
 
+    def hop_times(self, last: int) -> list[tuple[list[float], list[float]]]:
+        """Per stage of the current plan: the engine's ms and the hand-off's ms of its
+        latest `last` hops, as the stage servers measured them ([] where one does not
+        answer)."""
+
+        async def all_of() -> list[Any]:
+            return list(
+                await asyncio.gather(*(self.stage_status(k) for k in range(len(self.addresses))))
+            )
+
+        replies = asyncio.run_coroutine_threadsafe(all_of(), self._loop).result(timeout=30)
+        return [
+            (list(r.compute_ms)[-last:], list(r.handoff_ms)[-last:]) if r is not None else ([], [])
+            for r in replies
+        ]
+
     def reachable(self) -> bool:
         """Every stage server of the current plan is connected and SERVING."""
         return all(self._up)

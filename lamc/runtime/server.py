@@ -275,6 +275,8 @@ class StageService:
                 stage=self.index,
                 in_flight=self.ledger.in_flight,
                 residence_p95_ms=self.ledger.residence_p95_ms(),
+                compute_ms=list(self.ledger.compute_ms),
+                handoff_ms=list(self.ledger.handoff_ms),
             )
         state, detail = self.ledger.states.get(request.request_id, ("unknown", ""))
         return wire.StatusReply(state=state, detail=detail, stage=self.index)
@@ -318,9 +320,11 @@ class StageService:
                 self.variant or self.spec.precision,
             )
             try:
+                started = time.perf_counter()
                 _, sends = await loop.run_in_executor(
                     self._compute, runner.hop, manifest, job.tensors, job.binding, caches, job.step
                 )
+                self.ledger.compute_ms.append((time.perf_counter() - started) * 1000)
             except CacheLost as exc:
                 self.ledger.fail(job, str(exc))
                 continue
@@ -344,7 +348,10 @@ class StageService:
         self.ledger.state(job.request_id, "forwarding")
         following = f"stage {forwarder.stage + 1} at {forwarder.address}"
         try:
+            started = time.perf_counter()
             problem = await forwarder.send(job, tensors)
+            if problem is None:
+                self.ledger.handoff_ms.append((time.perf_counter() - started) * 1000)
         except asyncio.CancelledError:
             self.ledger.fail(job, f"stage {self.index} stopped while handing it to {following}")
             raise

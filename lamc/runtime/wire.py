@@ -113,6 +113,10 @@ def _messages() -> dict[str, Any]:
             # For an empty request id: the stage's load (`Ledger.residence_p95_ms`).
             ("in_flight", 4, _T.TYPE_INT32, one, None),
             ("residence_p95_ms", 5, _T.TYPE_DOUBLE, one, None),
+            # The engine's time per hop and the hand-off to the next stage (encode, send,
+            # the next stage's checks and its acknowledgement), over the last `timed` hops.
+            ("compute_ms", 6, _T.TYPE_DOUBLE, many, None),
+            ("handoff_ms", 7, _T.TYPE_DOUBLE, many, None),
         ],
     )
     message("ResetRequest", [("sequence_id", 1, _T.TYPE_STRING, one, None)])

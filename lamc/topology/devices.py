@@ -34,6 +34,7 @@ DEVICE_KEYS = {
     "lamc_device",
     "cache",
     "time_scale",
+    "serialize",
 }
 
 
@@ -203,6 +204,24 @@ def device_from(entry: LinedDict, where: str, source: Source, base: Path) -> Dev
         cache_bandwidth = quantity(
             cache, "bandwidth", f"{where}.cache", source, parse_bandwidth, positive=True
         )
+    serialize_overhead = serialize_bandwidth = 0.0
+    if "serialize" in merged:
+        entry_s = merged["serialize"]
+        if not isinstance(entry_s, LinedDict):
+            raise source.error(
+                line_of(merged, "serialize"),
+                f"{where}.serialize",
+                "must be a mapping {overhead: 0.1ms, bandwidth: 2GB/s}",
+            )
+        unknown_keys(entry_s, {"overhead", "bandwidth"}, f"{where}.serialize", source)
+        if "overhead" in entry_s:
+            serialize_overhead = quantity(
+                entry_s, "overhead", f"{where}.serialize", source, parse_duration_ms, positive=False
+            )
+        if "bandwidth" in entry_s:
+            serialize_bandwidth = quantity(
+                entry_s, "bandwidth", f"{where}.serialize", source, parse_bandwidth, positive=True
+            )
     scale = 1.0
     if "time_scale" in merged:
         raw_scale = merged["time_scale"]
@@ -243,4 +262,6 @@ def device_from(entry: LinedDict, where: str, source: Source, base: Path) -> Dev
         cache_bandwidth=cache_bandwidth / scale,
         class_overhead_ms={k: v * scale for k, v in class_overhead.items()},
         time_scale=scale,
+        serialize_overhead_ms=serialize_overhead * scale,
+        serialize_bandwidth=serialize_bandwidth / scale,
     )

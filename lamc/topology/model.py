@@ -64,6 +64,16 @@ class Device:
     class_overhead_ms: dict[str, float] = field(default_factory=dict)
     # The calibration factor already applied to the rates and overheads above (1: none).
     time_scale: float = 1.0
+    # What a stage on this device spends on its own CPU per tensor message to or from
+    # another stage (encoding, the gRPC stack, decoding and checks): a fixed cost plus
+    # bytes / rate. 0: not modelled (the topology does not say).
+    serialize_overhead_ms: float = 0.0
+    serialize_bandwidth: float = 0.0
+
+    def serialize_ms(self, nbytes: float) -> float:
+        """The CPU time of one message of `nbytes` between stages, on this device."""
+        per_byte = 1000.0 * nbytes / self.serialize_bandwidth if self.serialize_bandwidth else 0.0
+        return self.serialize_overhead_ms + per_byte
 
     def overhead_ms(self, op_class: str) -> float:
         return self.class_overhead_ms.get(op_class, self.op_overhead_ms)

@@ -94,7 +94,22 @@ def explain_generation(
             f"(vs {decode_ms:.3g}), prefill {other_prefill:.3g} ms (vs {prefill_ms:.3g}), "
             f"{other_total:.4g} ms for {step.new_tokens} tokens (vs {total_ms:.4g})"
         )
+    # Each stage's share of one decode step (and its link onward), for the decode timeline.
+    segments = solution.segments
+    decode_stages = [
+        {
+            "compute_ms": float(decode_problem.compute[seg.device, seg.start, seg.end]),
+            "transfer_ms": float(
+                decode_problem.transfer[seg.device, segments[i + 1].device, seg.end]
+                if i + 1 < len(segments)
+                else decode_problem.outbound[seg.device]
+            ),
+        }
+        for i, seg in enumerate(segments)
+    ]
     generation = {
+        "decode_stages": decode_stages,
+        "decode_inbound_ms": float(decode_problem.inbound[segments[0].device]),
         "new_tokens": step.new_tokens,
         "prefill_ms": prefill_ms,
         "decode_ms_per_token": decode_ms,

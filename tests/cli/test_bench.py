@@ -75,7 +75,17 @@ def test_bench_against_stage_servers_keeps_requests_in_flight(compiled: Path) ->
     assert report["requests"] == 24 and report["concurrency"] == 4
     assert report["where"].startswith("stage servers")
     _ordered(report["latency_ms"])
-    assert all("measured_ms" not in s for s in report["stages"])
+    # Each server's own times for these requests: its engine, and the hand-off onward.
+    stages = report["stages"]
+    for stage in stages:
+        _ordered(stage["measured_ms"])
+        assert stage["measured_over_predicted"] == pytest.approx(
+            stage["measured_ms"]["p50"] / stage["predicted_compute_ms"]
+        )
+        assert stage["measured_ms"]["min"] <= report["latency_ms"]["max"]
+    _ordered(stages[0]["measured_handoff_ms"])  # stage 0 hands on to stage 1
+    assert stages[0]["handoff_over_predicted"] > 0
+    assert "measured_handoff_ms" not in stages[1]  # the last stage answers the client
 
 
 def test_calibrate_writes_a_topology_that_predicts_what_was_measured(

@@ -128,6 +128,12 @@ def test_profile_writes_an_includable_device(tmp_path: Path) -> None:
     plan = lamc("plan", f"{USER}:spec_factory", "-t", str(tmp_path / "topology.yaml"), "--json")
     assert plan.code == 0, plan.stdout + plan.stderr
     assert json.loads(plan.stdout)["stages"][0]["device"] == "here"
+    # The per-message cost between stages was measured (a loopback gRPC call) and loads.
+    from lamc.topology import load_topology
+
+    here = load_topology(tmp_path / "topology.yaml").devices[0]
+    assert "serialize:" in device.read_text()
+    assert here.serialize_bandwidth > 0 and here.serialize_ms(2**20) > here.serialize_ms(0) >= 0
 
 
 def test_ci_gate_script(tmp_path: Path) -> None:

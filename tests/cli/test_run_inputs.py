@@ -82,3 +82,46 @@ def test_ray_without_ray_installed_is_an_environment_error(
     assert "Ray Serve is not installed" in outcome.final and "lamc[ray]" in (
         outcome.stdout + outcome.stderr
     )
+
+
+def test_npz_in_and_out(resnet: Path, tmp_path: Path) -> None:
+    from lamc.runtime.executor import Pipeline
+    from lamc.verify import read_manifest
+
+    manifest = read_manifest(resnet)
+    (name,) = manifest.inputs
+    spec = manifest.tensors[name]
+    shape = [d if isinstance(d, int) else 1 for d in spec.shape]
+    value = np.random.default_rng(0).standard_normal(shape).astype(spec.dtype)
+    np.savez(tmp_path / "in.npz", **{name: value})
+    out = lamc(
+        "run", str(resnet), "--input", str(tmp_path / "in.npz"), "-o", str(tmp_path / "out.npz")
+    )
+    assert out.code == 0, out.stdout + out.stderr
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as written:
+        got = {k: written[k] for k in written.files}
+    want = Pipeline.open(resnet).run({name: value})
+    assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    # Hostile archives: an object array (pickle), a truncated member, a name given twice.
+    np.savez(tmp_path / "objects.npz", **{name: np.array([{"a": 1}], dtype=object)})
+    truncated = tmp_path / "truncated.npz"
+    import zipfile
+
+    with zipfile.ZipFile(truncated, "w") as archive:
+        archive.writestr(f"{name}.npy", (tmp_path / "in.npz").read_bytes()[:60])
+    for bad, words in (
+        (tmp_path / "objects.npz", "is not an .npz of arrays"),
+        (truncated, "is not an .npz of arrays"),
+        (tmp_path / "missing.npz", "does not exist"),
+    ):
+        out = lamc("run", str(resnet), "--input", str(bad))
+        assert out.code == 2 and words in out.final, (bad, out.final)
+    out = lamc(
+        "run",
+        str(resnet),
+        "--input",
+        str(tmp_path / "in.npz"),
+        "--input",
+        f"{name}={tmp_path / 'in.npz'}",
+    )
+    assert out.code == 2 and "given twice" in out.final

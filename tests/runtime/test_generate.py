@@ -139,6 +139,17 @@ def test_generate_command_streams_tokens(tmp_path: Path) -> None:
     assert "8 token(s) after a 3-token prompt" in outcome.final
     bad = lamc("generate", str(tmp_path / "out"), "--prompt-ids", "a,b")
     assert bad.code == 2
+    # --json: the same tokens, and JSON is all of stdout.
+    import json
+
+    as_json = lamc(
+        "generate", str(tmp_path / "out"), "--prompt-ids", "5,17,42", "--max-new-tokens", "8",
+        "--json",
+    )  # fmt: skip
+    assert as_json.code == 0, as_json.stdout + as_json.stderr
+    summary = json.loads(as_json.stdout)
+    assert summary["prompt_ids"] == [5, 17, 42] and summary["token_ids"] == [int(t) for t in tokens]
+    assert as_json.final.startswith("PASSED generate")
 
 
 def _tiny_checkpoint(kind: str, directory: Path) -> Path:
