@@ -24,7 +24,10 @@ class DeviceProfile:
     providers: list[str]
     threads: int
     probes: list[Probe] = field(default_factory=list)
-    cpu_share: float = 1.0  # the sustained fraction of the measured speed (CPU quota)
+    # The fraction of the probes' (best-round) speed this process sustains: a CPU quota's
+    # share times what lasts of a GEMM run back to back. Rates and overheads are scaled.
+    cpu_share: float = 1.0
+    sustained: float = 1.0  # of that, what lasted of the GEMM's burst speed
     # One side of a tensor message between stages (encode or decode, checks included).
     serialize_overhead_ms: float = 0.0
     serialize_bandwidth: float = 0.0

@@ -28,10 +28,16 @@ def describe(profile: DeviceProfile) -> list[str]:
     )
     for dtype, table in profile.efficiency.items():
         rows.append(f"efficiency {dtype}: " + ", ".join(f"{k} {v:.2f}" for k, v in table.items()))
-    if profile.cpu_share < 1.0:
+    if profile.cpu_share < 0.995:
         rows.append(
-            f"cpu quota: this process sustains {profile.cpu_share:.2f} of the measured speed; "
-            "rates and overheads above are scaled to it"
+            f"sustained: this process keeps {profile.cpu_share:.2f} of the probes' best speed "
+            f"({profile.sustained:.2f} of it lasted in a GEMM run back to back, the rest is "
+            "the CPU quota); rates and overheads above are scaled to it"
+        )
+    if profile.serialize_bandwidth:
+        rows.append(
+            f"messages between stages: {profile.serialize_overhead_ms * 1000:.0f} us + "
+            f"{profile.serialize_bandwidth / 1e9:.2f} GB/s on each side"
         )
     if not math.isfinite(profile.memory_bandwidth):
         rows.append("warning: memory bandwidth could not be measured")

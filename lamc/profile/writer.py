@@ -16,9 +16,10 @@ def device_yaml(self: DeviceProfile) -> str:
         "# Include it from a topology:  devices: [{include: this-file.yaml, name: NAME, host: HOST}]",
         *(
             [
-                f"# Under a CPU quota: rates and overheads scaled to {self.cpu_share:.2f} of the measured speed."
+                f"# Rates and overheads scaled to {self.cpu_share:.2f} of the probes' best speed "
+                f"(sustained {self.sustained:.2f}, times the CPU quota's share)."
             ]
-            if self.cpu_share < 1.0
+            if self.cpu_share < 0.995
             else []
         ),
         "lamc_device: 1",
