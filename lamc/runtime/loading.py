@@ -41,6 +41,7 @@ class StageLoad:
         # The stage's graph is hashed now, before anything parses it; its weights (raw
         # bytes nothing parses) are only sized here and hashed by the server alongside.
         self.weights: list[ArtifactFile] = []
+        self.rehashed = 0  # weight files hashed at this start (the rest were recorded)
         self.full_manifest: Manifest = verify(
             out_dir, stage=index, without=without, later=self.weights
         )
@@ -73,11 +74,19 @@ class StageLoad:
     def _hash(self) -> float:
         """Milliseconds taken to hash the weight files. The thread yields the CPU to the
         session's build (the longer path to SERVING) where cores are few."""
+        from lamc.runtime import stamps
+
         started = time.perf_counter()
         # Not on Linux, or not allowed: hash at equal priority.
         with contextlib.suppress(AttributeError, OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-        verify_files(self.out_dir, self.weights)
+        # Files this device hashed at an earlier start, unchanged since, are not hashed
+        # again (`lamc.runtime.stamps`); their sizes are still checked.
+        left = stamps.unverified(self.out_dir, self.weights)
+        self.rehashed = len(left)
+        verify_files(self.out_dir, self.weights, hash=False)
+        verify_files(self.out_dir, left)
+        stamps.record(self.out_dir, self.weights)
         return (time.perf_counter() - started) * 1000
 
 
