@@ -122,34 +122,42 @@ class Analyze(Pass):
 def borrowed_scopes(graph: ir.Graph) -> dict[ir.Node, Scope]:
     """Every node's module scope. A node an optimiser made (a fused `Attention_0` or
     `SkipLayerNorm_AddBias_3`, named by no module) takes the scope its scoped neighbours
-    share: the common prefix of its producers' and consumers' scopes, round after round
-    as its neighbours get theirs. So a fused layer's ops stay in that layer's unit, and
-    only what joins two layers falls to their common parent."""
+    share: the common prefix of its producers' and consumers' scopes, wave after wave
+    outward from the named nodes (each node settled once). So a fused layer's ops stay in
+    that layer's unit, and only what joins two layers falls to their common parent."""
     scopes = {node: module_scope(node) for node in graph}
-    pending = [node for node in graph if not scope_named(node)]
-    if len(pending) == len(scopes):
-        return scopes  # no names at all: units come from the graph's structure
     known = {node for node in graph if scope_named(node)}
-    while pending:
+    if not known or len(known) == len(scopes):
+        return scopes  # no names at all (units come from the structure), or all named
+    members = set(scopes)
+    frontier = {
+        other
+        for node in known
+        for other in _neighbours(node)
+        if other in members and other not in known
+    }
+    while frontier:
         settled = []
-        for node in pending:
+        for node in frontier:
             around = [
                 scopes[other]
                 for other in _neighbours(node)
                 if other in known and scopes[other].paths
             ]
-            if not around:
-                continue
-            depth = min(len(s.paths) for s in around)
-            while depth and len({s.paths[:depth] for s in around}) > 1:
-                depth -= 1
-            if depth:
-                scopes[node] = Scope(around[0].paths[:depth], around[0].classes[:depth])
+            if around:
+                depth = min(len(s.paths) for s in around)
+                while depth and len({s.paths[:depth] for s in around}) > 1:
+                    depth -= 1
+                if depth:
+                    scopes[node] = Scope(around[0].paths[:depth], around[0].classes[:depth])
             settled.append(node)
-        if not settled:
-            break
         known.update(settled)
-        pending = [node for node in pending if node not in known]
+        frontier = {
+            other
+            for node in settled
+            for other in _neighbours(node)
+            if other in members and other not in known
+        }
     return scopes
 
 
