@@ -151,9 +151,16 @@ def _decoder_spec(
         raise CaptureError(
             f"{directory}: cannot tell the decoder's layers and head size from its config"
         )
+    window = int(getattr(text, "sliding_window", None) or 0)
+    if 2 < window < max_pos:
+        # Sliding-window attention: transformers' cache drops what falls out of the window,
+        # a branch on the cache's length that one graph cannot hold. torch.export proves
+        # the graph for past and new tokens up to the window less 4 (its guards), so the
+        # pipeline is compiled for that context; generate refuses to go past it.
+        max_pos = window - 4
     gen = torch.Generator().manual_seed(0)
     batch_dim, seq_dim = Dim("batch", 1, 64), Dim("seq", 1, max_pos)
-    inputs = {"input_ids": torch.randint(0, vocab, (2, min(seq, 8)), generator=gen)}
+    inputs = {"input_ids": torch.randint(0, vocab, (2, min(seq, 8, max_pos)), generator=gen)}
     dynamic: dict[str, dict[int, Dim]] = {"input_ids": {0: batch_dim, 1: seq_dim}}
     kv_cache, presents = decoder_cache(
         inputs,

@@ -169,6 +169,20 @@ def _tiny_checkpoint(kind: str, directory: Path) -> Path:
             eos_token_id=0,
         )
         model = transformers.GPT2LMHeadModel(config)
+    elif kind == "mistral":  # sliding-window attention: compiled for the window's context
+        config = transformers.MistralConfig(
+            num_hidden_layers=3,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            vocab_size=512,
+            max_position_embeddings=256,
+            sliding_window=48,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        model = transformers.MistralForCausalLM(config)
     else:
         config = transformers.LlamaConfig(
             num_hidden_layers=3,
@@ -186,7 +200,7 @@ def _tiny_checkpoint(kind: str, directory: Path) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral"])
 def test_hugging_face_decoder_with_its_kv_cache(kind: str, tmp_path: Path) -> None:
     """A transformers checkpoint captured with --kv-cache: flat past/present tensors, the
     caches owned per stage, greedy tokens equal to the transformers model's own."""
@@ -215,6 +229,11 @@ def test_hugging_face_decoder_with_its_kv_cache(kind: str, tmp_path: Path) -> No
         [1, 2],
         [2, 1],
     )
+    if kind == "mistral":  # the window (48) bounds the context (44), and generate says so
+        contexts = {s.kv_cache.max_context for s in pipeline.manifest.stages if s.kv_cache}
+        assert contexts == {44}
+        with pytest.raises(UsageError, match="over the context"):
+            list(generate(pipeline, PROMPT, 40))
     got = tokens_of(generate(pipeline, PROMPT, 32))
     want = reference_greedy(captured.reference, pipeline.manifest, PROMPT, 32)
     assert np.array_equal(got, want), np.flatnonzero(got != want)[:5]
