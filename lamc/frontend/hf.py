@@ -91,6 +91,10 @@ def spec_from_checkpoint(
         transformers.logging.set_verbosity(verbosity)
     model.eval()
     main_input = str(getattr(model, "main_input_name", "input_ids"))
+    if _takes_text_and_image(model):
+        if kv_cache:
+            raise CaptureError("--kv-cache needs a causal language model, not a text-image model")
+        return _text_image_spec(model, directory, batch, seq)
     if main_input == "pixel_values":
         if kv_cache:
             raise CaptureError("--kv-cache needs a causal language model, not a vision model")
@@ -271,6 +275,68 @@ def _vision_spec(
         output_names=list(outputs),
         name=directory.resolve().name,
         operating_point={"batch": batch},
+    )
+
+
+def _takes_text_and_image(model: torch.nn.Module) -> bool:
+    """A two-tower model (CLIP, SigLIP, ...): its forward takes both input_ids and
+    pixel_values, and its config has a text and a vision part."""
+    import inspect
+
+    config: Any = model.config
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return (
+        "input_ids" in parameters
+        and "pixel_values" in parameters
+        and getattr(config, "text_config", None) is not None
+        and getattr(config, "vision_config", None) is not None
+    )
+
+
+# What a contrastive text-image model answers, where it has them.
+_TEXT_IMAGE_OUTPUTS = ("logits_per_image", "logits_per_text", "text_embeds", "image_embeds")
+
+
+def _text_image_spec(model: torch.nn.Module, directory: Path, batch: int, seq: int) -> ModelSpec:
+    """Texts (`input_ids`, `attention_mask` [texts, seq]) and images (`pixel_values`
+    [images, channels, size, size]) in, with a batch of each: the towers' similarity
+    logits and embeddings out."""
+    config: Any = model.config
+    text, vision = config.text_config, config.vision_config
+    vocab = int(getattr(text, "vocab_size", 30522))
+    max_pos = int(getattr(text, "max_position_embeddings", 77) or 77)
+    size = getattr(vision, "image_size", 224)
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    channels = int(getattr(vision, "num_channels", 3) or 3)
+    gen = torch.Generator().manual_seed(0)
+    t = min(seq, 16, max_pos)
+    ids = torch.randint(0, vocab, (3, t), generator=gen)
+    mask = torch.ones(3, t, dtype=torch.int64)
+    pixels = torch.randn(2, channels, height, width, generator=gen)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_dict=True)
+    outputs = tuple(k for k in _TEXT_IMAGE_OUTPUTS if isinstance(out.get(k), torch.Tensor)) or (
+        "logits_per_image",
+    )
+    texts, images = Dim("texts", 1, 64), Dim("images", 1, 64)
+    seq_dim = Dim("seq", 1, max_pos)
+    return ModelSpec(
+        module=_OutputAdapter(
+            model, outputs, inputs=("input_ids", "attention_mask", "pixel_values")
+        ),
+        example_inputs={"input_ids": ids, "attention_mask": mask, "pixel_values": pixels},
+        dynamic={
+            "input_ids": {0: texts, 1: seq_dim},
+            "attention_mask": {0: texts, 1: seq_dim},
+            "pixel_values": {0: images},
+        },
+        output_names=list(outputs),
+        int_ranges={"input_ids": (0, vocab), "attention_mask": (1, 2)},
+        name=directory.resolve().name,
+        operating_point={"texts": batch, "images": batch, "seq": min(seq, max_pos)},
     )
 
 

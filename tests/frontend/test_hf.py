@@ -203,3 +203,57 @@ def test_vision_checkpoints_capture_on_pixel_values(kind: str, tmp_path: Path) -
         assert len(pipeline.stages) == 2
         got = pipeline.run({"pixel_values": pixels})["logits"]
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_text_image_model_takes_both_and_compiles_into_two_and_three_stages(
+    tmp_path: Path,
+) -> None:
+    """CLIP (random init): texts and images in, each with a batch of its own; the
+    similarity logits and both embeddings out; 2 and 3 stages equal transformers."""
+    import torch
+    import transformers
+
+    from lamc.compiler import CompileOptions, analyse, compile_model
+    from lamc.passes.partition.planner import PlanRequest
+    from lamc.runtime.executor import Pipeline
+    from lamc.topology import Constraints
+    from tests.compiled import MINIPCS
+
+    text = transformers.CLIPTextConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, eos_token_id=2,
+    )  # fmt: skip
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8,
+    )  # fmt: skip
+    config = transformers.CLIPConfig(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16
+    )
+    torch.manual_seed(0)
+    transformers.CLIPModel(config).eval().save_pretrained(tmp_path / "clip")
+    checkpoint = str(tmp_path / "clip")
+    captured = capture(checkpoint)
+    assert captured.input_names == ["input_ids", "attention_mask", "pixel_values"]
+    assert captured.output_names == [
+        "logits_per_image", "logits_per_text", "text_embeds", "image_embeds",
+    ]  # fmt: skip
+    rng = np.random.default_rng(1)
+    feeds = {
+        "input_ids": rng.integers(0, 99, (3, 7)).astype(np.int64),
+        "attention_mask": np.ones((3, 7), dtype=np.int64),
+        "pixel_values": rng.standard_normal((2, 3, 32, 32)).astype(np.float32),
+    }
+    assert captured.reference is not None
+    want = captured.reference(feeds)
+    assert want["logits_per_image"].shape == (2, 3)  # two images against three texts
+    analysed = analyse(checkpoint, captured=captured)
+    for stages in (2, 3):
+        request = PlanRequest(constraints=Constraints(stages=stages))
+        out = tmp_path / f"out{stages}"
+        compile_model(checkpoint, MINIPCS, out, CompileOptions(request=request), analysed=analysed)  # fmt: skip
+        pipeline = Pipeline.open(out)
+        assert len(pipeline.stages) == stages
+        got = pipeline.run(feeds)
+        for name, value in want.items():
+            np.testing.assert_allclose(got[name], value, atol=1e-4, rtol=1e-4, err_msg=name)
