@@ -118,6 +118,9 @@ def test_tritonclient_gets_what_lamc_run_gives(
     other = _ids(1, 1, 17)
     asked = _infer(client, other, outputs=[tritonclient.InferRequestedOutput("logits")])
     assert asked.shape == (1, 17, 512)
+    from lamc.runtime.executor import Pipeline
+
+    assert np.array_equal(asked, Pipeline.open(gpt2_2).run({"input_ids": other})["logits"])
     code, log = ingress.stop()
     assert code == 0, log
     assert "2 answered, 0 failed" in log.splitlines()[-1], log[-1000:]
