@@ -99,6 +99,10 @@ def spec_from_checkpoint(
         if kv_cache:
             raise CaptureError("--kv-cache needs a causal language model, not a vision model")
         return _vision_spec(model, directory, outputs, batch)
+    if main_input == "input_values":
+        if kv_cache:
+            raise CaptureError("--kv-cache needs a causal language model, not an audio model")
+        return _audio_spec(model, directory, outputs, batch)
     if main_input != "input_ids":
         raise CaptureError(
             f"{directory} takes {main_input}: lamc captures Hugging Face models that take "
@@ -221,6 +225,8 @@ _CAUSAL = ("ForCausalLM", "LMHeadModel")
 # Heads over (input_ids, attention_mask) that lamc captures, by the suffix of the class
 # name in `architectures`, and the outputs each returns.
 _TEXT_HEADS = {
+    "ForCTC": ("logits",),
+    "ForAudioClassification": ("logits",),
     "ForImageClassification": ("logits",),
     "ForTokenClassification": ("logits",),
     "ForMaskedLM": ("logits",),
@@ -272,6 +278,32 @@ def _vision_spec(
         module=_OutputAdapter(model, outputs, inputs=("pixel_values",)),
         example_inputs={"pixel_values": pixels},
         dynamic={"pixel_values": {0: Dim("batch", 1, 64)}},
+        output_names=list(outputs),
+        name=directory.resolve().name,
+        operating_point={"batch": batch},
+    )
+
+
+def _audio_spec(
+    model: torch.nn.Module, directory: Path, outputs: tuple[str, ...], batch: int
+) -> ModelSpec:
+    """A raw-waveform audio model (Wav2Vec2, HuBERT) on `input_values` [batch, samples]:
+    a window of one second at 16 kHz, rounded to a whole number of the feature encoder's
+    frames, with a dynamic batch. The length is fixed: the convolutions' strides make
+    every valid length a multiple of their product, which one graph over a free length
+    cannot state; a caller cuts longer audio into windows, as a streaming recogniser does."""
+    import math
+
+    config: Any = model.config
+    strides = [int(s) for s in getattr(config, "conv_stride", (5, 2, 2, 2, 2, 2, 2))]
+    step = math.prod(strides)
+    length = max(16000 // step, 4) * step
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(2, length, generator=gen)
+    return ModelSpec(
+        module=_OutputAdapter(model, outputs, inputs=("input_values",)),
+        example_inputs={"input_values": values},
+        dynamic={"input_values": {0: Dim("batch", 1, 64)}},
         output_names=list(outputs),
         name=directory.resolve().name,
         operating_point={"batch": batch},

@@ -257,3 +257,48 @@ def test_text_image_model_takes_both_and_compiles_into_two_and_three_stages(
         got = pipeline.run(feeds)
         for name, value in want.items():
             np.testing.assert_allclose(got[name], value, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def test_audio_checkpoint_on_input_values_compiles_into_two_and_three_stages(
+    tmp_path: Path,
+) -> None:
+    """Wav2Vec2 with its CTC head (random init): a window of whole encoder frames on
+    `input_values` with a dynamic batch; 2 and 3 stages equal transformers."""
+    import torch
+    import transformers
+
+    from lamc.compiler import CompileOptions, analyse, compile_model
+    from lamc.passes.partition.planner import PlanRequest
+    from lamc.runtime.executor import Pipeline
+    from lamc.topology import Constraints
+    from tests.compiled import MINIPCS
+
+    config = transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 3),
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, vocab_size=20,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.Wav2Vec2ForCTC(config).eval().save_pretrained(tmp_path / "w2v")
+    checkpoint = str(tmp_path / "w2v")
+    captured = capture(checkpoint)
+    assert captured.input_names == ["input_values"] and captured.output_names == ["logits"]
+    window = 16000  # one second, a whole number of the 20-sample frames
+    values = np.random.default_rng(2).standard_normal((3, window)).astype(np.float32)
+    assert captured.reference is not None
+    want = captured.reference({"input_values": values})["logits"]
+    assert want.shape == (3, 800, 20)
+    analysed = analyse(checkpoint, captured=captured)
+    for stages in (2, 3):
+        request = PlanRequest(constraints=Constraints(stages=stages))
+        out = tmp_path / f"out{stages}"
+        compile_model(checkpoint, MINIPCS, out, CompileOptions(request=request), analysed=analysed)  # fmt: skip
+        pipeline = Pipeline.open(out)
+        assert len(pipeline.stages) == stages
+        got = pipeline.run({"input_values": values})["logits"]
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    # Another length is refused by name, not computed wrong.
+    from lamc.runtime.tensors import TensorMismatch
+
+    with pytest.raises(TensorMismatch, match="input_values"):
+        pipeline.run({"input_values": values[:, :8000]})
