@@ -106,7 +106,7 @@ def spec_from_checkpoint(
     if main_input != "input_ids":
         raise CaptureError(
             f"{directory} takes {main_input}: lamc captures Hugging Face models that take "
-            "input_ids (text) or pixel_values (vision) so far",
+            "input_ids (text), pixel_values (vision), both (text-image) or input_values (audio) so far",
             hint="export it to ONNX yourself; its file compiles as any ONNX model",
         )
     vocab = int(getattr(model.config, "vocab_size", 30522))
