@@ -213,12 +213,6 @@ def test_text_image_model_takes_both_and_compiles_into_two_and_three_stages(
     import torch
     import transformers
 
-    from lamc.compiler import CompileOptions, analyse, compile_model
-    from lamc.passes.partition.planner import PlanRequest
-    from lamc.runtime.executor import Pipeline
-    from lamc.topology import Constraints
-    from tests.compiled import MINIPCS
-
     text = transformers.CLIPTextConfig(
         vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=64, eos_token_id=2,
@@ -247,16 +241,7 @@ def test_text_image_model_takes_both_and_compiles_into_two_and_three_stages(
     assert captured.reference is not None
     want = captured.reference(feeds)
     assert want["logits_per_image"].shape == (2, 3)  # two images against three texts
-    analysed = analyse(checkpoint, captured=captured)
-    for stages in (2, 3):
-        request = PlanRequest(constraints=Constraints(stages=stages))
-        out = tmp_path / f"out{stages}"
-        compile_model(checkpoint, MINIPCS, out, CompileOptions(request=request), analysed=analysed)  # fmt: skip
-        pipeline = Pipeline.open(out)
-        assert len(pipeline.stages) == stages
-        got = pipeline.run(feeds)
-        for name, value in want.items():
-            np.testing.assert_allclose(got[name], value, atol=1e-4, rtol=1e-4, err_msg=name)
+    _equal_in_two_and_three_stages(checkpoint, captured, feeds, want, tmp_path)
 
 
 def test_audio_checkpoint_on_input_values_compiles_into_two_and_three_stages(
@@ -266,12 +251,6 @@ def test_audio_checkpoint_on_input_values_compiles_into_two_and_three_stages(
     `input_values` with a dynamic batch; 2 and 3 stages equal transformers."""
     import torch
     import transformers
-
-    from lamc.compiler import CompileOptions, analyse, compile_model
-    from lamc.passes.partition.planner import PlanRequest
-    from lamc.runtime.executor import Pipeline
-    from lamc.topology import Constraints
-    from tests.compiled import MINIPCS
 
     config = transformers.Wav2Vec2Config(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
@@ -286,19 +265,42 @@ def test_audio_checkpoint_on_input_values_compiles_into_two_and_three_stages(
     window = 16000  # one second, a whole number of the 20-sample frames
     values = np.random.default_rng(2).standard_normal((3, window)).astype(np.float32)
     assert captured.reference is not None
-    want = captured.reference({"input_values": values})["logits"]
-    assert want.shape == (3, 800, 20)
-    analysed = analyse(checkpoint, captured=captured)
+    want = captured.reference({"input_values": values})
+    assert want["logits"].shape == (3, 800, 20)
+    pipeline = _equal_in_two_and_three_stages(
+        checkpoint, captured, {"input_values": values}, want, tmp_path
+    )
+    # Another length is refused by name, not computed wrong.
+    from lamc.runtime.tensors import TensorMismatch
+
+    with pytest.raises(TensorMismatch, match="input_values"):
+        pipeline.run({"input_values": values[:, :8000]})
+
+
+def _equal_in_two_and_three_stages(
+    checkpoint: str,
+    captured: object,
+    feeds: dict[str, np.ndarray],
+    want: dict[str, np.ndarray],
+    tmp_path: Path,
+) -> object:
+    """Compile into 2 and into 3 stages; each pipeline equals `want` within 1e-4. Returns
+    the 3-stage pipeline."""
+    from lamc.compiler import CompileOptions, analyse, compile_model
+    from lamc.passes.partition.planner import PlanRequest
+    from lamc.runtime.executor import Pipeline
+    from lamc.topology import Constraints
+    from tests.compiled import MINIPCS
+
+    analysed = analyse(checkpoint, captured=captured)  # type: ignore[arg-type]
+    pipeline = None
     for stages in (2, 3):
         request = PlanRequest(constraints=Constraints(stages=stages))
         out = tmp_path / f"out{stages}"
         compile_model(checkpoint, MINIPCS, out, CompileOptions(request=request), analysed=analysed)  # fmt: skip
         pipeline = Pipeline.open(out)
         assert len(pipeline.stages) == stages
-        got = pipeline.run({"input_values": values})["logits"]
-        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-    # Another length is refused by name, not computed wrong.
-    from lamc.runtime.tensors import TensorMismatch
-
-    with pytest.raises(TensorMismatch, match="input_values"):
-        pipeline.run({"input_values": values[:, :8000]})
+        got = pipeline.run(feeds)
+        for name, value in want.items():
+            np.testing.assert_allclose(got[name], value, atol=1e-4, rtol=1e-4, err_msg=name)
+    return pipeline
