@@ -287,11 +287,43 @@ class CostModel:
         The client is a device or a host; on the stage's own host it is one host-link hop."""
         client = self.topology.client
         device = self.devices[d]
+        origins = self.topology.inputs
+        if inbound and origins:
+            # Each input from where it originates (the client for the rest): the sources
+            # send at once, each one its own inputs in turn.
+            by_origin: dict[str, float] = {}
+            for tensor in self.workload.cuts[cut].tensors:
+                origin = origins.get(tensor.name, client)
+                if origin is not None and tensor.name not in self.workload.resident:
+                    by_origin[origin] = by_origin.get(origin, 0.0) + tensor.bytes
+            return max(
+                (self._from(origin, device.name, nbytes) for origin, nbytes in by_origin.items()),
+                default=0.0,
+            )
         if client is None or client == device.name:
             return 0.0
         node = client if client in self.topology.names() else f"host:{client}"
         a, b = (node, device.name) if inbound else (device.name, node)
         return self.topology.transfer_ms(a, b, self.cut_bytes[cut])
+
+    def _from(self, origin: str, device: str, nbytes: float) -> float:
+        if origin == device:
+            return 0.0
+        node = origin if origin in self.topology.names() else f"host:{origin}"
+        return self.topology.transfer_ms(node, device, nbytes)
+
+    def inbound_bytes(self, d: int) -> float:
+        """Bytes of input that cross a link to reach a first stage on device `d`."""
+        origins, client = self.topology.inputs, self.topology.client
+        name = self.devices[d].name
+        return float(
+            sum(
+                t.bytes
+                for t in self.workload.cuts[0].tensors
+                if t.name not in self.workload.resident
+                and origins.get(t.name, client) not in (None, name)
+            )
+        )
 
     # ---------------------------------------------------------------- whole tables
 

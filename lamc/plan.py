@@ -157,6 +157,15 @@ class Plan:
     # Objective generate: prefill ms, decode ms per token, their total over new_tokens,
     # and why the plan has as many stages as it has.
     generation: dict[str, Any] = field(default_factory=dict)
+    # Bytes of input that cross a link to reach the first stage (from the client, or
+    # from where each input originates).
+    inbound_bytes: float = 0.0
+
+    @property
+    def link_bytes(self) -> float:
+        """All the bytes one request moves over links: its inputs in, between the stages,
+        and its outputs out."""
+        return self.inbound_bytes + sum(s.transfer_bytes for s in self.stages)
 
     @property
     def placement(self) -> tuple[Placement, ...]:

@@ -25,6 +25,15 @@ def plan_options(fn: Any) -> Any:
             help="Topology file (YAML).",
         ),
         click.option(
+            "--input-on",
+            "input_on",
+            multiple=True,
+            metavar="INPUT=DEVICE",
+            help="Where an input originates (the camera's board, the microphone's): moving "
+            "it from there is charged, so its encoder can land next to it (repeat; adds to "
+            "the topology's inputs:).",
+        ),
+        click.option(
             "--objective",
             type=click.Choice(["auto", "throughput", "latency", "generate"]),
             default="auto",
@@ -150,6 +159,7 @@ def plan_request(
     codec: str = "raw",
     context: int = 0,
     new_tokens: int = 128,
+    input_on: tuple[str, ...] = (),
 ) -> Any:
     from lamc.passes.partition.planner import PlanRequest
     from lamc.topology import Budgets, Constraints, parse_fraction
@@ -185,6 +195,7 @@ def plan_request(
         codec=codec,
         context=context,
         new_tokens=new_tokens,
+        input_origins=parse_mapping(input_on, "--input-on"),
     )
 
 
@@ -207,6 +218,7 @@ def request_from_options(options: dict[str, Any], compare: bool) -> Any:
         options.get("codec") or "raw",
         options.get("context") or 0,
         options.get("new_tokens") or 128,
+        tuple(options.get("input_on") or ()),
     )
 
 

@@ -40,6 +40,7 @@ _TOP_KEYS = {
     "lamc_topology",
     "name",
     "client",
+    "inputs",
     "defaults",
     "devices",
     "links",
@@ -148,6 +149,7 @@ def topology_from_document(doc: Any, source: Source, base: Path) -> Topology:
                 )
             )
     client = errors.attempt(lambda: _client(doc, source, names, hosts))
+    inputs = errors.attempt(lambda: _inputs(doc, source, names, hosts))
     constraints = errors.attempt(
         lambda: constraints_from(doc.get("constraints"), doc, source, names)
     )
@@ -161,6 +163,7 @@ def topology_from_document(doc: Any, source: Source, base: Path) -> Topology:
         client=client,
         host_link=host_link,
         path=source.path,
+        inputs=inputs or {},
     )
     topology.constraints = constraints
     topology.budgets = budgets
@@ -222,6 +225,24 @@ def _link(
         quantity(entry, "latency", where, source, parse_duration_ms, positive=False),
         line=entry.line,
     )
+
+
+def _inputs(doc: LinedDict, source: Source, names: set[str], hosts: set[str]) -> dict[str, str]:
+    """`inputs: {pixel_values: camera-board}`: where each model input originates."""
+    raw = doc.get("inputs")
+    if raw is None:
+        return {}
+    if not isinstance(raw, LinedDict):
+        raise source.error(line_of(doc, "inputs"), "inputs", "must map input names to devices")
+    found = {}
+    for name, where in raw.items():
+        origin = string(where, source, raw, f"inputs.{name}")
+        if origin not in names and origin not in hosts:
+            raise source.error(
+                line_of(raw, name), f"inputs.{name}", f"unknown device or host {origin!r}"
+            )
+        found[str(name)] = origin
+    return found
 
 
 def _client(doc: LinedDict, source: Source, names: set[str], hosts: set[str]) -> str | None:

@@ -142,6 +142,9 @@ class Topology:
     budgets: Budgets = field(default_factory=Budgets)
     path: str = "<topology>"
     sha256: str = ""
+    # Where each model input originates (input name -> device or host: the camera's board,
+    # the microphone's); inputs not named here come from the client.
+    inputs: dict[str, str] = field(default_factory=dict)
     _routes: dict[tuple[str, str], tuple[Route, ...]] = field(default_factory=dict, repr=False)
 
     def device(self, name: str) -> Device:
@@ -170,6 +173,7 @@ class Topology:
             budgets=self.budgets,
             path=self.path,
             sha256=self.sha256,
+            inputs={k: v for k, v in self.inputs.items() if v not in gone},
         )
 
     def routes(self, a: str, b: str) -> tuple[Route, ...]:

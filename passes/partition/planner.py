@@ -7,7 +7,7 @@ masks -> exact DP -> plan with explanations, baselines and the fluid bound.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -55,6 +55,8 @@ class PlanRequest:
     # (lamc.compiler.planning asks every backend's `supports` of every node). Such a unit
     # is kept off that device, as a forbid would, and the plan says why.
     unsupported: dict[str, dict[int, str]] | None = None
+    # `--input-on`: where inputs originate, on top of the topology's `inputs:`.
+    input_origins: dict[str, str] = field(default_factory=dict)
 
 
 def plan(
@@ -67,6 +69,7 @@ def plan(
         raise ValueError(f"unknown objective {request.objective!r}")
     if request.objective == GENERATE and request.decode is None:
         raise ConfigError("objective generate needs the decode step's workload (a decoder)")
+    topology = with_input_origins(topology, workload, request.input_origins)
     codec = request.codec if request.codec in ("fp16", "int8") else "raw"
     cost = CostModel(workload, topology, kv_tokens=request.kv_tokens, codec=codec)
     step: Generation | None = None
@@ -278,6 +281,7 @@ def to_plan(
             )
         )
     inbound = cost.client_ms(segments[0].device, 0, inbound=True)
+    inbound_bytes = cost.inbound_bytes(segments[0].device)
     return Plan(
         model=workload.name,
         topology=topology.name,
@@ -287,12 +291,34 @@ def to_plan(
         bottleneck_ms=solution.bottleneck_ms,
         latency_ms=solution.latency_ms,
         inbound_ms=inbound,
+        inbound_bytes=inbound_bytes,
         fluid_bound_ms=math.inf,
         best_by_stages=dict(solution.best_by_stages),
         constraints=tuple(c.text for c in applied),
         support=support,
         search=solution.search,
     )
+
+
+def with_input_origins(topology: Topology, workload: Workload, extra: dict[str, str]) -> Topology:
+    """`topology` with the request's input origins added; every origin must name one of
+    the model's inputs and a device or host of the topology (exit 3 otherwise)."""
+    origins = {**topology.inputs, **extra}
+    if not origins:
+        return topology
+    inputs = {t.name for t in workload.cuts[0].tensors}
+    places = set(topology.names()) | {d.host for d in topology.devices}
+    if topology.client:
+        places.add(topology.client)
+    for name, origin in origins.items():
+        if name not in inputs:
+            raise ConfigError(
+                f"input origin {name}={origin}: the model has no input {name!r} "
+                f"(its inputs: {', '.join(sorted(inputs))})"
+            )
+        if origin not in places:
+            raise ConfigError(f"input origin {name}={origin}: no device or host {origin!r}")
+    return replace(topology, inputs=origins, _routes={})
 
 
 __all__ = ["GENERATE", "OBJECTIVES", "PlanRequest", "Solution", "plan"]
