@@ -301,16 +301,19 @@ def to_plan(
 
 
 def with_input_origins(topology: Topology, workload: Workload, extra: dict[str, str]) -> Topology:
-    """`topology` with the request's input origins added; every origin must name one of
-    the model's inputs and a device or host of the topology (exit 3 otherwise)."""
-    origins = {**topology.inputs, **extra}
-    if not origins:
-        return topology
+    """`topology` with the request's input origins added. Each `--input-on` must name one
+    of the model's inputs and a device or host of the topology (exit 3 otherwise); the
+    topology's own `inputs:` describe its sensors, and those the model does not take are
+    left out."""
     inputs = {t.name for t in workload.cuts[0].tensors}
+    own = {k: v for k, v in topology.inputs.items() if k in inputs}
+    origins = {**own, **extra}
+    if origins == topology.inputs:
+        return topology
     places = set(topology.names()) | {d.host for d in topology.devices}
     if topology.client:
         places.add(topology.client)
-    for name, origin in origins.items():
+    for name, origin in extra.items():
         if name not in inputs:
             raise ConfigError(
                 f"input origin {name}={origin}: the model has no input {name!r} "
