@@ -292,3 +292,85 @@ def test_descriptor_set_is_compiled_from_the_proto(tmp_path: Path) -> None:
     )
     assert code == 0
     assert fresh.read_bytes() == kserve.DESCRIPTOR_SET.read_bytes(), "run `make proto`"
+
+
+def test_busy_lost_and_late_requests_get_their_status() -> None:
+    """Without a server: more than --max-in-flight at once is RESOURCE_EXHAUSTED, a stage
+    lost is UNAVAILABLE and an answer past the deadline DEADLINE_EXCEEDED."""
+    import asyncio
+
+    from lamc.runtime.failover import StageFailure
+    from lamc.verify import read_manifest
+
+    class Aborted(Exception):
+        def __init__(self, code: object, details: str) -> None:
+            super().__init__(details)
+            self.code = code
+
+    class Context:
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            return ()
+
+        def time_remaining(self) -> float:
+            return 5.0
+
+        async def abort(self, code: object, details: str) -> None:
+            raise Aborted(code, details)
+
+    class Backend:
+        def __init__(self, manifest: object, outcome: BaseException | None) -> None:
+            self.manifest = manifest
+            self.outcome = outcome
+            self.release = asyncio.Event()
+
+        def ready(self) -> bool:
+            return True
+
+        async def infer(
+            self, feeds: dict[str, np.ndarray], timeout_s: float | None
+        ) -> dict[str, np.ndarray]:
+            await self.release.wait()
+            if self.outcome is not None:
+                raise self.outcome
+            return {"logits": np.zeros((1, 2, 512), np.float32)}
+
+        def close(self) -> None:
+            pass
+
+    import tempfile
+    from pathlib import Path as _Path
+
+    from tests.compiled import compile_zoo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = _Path(tmp) / "gpt2"
+        compile_zoo(MODEL, out, 1)
+        manifest = read_manifest(out)
+    request = kserve.MESSAGES["ModelInferRequest"](model_name=NAME)
+    request.inputs.add(name="input_ids", datatype="INT64", shape=[1, 2])
+    request.raw_input_contents.append(np.array([[1, 2]], "<i8").tobytes())
+
+    async def scenario() -> list[object]:
+        codes = []
+        busy = Backend(manifest, None)
+        ingress = kserve.Ingress(busy, NAME, max_in_flight=1)
+        first = asyncio.ensure_future(ingress.model_infer(request, Context()))
+        await asyncio.sleep(0.05)
+        try:
+            await ingress.model_infer(request, Context())
+        except Aborted as exc:
+            codes.append(exc.code)
+        busy.release.set()
+        await first
+        for outcome in (StageFailure("stage 1 at h:1 went down"), TimeoutError("late")):
+            failing = Backend(manifest, outcome)
+            failing.release.set()
+            try:
+                await kserve.Ingress(failing, NAME).model_infer(request, Context())
+            except Aborted as exc:
+                codes.append(exc.code)
+        return codes
+
+    assert asyncio.run(scenario()) == [
+        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+    ]  # fmt: skip
