@@ -291,13 +291,11 @@ class CostModel:
         if inbound and origins:
             # Each input from where it originates (the client for the rest): the sources
             # send at once, each one its own inputs in turn.
-            by_origin: dict[str, float] = {}
-            for tensor in self.workload.cuts[cut].tensors:
-                origin = origins.get(tensor.name, client)
-                if origin is not None and tensor.name not in self.workload.resident:
-                    by_origin[origin] = by_origin.get(origin, 0.0) + tensor.bytes
             return max(
-                (self._from(origin, device.name, nbytes) for origin, nbytes in by_origin.items()),
+                (
+                    self._from(origin, device.name, nbytes)
+                    for origin, nbytes in self._inputs_by_origin(cut).items()
+                ),
                 default=0.0,
             )
         if client is None or client == device.name:
@@ -312,18 +310,20 @@ class CostModel:
         node = origin if origin in self.topology.names() else f"host:{origin}"
         return self.topology.transfer_ms(node, device, nbytes)
 
+    def _inputs_by_origin(self, cut: int) -> dict[str, float]:
+        """Bytes of cut `cut` (the inputs) by where they originate (none from nowhere)."""
+        origins, client = self.topology.inputs, self.topology.client
+        found: dict[str, float] = {}
+        for tensor in self.workload.cuts[cut].tensors:
+            origin = origins.get(tensor.name, client)
+            if origin is not None and tensor.name not in self.workload.resident:
+                found[origin] = found.get(origin, 0.0) + tensor.bytes
+        return found
+
     def inbound_bytes(self, d: int) -> float:
         """Bytes of input that cross a link to reach a first stage on device `d`."""
-        origins, client = self.topology.inputs, self.topology.client
         name = self.devices[d].name
-        return float(
-            sum(
-                t.bytes
-                for t in self.workload.cuts[0].tensors
-                if t.name not in self.workload.resident
-                and origins.get(t.name, client) not in (None, name)
-            )
-        )
+        return float(sum(b for o, b in self._inputs_by_origin(0).items() if o != name))
 
     # ---------------------------------------------------------------- whole tables
 

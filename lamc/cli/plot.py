@@ -31,20 +31,27 @@ MEMORY_PARTS = (  # (label, colour, hatch): none of them a request's or a resour
 GIB = 2**30
 
 
-def resources(plan: Any) -> list[tuple[str, float, str]]:
-    """(name, ms per request, kind) of every resource a request passes through, in order."""
+def resources(
+    plan: Any, decode: list[dict[str, float]] | None = None
+) -> list[tuple[str, float, str]]:
+    """(name, ms per request, kind) of every resource a request passes through, in order;
+    with `decode` (the plan's `decode_stages`), those of one decode step."""
+    inbound = float(plan.generation.get("decode_inbound_ms", 0.0)) if decode else plan.inbound_ms
     found: list[tuple[str, float, str]] = []
-    if plan.inbound_ms > 0:
-        found.append((f"client -> {plan.stages[0].device}", plan.inbound_ms, TRANSFER))
+    if inbound > 0:
+        found.append((f"client -> {plan.stages[0].device}", inbound, TRANSFER))
     for stage in plan.stages:
-        found.append((f"stage {stage.index}: {stage.device}", stage.compute_ms, COMPUTE))
-        if stage.transfer_ms > 0:
+        share = decode[stage.index] if decode else None
+        compute = share["compute_ms"] if share else stage.compute_ms
+        transfer = share["transfer_ms"] if share else stage.transfer_ms
+        found.append((f"stage {stage.index}: {stage.device}", compute, COMPUTE))
+        if transfer > 0:
             nxt = (
                 plan.stages[stage.index + 1].device
                 if stage.index + 1 < len(plan.stages)
                 else "client"
             )
-            found.append((f"{stage.device} -> {nxt}", stage.transfer_ms, TRANSFER))
+            found.append((f"{stage.device} -> {nxt}", transfer, TRANSFER))
     return found
 
 
@@ -228,19 +235,7 @@ def _decode(ax: Any, plan: Any, decode: list[dict[str, float]]) -> None:
     """One sequence: the prefill, then a step per token through every stage and back."""
     generation = plan.generation
     steps = 3
-    hops: list[tuple[str, float, str]] = []
-    inbound = float(generation.get("decode_inbound_ms", 0.0))
-    if inbound > 0:
-        hops.append((f"client -> {plan.stages[0].device}", inbound, TRANSFER))
-    for stage, share in zip(plan.stages, decode):
-        hops.append((f"stage {stage.index}: {stage.device}", share["compute_ms"], COMPUTE))
-        if share["transfer_ms"] > 0:
-            nxt = (
-                plan.stages[stage.index + 1].device
-                if stage.index + 1 < len(plan.stages)
-                else "client"
-            )
-            hops.append((f"{stage.device} -> {nxt}", share["transfer_ms"], TRANSFER))
+    hops = resources(plan, decode)
     names = list(dict.fromkeys(name for name, _, _ in hops))
     prefill = float(generation["prefill_ms"])
     ax.barh(len(names), prefill, color="#bab0ac", edgecolor="black", linewidth=0.4)

@@ -266,12 +266,8 @@ def _vision_spec(
 ) -> ModelSpec:
     """A vision model on `pixel_values` [batch, channels, size, size], at the image size
     and channel count its config names (224 and 3 where it names none); dynamic batch."""
-    config: Any = model.config
-    size = getattr(config, "image_size", 224)
-    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    channels = int(getattr(config, "num_channels", 3) or 3)
     gen = torch.Generator().manual_seed(0)
-    pixels = torch.randn(2, channels, height, width, generator=gen)
+    pixels = torch.randn(2, *_image_shape(model.config), generator=gen)
     if outputs == ("last_hidden_state",) and "pooler_output" in _output_keys(model, pixels):
         outputs = ("last_hidden_state", "pooler_output")
     return ModelSpec(
@@ -340,14 +336,11 @@ def _text_image_spec(model: torch.nn.Module, directory: Path, batch: int, seq: i
     text, vision = config.text_config, config.vision_config
     vocab = int(getattr(text, "vocab_size", 30522))
     max_pos = int(getattr(text, "max_position_embeddings", 77) or 77)
-    size = getattr(vision, "image_size", 224)
-    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    channels = int(getattr(vision, "num_channels", 3) or 3)
     gen = torch.Generator().manual_seed(0)
     t = min(seq, 16, max_pos)
     ids = torch.randint(0, vocab, (3, t), generator=gen)
     mask = torch.ones(3, t, dtype=torch.int64)
-    pixels = torch.randn(2, channels, height, width, generator=gen)
+    pixels = torch.randn(2, *_image_shape(vision), generator=gen)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_dict=True)
     outputs = tuple(k for k in _TEXT_IMAGE_OUTPUTS if isinstance(out.get(k), torch.Tensor)) or (
@@ -370,6 +363,13 @@ def _text_image_spec(model: torch.nn.Module, directory: Path, batch: int, seq: i
         name=directory.resolve().name,
         operating_point={"texts": batch, "images": batch, "seq": min(seq, max_pos)},
     )
+
+
+def _image_shape(config: Any) -> tuple[int, int, int]:
+    """(channels, height, width) a vision config names (3 and 224 where it names none)."""
+    size = getattr(config, "image_size", 224)
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return int(getattr(config, "num_channels", 3) or 3), height, width
 
 
 def _output_keys(model: torch.nn.Module, pixels: torch.Tensor) -> list[str]:

@@ -125,6 +125,14 @@ def model_name(manifest: Manifest, out: Path) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
 
 
+def check_model(served: str, name: str, version: str) -> None:
+    """NOT_FOUND unless `name` (and `version`, where given) is the model served."""
+    if name != served:
+        raise InferError("NOT_FOUND", f"no model {name!r} here; this server has {served!r}")
+    if version not in ("", VERSION):
+        raise InferError("NOT_FOUND", f"model {name} has version {VERSION} only, not {version!r}")
+
+
 def check_servable(manifest: Manifest) -> None:
     """Every input and output must have a protocol datatype (exit 2 naming one that has not)."""
     for name in (*manifest.inputs, *manifest.outputs):
@@ -475,18 +483,10 @@ class Ingress:
             await self._abort(context, InferError("UNAUTHENTICATED", "missing or wrong token"))
 
     async def _model(self, context: Any, name: str, version: str) -> None:
-        if name != self.name:
-            await self._abort(
-                context,
-                InferError("NOT_FOUND", f"no model {name!r} here; this server has {self.name!r}"),
-            )
-        if version not in ("", VERSION):
-            await self._abort(
-                context,
-                InferError(
-                    "NOT_FOUND", f"model {name} has version {VERSION} only, not {version!r}"
-                ),
-            )
+        try:
+            check_model(self.name, name, version)
+        except InferError as error:
+            await self._abort(context, error)
 
     # ---------------------------------------------------------------------------- RPCs
 

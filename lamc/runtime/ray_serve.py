@@ -107,6 +107,22 @@ def _decode(payload: bytes, where: str) -> dict[str, np.ndarray]:
     return {t.name: wire.decode(t) for t in request.tensors}
 
 
+def encode_inputs(manifest: Manifest, feeds: Mapping[str, Any]) -> bytes:
+    """The model's inputs, checked against the manifest, as the first stage receives them
+    (each with its input edge's codec)."""
+    from lamc.runtime.tensors import TensorMismatch, check_all
+
+    unknown = sorted(set(feeds) - set(manifest.inputs))
+    if unknown:
+        raise TensorMismatch(
+            f"input: unknown tensor(s) {', '.join(unknown)}; the model takes {', '.join(manifest.inputs)}"
+        )
+    checked = check_all(manifest.inputs, manifest.tensors, feeds, manifest.dims, {}, "input")
+    edge = next((e for e in manifest.edges if e.source == -1), None)
+    codecs = {t.name: t.codec for t in edge.tensors} if edge else {}
+    return _encode({n: checked[n] for n in manifest.stages[0].receives}, codecs)
+
+
 class StageDeployment:
     """The body of each stage's Serve deployment (wrapped by `serve.deployment` at deploy
     time so that importing this module never needs Ray)."""
@@ -139,24 +155,10 @@ class StageDeployment:
     async def call_with_arrays(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The first stage called with the model's inputs as numpy arrays (by name): the
         model's outputs, decoded."""
-        from lamc.runtime.tensors import TensorMismatch
-
-        manifest = self.manifest
         if self.spec.index != 0:
             raise TypeError(f"{self.where}: only the first stage takes the model's inputs")
-        unknown = sorted(set(feeds) - set(manifest.inputs))
-        if unknown:
-            raise TensorMismatch(
-                f"input: unknown tensor(s) {', '.join(unknown)}; the model takes {', '.join(manifest.inputs)}"
-            )
-        checked = self._check_all(
-            manifest.inputs, manifest.tensors, feeds, manifest.dims, {}, "input"
-        )
-        edge = next((e for e in manifest.edges if e.source == -1), None)
-        codecs = {t.name: t.codec for t in edge.tensors} if edge else {}
-        first = {n: checked[n] for n in self.spec.receives}
-        outputs = _decode(await self.hop(_encode(first, codecs)), self.where)
-        return {name: outputs[name] for name in manifest.outputs}
+        outputs = _decode(await self.hop(encode_inputs(self.manifest, feeds)), self.where)
+        return {name: outputs[name] for name in self.manifest.outputs}
 
     async def hop(self, payload: bytes) -> bytes:
         """Run this stage on encoded tensors and hand its outputs on (bytes back)."""
@@ -231,16 +233,10 @@ class HttpIngress:
             if len(parts) < 3 or parts[:2] != ["v2", "models"]:
                 raise not_found
             name, rest = parts[2], parts[3:]
-            if name != self.name:
-                raise kserve.InferError(
-                    "NOT_FOUND", f"no model {name!r} here; this server has {self.name!r}"
-                )
+            version = rest[1] if rest[:1] == ["versions"] and len(rest) > 1 else ""
             if rest[:1] == ["versions"]:
-                if rest[1:2] != [kserve.VERSION]:
-                    raise kserve.InferError(
-                        "NOT_FOUND", f"model {name} has version {kserve.VERSION} only"
-                    )
                 rest = rest[2:]
+            kserve.check_model(self.name, name, version)
             if rest == [] and method == "GET":
                 return 200, kserve.model_metadata(self.manifest, self.name)
             if rest == ["ready"] and method == "GET":
@@ -378,21 +374,10 @@ class RayPipeline:
                 f"no Serve application {self.app!r} on {address} (deploy it with `lamc serve "
                 f"{self.out} --ray {address}`): {exc}"
             ) from None
-        edge = next((e for e in self.manifest.edges if e.source == -1), None)
-        self.codecs = {t.name: t.codec for t in edge.tensors} if edge else {}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from lamc.runtime.tensors import check_all
-
         manifest = self.manifest
-        unknown = sorted(set(feeds) - set(manifest.inputs))
-        if unknown:
-            raise UsageError(
-                f"input: unknown tensor(s) {', '.join(unknown)}; the model takes {', '.join(manifest.inputs)}"
-            )
-        checked = check_all(manifest.inputs, manifest.tensors, feeds, manifest.dims, {}, "input")
-        first = manifest.stages[0].receives
-        response = self.handle.remote(_encode({n: checked[n] for n in first}, self.codecs))
+        response = self.handle.remote(encode_inputs(manifest, feeds))
         try:
             payload = response.result(timeout_s=self.timeout_s)
         except TimeoutError:
