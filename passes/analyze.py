@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import onnx
 import onnx_ir as ir
 
+from lamc.dims import eval_dim
 from lamc.errors import CaptureError, InternalError
 from lamc.ir import (
     COST,
@@ -410,6 +411,17 @@ def concrete_shapes(model: ir.Model, binding: Mapping[str, int]) -> dict[str, tu
         for d, size in zip(dims, shape):
             d.Clear()
             d.dim_value = size
+    # The shapes the graph already knows, made concrete where the binding evaluates them:
+    # inference keeps a known `seq + 4` over the 20 it would compute.
+    for info in [*proto.graph.value_info, *proto.graph.output]:
+        for d in info.type.tensor_type.shape.dim:
+            if d.HasField("dim_param"):
+                try:
+                    size = eval_dim(d.dim_param, binding)
+                except UnresolvedDim:
+                    continue
+                d.Clear()
+                d.dim_value = size
     inferred = _infer(proto)
     if inferred is None:
         return {}

@@ -209,14 +209,8 @@ def train_command(
         raise UsageError(
             "lamc train starts from MODEL as it is; --adapter applies a result to compile it"
         )
-    if not dry_run:
-        if data is None or run_dir is None:
-            raise UsageError("a training run needs --data DATA.npz and -o RUN (or --dry-run)")
-        if method == "prompt":
-            raise UsageError(
-                "running prompt tuning is not built yet: plan it with --dry-run",
-                hint="--method lora and --method full run",
-            )
+    if not dry_run and (data is None or run_dir is None):
+        raise UsageError("a training run needs --data DATA.npz and -o RUN (or --dry-run)")
     require_compile_extra()
     from lamc.compiler.training import plan_training
     from lamc.topology import load_topology

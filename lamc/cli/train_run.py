@@ -71,6 +71,7 @@ def run_plan(
         lora_rank=plan.lora_rank,  # the plan's sizes are the run's
         lora_alpha=settings.lora_alpha,
         lora_targets=plan.targets,
+        prompt_tokens=plan.prompt_tokens,
         task=dataset.task,
         labels=len(dataset.label_names) if dataset.labels is not None else 0,
         checkpoint_every=settings.checkpoint_every,

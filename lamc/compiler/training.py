@@ -55,6 +55,7 @@ class TrainingPlan:
     targets: tuple[str, ...]  # LoRA: the module names adapted
     samples_per_step: int
     lora_rank: int = 8
+    prompt_tokens: int = 20
 
     def samples_per_s(self, step_ms: float) -> float:
         return self.samples_per_step * 1000.0 / step_ms if math.isfinite(step_ms) else 0.0
@@ -103,6 +104,7 @@ def plan_training(
                 hint="name the projections to adapt: --lora-targets NAME,...",
             )
     else:  # prompt
+        _check_room_for_prompt(analysed, options.prompt_tokens)
         hidden = _embedding_width(module)
         trainable[0] = options.prompt_tokens * hidden * BYTES_PER_PARAM
     saved = np.array([_saved_bytes(u) for u in units])
@@ -132,6 +134,7 @@ def plan_training(
         targets=targets,
         samples_per_step=batch * options.spec.micro_batches,
         lora_rank=options.lora_rank,
+        prompt_tokens=options.prompt_tokens,
     )
 
 
@@ -183,16 +186,28 @@ def _default_targets(module: Any) -> tuple[str, ...]:
     )
 
 
-def _embedding_width(module: Any) -> int:
-    import torch
+def _check_room_for_prompt(analysed: Analysed, tokens: int) -> None:
+    """The virtual tokens and the planned sequence together fit the model's positions."""
+    captured = analysed.captured
+    first = captured.model.graph.inputs[0]
+    axis = first.shape[1] if first.shape is not None and len(first.shape) > 1 else None
+    name = getattr(axis, "value", None)
+    if not isinstance(name, str) or name not in captured.dims:
+        return
+    longest = captured.dims[name][1]
+    planned = int(analysed.workload.binding.get(name, 1))
+    if planned + tokens > longest:
+        raise UsageError(
+            f"--prompt-tokens {tokens} and {name}={planned} make {planned + tokens} "
+            f"positions; the model takes at most {longest}",
+            hint="fewer virtual tokens, or a shorter sequence (--dims)",
+        )
 
-    get = getattr(module, "get_input_embeddings", None)
-    embedding = get() if callable(get) else None
-    if embedding is None:
-        embedding = next((m for m in module.modules() if isinstance(m, torch.nn.Embedding)), None)
-    if embedding is None:
-        raise UsageError("prompt tuning needs a model with an input embedding (token ids in)")
-    return int(embedding.embedding_dim)
+
+def _embedding_width(module: Any) -> int:
+    from lamc.frontend.prompt import input_embedding_path
+
+    return int(module.get_submodule(input_embedding_path(module)).embedding_dim)
 
 
 def _saved_bytes(unit: Any) -> float:

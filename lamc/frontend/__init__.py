@@ -219,7 +219,36 @@ def _adapt(spec: Any, options: CaptureOptions) -> Any:
     from lamc.frontend import adapter
 
     spec.module, reference = adapter.apply(spec.module, options.adapter)
+    from lamc.frontend.prompt import PromptTuned
+
+    if isinstance(spec.module, PromptTuned):
+        _make_room_for_prompt(spec, spec.module.tokens, options)
     return reference
+
+
+def _make_room_for_prompt(spec: Any, tokens: int, options: CaptureOptions) -> None:
+    """A soft prompt of `tokens` takes positions of the model's context: the token
+    axis's range shrinks by as many."""
+    import dataclasses
+
+    if spec.kv_cache is not None:
+        raise UsageError(
+            f"--adapter {options.adapter}: a soft prompt with --kv-cache is not built; "
+            "compile without --kv-cache"
+        )
+    for name, axes in spec.dynamic.items():
+        dim = axes.get(1)
+        if dim is None:
+            continue
+        if dim.max - tokens < max(dim.min, 1):
+            raise UsageError(
+                f"--adapter {options.adapter}: its {tokens} virtual tokens leave no room "
+                f"for {name} (at most {dim.max} positions)"
+            )
+        axes[1] = dataclasses.replace(dim, max=dim.max - tokens)
+        example = spec.example_inputs.get(name)
+        if example is not None and example.shape[1] > dim.max - tokens:
+            spec.example_inputs[name] = example[:, : dim.max - tokens]
 
 
 def _adapted(captured: Captured, reference: Any, options: CaptureOptions) -> Captured:

@@ -6,6 +6,9 @@ What `lamc train` writes (or any peft adapter directory) deploys through the usu
   `PeftModel.from_pretrained`, then merged into the weights it adapts, so the captured
   graph is the plain architecture with fine-tuned weights. The reference `lamc validate`
   compares against is the peft model itself, unmerged;
+- a peft prompt-tuning adapter (`PROMPT_TUNING`: `prompt_embeddings`, a classifier's head):
+  the prompt baked into the module's token embedding (`lamc.frontend.prompt`), so the
+  captured graph takes the same inputs as the base model;
 - full weights (`model.safetensors`, or a safetensors file): loaded into the module by
   parameter name; every name must be one of the module's and every shape must match;
 - a `lamc train` run directory: its `adapter/` or `model.safetensors`.
@@ -81,12 +84,17 @@ def _peft(module: Any, path: Path) -> tuple[Any, Any]:
         from lamc.errors import missing_extra
 
         raise missing_extra("peft", "train") from None
-    config = json.loads((path / "adapter_config.json").read_text())
-    kind = str(config.get("peft_type", ""))
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+    except ValueError as exc:
+        raise UsageError(f"--adapter {path}: adapter_config.json is not JSON ({exc})") from None
+    kind = str(config.get("peft_type", "")) if isinstance(config, dict) else ""
+    if kind == "PROMPT_TUNING":
+        return _prompt(module, path)
     if kind != "LORA":
         raise UsageError(
-            f"--adapter {path}: a {kind or 'unknown'} adapter; lamc compiles LoRA adapters "
-            "and full weights",
+            f"--adapter {path}: a {kind or 'unknown'} adapter; lamc compiles LoRA and "
+            "prompt-tuning adapters and full weights",
         )
     try:
         reference = PeftModel.from_pretrained(module, str(path)).eval()
@@ -96,14 +104,23 @@ def _peft(module: Any, path: Path) -> tuple[Any, Any]:
     return merged.eval(), reference
 
 
-def _full(module: Any, path: Path) -> tuple[Any, Any]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _prompt(module: Any, path: Path) -> tuple[Any, Any]:
+    """A soft prompt baked in: the module with the prompt in its token embedding (and a
+    classifier's trained head loaded), its own reference."""
+    from lamc.frontend.prompt import PromptTuned, load_adapter, transformers_model
 
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise UsageError(f"--adapter {path}: not a readable safetensors file ({exc})") from None
+    prompt, head, causal = load_adapter(path)
+    if head:
+        root = transformers_model(module)
+        if root is None:
+            raise UsageError(f"--adapter {path}: a head for a Hugging Face model; this is not one")
+        _load_checked(root, head, path)
+    tuned = PromptTuned(module, prompt.float(), causal=causal)
+    return tuned.eval(), tuned
+
+
+def _load_checked(module: Any, state: dict[str, Any], path: Path) -> None:
+    """Load `state` into `module` by name, refusing unknown names and other shapes."""
     own = dict(module.state_dict())
     unknown = sorted(set(state) - set(own))
     if unknown:
@@ -118,4 +135,15 @@ def _full(module: Any, path: Path) -> tuple[Any, Any]:
     if wrong:
         raise UsageError(f"--adapter {path}: shapes differ: {', '.join(wrong[:3])}")
     module.load_state_dict(state, strict=False)
+
+
+def _full(module: Any, path: Path) -> tuple[Any, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise UsageError(f"--adapter {path}: not a readable safetensors file ({exc})") from None
+    _load_checked(module, state, path)
     return module.eval(), module

@@ -17,7 +17,7 @@ from lamc.errors import UsageError
 @dataclass(frozen=True)
 class Job:
     model: str
-    method: str  # lora | full
+    method: str  # lora | prompt | full
     data: str  # an .npz (input_ids [N, T], attention_mask, labels) or a JSONL of texts
     split_points: tuple[str, ...]  # module paths where stages 1.. begin
     devices: tuple[str, ...]  # the plan's device of each stage
@@ -32,6 +32,7 @@ class Job:
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ()
+    prompt_tokens: int = 20  # prompt: the soft prompt's virtual tokens
     task: str = "causal-lm"  # causal-lm | classify (sequence classification)
     dropout: float | None = None  # every dropout layer's probability (None: the model's)
     labels: int = 0  # classify: the number of classes (the head the model gets)
@@ -74,6 +75,17 @@ def build_module(job: Job) -> Any:
             modules_to_save=head_modules(module) if job.task == "classify" else None,
         )
         module = get_peft_model(module, config)
+    elif job.method == "prompt":
+        from lamc.frontend.prompt import PromptTuned, initial_prompt
+
+        module.requires_grad_(False)
+        if job.task == "classify":  # the new head trains whole beside the prompt
+            heads = set(head_modules(module))
+            for name, sub in module.named_modules():
+                if name.rsplit(".", 1)[-1] in heads:
+                    sub.requires_grad_(True)
+        prompt = initial_prompt(module, job.prompt_tokens, job.seed)
+        module = PromptTuned(module, prompt, causal=job.task != "classify")
     module.train()
     return module
 
@@ -89,8 +101,8 @@ def head_modules(module: Any) -> list[str]:
 
 
 def module_prefix(job: Job) -> str:
-    """peft wraps the module: its paths gain this prefix."""
-    return "base_model.model." if job.method == "lora" else ""
+    """peft (LoRA) and a soft prompt wrap the module: its paths gain this prefix."""
+    return {"lora": "base_model.model.", "prompt": "base."}.get(job.method, "")
 
 
 def check_source(ref: str) -> None:
@@ -259,10 +271,11 @@ def takes_mask(module: Any) -> bool:
     directories' modules do; the zoo's take ids only)."""
     import inspect
 
-    forward = (
-        module.get_base_model().forward if hasattr(module, "get_base_model") else module.forward
-    )
-    return "attention_mask" in inspect.signature(forward).parameters
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    names = getattr(base, "inputs", None)  # a checkpoint's module names what it takes
+    if isinstance(names, tuple):
+        return "attention_mask" in names
+    return "attention_mask" in inspect.signature(base.forward).parameters
 
 
 class _NothingToTrain:

@@ -167,7 +167,12 @@ def gather(job: Job, run_dir: Path) -> Path:
         raise RuntimeEnvironmentError(f"no stage saved {', '.join(missing[:5])}")
     module.load_state_dict(state, strict=False)
     path = run_dir / "adapter"
-    module.save_pretrained(str(path))
+    if job.method == "prompt":
+        from lamc.frontend.prompt import save_prompt_tuned
+
+        save_prompt_tuned(module, path)
+    else:
+        module.save_pretrained(str(path))
     _write_task(job, path)
     return path
 

@@ -74,9 +74,14 @@ def test_what_is_not_an_adapter_is_refused(tmp_path: Path) -> None:
     outcome = lamc("compile", str(model), "-t", str(TOPOLOGY), "--adapter", str(empty),
                    "-o", str(out))  # fmt: skip
     assert outcome.code == 2 and "applies to PyTorch sources" in outcome.final, outcome.final
+    prefix = tmp_path / "prefix"
+    prefix.mkdir()
+    (prefix / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}')
+    outcome = lamc("compile", MODEL, "-t", str(TOPOLOGY), "--adapter", str(prefix), "-o", str(out))
+    assert outcome.code == 2 and "a PREFIX_TUNING adapter" in outcome.final, outcome.final
     prompt = tmp_path / "prompt"
     prompt.mkdir()
     (prompt / "adapter_config.json").write_text('{"peft_type": "PROMPT_TUNING"}')
     outcome = lamc("compile", MODEL, "-t", str(TOPOLOGY), "--adapter", str(prompt), "-o", str(out))
-    assert outcome.code == 2 and "a PROMPT_TUNING adapter" in outcome.final, outcome.final
+    assert outcome.code == 2 and "adapter_model.safetensors is not readable" in outcome.final
     assert not out.exists()

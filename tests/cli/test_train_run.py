@@ -1,5 +1,6 @@
 """`lamc train --data D.npz -o RUN`: a run on stage processes here, written atomically;
-bad data, a method that cannot run yet, and a stage that dies each say why."""
+bad data, a soft prompt longer than the model's context, and a stage that dies each say
+why."""
 
 from __future__ import annotations
 
@@ -35,9 +36,11 @@ def setup(tmp_path: Path) -> tuple[Path, Path]:
     return topology, data
 
 
-def _train(topology: Path, data: Path, out: Path, *extra: str) -> tuple[int, str, str]:
+def _train(
+    topology: Path, data: Path, out: Path, *extra: str, method: str = "full"
+) -> tuple[int, str, str]:
     outcome = lamc(
-        "train", MODEL, "-t", str(topology), "--method", "full", "--data", str(data),
+        "train", MODEL, "-t", str(topology), "--method", method, "--data", str(data),
         "-o", str(out), "--steps", "3", "--micro-batches", "4", "--dims", "batch=2",
         "--optimizer", "sgd", "--json", *extra,
     )  # fmt: skip
@@ -63,7 +66,20 @@ def test_a_run_writes_its_result_and_one_json_line_per_step(setup: tuple[Path, P
     assert "PASSED train" in final
 
 
-def test_bad_data_and_prompt_runs_are_refused_and_nothing_is_written(
+def test_a_prompt_tuning_run_writes_a_peft_adapter(setup: tuple[Path, Path]) -> None:
+    topology, data = setup
+    out = data.parent / "run"
+    code, stdout, final = _train(
+        topology, data, out, "--prompt-tokens", "3", "--lr", "0.05", method="prompt"
+    )
+    assert code == 0, stdout + final
+    run = json.loads((out / "run.json").read_text())
+    assert run["result"] == "adapter" and run["job"]["prompt_tokens"] == 3
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["num_virtual_tokens"]) == ("PROMPT_TUNING", 3)
+
+
+def test_bad_data_and_a_prompt_past_the_context_are_refused_and_nothing_is_written(
     setup: tuple[Path, Path],
 ) -> None:
     topology, data = setup
@@ -77,8 +93,9 @@ def test_bad_data_and_prompt_runs_are_refused_and_nothing_is_written(
     code, _, final = _train(topology, floats, out)
     assert code == 2 and "must be integers" in final, final
     outcome = lamc("train", MODEL, "-t", str(topology), "--method", "prompt",
-                   "--data", str(data), "-o", str(out))  # fmt: skip
-    assert outcome.code == 2 and "prompt tuning is not built yet" in outcome.final
+                   "--prompt-tokens", "250", "--dims", "seq=16", "--data", str(data),
+                   "-o", str(out))  # fmt: skip
+    assert outcome.code == 2 and "make 266 positions; the model takes at most 256" in outcome.final
     outcome = lamc("train", MODEL, "-t", str(topology))
     assert outcome.code == 2 and "needs --data" in outcome.final
     assert not out.exists()

@@ -1,6 +1,7 @@
 """Pipelined training on torch.distributed (gloo, one process per stage) computes what one
 process computes: the same losses step by step and the same trainable weights at the end,
-for full training (GPT-2's tied embedding and head on different stages) and LoRA."""
+for full training (GPT-2's tied embedding and head on different stages), LoRA and prompt
+tuning (the soft prompt trains on the first stage only)."""
 
 from __future__ import annotations
 
@@ -48,14 +49,17 @@ def _job(tokens: Path, method: str, stages: int, steps: int = 20, model: str = M
         clip=1.0,
         lora_rank=4,
         lora_targets=("q_proj", "v_proj") if llama else ("c_attn",),
+        prompt_tokens=4,
     )
 
 
 @pytest.mark.parametrize(
     ("method", "stages", "model"),
     [
-        ("full", 2, MODEL),  # LoRA over 2 stages: the adapter test below
+        ("full", 2, MODEL),  # LoRA and prompt over 2 stages: the adapter tests below
         pytest.param("full", 3, LLAMA, marks=pytest.mark.slow),
+        pytest.param("lora", 3, LLAMA, marks=pytest.mark.slow),
+        pytest.param("prompt", 3, LLAMA, marks=pytest.mark.slow),
     ],
 )
 def test_pipelined_equals_one_process(
@@ -214,3 +218,59 @@ def test_a_classifier_trains_pipelined_as_in_one_process_and_compiles_with_its_h
     got = next(iter(pipeline.run(feeds).values()))
     assert got.shape == (2, 3)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_prompt_tuning_pipelined_equals_one_process_and_compiles(
+    tokens: Path, tmp_path: Path
+) -> None:
+    """A soft prompt of 4 virtual tokens on GPT-2 over 2 stages: the losses and the prompt
+    equal one process's; the adapter (peft's PROMPT_TUNING format) compiles with the prompt
+    baked in, and the pipeline takes the base model's inputs and answers as the prompt-tuned
+    module, not as the untuned one."""
+    import torch
+
+    from lamc.frontend import adapter
+    from lamc.runtime.executor import Pipeline
+    from lamc.training.job import load_module
+    from tests.cli.helpers import lamc
+
+    job = _job(tokens, "prompt", 2)
+    records = run_local(job, tmp_path)
+    losses, state = run_reference(job)
+    got = np.array([r["loss"] for r in records])
+    np.testing.assert_allclose(got, losses, rtol=1e-5)
+    assert got[-1] < got[0]
+    from safetensors.numpy import load_file
+
+    assert list(load_file(str(tmp_path / "stage-0.safetensors"))) == ["base.transformer.wte.prompt"]
+    assert not load_file(str(tmp_path / "stage-1.safetensors"))  # nothing trains there
+    np.testing.assert_allclose(
+        load_file(str(tmp_path / "stage-0.safetensors"))["base.transformer.wte.prompt"],
+        state["base.transformer.wte.prompt"], rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+    result = gather(job, tmp_path)
+    config = json.loads((result / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["task_type"], config["num_virtual_tokens"]) == (
+        "PROMPT_TUNING", "CAUSAL_LM", 4,
+    )  # fmt: skip
+    tuned, _ = adapter.apply(load_module(MODEL), result)
+
+    out = tmp_path / "compiled"
+    topology = ROOT / "examples" / "topologies" / "4x-minipc-1gbe.yaml"
+    compiled = lamc("compile", MODEL, "-t", str(topology), "--stages", "2", "--adapter",
+                    str(result), "-o", str(out))  # fmt: skip
+    assert compiled.code == 0, compiled.stdout + compiled.final
+    checked = lamc("validate", str(out))
+    assert checked.code == 0 and "PASSED" in checked.final, checked.stdout + checked.final
+    ids = np.load(tokens)["input_ids"][:2]
+    pipeline = Pipeline.open(out)
+    logits = next(iter(pipeline.run({pipeline.manifest.inputs[0]: ids}).values()))
+    assert logits.shape == (2, 16, 512)  # the given tokens' positions, as the base model's
+    with torch.no_grad():
+        expected = tuned(torch.from_numpy(ids)).numpy()
+        untuned = load_module(MODEL)(torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(logits, untuned, atol=1e-3)
+    # The context shrank by the prompt: a sequence that fills it no longer fits.
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["adapter"] == str(result)
