@@ -1,8 +1,9 @@
 """Training plans measured on an emulated heterogeneous testbed (issue 14).
 
 Two "devices" on this machine, each a cgroup v1 CPU quota (`cpu.cfs_quota_us`): a board
-(1.0 CPU, 368 MiB declared) and an old PC (0.33 CPU, 400 MiB: more memory, a third of the
-speed). Only the old PC holds the whole training state; the board does not. Every stage
+(1.0 CPU, 560 MiB declared) and an old PC (0.33 CPU, 592 MiB: more memory, a third of the
+speed). Of each, a training stage process takes 448 MiB before its model (the default
+`training_runtime_memory`). Only the old PC holds the whole training state; the board does not. Every stage
 process runs inside its device's quota (one thread each). Two devices, not three: a
 3-stage split of this encoder passes the attention mask from stage 0 to stage 2, and
 torch.distributed.pipelining does not run backward through such skip connections yet.
@@ -19,7 +20,8 @@ of 4, 1F1B, AdamW.
 2. lamc's plan and each baseline the planner compares (equal split, memory-proportional
    split, one device, data parallelism): each that fits the declared memory is run for
    `--steps` steps inside the quotas, and its samples/s (median step, the first left
-   out) is printed beside the prediction.
+   out) is printed beside the prediction, with each stage process's peak resident memory
+   over the plan's prediction for its stage (the largest ratio of the stages).
 
     .venv/bin/python benchmarks/train.py [--steps 6]
 
@@ -30,6 +32,7 @@ reason, where the machine denies it).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -43,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 CGROUP = Path("/sys/fs/cgroup/cpu")
 DATA = ROOT / "examples" / "data" / "topics-train.jsonl"
 # An edge board and an old PC: the PC has a third of the board's CPU and more memory.
-DEVICES = [("board", 1.0, 368), ("oldpc", 0.33, 400)]  # name, CPUs, MiB
+DEVICES = [("board", 1.0, 560), ("oldpc", 0.33, 592)]  # name, CPUs, MiB
 
 
 def groups() -> dict[str, Path]:
@@ -118,6 +121,8 @@ def main() -> None:
             path.write_text(topology_text(rate))
             return plan_training(analysed, load_topology(path), options, compare=True)
 
+        memory: dict[str, list[float]] = {}
+
         def run(segments: tuple[Any, ...], names: list[str], label: str) -> float:
             devices = tuple(names[s.device] for s in segments)
             job = Job(
@@ -128,7 +133,16 @@ def main() -> None:
                 lora_targets=("query", "value"),
             )  # fmt: skip
             prefix = {k: inside(cgroups[d]) for k, d in enumerate(devices)}
-            records = run_local(job, tmp / f"run-{label}", prefix=prefix)
+            where = tmp / f"run-{label}"
+            records = run_local(job, where, prefix=prefix)
+            # Each stage process's peak memory over the plan's prediction for its stage.
+            cost = plan_at(10.0).cost
+            ratios = []
+            for k, s in enumerate(segments):
+                predicted = cost.memory(s.device, s.start, s.end, len(segments) - k).total
+                peak = json.loads((where / f"stage-{k}.json").read_text())["peak_rss_bytes"]
+                ratios.append(peak / predicted)
+            memory[label] = ratios
             return statistics.median(r["step_ms"] for r in records[1:])
 
         # 1. Calibration: the whole model on the board, measured, and the rate at
@@ -157,9 +171,10 @@ def main() -> None:
         )
         print()
         print(
-            "| plan | stages | predicted ms/step | measured ms/step | measured / predicted | samples/s |"
+            "| plan | stages | predicted ms/step | measured ms/step | measured / predicted | "
+            "samples/s | peak / planned memory per stage |"
         )
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|")
         configs: list[tuple[str, tuple[Any, ...], float, str]] = []
         assert plan.solution is not None
         configs.append(("lamc", plan.solution.segments, plan.solution.step_ms, ""))
@@ -174,16 +189,22 @@ def main() -> None:
             )
             if not math.isfinite(predicted) or not segments:
                 print(
-                    f"| {label} | {description} | - | not run: {reason or 'no pipeline'} | - | - |"
+                    f"| {label} | {description} | - | not run: {reason or 'no pipeline'} "
+                    "| - | - | - |"
                 )
                 continue
-            measured = run(segments, names, label.replace(" ", "-"))
+            key = label.replace(" ", "-")
+            measured = run(segments, names, key)
             results[label] = measured
+            ratios = " / ".join(f"{r:.2f}" for r in memory[key])
             print(
                 f"| {label} | {description} | {predicted:.0f} | {measured:.0f} | "
-                f"{measured / predicted:.2f} | {per_step * 1000 / measured:.2f} |",
+                f"{measured / predicted:.2f} | {per_step * 1000 / measured:.2f} | {ratios} |",
                 flush=True,
             )
+        worst = max(r for ratios in memory.values() for r in ratios)
+        print()
+        print(f"largest peak / planned memory of any stage process: {worst:.2f}x")
         others = [v for k, v in results.items() if k != "lamc"]
         if others:
             print()

@@ -161,7 +161,7 @@ class TrainingCost:
             gradients=trainable,
             optimiser=trainable * self.states,
             activations=float(self.saved[j, k]) * self.in_flight(from_end),
-            runtime=device.runtime_memory_bytes,
+            runtime=device.training_runtime_bytes,
             capacity=device.memory_bytes,
         )
 
@@ -190,7 +190,7 @@ class TrainingCost:
         """([D, n+1, n+1] bytes a stage needs besides activations, [n+1, n+1] activation
         bytes per micro-batch in flight)."""
         static = self.params + self.trainable * (1 + self.states)
-        base = np.stack([static + d.runtime_memory_bytes for d in self.devices])
+        base = np.stack([static + d.training_runtime_bytes for d in self.devices])
         return base, self.saved
 
     def link_table(self) -> np.ndarray:

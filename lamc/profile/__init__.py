@@ -28,7 +28,7 @@ from typing import Any
 
 from lamc.backends.onnxruntime.run import check_providers, session_options
 from lamc.cost import op_time
-from lamc.profile.host import cache_bytes, cpu_quota, memory_bytes
+from lamc.profile.host import cache_bytes, cpu_quota, memory_bytes, training_runtime_bytes
 from lamc.profile.model import DeviceProfile
 from lamc.profile.probes import Probe, analyse, chain, conv, matmul, probes, unary
 from lamc.profile.report import describe
@@ -203,6 +203,7 @@ def profile_machine(
         serialize_overhead_ms=serialize_ms / share,
         serialize_bandwidth=serialize_rate * share,
         sustained=lasting,
+        training_runtime_memory_bytes=training_runtime_bytes(),
     )
 
 

@@ -70,3 +70,46 @@ def cpu_quota(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> 
         except (OSError, ValueError):
             continue
     return None
+
+
+# A training stage process up to its model: the libraries `lamc train` runs on imported
+# and a one-process gloo group started; prints its peak resident memory in KiB.
+_TRAINING_PROCESS = """
+import os, resource, socket
+import torch, torch.distributed as dist
+from torch.distributed import pipelining
+for name in ("transformers", "peft"):
+    try:
+        __import__(name)
+    except ImportError:
+        pass
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+dist.init_process_group("gloo", rank=0, world_size=1)
+dist.destroy_process_group()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def training_runtime_bytes(timeout_s: float = 120.0) -> float:
+    """The peak memory of a training stage process before its model, measured in a fresh
+    process here (0 when torch is not installed: no training runs on this device)."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _TRAINING_PROCESS],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return 0.0
+    lines = done.stdout.split()
+    if done.returncode != 0 or not lines or not lines[-1].isdigit():
+        return 0.0
+    return float(int(lines[-1]) * 1024)

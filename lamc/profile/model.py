@@ -31,6 +31,8 @@ class DeviceProfile:
     # One side of a tensor message between stages (encode or decode, checks included).
     serialize_overhead_ms: float = 0.0
     serialize_bandwidth: float = 0.0
+    # A training stage process before its model (0: not measured, no torch here).
+    training_runtime_memory_bytes: float = 0.0
 
     def to_yaml(self) -> str:
         """A device entry that a topology can `include:`."""

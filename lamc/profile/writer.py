@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 
@@ -49,6 +50,9 @@ def device_yaml(self: DeviceProfile) -> str:
             f"serialize: {{overhead: {self.serialize_overhead_ms * 1000:.2f}us, "
             f"bandwidth: {self.serialize_bandwidth / 1e9:.2f}GB/s}}"
         )
+    if self.training_runtime_memory_bytes:
+        mib = math.ceil(self.training_runtime_memory_bytes / 2**20)
+        lines.append(f"training_runtime_memory: {mib}MiB")
     lines += [
         f"op_overhead: {{{overheads}}}",
         f"call_overhead: {self.call_overhead_ms * 1000:.2f}us",

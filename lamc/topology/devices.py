@@ -30,6 +30,7 @@ DEVICE_KEYS = {
     "op_overhead",
     "call_overhead",
     "runtime_memory",
+    "training_runtime_memory",
     "include",
     "lamc_device",
     "cache",
@@ -190,6 +191,11 @@ def device_from(entry: LinedDict, where: str, source: Source, base: Path) -> Dev
         runtime_memory = quantity(
             merged, "runtime_memory", where, source, parse_bytes, positive=False
         )
+    training_runtime = 0.0
+    if "training_runtime_memory" in merged:
+        training_runtime = quantity(
+            merged, "training_runtime_memory", where, source, parse_bytes, positive=True
+        )
     cache_bytes = cache_bandwidth = 0.0
     if "cache" in merged:
         cache = merged["cache"]
@@ -257,6 +263,7 @@ def device_from(entry: LinedDict, where: str, source: Source, base: Path) -> Dev
         op_overhead_ms=op_overhead * scale,
         call_overhead_ms=call_overhead * scale,
         runtime_memory_bytes=runtime_memory,
+        training_runtime_memory_bytes=training_runtime,
         line=entry.line,
         cache_bytes=cache_bytes,
         cache_bandwidth=cache_bandwidth / scale,

@@ -135,3 +135,33 @@ def test_the_plan_says_when_data_parallelism_beats_every_pipeline() -> None:
     # Full training moves every weight's gradient: there the pipeline wins.
     full = plan_training(analysed, topology, TrainingOptions(TrainingSpec("full")))
     assert full.replicated is None
+
+
+def test_a_training_stage_is_charged_the_training_runtime(tmp_path: Path) -> None:
+    """A training stage process is torch with its libraries, not an inference runtime: the
+    plan charges the device's `training_runtime_memory` (448 MiB by default on a CPU), and
+    a device too small for it holds no stage."""
+    analysed = analysed_model(MODEL)
+    devices = [
+        ("roomy", "2GiB", ""),
+        ("declared", "2GiB", ", training_runtime_memory: 600MiB"),
+        ("small", "400MiB", ""),  # room for inference (256 MiB), not for training
+    ]
+    text = "lamc_topology: 1\nname: t\ndevices:\n" + "".join(
+        f"  - {{name: {n}, host: {n}, kind: cpu, memory: {m}, peak: {{fp32: 50GFLOPS}}, "
+        f"memory_bandwidth: 20GB/s{extra}}}\n"
+        for n, m, extra in devices
+    )
+    text += "links:\n  - {a: roomy, b: declared, bandwidth: 1Gbit/s, latency: 0.2ms}\n"
+    text += "  - {a: roomy, b: small, bandwidth: 1Gbit/s, latency: 0.2ms}\n"
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    topology = load_topology(path)
+    plan = plan_training(analysed, topology, TrainingOptions(TrainingSpec("lora")))
+    cost = plan.cost
+    n = cost.n
+    runtimes = [cost.memory(d, 0, n, 1).runtime for d in range(3)]
+    assert runtimes == [448 * 2**20, 600 * 2**20, 448 * 2**20]
+    assert cost.memory(2, 0, n, 1).total > cost.memory(2, 0, n, 1).capacity
+    assert plan.solution is not None
+    assert all(cost.devices[s.device].name != "small" for s in plan.solution.segments)
