@@ -54,6 +54,22 @@ def test_codec_roundtrip_error_bounds() -> None:
     assert np.array_equal(roundtrip(ids, "int8"), ids)
 
 
+def test_every_rank_keeps_its_shape_on_the_wire() -> None:
+    """A shape's value crossing a cut is a 0-d int64; it arrives 0-d, as do empty tensors
+    (a generation step's sensor with no frames)."""
+    from lamc.runtime.wire import Tensor, decode, encode
+
+    for array in (
+        np.array(7, dtype=np.int64),
+        np.zeros((1, 0, 6), np.float32),
+        np.arange(6, dtype=np.float32).reshape(2, 3).T,  # not C-contiguous
+    ):
+        message = Tensor.FromString(encode("x", array).SerializeToString())
+        back = decode(message)
+        assert back.shape == array.shape and back.dtype == array.dtype
+        np.testing.assert_array_equal(back, array)
+
+
 def test_planner_moves_encoded_bytes() -> None:
     workload = analysed_model(MODEL).workload
     topology = load_topology(MINIPCS)

@@ -31,7 +31,7 @@ class Runner:
         buffers: list[int] = []
         try:
             for name in self.input_names:
-                array = np.ascontiguousarray(feeds[name])
+                array = np.require(feeds[name], requirements="C")
                 self.context.set_input_shape(name, array.shape)
                 pointer = _malloc(cudart, array.nbytes)
                 buffers.append(pointer)

@@ -139,7 +139,7 @@ class TorchReference:
         self.output_names = output_names
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names]
+        args = [torch.from_numpy(np.require(feeds[n], requirements="C")) for n in self.input_names]
         with torch.no_grad():
             out = self.module(*args)
         flat = list(_flatten(out))

@@ -80,8 +80,8 @@ def check(
         raise TensorMismatch(
             f"{where}: {spec.name}: byte length {array.nbytes} does not match its shape"
         )
-    # (ascontiguousarray would turn a 0-d tensor into shape [1]; 0-d is always contiguous.)
-    return np.ascontiguousarray(array) if array.ndim else array
+    # (ascontiguousarray would turn a 0-d tensor into shape [1]; require keeps it 0-d.)
+    return np.require(array, requirements="C")
 
 
 def check_all(

@@ -215,7 +215,7 @@ def encode(name: str, array: np.ndarray, codec: str = "raw") -> Any:
     and boolean tensors (token ids, masks, shapes) always travel raw."""
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}")
-    array = np.ascontiguousarray(array)
+    array = np.require(array, requirements="C")  # 0-d stays 0-d (a shape's value)
     datatype = NUMPY_TO_DATATYPE.get(array.dtype.name)
     if datatype is None:
         raise ValueError(f"{name}: dtype {array.dtype} cannot travel between stages")
