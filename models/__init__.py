@@ -17,6 +17,7 @@ ZOO: dict[str, str] = {
     "vit": "lamc.models.vit",
     "resnet": "lamc.models.resnet",
     "bert": "lamc.models.bert",
+    "sensor-lm": "lamc.models.sensor_lm",
 }
 
 

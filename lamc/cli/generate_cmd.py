@@ -25,6 +25,14 @@ from lamc.errors import UsageError
     help="A Hugging Face tokenizer directory (lamc[hf]).",
 )
 @click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    metavar="NAME=FILE.npy",
+    help="An input besides the token ids (sensor-lm's sensor), fed with the first step; "
+    "without its batch axis, batch 1 is assumed.",
+)
+@click.option(
     "--max-new-tokens",
     type=click.IntRange(min=1),
     default=32,
@@ -76,6 +84,7 @@ def generate_command(
     prompt_ids: str | None,
     prompt_text: str | None,
     tokenizer: Path | None,
+    inputs: tuple[str, ...],
     max_new_tokens: int,
     temperature: float,
     top_k: int,
@@ -127,11 +136,13 @@ def generate_command(
         )
     else:
         pipeline = Pipeline.open(out, providers=parse_providers(providers))
+    extra = _batched(pipeline.manifest, inputs)
     started = time.perf_counter()
     first = None
     produced = []
+    sampling = Sampling(temperature, top_k, seed)
     try:
-        for token in generate(pipeline, [ids], max_new_tokens, Sampling(temperature, top_k, seed)):
+        for token in generate(pipeline, [ids], max_new_tokens, sampling, inputs=extra):
             first = first or time.perf_counter()
             produced.append(int(token[0]))
             if as_json:
@@ -162,6 +173,19 @@ def generate_command(
         f"{out}: {len(produced)} token(s) after a {len(ids)}-token prompt; first in "
         f"{((first or done) - started) * 1000:.1f} ms, then {rate:.1f} tokens/s"
     )
+
+
+def _batched(manifest: Any, values: tuple[str, ...]) -> dict[str, Any]:
+    """`--input NAME=FILE.npy` arrays, each given a batch axis of 1 when it has one axis
+    fewer than the model's input."""
+    from lamc.cli.run_cmd import load_inputs
+
+    arrays = load_inputs(values)
+    for name, array in arrays.items():
+        spec = manifest.tensors.get(name)
+        if spec is not None and array.ndim == len(spec.shape) - 1:
+            arrays[name] = array[None]
+    return arrays
 
 
 def _tokenizer(path: Path | None) -> Any:

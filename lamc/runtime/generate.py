@@ -1,7 +1,10 @@
 """Autoregressive generation through a compiled decoder (captured with its KV cache).
 
 One graph serves prefill and decode: the first step feeds the prompt with empty caches
-(past length 0), each later step feeds the last token. Each step is one call of the
+(past length 0), each later step feeds the last token. A model that takes more than
+token ids (sensor-lm's `sensor`) gets those inputs whole with the first step; later steps
+feed them with their growing axis (a dim that may be 0, such as `frames`) empty, since
+their positions are in the caches already. Each step is one call of the
 pipeline (in process, or across stage servers) carrying the sequence's id and position:
 every stage keeps its own layers' caches (`lamc.runtime.kvcache`), and only hidden states
 travel between stages. Where a pipeline cannot keep caches in its stages (a stage reads
@@ -12,7 +15,7 @@ with every step instead.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +60,45 @@ def empty_caches(manifest: Manifest, batch: int) -> dict[str, np.ndarray]:
     return {past: zeros(manifest, past, {"batch": batch}, past_dim, 0) for past, _ in pairs}
 
 
+def first_step_inputs(
+    manifest: Manifest, inputs: Mapping[str, np.ndarray] | None
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """(the inputs besides token ids for the first step, the same for every later step,
+    the positions they add): each checked to be one the model takes, none missing."""
+    given = dict(inputs or {})
+    past = {n for s in manifest.stages if s.kv_cache for n in s.kv_cache.past_inputs}
+    wanted = [n for n in manifest.inputs if n != "input_ids" and n not in past]
+    unknown = sorted(set(given) - set(wanted))
+    if unknown:
+        raise UsageError(
+            f"input {', '.join(unknown)}: the model takes "
+            f"{', '.join(wanted) or 'token ids only'} besides input_ids"
+        )
+    missing = [n for n in wanted if n not in given]
+    if missing:
+        raise UsageError(
+            f"the model also takes {', '.join(missing)}: give --input "
+            + " --input ".join(f"{n}=FILE.npy" for n in missing)
+        )
+    later: dict[str, np.ndarray] = {}
+    added = 0
+    for name, value in given.items():
+        shape = manifest.tensors[name].shape
+        axes = [
+            k
+            for k, dim in enumerate(shape)
+            if isinstance(dim, str) and dim in manifest.dims and manifest.dims[dim].min == 0
+        ]
+        if not axes or value.ndim != len(shape):
+            raise UsageError(
+                f"input {name}: generation feeds it with the first step only, and the model "
+                f"has no axis of it that may be empty for the later steps (shape {list(shape)})"
+            )
+        later[name] = np.take(value, np.arange(0), axis=axes[0])
+        added += value.shape[axes[0]]
+    return given, later, added
+
+
 def _pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
     """Next token per sequence from the last position's logits [batch, vocab]."""
     if sampling.temperature <= 0:
@@ -79,12 +121,14 @@ def generate(
     *,
     logits_name: str = "logits",
     local: bool = True,
+    inputs: Mapping[str, np.ndarray] | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield the next token of every sequence ([batch] int64), step by step.
 
     `pipeline` is anything with `manifest` and `run(feeds, sequence=...)`: the in-process
     Pipeline or a RemotePipeline over stage servers. Prompts must have equal lengths.
-    `local`: caches stay in their stages (else they travel with each step)."""
+    `local`: caches stay in their stages (else they travel with each step). `inputs`: the
+    model's inputs besides token ids (fed whole with the first step)."""
     sampling = sampling or Sampling()
     manifest: Manifest = pipeline.manifest
     lengths = {len(p) for p in prompt}
@@ -95,24 +139,30 @@ def generate(
         (s.kv_cache.max_context for s in manifest.stages if s.kv_cache is not None),
         default=0,
     )
-    total = lengths.pop() + max_new_tokens
+    first, later, added = first_step_inputs(manifest, inputs)
+    total = added + lengths.pop() + max_new_tokens
     if limit and total > limit:
         raise UsageError(
-            f"prompt + {max_new_tokens} new tokens = {total} tokens, over the context the "
-            f"pipeline was compiled for ({limit}); compile with a larger --context"
+            f"{f'{added} input positions + ' if added else ''}prompt + {max_new_tokens} new "
+            f"tokens = {total} positions, over the context the pipeline was compiled for "
+            f"({limit}); compile with a larger --context"
         )
     rng = np.random.default_rng(sampling.seed)
     ids = np.asarray(prompt, dtype=np.int64)
     if local:
-        yield from _local_steps(pipeline, ids, max_new_tokens, sampling, rng, logits_name)
+        yield from _local_steps(
+            pipeline, ids, max_new_tokens, sampling, rng, logits_name, (first, later, added)
+        )
         return
     caches = empty_caches(manifest, ids.shape[0])
+    extra = first
     for _ in range(max_new_tokens):
-        outputs = pipeline.run({"input_ids": ids, **caches})
+        outputs = pipeline.run({"input_ids": ids, **extra, **caches})
         token = _pick(outputs[logits_name][:, -1, :], sampling, rng).astype(np.int64)
         yield token
         caches = {past: outputs[present] for past, present in pairs}
         ids = token[:, None]
+        extra = later
 
 
 def _local_steps(
@@ -122,27 +172,31 @@ def _local_steps(
     sampling: Sampling,
     rng: np.random.Generator,
     logits_name: str,
+    extra: tuple[dict[str, np.ndarray], dict[str, np.ndarray], int] = ({}, {}, 0),
 ) -> Iterator[np.ndarray]:
     sequence = uuid.uuid4().hex
     position = 0
     ended = False
     history = ids  # every token so far: what a replay feeds a new plan's stages
+    first, later, added = extra  # added: the positions `first` adds to the sequence
     try:
         for k in range(max_new_tokens):
             ended = k == max_new_tokens - 1
             epoch = len(getattr(pipeline, "switches", ()))
+            feeds = {"input_ids": ids, **(first if position == 0 else later)}
             try:
-                outputs = pipeline.run({"input_ids": ids}, sequence=Step(sequence, position, ended))
-                position += ids.shape[1]
+                outputs = pipeline.run(feeds, sequence=Step(sequence, position, ended))
+                position += ids.shape[1] + (added if position == 0 else 0)
             except RuntimeEnvironmentError:
                 # A stage was lost with this sequence's KV cache: once the pipeline is on
-                # its failover plan, rebuild the caches there by replaying every token.
+                # its failover plan, rebuild the caches there by replaying every input.
                 recover = getattr(pipeline, "recover", None)
                 if recover is None or not recover(epoch):
                     raise
                 sequence = uuid.uuid4().hex
-                outputs = pipeline.run({"input_ids": history}, sequence=Step(sequence, 0, ended))
-                position = history.shape[1]
+                replay = {"input_ids": history, **first}
+                outputs = pipeline.run(replay, sequence=Step(sequence, 0, ended))
+                position = history.shape[1] + added
             token = _pick(outputs[logits_name][:, -1, :], sampling, rng).astype(np.int64)
             ids = token[:, None]
             history = np.concatenate([history, ids], axis=1)
@@ -158,14 +212,16 @@ def reference_greedy(
     manifest: Manifest,
     prompt: Sequence[Sequence[int]],
     max_new_tokens: int,
+    inputs: Mapping[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Greedy tokens from the source model run on the whole sequence at every step (no
-    cache reuse): the check for `generate`."""
+    cache reuse; `inputs` besides token ids fed whole every time): the check for
+    `generate`."""
     ids = np.asarray(prompt, dtype=np.int64)
     caches = empty_caches(manifest, ids.shape[0])
     new = []
     for _ in range(max_new_tokens):
-        logits = reference({"input_ids": ids, **caches})["logits"]
+        logits = reference({"input_ids": ids, **(inputs or {}), **caches})["logits"]
         token = np.argmax(logits[:, -1, :], axis=-1).astype(np.int64)
         new.append(token)
         ids = np.concatenate([ids, token[:, None]], axis=1)
