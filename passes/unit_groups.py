@@ -60,6 +60,12 @@ def group_by_blocks(active: list[ir.Node], fine: bool = False) -> list[list[ir.N
         gains = {k: g for k, g in gains.items() if g >= threshold}
         if not gains:
             break
+        # Layers first: a class whose every instance is a member of a module list
+        # (`encoder.layers.3`). An encoder-decoder's encoder and decoder layers are two
+        # classes, each covering less than the attention class they share; its layers
+        # are still the cut points, not their attention and norms.
+        layers = {k: g for k, g in gains.items() if all(map(_INDEXED.match, instances[k]))}
+        gains = layers or gains
         # Among classes covering nearly as much as the best, the one with the most
         # instances gives the partitioner the most cut points (Bottleneck, not layer1..4).
         best = max(gains.values())

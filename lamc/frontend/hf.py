@@ -54,6 +54,15 @@ def spec_from_checkpoint(
 
     architectures = [str(a) for a in config.get("architectures") or []]
     causal = any(a.endswith(_CAUSAL) for a in architectures)
+    seq2seq = next(
+        (a for a in architectures if a.endswith("ForConditionalGeneration")), None
+    ) if config.get("is_encoder_decoder") and labels is None else None  # fmt: skip
+    if kv_cache and seq2seq:
+        raise CaptureError(
+            f"--kv-cache for an encoder-decoder ({seq2seq}) is not built: lamc captures it "
+            "as one forward (encoder inputs and decoder_input_ids in, logits out)",
+            hint="compile without --kv-cache",
+        )
     if kv_cache and not causal:
         raise CaptureError(
             f"--kv-cache needs a causal language model; {directory} is {', '.join(architectures) or 'not one'}"
@@ -69,6 +78,10 @@ def spec_from_checkpoint(
         auto, outputs = transformers.AutoModelForSequenceClassification, ("logits",)
     elif causal:
         auto, outputs = transformers.AutoModelForCausalLM, ("logits",)
+    elif seq2seq:
+        auto, outputs = getattr(transformers, seq2seq, None), ("logits",)
+        if auto is None:
+            raise CaptureError(f"{directory}: this transformers has no class {seq2seq}")
     else:
         auto, outputs = _head_class(transformers, architectures, directory)
     extra: dict[str, Any] = {"num_labels": labels} if labels is not None else {}
@@ -91,6 +104,8 @@ def spec_from_checkpoint(
         transformers.logging.set_verbosity(verbosity)
     model.eval()
     main_input = str(getattr(model, "main_input_name", "input_ids"))
+    if seq2seq:
+        return _seq2seq_spec(model, directory, main_input, batch, seq)
     if _takes_text_and_image(model):
         if kv_cache:
             raise CaptureError("--kv-cache needs a causal language model, not a text-image model")
@@ -303,6 +318,75 @@ def _audio_spec(
         output_names=list(outputs),
         name=directory.resolve().name,
         operating_point={"batch": batch},
+    )
+
+
+def _seq2seq_spec(
+    model: torch.nn.Module, directory: Path, main_input: str, batch: int, seq: int
+) -> ModelSpec:
+    """An encoder-decoder (T5, BART, Whisper) as one forward: the encoder's inputs and
+    `decoder_input_ids` [batch, target] in, the decoder's `logits` out. Text encoders take
+    `input_ids` and `attention_mask` [batch, seq]; speech encoders (Whisper) take
+    `input_features` [batch, mel bins, frames] at the fixed length their positions cover
+    (two frames per encoder position: 3000 for 30 s)."""
+    config: Any = model.config
+    vocab = int(config.vocab_size)
+    max_target = int(
+        getattr(config, "max_target_positions", None)
+        or getattr(config, "max_position_embeddings", None)
+        or getattr(config, "n_positions", None)
+        or 512
+    )
+    gen = torch.Generator().manual_seed(0)
+    batch_dim, target_dim = Dim("batch", 1, 64), Dim("target", 1, max_target)
+    decoder_ids = torch.randint(0, vocab, (2, min(seq, 8, max_target)), generator=gen)
+    operating_point = {"batch": batch, "target": min(seq, max_target)}
+    inputs: dict[str, torch.Tensor]
+    dynamic: dict[str, dict[int, Dim]]
+    if main_input == "input_features":
+        mels = int(config.num_mel_bins)
+        frames = 2 * int(config.max_source_positions)
+        inputs = {
+            "input_features": torch.randn(2, mels, frames, generator=gen),
+            "decoder_input_ids": decoder_ids,
+        }
+        dynamic = {"input_features": {0: batch_dim}}
+    elif main_input == "input_ids":
+        max_source = int(
+            getattr(config, "max_position_embeddings", None)
+            or getattr(config, "n_positions", None)
+            or 512
+        )
+        t = min(seq, 16, max_source)
+        seq_dim = Dim("seq", 1, max_source)
+        inputs = {
+            "input_ids": torch.randint(0, vocab, (2, t), generator=gen),
+            "attention_mask": torch.ones(2, t, dtype=torch.int64),
+            "decoder_input_ids": decoder_ids,
+        }
+        dynamic = {
+            "input_ids": {0: batch_dim, 1: seq_dim},
+            "attention_mask": {0: batch_dim, 1: seq_dim},
+        }
+        operating_point["seq"] = min(seq, max_source)
+    else:
+        raise CaptureError(
+            f"{directory}: an encoder-decoder on {main_input}; lamc captures those on "
+            "input_ids (T5, BART) and input_features (Whisper)"
+        )
+    dynamic["decoder_input_ids"] = {0: batch_dim, 1: target_dim}
+    int_ranges = {"decoder_input_ids": (0, vocab)}
+    if "input_ids" in inputs:
+        int_ranges.update({"input_ids": (0, vocab), "attention_mask": (1, 2)})
+    return ModelSpec(
+        # use_cache off: one forward, no cache objects in the graph
+        module=_OutputAdapter(model, ("logits",), causal=True, inputs=tuple(inputs)),
+        example_inputs=inputs,
+        dynamic=dynamic,
+        output_names=["logits"],
+        int_ranges=int_ranges,
+        name=directory.resolve().name,
+        operating_point=operating_point,
     )
 
 
