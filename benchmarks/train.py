@@ -7,8 +7,10 @@ speed). Of each, a training stage process takes 448 MiB before its model (the de
 process runs inside its device's quota (one thread each). Two devices, not three: a
 3-stage split of this encoder passes the attention mask from stage 0 to stage 2, and
 torch.distributed.pipelining does not run backward through such skip connections yet.
-Links are loopback (declared 10 Gbit/s, 0.05 ms); they are not shaped here (tc between
-network namespaces is not set up by this script).
+Each device is also a network namespace; the two are joined by a veth pair shaped with
+tc tbf to the declared link (100 Mbit/s each way, `--link-mbit`), and gloo talks over it
+(GLOO_SOCKET_IFNAME). The kernel has no netem, so the link adds no latency beyond the
+veth's own; the topology declares 0.1 ms.
 
 The workload: all-MiniLM-L6-v2 (real weights) as a topic classifier, LoRA (rank 8 on
 query,value; the head trained whole), examples/data/topics-train.jsonl, 4 micro-batches
@@ -25,8 +27,8 @@ of 4, 1F1B, AdamW.
 
     .venv/bin/python benchmarks/train.py [--steps 6]
 
-Needs root and the cgroup v1 cpu controller at /sys/fs/cgroup/cpu (skipped, with the
-reason, where the machine denies it).
+Needs root, `ip` and `tc` (iproute2), and the cgroup v1 cpu controller at
+/sys/fs/cgroup/cpu (skipped, with the reason, where the machine denies it).
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +74,63 @@ def inside(group: Path) -> list[str]:
     return ["sh", "-c", f'echo $$ > {group}/tasks; exec "$@"', "sh"]
 
 
-def topology_text(rate_gflops: float) -> str:
+LINK = "tlink"  # the veth's name in each device's namespace (gloo's interface)
+
+
+class ShapedLink:
+    """One network namespace per device, joined by a veth pair whose both ends are shaped
+    with tc tbf to `rate_mbit`: a training stage's activations and their gradients cross
+    it, as they would cross the devices' link."""
+
+    def __init__(self, devices: list[str], rate_mbit: float) -> None:
+        tag = uuid.uuid4().hex[:5]
+        self.names = {d: f"lamctr{tag}{k}" for k, d in enumerate(devices)}
+        self.addresses = {d: f"10.231.7.{k + 1}" for k, d in enumerate(devices)}
+        self.rate_mbit = rate_mbit
+
+    def prefix(self, device: str) -> list[str]:
+        return ["ip", "netns", "exec", self.names[device]]
+
+    def __enter__(self) -> ShapedLink:
+        from tests.runtime.netns import NetnsUnavailable, check_available
+
+        try:
+            check_available()
+            self._build()
+        except NetnsUnavailable as exc:
+            self.close()
+            raise SystemExit(f"skipped: {exc}") from None
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _build(self) -> None:
+        from tests.runtime.netns import _run
+
+        (a, ns_a), (b, ns_b) = self.names.items()
+        for ns in (ns_a, ns_b):
+            _run("ip", "netns", "add", ns)
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+        _run("ip", "link", "add", "tla", "netns", ns_a, "type", "veth", "peer", "name", "tlb", "netns", ns_b)  # fmt: skip
+        for device, ns, end in ((a, ns_a, "tla"), (b, ns_b, "tlb")):
+            _run("ip", "-n", ns, "link", "set", end, "name", LINK)
+            _run("ip", "-n", ns, "addr", "add", f"{self.addresses[device]}/24", "dev", LINK)
+            _run("ip", "-n", ns, "link", "set", LINK, "up")
+            _run(
+                "ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", LINK, "root", "tbf",
+                "rate", f"{self.rate_mbit}mbit", "burst", "64kb", "latency", "1s",
+            )  # fmt: skip
+
+    def close(self) -> None:
+        for ns in self.names.values():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def topology_text(rate_gflops: float, link_mbit: float) -> str:
     """The testbed at `rate_gflops` for one full CPU, scaled by each device's quota."""
     lines = ["lamc_topology: 1", "name: cpu-quota-testbed", "devices:"]
     for name, cpus, mib in DEVICES:
@@ -83,15 +143,17 @@ def topology_text(rate_gflops: float) -> str:
     names = [d[0] for d in DEVICES]
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            lines.append(f"  - {{a: {a}, b: {b}, bandwidth: 10Gbit/s, latency: 0.05ms}}")
+            lines.append(f"  - {{a: {a}, b: {b}, bandwidth: {link_mbit:g}Mbit/s, latency: 0.1ms}}")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--link-mbit", type=float, default=100.0)
     args = parser.parse_args()
     cgroups = groups()
+    link = ShapedLink([d[0] for d in DEVICES], args.link_mbit)
 
     from lamc.cli.train_run import split_points
     from lamc.compiler import analyse
@@ -113,12 +175,12 @@ def main() -> None:
     spec = TrainingSpec("lora", 4, "1f1b", "adamw")
     options = TrainingOptions(spec, 8, ("query", "value"))
 
-    with tempfile.TemporaryDirectory() as tmp_name:
+    with tempfile.TemporaryDirectory() as tmp_name, link:
         tmp = Path(tmp_name)
 
         def plan_at(rate: float) -> Any:
             path = tmp / f"testbed-{rate:.4f}.yaml"
-            path.write_text(topology_text(rate))
+            path.write_text(topology_text(rate, args.link_mbit))
             return plan_training(analysed, load_topology(path), options, compare=True)
 
         memory: dict[str, list[float]] = {}
@@ -132,9 +194,12 @@ def main() -> None:
                 lr=5e-3, optimizer="adamw", task="classify", labels=2, lora_rank=8,
                 lora_targets=("query", "value"),
             )  # fmt: skip
-            prefix = {k: inside(cgroups[d]) for k, d in enumerate(devices)}
+            prefix = {k: link.prefix(d) + inside(cgroups[d]) for k, d in enumerate(devices)}
             where = tmp / f"run-{label}"
-            records = run_local(job, where, prefix=prefix)
+            records = run_local(
+                job, where, prefix=prefix, master_addr=link.addresses[devices[0]],
+                extra_env={"GLOO_SOCKET_IFNAME": LINK},
+            )  # fmt: skip
             # Each stage process's peak memory over the plan's prediction for its stage.
             cost = plan_at(10.0).cost
             ratios = []
@@ -164,7 +229,10 @@ def main() -> None:
         rate = a / (measured_one - b) if measured_one > b else 10.0
         plan = plan_at(rate)
         per_step = spec.micro_batches * batch
-        print(f"# testbed: {', '.join(f'{d} {c:g} CPU {m} MiB' for d, c, m in DEVICES)}")
+        print(
+            f"# testbed: {', '.join(f'{d} {c:g} CPU {m} MiB' for d, c, m in DEVICES)}; "
+            f"link {args.link_mbit:g} Mbit/s (tc tbf, both ways)"
+        )
         print(
             f"# calibration: whole model on the board measured {measured_one:.0f} ms/step -> "
             f"{rate:.2f} GFLOP/s per full CPU (predicted there {predicted_one(rate):.0f} ms)"

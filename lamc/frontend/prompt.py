@@ -187,6 +187,12 @@ def load_adapter(where: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor], bo
     prompt = tensors.pop(PROMPT_KEY, None)
     if prompt is None or prompt.ndim != 2:
         raise UsageError(f"--adapter {where}: {WEIGHTS} has no {PROMPT_KEY} [tokens, width]")
+    declared = config.get("num_virtual_tokens")
+    if declared is not None and declared != int(prompt.shape[0]):
+        raise UsageError(
+            f"--adapter {where}: adapter_config.json says {declared} virtual tokens; "
+            f"{PROMPT_KEY} has {int(prompt.shape[0])}"
+        )
     if int(config.get("num_transformer_submodules") or 1) != 1:
         raise UsageError(
             f"--adapter {where}: a soft prompt for an encoder-decoder's two parts; lamc "

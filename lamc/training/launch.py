@@ -33,16 +33,21 @@ def run_local(
     progress: Callable[[dict[str, Any]], None] | None = None,
     timeout_s: float = 3600.0,
     prefix: Mapping[int, Sequence[str]] | None = None,
+    master_addr: str = "127.0.0.1",
+    extra_env: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run `job` with one process per stage here; returns the last stage's step records.
     `prefix[k]`: a command stage k's process runs under (a cgroup, a network namespace:
-    how the benchmarks emulate devices)."""
+    how the benchmarks emulate devices); `master_addr`: where the others reach stage 0
+    (its namespace's address); `extra_env`: more environment for every stage (gloo's
+    interface)."""
     world = len(job.split_points) + 1
     run_dir.mkdir(parents=True, exist_ok=True)
     job.write(run_dir / "job.json")
     env = {
         **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
+        **(extra_env or {}),
+        "MASTER_ADDR": master_addr,
         "MASTER_PORT": str(_free_port()),
         "WORLD_SIZE": str(world),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),

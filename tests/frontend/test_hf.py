@@ -171,8 +171,9 @@ def _tiny_vision(kind: str, directory: Path) -> Path:
 )
 def test_vision_checkpoints_capture_on_pixel_values(kind: str, tmp_path: Path) -> None:
     """Vision checkpoints (ViT, ConvNeXt, Swin) are captured on `pixel_values` at their
-    config's image size with a dynamic batch, with their classification head, and the
-    graph computes what transformers computes at another batch size."""
+    config's image size with a dynamic batch, with their classification head; the graph
+    computes what transformers computes at another batch size, and so do its pipelines of
+    2 and 3 stages."""
     import onnx_ir as ir
 
     from lamc.backends.onnxruntime.run import new_session
@@ -188,21 +189,11 @@ def test_vision_checkpoints_capture_on_pixel_values(kind: str, tmp_path: Path) -
     want = captured.reference({"pixel_values": pixels})["logits"]
     assert got.shape == (3, 3)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
-    if kind.startswith("ConvNext"):  # and one compiles into two stages
-        from lamc.compiler import CompileOptions, analyse, compile_model
-        from lamc.passes.partition.planner import PlanRequest
-        from lamc.runtime.executor import Pipeline
-        from lamc.topology import Constraints
-        from tests.compiled import MINIPCS
-
-        checkpoint = str(tmp_path / kind)
-        request = PlanRequest(constraints=Constraints(stages=2))
-        analysed = analyse(checkpoint, captured=captured)
-        compile_model(checkpoint, MINIPCS, tmp_path / "out", CompileOptions(request=request), analysed=analysed)  # fmt: skip
-        pipeline = Pipeline.open(tmp_path / "out")
-        assert len(pipeline.stages) == 2
-        got = pipeline.run({"pixel_values": pixels})["logits"]
-        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+    # Each compiles into 2 and into 3 stages that equal transformers.
+    feeds = {"pixel_values": pixels}
+    _equal_in_two_and_three_stages(
+        str(tmp_path / kind), captured, feeds, {"logits": want}, tmp_path
+    )
 
 
 def test_text_image_model_takes_both_and_compiles_into_two_and_three_stages(

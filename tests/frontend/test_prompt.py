@@ -137,6 +137,12 @@ def test_bad_soft_prompts_are_refused(gpt2_dir: Path, tmp_path: Path) -> None:
         adapter.apply(
             spec_from_checkpoint(gpt2_dir, trust_pickle=False).module, tmp_path / "headless"
         )
+    save_adapter(tmp_path / "miscounted", torch.zeros(3, 32), causal=True)
+    config = json.loads((tmp_path / "miscounted" / "adapter_config.json").read_text())
+    config["num_virtual_tokens"] = 4
+    (tmp_path / "miscounted" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError, match="says 4 virtual tokens; prompt_embeddings has 3"):
+        adapter.apply(module, tmp_path / "miscounted")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
     with pytest.raises(UsageError, match=r"adapter_config\.json is not JSON"):

@@ -57,9 +57,11 @@ def _job(tokens: Path, method: str, stages: int, steps: int = 20, model: str = M
     ("method", "stages", "model"),
     [
         ("full", 2, MODEL),  # LoRA and prompt over 2 stages: the adapter tests below
-        pytest.param("full", 3, LLAMA, marks=pytest.mark.slow),
-        pytest.param("lora", 3, LLAMA, marks=pytest.mark.slow),
-        pytest.param("prompt", 3, LLAMA, marks=pytest.mark.slow),
+        *(
+            pytest.param(method, stages, model, marks=pytest.mark.slow)
+            for model, stages in ((MODEL, 3), (LLAMA, 2), (LLAMA, 3))
+            for method in ("full", "lora", "prompt")
+        ),
     ],
 )
 def test_pipelined_equals_one_process(
