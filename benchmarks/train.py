@@ -71,7 +71,9 @@ def groups() -> dict[str, Path]:
 
 
 def inside(group: Path) -> list[str]:
-    return ["sh", "-c", f'echo $$ > {group}/tasks; exec "$@"', "sh"]
+    # Joined before anything else runs (a network namespace's `ip netns exec` remounts
+    # /sys, so it comes after); a process that cannot join fails rather than run free.
+    return ["sh", "-c", f'echo $$ > {group}/tasks || exit 97; exec "$@"', "sh"]
 
 
 LINK = "tlink"  # the veth's name in each device's namespace (gloo's interface)
@@ -194,7 +196,7 @@ def main() -> None:
                 lr=5e-3, optimizer="adamw", task="classify", labels=2, lora_rank=8,
                 lora_targets=("query", "value"),
             )  # fmt: skip
-            prefix = {k: link.prefix(d) + inside(cgroups[d]) for k, d in enumerate(devices)}
+            prefix = {k: inside(cgroups[d]) + link.prefix(d) for k, d in enumerate(devices)}
             where = tmp / f"run-{label}"
             records = run_local(
                 job, where, prefix=prefix, master_addr=link.addresses[devices[0]],

@@ -16,7 +16,7 @@ from torch import nn
 from lamc.models.spec import (
     Dim,
     ModelSpec,
-    decoder_cache,
+    decoder_spec,
     override_bool,
     override_int,
     parse_config,
@@ -160,30 +160,19 @@ def build(config: str | None = None) -> ModelSpec:
     # Traced at batch 2 so torch.export keeps the dim symbolic; planned at `batch`.
     inputs = {"input_ids": torch.randint(0, cfg.vocab_size, (2, min(seq, 32)), generator=gen)}
     dynamic: dict[str, dict[int, Dim]] = {"input_ids": {0: batch_dim, 1: seq_dim}}
-    outputs = ["logits"]
-    kv_spec = None
-    operating_point = {"batch": batch, "seq": seq}
-    if kv:
-        kv_spec, presents = decoder_cache(
-            inputs,
-            dynamic,
-            layers=cfg.n_layer,
-            kv_heads=cfg.n_head,
-            head_dim=cfg.n_embd // cfg.n_head,
-            max_context=cfg.n_positions,
-            layer_scope="transformer.h.{i}",
-            batch_dim=batch_dim,
-            generator=gen,
-        )
-        outputs += presents
-        operating_point["past"] = 0
-    return ModelSpec(
-        module=model,
-        example_inputs=inputs,
-        dynamic=dynamic,
-        output_names=outputs,
-        int_ranges={"input_ids": (0, cfg.vocab_size)},
+    return decoder_spec(
+        model,
+        inputs,
+        dynamic,
         name=f"gpt2-{base}",
-        kv_cache=kv_spec,
-        operating_point=operating_point,
+        vocab=cfg.vocab_size,
+        operating_point={"batch": batch, "seq": seq},
+        kv=kv,
+        batch_dim=batch_dim,
+        generator=gen,
+        layers=cfg.n_layer,
+        kv_heads=cfg.n_head,
+        head_dim=cfg.n_embd // cfg.n_head,
+        max_context=cfg.n_positions,
+        layer_scope="transformer.h.{i}",
     )

@@ -16,7 +16,7 @@ from torch import nn
 from lamc.models.spec import (
     Dim,
     ModelSpec,
-    decoder_cache,
+    decoder_spec,
     override_bool,
     override_int,
     parse_config,
@@ -178,6 +178,23 @@ class LlamaModel(nn.Module):
             cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta
         )
 
+    def run_layers(
+        self, x: torch.Tensor, past: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The decoder layers over embeddings `x` [batch, t, hidden], whose positions
+        follow the cache's; (hidden states, the layers' presents when `past` is given)."""
+        offset = past[0].shape[2] if past else 0
+        positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0) + offset
+        cos, sin = self.rotary_emb(positions)
+        presents: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            if past:
+                x, k, v = layer(x, cos, sin, past[2 * i], past[2 * i + 1])
+                presents += [k, v]
+            else:
+                x, _, _ = layer(x, cos, sin)
+        return x, presents
+
 
 class LlamaForCausalLM(nn.Module):
     """`forward(input_ids, *past)`; past = k0, v0, k1, v1, ... (KV heads, not repeated)."""
@@ -194,18 +211,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, *past: torch.Tensor
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        t = input_ids.shape[1]
-        offset = past[0].shape[2] if past else 0
-        positions = torch.arange(t, device=input_ids.device).unsqueeze(0) + offset
-        cos, sin = self.model.rotary_emb(positions)
-        x = self.model.embed_tokens(input_ids)
-        presents: list[torch.Tensor] = []
-        for i, layer in enumerate(self.model.layers):
-            if past:
-                x, k, v = layer(x, cos, sin, past[2 * i], past[2 * i + 1])
-                presents += [k, v]
-            else:
-                x, _, _ = layer(x, cos, sin)
+        x, presents = self.model.run_layers(self.model.embed_tokens(input_ids), past)
         logits = self.lm_head(self.model.norm(x))
         if past:
             return (logits, *presents)
@@ -233,30 +239,19 @@ def build(config: str | None = None) -> ModelSpec:
     seq_dim = Dim("seq", 1, cfg.max_position_embeddings)
     inputs = {"input_ids": torch.randint(0, cfg.vocab_size, (2, min(seq, 32)), generator=gen)}
     dynamic: dict[str, dict[int, Dim]] = {"input_ids": {0: batch_dim, 1: seq_dim}}
-    outputs = ["logits"]
-    kv_spec = None
-    operating_point = {"batch": batch, "seq": seq}
-    if kv:
-        kv_spec, presents = decoder_cache(
-            inputs,
-            dynamic,
-            layers=cfg.num_hidden_layers,
-            kv_heads=cfg.num_key_value_heads,
-            head_dim=cfg.hidden_size // cfg.num_attention_heads,
-            max_context=cfg.max_position_embeddings,
-            layer_scope="model.layers.{i}",
-            batch_dim=batch_dim,
-            generator=gen,
-        )
-        outputs += presents
-        operating_point["past"] = 0
-    return ModelSpec(
-        module=model,
-        example_inputs=inputs,
-        dynamic=dynamic,
-        output_names=outputs,
-        int_ranges={"input_ids": (0, cfg.vocab_size)},
+    return decoder_spec(
+        model,
+        inputs,
+        dynamic,
         name=f"llama-{base}",
-        kv_cache=kv_spec,
-        operating_point=operating_point,
+        vocab=cfg.vocab_size,
+        operating_point={"batch": batch, "seq": seq},
+        kv=kv,
+        batch_dim=batch_dim,
+        generator=gen,
+        layers=cfg.num_hidden_layers,
+        kv_heads=cfg.num_key_value_heads,
+        head_dim=cfg.hidden_size // cfg.num_attention_heads,
+        max_context=cfg.max_position_embeddings,
+        layer_scope="model.layers.{i}",
     )

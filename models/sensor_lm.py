@@ -36,7 +36,7 @@ from lamc.models.llama import LlamaConfig, LlamaModel
 from lamc.models.spec import (
     Dim,
     ModelSpec,
-    decoder_cache,
+    decoder_spec,
     override_bool,
     override_int,
     parse_config,
@@ -139,16 +139,7 @@ class SensorLM(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         tokens = self.projector(self.encoder(sensor))
         x = torch.cat([tokens, self.model.embed_tokens(input_ids)], dim=1)
-        offset = past[0].shape[2] if past else 0
-        positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0) + offset
-        cos, sin = self.model.rotary_emb(positions)
-        presents: list[torch.Tensor] = []
-        for i, layer in enumerate(self.model.layers):
-            if past:
-                x, k, v = layer(x, cos, sin, past[2 * i], past[2 * i + 1])
-                presents += [k, v]
-            else:
-                x, _, _ = layer(x, cos, sin)
+        x, presents = self.model.run_layers(x, past)
         logits = self.lm_head(self.model.norm(x))
         if past:
             return (logits, *presents)
@@ -185,30 +176,19 @@ def build(config: str | None = None) -> ModelSpec:
         "sensor": {0: batch_dim, 1: frames_dim},
         "input_ids": {0: batch_dim, 1: seq_dim},
     }
-    outputs = ["logits"]
-    kv_spec = None
-    operating_point = {"batch": batch, "frames": frames, "seq": seq}
-    if kv:
-        kv_spec, presents = decoder_cache(
-            inputs,
-            dynamic,
-            layers=lm.num_hidden_layers,
-            kv_heads=lm.num_key_value_heads,
-            head_dim=lm.hidden_size // lm.num_attention_heads,
-            max_context=lm.max_position_embeddings,
-            layer_scope="model.layers.{i}",
-            batch_dim=batch_dim,
-            generator=gen,
-        )
-        outputs += presents
-        operating_point["past"] = 0
-    return ModelSpec(
-        module=model,
-        example_inputs=inputs,
-        dynamic=dynamic,
-        output_names=outputs,
-        int_ranges={"input_ids": (0, lm.vocab_size)},
+    return decoder_spec(
+        model,
+        inputs,
+        dynamic,
         name=f"sensor-lm-{base}",
-        kv_cache=kv_spec,
-        operating_point=operating_point,
+        vocab=lm.vocab_size,
+        operating_point={"batch": batch, "frames": frames, "seq": seq},
+        kv=kv,
+        batch_dim=batch_dim,
+        generator=gen,
+        layers=lm.num_hidden_layers,
+        kv_heads=lm.num_key_value_heads,
+        head_dim=lm.hidden_size // lm.num_attention_heads,
+        max_context=lm.max_position_embeddings,
+        layer_scope="model.layers.{i}",
     )

@@ -111,6 +111,53 @@ class ModelSpec:
         return found
 
 
+def decoder_spec(
+    module: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    dynamic: dict[str, dict[int, Dim]],
+    *,
+    name: str,
+    vocab: int,
+    operating_point: dict[str, int],
+    kv: bool,
+    batch_dim: Dim,
+    generator: torch.Generator,
+    layers: int,
+    kv_heads: int,
+    head_dim: int,
+    max_context: int,
+    layer_scope: str,
+) -> ModelSpec:
+    """A decoder's spec: `logits` out; with `kv`, its flat KV cache (`decoder_cache`) as
+    inputs and outputs too, planned at past 0."""
+    outputs = ["logits"]
+    kv_spec = None
+    if kv:
+        kv_spec, presents = decoder_cache(
+            inputs,
+            dynamic,
+            layers=layers,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            max_context=max_context,
+            layer_scope=layer_scope,
+            batch_dim=batch_dim,
+            generator=generator,
+        )
+        outputs += presents
+        operating_point = {**operating_point, "past": 0}
+    return ModelSpec(
+        module=module,
+        example_inputs=inputs,
+        dynamic=dynamic,
+        output_names=outputs,
+        int_ranges={"input_ids": (0, vocab)},
+        name=name,
+        kv_cache=kv_spec,
+        operating_point=operating_point,
+    )
+
+
 def seeded(seed: int = 0) -> torch.Generator:
     """Zoo weights are random but fixed: the same config gives the same model."""
     torch.manual_seed(seed)
