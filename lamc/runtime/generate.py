@@ -1,5 +1,8 @@
 """Autoregressive generation through a compiled decoder (captured with its KV cache).
 
+An encoder-decoder captured as one forward (T5, BART, Whisper; no caches) generates by
+running its encoder inputs and the decoder's tokens so far at every step.
+
 One graph serves prefill and decode: the first step feeds the prompt with empty caches
 (past length 0), each later step feeds the last token. A model that takes more than
 token ids (sensor-lm's `sensor`) gets those inputs whole with the first step; later steps
@@ -134,6 +137,12 @@ def generate(
     lengths = {len(p) for p in prompt}
     if len(lengths) != 1 or 0 in lengths:
         raise UsageError("prompts must be non-empty and of equal length")
+    if DECODER_IDS in manifest.inputs and not any(s.kv_cache for s in manifest.stages):
+        yield from _encoder_decoder_steps(
+            pipeline, np.asarray(prompt, dtype=np.int64), max_new_tokens, sampling,
+            logits_name, inputs,
+        )  # fmt: skip
+        return
     pairs = cache_names(manifest)
     limit = min(
         (s.kv_cache.max_context for s in manifest.stages if s.kv_cache is not None),
@@ -163,6 +172,53 @@ def generate(
         caches = {past: outputs[present] for past, present in pairs}
         ids = token[:, None]
         extra = later
+
+
+DECODER_IDS = "decoder_input_ids"
+
+
+def _encoder_decoder_steps(
+    pipeline: Any,
+    ids: np.ndarray,
+    max_new_tokens: int,
+    sampling: Sampling,
+    logits_name: str,
+    inputs: Mapping[str, np.ndarray] | None,
+) -> Iterator[np.ndarray]:
+    """An encoder-decoder captured as one forward (no caches): each step runs the encoder
+    inputs and every decoder token so far, and takes the last position's logits. The
+    prompt is the decoder's (its start token first)."""
+    manifest: Manifest = pipeline.manifest
+    given = dict(inputs or {})
+    wanted = [n for n in manifest.inputs if n != DECODER_IDS]
+    unknown = sorted(set(given) - set(wanted))
+    if unknown:
+        raise UsageError(
+            f"input {', '.join(unknown)}: the model takes {', '.join(wanted)} besides {DECODER_IDS}"
+        )
+    missing = [n for n in wanted if n not in given]
+    if missing:
+        raise UsageError(
+            "the encoder's inputs are missing: give --input "
+            + " --input ".join(f"{n}=FILE.npy" for n in missing)
+        )
+    shape = manifest.tensors[DECODER_IDS].shape
+    target = shape[1] if len(shape) > 1 else None
+    limit = 0
+    if isinstance(target, str) and target in manifest.dims:
+        limit = manifest.dims[target].max
+    total = ids.shape[1] + max_new_tokens
+    if limit and total > limit:
+        raise UsageError(
+            f"decoder prompt + {max_new_tokens} new tokens = {total}, over the "
+            f"{limit} decoder positions the pipeline takes"
+        )
+    rng = np.random.default_rng(sampling.seed)
+    for _ in range(max_new_tokens):
+        outputs = pipeline.run({**given, DECODER_IDS: ids})
+        token = _pick(outputs[logits_name][:, -1, :], sampling, rng).astype(np.int64)
+        yield token
+        ids = np.concatenate([ids, token[:, None]], axis=1)
 
 
 def _local_steps(
