@@ -54,9 +54,13 @@ def spec_from_checkpoint(
 
     architectures = [str(a) for a in config.get("architectures") or []]
     causal = any(a.endswith(_CAUSAL) for a in architectures)
-    seq2seq = next(
-        (a for a in architectures if a.endswith("ForConditionalGeneration")), None
-    ) if config.get("is_encoder_decoder") and labels is None else None  # fmt: skip
+    # An encoder-decoder with its language-model head (T5, BART, Whisper, Marian's
+    # MTModel), or bare (its decoder's last hidden state out).
+    seq2seq = None
+    if config.get("is_encoder_decoder") and labels is None:
+        seq2seq = next((a for a in architectures if a.endswith(_SEQ2SEQ_HEADS)), None)
+        if seq2seq is None and not any("For" in a for a in architectures):
+            seq2seq = "AutoModel"
     if kv_cache and seq2seq:
         raise CaptureError(
             f"--kv-cache for an encoder-decoder ({seq2seq}) is not built: lamc captures it "
@@ -79,7 +83,9 @@ def spec_from_checkpoint(
     elif causal:
         auto, outputs = transformers.AutoModelForCausalLM, ("logits",)
     elif seq2seq:
-        auto, outputs = getattr(transformers, seq2seq, None), ("logits",)
+        bare = seq2seq == "AutoModel"
+        auto = getattr(transformers, seq2seq, None)
+        outputs = ("last_hidden_state",) if bare else ("logits",)
         if auto is None:
             raise CaptureError(f"{directory}: this transformers has no class {seq2seq}")
     else:
@@ -105,7 +111,7 @@ def spec_from_checkpoint(
     model.eval()
     main_input = str(getattr(model, "main_input_name", "input_ids"))
     if seq2seq:
-        return _seq2seq_spec(model, directory, main_input, batch, seq)
+        return _seq2seq_spec(model, directory, main_input, outputs, batch, seq)
     if _takes_text_and_image(model):
         if kv_cache:
             raise CaptureError("--kv-cache needs a causal language model, not a text-image model")
@@ -237,6 +243,7 @@ class _DecoderAdapter(torch.nn.Module):
 
 
 _CAUSAL = ("ForCausalLM", "LMHeadModel")
+_SEQ2SEQ_HEADS = ("ForConditionalGeneration", "MTModel")
 # Heads over (input_ids, attention_mask) that lamc captures, by the suffix of the class
 # name in `architectures`, and the outputs each returns.
 _TEXT_HEADS = {
@@ -322,10 +329,16 @@ def _audio_spec(
 
 
 def _seq2seq_spec(
-    model: torch.nn.Module, directory: Path, main_input: str, batch: int, seq: int
+    model: torch.nn.Module,
+    directory: Path,
+    main_input: str,
+    outputs: tuple[str, ...],
+    batch: int,
+    seq: int,
 ) -> ModelSpec:
     """An encoder-decoder (T5, BART, Whisper) as one forward: the encoder's inputs and
-    `decoder_input_ids` [batch, target] in, the decoder's `logits` out. Text encoders take
+    `decoder_input_ids` [batch, target] in, the decoder's `logits` out (a bare model's
+    `last_hidden_state`). Text encoders take
     `input_ids` and `attention_mask` [batch, seq]; speech encoders (Whisper) take
     `input_features` [batch, mel bins, frames] at the fixed length their positions cover
     (two frames per encoder position: 3000 for 30 s)."""
@@ -344,6 +357,13 @@ def _seq2seq_spec(
     inputs: dict[str, torch.Tensor]
     dynamic: dict[str, dict[int, Dim]]
     if main_input == "input_features":
+        if not hasattr(config, "num_mel_bins") or not hasattr(config, "max_source_positions"):
+            raise CaptureError(
+                f"{directory}: a speech encoder-decoder whose features are not laid out as "
+                "Whisper's ([batch, mel bins, frames], with num_mel_bins and "
+                "max_source_positions in its config); lamc captures those",
+                hint="export it to ONNX yourself; its file compiles as any ONNX model",
+            )
         mels = int(config.num_mel_bins)
         frames = 2 * int(config.max_source_positions)
         inputs = {
@@ -380,10 +400,10 @@ def _seq2seq_spec(
         int_ranges.update({"input_ids": (0, vocab), "attention_mask": (1, 2)})
     return ModelSpec(
         # use_cache off: one forward, no cache objects in the graph
-        module=_OutputAdapter(model, ("logits",), causal=True, inputs=tuple(inputs)),
+        module=_OutputAdapter(model, outputs, causal=True, inputs=tuple(inputs)),
         example_inputs=inputs,
         dynamic=dynamic,
-        output_names=["logits"],
+        output_names=list(outputs),
         int_ranges=int_ranges,
         name=directory.resolve().name,
         operating_point=operating_point,

@@ -336,6 +336,66 @@ def test_encoder_decoder_checkpoints_compile_into_two_and_three_stages(
         capture(str(checkpoint), CaptureOptions(kv_cache=True))
 
 
+def test_other_encoder_decoders_capture_or_are_refused_by_name(tmp_path: Path) -> None:
+    """Marian (`MarianMTModel`) is captured with its LM head, a bare T5 with its decoder's
+    last hidden state, each computing what transformers computes; Speech2Text, whose
+    features are not laid out as Whisper's, is refused by name."""
+    import torch
+    import transformers
+
+    small = {"vocab_size": 96, "d_model": 32, "encoder_layers": 1, "decoder_layers": 1,
+             "encoder_attention_heads": 4, "decoder_attention_heads": 4,
+             "encoder_ffn_dim": 48, "decoder_ffn_dim": 48}  # fmt: skip
+    torch.manual_seed(0)
+    models = {
+        "marian": transformers.MarianMTModel(
+            transformers.MarianConfig(
+                decoder_start_token_id=0, pad_token_id=0, max_position_embeddings=64, **small
+            )
+        ),
+        "t5bare": transformers.T5Model(
+            transformers.T5Config(
+                vocab_size=96,
+                d_model=32,
+                d_kv=8,
+                d_ff=48,
+                num_layers=1,
+                num_heads=4,
+                decoder_start_token_id=0,
+            )  # fmt: skip
+        ),
+    }
+    rng = np.random.default_rng(0)
+    feeds = {
+        "input_ids": rng.integers(1, 96, size=(2, 6)),
+        "attention_mask": np.ones((2, 6), dtype=np.int64),
+        "decoder_input_ids": rng.integers(1, 96, size=(2, 4)),
+    }
+    for name, model in models.items():
+        model.eval().save_pretrained(tmp_path / name)
+        captured = capture(str(tmp_path / name))
+        output = "last_hidden_state" if name == "t5bare" else "logits"
+        assert captured.output_names == [output]
+        with torch.no_grad():
+            direct = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})[output]
+        assert captured.reference is not None
+        np.testing.assert_allclose(
+            captured.reference(feeds)[output], direct.numpy(), atol=1e-5, rtol=1e-5
+        )
+    speech = transformers.Speech2TextForConditionalGeneration(
+        transformers.Speech2TextConfig(
+            max_source_positions=100,
+            max_target_positions=32,
+            input_feat_per_channel=16,
+            conv_channels=32,
+            **small,
+        )  # fmt: skip
+    )
+    speech.save_pretrained(tmp_path / "s2t")
+    with pytest.raises(CaptureError, match="not laid out as Whisper's"):
+        capture(str(tmp_path / "s2t"))
+
+
 def _equal_in_two_and_three_stages(
     checkpoint: str,
     captured: object,
