@@ -362,7 +362,7 @@ def test_other_encoder_decoders_capture_or_are_refused_by_name(tmp_path: Path) -
                 num_layers=1,
                 num_heads=4,
                 decoder_start_token_id=0,
-            )  # fmt: skip
+            )
         ),
     }
     rng = np.random.default_rng(0)
@@ -389,7 +389,7 @@ def test_other_encoder_decoders_capture_or_are_refused_by_name(tmp_path: Path) -
             input_feat_per_channel=16,
             conv_channels=32,
             **small,
-        )  # fmt: skip
+        )
     )
     speech.save_pretrained(tmp_path / "s2t")
     with pytest.raises(CaptureError, match="not laid out as Whisper's"):
