@@ -156,7 +156,16 @@ def run_stage(job: Job, run_dir: Path, rank: int, world: int) -> None:
 
 
 def peak_rss() -> int:
-    """This process's peak resident memory, in bytes (Linux reports KiB)."""
+    """This process's peak resident memory, in bytes: Linux's VmHWM, the high-water mark
+    of this program's own memory. (`ru_maxrss` is not: it outlives exec, so a stage
+    process forked from a large launcher would report the launcher's size.)"""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
