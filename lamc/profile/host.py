@@ -89,7 +89,9 @@ with socket.socket() as s:
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 dist.init_process_group("gloo", rank=0, world_size=1)
 dist.destroy_process_group()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM: this program's own peak (ru_maxrss would include the parent's at the fork)
+peak = [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+print(peak[0] if peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 

@@ -42,7 +42,7 @@ DEFAULT_OVERHEAD_MS = {
 }  # per op, per call
 DEFAULT_RUNTIME_MEMORY = {"cpu": 256 * 2**20, "gpu": 512 * 2**20, "npu": 256 * 2**20}
 # A training stage process before its model: Python with torch, transformers and peft
-# imported and torch.distributed started. 446 MiB measured on x86-64 Linux (torch 2.13,
+# imported and torch.distributed started. 426 MiB measured on x86-64 Linux (torch 2.13,
 # CPU); a CUDA context adds to it on a GPU. `lamc profile` measures it on the device.
 DEFAULT_TRAINING_RUNTIME_MEMORY = {"cpu": 448 * 2**20, "gpu": 1024 * 2**20, "npu": 448 * 2**20}
 
