@@ -4,9 +4,7 @@ Two "devices" on this machine, each a cgroup v1 CPU quota (`cpu.cfs_quota_us`): 
 (1.0 CPU, 560 MiB declared) and an old PC (0.33 CPU, 592 MiB: more memory, a third of the
 speed). Of each, a training stage process takes 448 MiB before its model (the default
 `training_runtime_memory`). Only the old PC holds the whole training state; the board does not. Every stage
-process runs inside its device's quota (one thread each). Two devices, not three: a
-3-stage split of this encoder passes the attention mask from stage 0 to stage 2, and
-torch.distributed.pipelining does not run backward through such skip connections yet.
+process runs inside its device's quota (one thread each).
 Each device is also a network namespace; the two are joined by a veth pair shaped with
 tc tbf to the declared link (100 Mbit/s each way, `--link-mbit`), and gloo talks over it
 (GLOO_SOCKET_IFNAME). The kernel has no netem, so the link adds no latency beyond the

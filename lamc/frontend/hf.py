@@ -26,11 +26,16 @@ def spec_from_checkpoint(
     batch: int = 1,
     kv_cache: bool = False,
     labels: int | None = None,
+    attention: str = "eager",
 ) -> ModelSpec:
     """The checkpoint as a module with example inputs and dynamic dims. It is loaded with
     the head its config names (`architectures`: a causal LM's, a sequence classifier's), or
     as a sequence classifier with `labels` classes (a new head, seeded by the caller's
-    torch RNG, when the checkpoint has none)."""
+    torch RNG, when the checkpoint has none). `attention`: transformers' attention
+    implementation; capture uses "eager" (plain ops in the graph), training "sdpa" (whose
+    boolean masks let torch.distributed.pipelining run an encoder over 3 or more stages:
+    it takes every floating tensor passed between stages to need a gradient, and refuses
+    one that skips a stage)."""
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CaptureError(f"{directory} is not a Hugging Face checkpoint: it has no config.json")
@@ -95,13 +100,25 @@ def spec_from_checkpoint(
     if labels is not None:  # the new head is asked for: no report of its missing weights
         transformers.logging.set_verbosity_error()
     try:
-        model = auto.from_pretrained(
-            str(directory),
-            local_files_only=True,
-            use_safetensors=has_safetensors,
-            attn_implementation="eager",
-            **extra,
-        )
+        try:
+            model = auto.from_pretrained(
+                str(directory),
+                local_files_only=True,
+                use_safetensors=has_safetensors,
+                attn_implementation=attention,
+                **extra,
+            )
+        except ValueError as exc:
+            if attention == "eager" or "sdpa" not in str(exc).lower():
+                raise
+            # An architecture without an SDPA attention: its eager one computes the same.
+            model = auto.from_pretrained(
+                str(directory),
+                local_files_only=True,
+                use_safetensors=has_safetensors,
+                attn_implementation="eager",
+                **extra,
+            )
     except Exception as exc:
         raise CaptureError(
             f"transformers could not load {directory}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"

@@ -126,7 +126,10 @@ def load_module(ref: str, labels: int = 0) -> Any:
         return models.build(name, rest[0] if rest else None).module
     from lamc.frontend.hf import spec_from_checkpoint
 
-    return spec_from_checkpoint(Path(ref), trust_pickle=False, labels=labels or None).module
+    spec = spec_from_checkpoint(
+        Path(ref), trust_pickle=False, labels=labels or None, attention="sdpa"
+    )
+    return spec.module
 
 
 @dataclass

@@ -276,3 +276,39 @@ def test_prompt_tuning_pipelined_equals_one_process_and_compiles(
     # The context shrank by the prompt: a sequence that fills it no longer fits.
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["adapter"] == str(result)
+
+
+def test_an_encoder_trains_over_three_stages(tmp_path: Path) -> None:
+    """A BERT classifier over 3 stages: the attention mask made in stage 0 reaches stage 2
+    past stage 1. Loaded with SDPA attention its mask is boolean, so
+    torch.distributed.pipelining needs no gradient for it there; LoRA and prompt tuning on
+    padded rows equal one process."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=200, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(tmp_path / "bert")
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, 200, size=(32, 12))
+    mask = np.ones_like(ids)
+    mask[::2, 7:] = 0
+    ids[mask == 0] = 0
+    data = tmp_path / "labelled.npz"
+    np.savez(data, input_ids=ids, attention_mask=mask, labels=rng.integers(0, 2, size=32))
+    for method in ("lora", "prompt"):
+        job = Job(
+            model=str(tmp_path / "bert"), method=method, data=str(data),
+            split_points=("model.bert.encoder.layer.1", "model.bert.encoder.layer.3"),
+            devices=("cpu0", "cpu1", "cpu2"), micro_batches=4, micro_batch_size=2, steps=6,
+            lr=0.05, optimizer="sgd", task="classify", labels=2, lora_rank=4,
+            lora_targets=("query", "value"), prompt_tokens=3,
+        )  # fmt: skip
+        records = run_local(job, tmp_path / f"run-{method}")
+        losses, _ = run_reference(job)
+        np.testing.assert_allclose([r["loss"] for r in records], losses, rtol=1e-5)
+        assert losses[-1] < losses[0], method
