@@ -4,7 +4,7 @@ two-topic sentence classifier over 2 stage processes, then compiled with `--adap
     .venv/bin/python benchmarks/train_task.py [--steps 30] [--lr 5e-3]
 
 1. `lamc train CHECKPOINT --method lora --data examples/data/topics-train.jsonl` on two
-   boards of 352 MiB each (neither holds the training state alone: 2 stages). The data's
+   boards of 544 MiB each (448 MiB of it the training process itself; neither holds the training state alone: 2 stages). The data's
    labels make the checkpoint a sequence classifier with a new head (seeded), trained whole
    beside the adapters.
 2. Held-out accuracy (examples/data/topics-heldout.jsonl, 60 sentences, none in the
@@ -35,8 +35,8 @@ HELDOUT = ROOT / "examples" / "data" / "topics-heldout.jsonl"
 TOPOLOGY = """lamc_topology: 1
 name: two-small-boards
 devices:
-  - {name: board0, host: board0, kind: cpu, memory: 352MiB, peak: {fp32: 50GFLOPS}, memory_bandwidth: 20GB/s}
-  - {name: board1, host: board1, kind: cpu, memory: 352MiB, peak: {fp32: 50GFLOPS}, memory_bandwidth: 20GB/s}
+  - {name: board0, host: board0, kind: cpu, memory: 544MiB, peak: {fp32: 50GFLOPS}, memory_bandwidth: 20GB/s}
+  - {name: board1, host: board1, kind: cpu, memory: 544MiB, peak: {fp32: 50GFLOPS}, memory_bandwidth: 20GB/s}
 links:
   - {a: board0, b: board1, bandwidth: 1Gbit/s, latency: 0.2ms}
 """
