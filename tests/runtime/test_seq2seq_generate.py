@@ -99,6 +99,19 @@ def test_generation_equals_transformers_in_process_and_over_stage_servers(
     ):
         remote = tokens_of(generate(client, [[start]], TOKENS, inputs=feeds))
     assert np.array_equal(remote, want)
+    # From the command line: the encoder's inputs from .npy files (without the batch axis).
+    from tests.cli.helpers import lamc
+
+    args = []
+    for name, value in feeds.items():
+        np.save(tmp_path / f"{name}.npy", value[0])
+        args += ["--input", f"{name}={tmp_path / f'{name}.npy'}"]
+    outcome = lamc("generate", str(out), *args, "--prompt-ids", str(start),
+                   "--max-new-tokens", "8", "--json")  # fmt: skip
+    assert outcome.code == 0, outcome.stdout + outcome.final
+    import json
+
+    assert json.loads(outcome.stdout)["token_ids"] == want[0, :8].tolist()
     # The encoder's inputs are needed, and the decoder has only so many positions.
     with pytest.raises(UsageError, match="the encoder's inputs are missing"):
         next(generate(pipeline, [[start]], 4))
