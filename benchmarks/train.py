@@ -200,8 +200,9 @@ def main() -> None:
                 job, where, prefix=prefix, master_addr=link.addresses[devices[0]],
                 extra_env={"GLOO_SOCKET_IFNAME": LINK},
             )  # fmt: skip
-            # Each stage process's peak memory over the plan's prediction for its stage.
-            cost = plan_at(10.0).cost
+            # Each stage process's peak memory over the plan's prediction for its stage
+            # (memory does not depend on the rates: the first plan's cost model serves).
+            cost = probe.cost
             ratios = []
             for k, s in enumerate(segments):
                 predicted = cost.memory(s.device, s.start, s.end, len(segments) - k).total

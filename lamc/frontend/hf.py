@@ -100,25 +100,21 @@ def spec_from_checkpoint(
     if labels is not None:  # the new head is asked for: no report of its missing weights
         transformers.logging.set_verbosity_error()
     try:
-        try:
-            model = auto.from_pretrained(
-                str(directory),
-                local_files_only=True,
-                use_safetensors=has_safetensors,
-                attn_implementation=attention,
-                **extra,
-            )
-        except ValueError as exc:
-            if attention == "eager" or "sdpa" not in str(exc).lower():
-                raise
-            # An architecture without an SDPA attention: its eager one computes the same.
-            model = auto.from_pretrained(
-                str(directory),
-                local_files_only=True,
-                use_safetensors=has_safetensors,
-                attn_implementation="eager",
-                **extra,
-            )
+        # An architecture without SDPA attention falls back to its eager one (the same
+        # computation).
+        for implementation in dict.fromkeys((attention, "eager")):
+            try:
+                model = auto.from_pretrained(
+                    str(directory),
+                    local_files_only=True,
+                    use_safetensors=has_safetensors,
+                    attn_implementation=implementation,
+                    **extra,
+                )
+                break
+            except ValueError as exc:
+                if implementation == "eager" or "sdpa" not in str(exc).lower():
+                    raise
     except Exception as exc:
         raise CaptureError(
             f"transformers could not load {directory}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
@@ -309,14 +305,7 @@ def _vision_spec(
     pixels = torch.randn(2, *_image_shape(model.config), generator=gen)
     if outputs == ("last_hidden_state",) and "pooler_output" in _output_keys(model, pixels):
         outputs = ("last_hidden_state", "pooler_output")
-    return ModelSpec(
-        module=_OutputAdapter(model, outputs, inputs=("pixel_values",)),
-        example_inputs={"pixel_values": pixels},
-        dynamic={"pixel_values": {0: Dim("batch", 1, 64)}},
-        output_names=list(outputs),
-        name=directory.resolve().name,
-        operating_point={"batch": batch},
-    )
+    return _one_input_spec(model, directory, outputs, "pixel_values", pixels, batch)
 
 
 def _audio_spec(
@@ -335,10 +324,22 @@ def _audio_spec(
     length = max(16000 // step, 4) * step
     gen = torch.Generator().manual_seed(0)
     values = torch.randn(2, length, generator=gen)
+    return _one_input_spec(model, directory, outputs, "input_values", values, batch)
+
+
+def _one_input_spec(
+    model: torch.nn.Module,
+    directory: Path,
+    outputs: tuple[str, ...],
+    name: str,
+    example: torch.Tensor,
+    batch: int,
+) -> ModelSpec:
+    """A model on one tensor whose only dynamic axis is the batch (images, audio windows)."""
     return ModelSpec(
-        module=_OutputAdapter(model, outputs, inputs=("input_values",)),
-        example_inputs={"input_values": values},
-        dynamic={"input_values": {0: Dim("batch", 1, 64)}},
+        module=_OutputAdapter(model, outputs, inputs=(name,)),
+        example_inputs={name: example},
+        dynamic={name: {0: Dim("batch", 1, 64)}},
         output_names=list(outputs),
         name=directory.resolve().name,
         operating_point={"batch": batch},

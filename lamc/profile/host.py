@@ -75,7 +75,7 @@ def cpu_quota(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> 
 # A training stage process up to its model: the libraries `lamc train` runs on imported
 # and a one-process gloo group started; prints its peak resident memory in KiB.
 _TRAINING_PROCESS = """
-import os, resource, socket
+import os, socket
 import torch, torch.distributed as dist
 from torch.distributed import pipelining
 for name in ("transformers", "peft"):
@@ -89,9 +89,8 @@ with socket.socket() as s:
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 dist.init_process_group("gloo", rank=0, world_size=1)
 dist.destroy_process_group()
-# VmHWM: this program's own peak (ru_maxrss would include the parent's at the fork)
-peak = [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")]
-print(peak[0] if peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+from lamc.training.worker import peak_rss  # as a stage process measures itself
+print(peak_rss() // 1024)
 """
 
 

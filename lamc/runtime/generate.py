@@ -68,21 +68,12 @@ def first_step_inputs(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
     """(the inputs besides token ids for the first step, the same for every later step,
     the positions they add): each checked to be one the model takes, none missing."""
-    given = dict(inputs or {})
     past = {n for s in manifest.stages if s.kv_cache for n in s.kv_cache.past_inputs}
     wanted = [n for n in manifest.inputs if n != "input_ids" and n not in past]
-    unknown = sorted(set(given) - set(wanted))
-    if unknown:
-        raise UsageError(
-            f"input {', '.join(unknown)}: the model takes "
-            f"{', '.join(wanted) or 'token ids only'} besides input_ids"
-        )
-    missing = [n for n in wanted if n not in given]
-    if missing:
-        raise UsageError(
-            f"the model also takes {', '.join(missing)}: give --input "
-            + " --input ".join(f"{n}=FILE.npy" for n in missing)
-        )
+    missing = [n for n in wanted if n not in (inputs or {})]
+    given = _checked_inputs(
+        inputs, wanted, "input_ids", f"the model also takes {', '.join(missing)}"
+    )
     later: dict[str, np.ndarray] = {}
     added = 0
     for name, value in given.items():
@@ -100,6 +91,26 @@ def first_step_inputs(
         later[name] = np.take(value, np.arange(0), axis=axes[0])
         added += value.shape[axes[0]]
     return given, later, added
+
+
+def _checked_inputs(
+    inputs: Mapping[str, np.ndarray] | None, wanted: list[str], besides: str, missing_says: str
+) -> dict[str, np.ndarray]:
+    """`inputs`, refused when one is not among `wanted` or one of `wanted` is absent
+    (`missing_says` leads the message, which names the --input to give)."""
+    given = dict(inputs or {})
+    unknown = sorted(set(given) - set(wanted))
+    if unknown:
+        raise UsageError(
+            f"input {', '.join(unknown)}: the model takes "
+            f"{', '.join(wanted) or 'token ids only'} besides {besides}"
+        )
+    missing = [n for n in wanted if n not in given]
+    if missing:
+        raise UsageError(
+            f"{missing_says}: give --input " + " --input ".join(f"{n}=FILE.npy" for n in missing)
+        )
+    return given
 
 
 def _pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
@@ -189,19 +200,8 @@ def _encoder_decoder_steps(
     inputs and every decoder token so far, and takes the last position's logits. The
     prompt is the decoder's (its start token first)."""
     manifest: Manifest = pipeline.manifest
-    given = dict(inputs or {})
     wanted = [n for n in manifest.inputs if n != DECODER_IDS]
-    unknown = sorted(set(given) - set(wanted))
-    if unknown:
-        raise UsageError(
-            f"input {', '.join(unknown)}: the model takes {', '.join(wanted)} besides {DECODER_IDS}"
-        )
-    missing = [n for n in wanted if n not in given]
-    if missing:
-        raise UsageError(
-            "the encoder's inputs are missing: give --input "
-            + " --input ".join(f"{n}=FILE.npy" for n in missing)
-        )
+    given = _checked_inputs(inputs, wanted, DECODER_IDS, "the encoder's inputs are missing")
     shape = manifest.tensors[DECODER_IDS].shape
     target = shape[1] if len(shape) > 1 else None
     limit = 0

@@ -198,28 +198,16 @@ def device_from(entry: LinedDict, where: str, source: Source, base: Path) -> Dev
         )
     cache_bytes = cache_bandwidth = 0.0
     if "cache" in merged:
-        cache = merged["cache"]
-        if not isinstance(cache, LinedDict):
-            raise source.error(
-                line_of(merged, "cache"),
-                f"{where}.cache",
-                "must be a mapping {size: 32MiB, bandwidth: 100GB/s}",
-            )
-        unknown_keys(cache, {"size", "bandwidth"}, f"{where}.cache", source)
+        cache = _sub_mapping(merged, "cache", "{size: 32MiB, bandwidth: 100GB/s}", where, source)
         cache_bytes = quantity(cache, "size", f"{where}.cache", source, parse_bytes, positive=True)
         cache_bandwidth = quantity(
             cache, "bandwidth", f"{where}.cache", source, parse_bandwidth, positive=True
         )
     serialize_overhead = serialize_bandwidth = 0.0
     if "serialize" in merged:
-        entry_s = merged["serialize"]
-        if not isinstance(entry_s, LinedDict):
-            raise source.error(
-                line_of(merged, "serialize"),
-                f"{where}.serialize",
-                "must be a mapping {overhead: 0.1ms, bandwidth: 2GB/s}",
-            )
-        unknown_keys(entry_s, {"overhead", "bandwidth"}, f"{where}.serialize", source)
+        entry_s = _sub_mapping(
+            merged, "serialize", "{overhead: 0.1ms, bandwidth: 2GB/s}", where, source
+        )
         if "overhead" in entry_s:
             serialize_overhead = quantity(
                 entry_s, "overhead", f"{where}.serialize", source, parse_duration_ms, positive=False
@@ -272,3 +260,15 @@ def device_from(entry: LinedDict, where: str, source: Source, base: Path) -> Dev
         serialize_overhead_ms=serialize_overhead * scale,
         serialize_bandwidth=serialize_bandwidth / scale,
     )
+
+
+def _sub_mapping(
+    merged: LinedDict, key: str, example: str, where: str, source: Source
+) -> LinedDict:
+    """`merged[key]`, which must be a mapping of the keys `example` shows, and no others."""
+    entry = merged[key]
+    if not isinstance(entry, LinedDict):
+        raise source.error(line_of(merged, key), f"{where}.{key}", f"must be a mapping {example}")
+    allowed = {part.split(":")[0].strip(" {") for part in example.split(",")}
+    unknown_keys(entry, allowed, f"{where}.{key}", source)
+    return entry

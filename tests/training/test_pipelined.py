@@ -162,20 +162,13 @@ def test_a_classifier_trains_pipelined_as_in_one_process_and_compiles_with_its_h
     embeddings only, so it has nothing to train. The adapter (with the head trained whole
     beside it) compiles, and the pipeline answers as the peft model."""
     import torch
-    from transformers import BertConfig, BertModel
 
     from lamc.frontend import adapter
     from lamc.frontend.hf import spec_from_checkpoint
     from lamc.runtime.executor import Pipeline
     from tests.cli.helpers import lamc
 
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=200, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    BertModel(config).save_pretrained(tmp_path / "bert")
+    _tiny_bert(tmp_path / "bert")
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 200, size=(32, 12))
     mask = np.ones_like(ids)
@@ -283,16 +276,7 @@ def test_an_encoder_trains_over_three_stages(tmp_path: Path) -> None:
     past stage 1. Loaded with SDPA attention its mask is boolean, so
     torch.distributed.pipelining needs no gradient for it there; LoRA and prompt tuning on
     padded rows equal one process."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=200, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    BertModel(config).save_pretrained(tmp_path / "bert")
+    _tiny_bert(tmp_path / "bert")
     rng = np.random.default_rng(1)
     ids = rng.integers(1, 200, size=(32, 12))
     mask = np.ones_like(ids)
@@ -312,3 +296,17 @@ def test_an_encoder_trains_over_three_stages(tmp_path: Path) -> None:
         losses, _ = run_reference(job)
         np.testing.assert_allclose([r["loss"] for r in records], losses, rtol=1e-5)
         assert losses[-1] < losses[0], method
+
+
+def _tiny_bert(directory: Path) -> None:
+    """A 4-layer BERT checkpoint (random init, no dropout) at `directory`."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=200, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(directory)
