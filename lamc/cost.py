@@ -16,6 +16,7 @@ own memory (+ KV cache bytes per token x context x batch, for decoders).
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -310,11 +311,31 @@ class CostModel:
         node = origin if origin in self.topology.names() else f"host:{origin}"
         return self.topology.transfer_ms(node, device, nbytes)
 
-    def _inputs_by_origin(self, cut: int) -> dict[str, float]:
-        """Bytes of cut `cut` (the inputs) by where they originate (none from nowhere)."""
+    def inputs_ms(self, d: int, names: Collection[str]) -> float:
+        """The model inputs `names` (of cut 0) from where each originates to device `d`,
+        the sources sending at once: what a join stage of a branch-parallel plan waits
+        for besides the branches."""
+        return max(
+            (
+                self._from(origin, self.devices[d].name, nbytes)
+                for origin, nbytes in self._inputs_by_origin(0, names).items()
+            ),
+            default=0.0,
+        )
+
+    def inputs_bytes(self, d: int, names: Collection[str]) -> float:
+        """Bytes of the model inputs `names` that cross a link to reach device `d`."""
+        name = self.devices[d].name
+        return float(sum(b for o, b in self._inputs_by_origin(0, names).items() if o != name))
+
+    def _inputs_by_origin(self, cut: int, names: Collection[str] | None = None) -> dict[str, float]:
+        """Bytes of cut `cut` (the inputs; only `names` if given) by where they originate
+        (none from nowhere)."""
         origins, client = self.topology.inputs, self.topology.client
         found: dict[str, float] = {}
         for tensor in self.workload.cuts[cut].tensors:
+            if names is not None and tensor.name not in names:
+                continue
             origin = origins.get(tensor.name, client)
             if origin is not None and tensor.name not in self.workload.resident:
                 found[origin] = found.get(origin, 0.0) + tensor.bytes

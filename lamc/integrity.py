@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from lamc.errors import IntegrityError, RuntimeEnvironmentError
 
 if TYPE_CHECKING:
-    from lamc.manifest import Manifest, StageSpec
+    from lamc.manifest import Edge, Manifest, StageSpec
 
 # No tensor lamc plans has a dimension this large; an expression that reaches it is not ours.
 _LARGEST_DIM = 1 << 40
@@ -120,9 +120,11 @@ def check_consistency(manifest: Manifest, path: Path) -> None:
             raise IntegrityError(f"{path}: dims/{name}: min {bounds.min} > max {bounds.max}")
     check_dim_expressions(manifest, path)
     check_shape_values(manifest, path)
-    for label, stages, _ in manifest.pipelines():
+    for label, stages, edges in manifest.pipelines():
         where = path if label == "primary" else Path(f"{path} ({label})")
         _check_stages(manifest, stages, where)
+        if any(s.to is not None for s in stages):
+            _check_dag(manifest, stages, edges, where)
     check_variants(manifest, path)
     check_weights(manifest, path)
 
@@ -166,6 +168,8 @@ def _check_stages(manifest: Manifest, stages: tuple[StageSpec, ...], path: Path)
         _check_stage(manifest, stage, path)
     if [s.index for s in stages] != list(range(len(stages))):
         raise IntegrityError(f"{path}: stages are not numbered 0..{len(stages) - 1}")
+    if any(s.to is not None for s in stages):
+        return  # a branch-parallel pipeline: its edges are checked by _check_dag
     # Stages hand on what the next one receives: swapped or edited stages are caught here,
     # before any session loads.
     for before, after in itertools.pairwise(stages):
@@ -175,6 +179,52 @@ def _check_stages(manifest: Manifest, stages: tuple[StageSpec, ...], path: Path)
                 f"{path}: stages/{after.index} receives {', '.join(missing)}, which stage "
                 f"{before.index} does not send"
             )
+
+
+def _check_dag(
+    manifest: Manifest, stages: tuple[StageSpec, ...], edges: tuple[Edge, ...], path: Path
+) -> None:
+    """A branch-parallel pipeline: every stage sends to a later one (the last to the
+    client), and the edges deliver exactly what each stage receives, from stages that
+    send it or, for model inputs, from the client."""
+    n = len(stages)
+    for stage in stages:
+        to = stage.to
+        last = stage.index == n - 1
+        if to is None or not (to == n if last else stage.index < to < n):
+            raise IntegrityError(
+                f"{path}: stages/{stage.index}/to: {to!r}; each stage sends to a later stage, "
+                f"the last (stage {n - 1}) to the client ({n})"
+            )
+    arriving: dict[int, set[str]] = {k: set() for k in range(n + 1)}
+    for k, edge in enumerate(edges):
+        where = f"{path}: edges/{k}"
+        names = {t.name for t in edge.tensors}
+        if not -1 <= edge.source < n or not 0 <= edge.target <= n:
+            raise IntegrityError(f"{where}: {edge.source} -> {edge.target} is not between stages")
+        if edge.source == -1:
+            if names - set(manifest.inputs):
+                extra = sorted(names - set(manifest.inputs))
+                raise IntegrityError(f"{where}: the client sends {', '.join(extra)}, not inputs")
+        else:
+            source = stages[edge.source]
+            if edge.target != source.to or names != set(source.sends):
+                raise IntegrityError(
+                    f"{where}: stage {edge.source} sends {sorted(source.sends)} to {source.to}, "
+                    f"not {sorted(names)} to {edge.target}"
+                )
+        if names & arriving[edge.target]:
+            twice = sorted(names & arriving[edge.target])
+            raise IntegrityError(f"{where}: {', '.join(twice)} arrive at {edge.target} twice")
+        arriving[edge.target] |= names
+    for stage in stages:
+        if arriving[stage.index] != set(stage.receives):
+            raise IntegrityError(
+                f"{path}: stages/{stage.index} receives {sorted(stage.receives)}, but the edges "
+                f"deliver {sorted(arriving[stage.index])}"
+            )
+    if arriving[n] != set(manifest.outputs):
+        raise IntegrityError(f"{path}: the edges to the client do not carry the model's outputs")
 
 
 def check_shape_values(manifest: Manifest, path: Path) -> None:

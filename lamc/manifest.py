@@ -203,6 +203,14 @@ class Manifest:
             data["failover"] = [entry.to_dict() for entry in self.failover]
         else:
             del data["failover"]
+        stages = [
+            *data["stages"],
+            *(s for entry in data.get("failover", ()) for s in entry.get("stages", ())),
+            *(v["spec"] for v in data.get("variants", ())),
+        ]
+        for stage in stages:
+            if stage.get("to") is None:
+                stage.pop("to", None)  # a chain's stages send to the next
         data["dims"] = {k: asdict(v) for k, v in sorted(self.dims.items())}
         data["tensors"] = {
             k: {f: x for f, x in asdict(v).items() if not (f in ("range", "value") and x is None)}
@@ -213,6 +221,21 @@ class Manifest:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @property
+    def is_dag(self) -> bool:
+        """Branch-parallel: stages name where they send, and the edges what they receive
+        from where (a stage may have several predecessors)."""
+        return any(s.to is not None for s in self.stages)
+
+    def successor(self, index: int) -> int:
+        """The stage that stage `index` sends to (the number of stages: the client)."""
+        stage = self.stages[index]
+        return stage.to if stage.to is not None else index + 1
+
+    def sources(self, index: int) -> list[int]:
+        """Where stage `index`'s tensors come from: stages, and -1 for the client."""
+        return sorted({e.source for e in self.edges if e.target == index})
 
     def pipelines(self) -> list[tuple[str, tuple[StageSpec, ...], tuple[Edge, ...]]]:
         """The primary pipeline and every built failover pipeline: (label, stages, edges)."""

@@ -45,6 +45,28 @@ class StagePlan:
     precision: str = "fp32"
     precision_reason: str = ""
     codec: str = "raw"  # how this stage's outputs travel to the next ("auto": chosen at compile)
+    # Branch-parallel (DAG) plans only: the stage's units (not one range of the pipeline
+    # order), the stages it receives from, and the one it sends to (None: the client).
+    unit_indices: tuple[int, ...] = ()
+    after: tuple[int, ...] | None = None
+    to: int | None = None
+
+    @property
+    def unit_set(self) -> tuple[int, ...]:
+        return self.unit_indices or tuple(range(self.start_unit, self.end_unit))
+
+    @property
+    def range_text(self) -> str:
+        """`[j:k]` for a range of the pipeline order, `{a:b,c:d}` for several."""
+        spans: list[tuple[int, int]] = []
+        for u in self.unit_set:
+            if spans and spans[-1][1] == u:
+                spans[-1] = (spans[-1][0], u + 1)
+            else:
+                spans.append((u, u + 1))
+        if len(spans) == 1:
+            return f"[{spans[0][0]}:{spans[0][1]}]"
+        return "{" + ",".join(f"{a}:{b}" for a, b in spans) + "}"
 
 
 @dataclass(frozen=True)
@@ -160,12 +182,27 @@ class Plan:
     # Bytes of input that cross a link to reach the first stage (from the client, or
     # from where each input originates).
     inbound_bytes: float = 0.0
+    # Branch-parallel plans: the join stage, where the branches' stages hand their outputs.
+    join: int | None = None
 
     @property
     def link_bytes(self) -> float:
         """All the bytes one request moves over links: its inputs in, between the stages,
         and its outputs out."""
         return self.inbound_bytes + sum(s.transfer_bytes for s in self.stages)
+
+    @property
+    def is_dag(self) -> bool:
+        """Branch-parallel: some stage receives from several stages, or from none but
+        is not the first."""
+        return any(s.after is not None for s in self.stages)
+
+    def successor(self, index: int) -> int | None:
+        """The stage that stage `index` sends to (None: the client)."""
+        stage = self.stages[index]
+        if stage.after is not None:
+            return stage.to
+        return index + 1 if index + 1 < len(self.stages) else None
 
     @property
     def placement(self) -> tuple[Placement, ...]:
@@ -175,8 +212,34 @@ class Plan:
 
     @property
     def text(self) -> str:
-        """The placement in its compact text form (see `parse_placement`)."""
-        return format_placement(self.placement)
+        """The placement in its compact text form (see `parse_placement`). A DAG plan's
+        text shows its branches side by side, `(a[0:4]fp32 >raw> b[4:9]fp32 & c{9:12}fp32)
+        >raw> d[12:14]fp32`; it is for reading, and does not parse back."""
+        if not self.is_dag:
+            return format_placement(self.placement)
+        assert self.join is not None
+        join = self.stages[self.join]
+        arms = []
+        for first in (s for s in self.stages if s.after == () and s.index < join.index):
+            parts, k = [], first.index
+            while k != join.index:
+                stage = self.stages[k]
+                parts.append(f"{stage.device}{stage.range_text}{stage.precision}")
+                parts.append(f">{stage.codec}>")
+                assert stage.to is not None
+                k = stage.to
+            arms.append(" ".join(parts[:-1]))
+        rest, k = [], join.index
+        while True:
+            stage = self.stages[k]
+            rest.append(f"{stage.device}{stage.range_text}{stage.precision}")
+            nxt = stage.to
+            if nxt is None:
+                break
+            rest.append(f">{stage.codec}>")
+            k = nxt
+        codec = self.stages[join.after[0]].codec if join.after else "raw"
+        return f"({' & '.join(arms)}) >{codec}> " + " ".join(rest)
 
     @property
     def throughput_rps(self) -> float:
@@ -195,11 +258,12 @@ class Plan:
             + [
                 (
                     s.transfer_ms,
-                    f"link {s.device} -> {self.stages[s.index + 1].device}"
-                    if s.index + 1 < len(self.stages)
+                    f"link {s.device} -> {self.stages[nxt].device}"
+                    if nxt is not None
                     else f"{s.device} -> client",
                 )
                 for s in self.stages
+                for nxt in [self.successor(s.index)]
             ]
             + [(self.inbound_ms, "client -> first stage")]
         )

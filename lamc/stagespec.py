@@ -97,6 +97,10 @@ class StageSpec:
     predicted: dict[str, float] = field(default_factory=dict)
     kv_cache: KVCache | None = None
     weights: tuple[WeightRef, ...] = ()
+    # A branch-parallel pipeline's stages name the stage they send to (the number of stages:
+    # the client); what each receives, and from where, is in the manifest's edges. None:
+    # a chain, where stage k sends to k + 1.
+    to: int | None = None
 
 
 def parse_kv(raw: dict[str, Any] | None) -> KVCache | None:
@@ -144,6 +148,7 @@ def parse_stage(s: dict[str, Any]) -> StageSpec:
             )
             for w in s.get("weights", ())
         ),
+        to=int(s["to"]) if s.get("to") is not None else None,
     )
 
 

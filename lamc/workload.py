@@ -60,6 +60,18 @@ class Cut:
         return sum(t.bytes for t in self.tensors)
 
 
+@dataclass(frozen=True)
+class Flow:
+    """Where one tensor comes from and goes: its producer unit (-1: a model input), the
+    units that consume it, and whether it is a model output. What the branch-parallel
+    planner needs to cut the model into branches with their own cuts."""
+
+    tensor: CutTensor
+    producer: int
+    consumers: tuple[int, ...]
+    output: bool = False
+
+
 @dataclass
 class Workload:
     name: str
@@ -73,6 +85,9 @@ class Workload:
     # Tensors that stay on their stage and never cross a link (a decoder's KV caches):
     # listed in the cuts, not charged to transfers.
     resident: frozenset[str] = frozenset()
+    # Every tensor's producer and consumers (empty for hand-built workloads, which then
+    # plan as chains only).
+    flows: dict[str, Flow] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.cuts) != len(self.units) + 1:

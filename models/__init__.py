@@ -18,6 +18,7 @@ ZOO: dict[str, str] = {
     "resnet": "lamc.models.resnet",
     "bert": "lamc.models.bert",
     "sensor-lm": "lamc.models.sensor_lm",
+    "fusion": "lamc.models.fusion",
 }
 
 

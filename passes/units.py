@@ -14,7 +14,7 @@ segments at single-tensor boundaries instead.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import networkx as nx
 import onnx_ir as ir
@@ -35,7 +35,7 @@ from lamc.ir import (
 )
 from lamc.passes.base import Pass, PassResult
 from lamc.passes.unit_groups import group_by_blocks, group_by_segments
-from lamc.workload import Cut, CutTensor, OpWork, Unit, Workload
+from lamc.workload import Cut, CutTensor, Flow, OpWork, Unit, Workload
 
 # block: each repeated block is a unit; fine: each child module of a block is (cuts can then
 # fall inside a block, across its skip connection).
@@ -72,7 +72,7 @@ def build_workload(
 ) -> Workload:
     graph = model.graph
     nodes = list(graph)
-    position = {id(n): i for i, n in enumerate(nodes)}
+    position: dict[int, float] = {id(n): i for i, n in enumerate(nodes)}
     users = subgraph_users(nodes)
     const = _constant_nodes(nodes)
     active = [n for n in nodes if id(n) not in const]
@@ -80,6 +80,8 @@ def build_workload(
     groups = group_by_blocks(active, fine=granularity == "fine")
     if groups is None:
         groups = group_by_segments(active, model, max_segments, users)
+    else:
+        groups = split_glue(groups, users)
 
     # Unit DAG over the groups; merge strongly connected groups (blocks that interleave).
     group_of = {id(n): g for g, members in enumerate(groups) for n in members}
@@ -100,7 +102,7 @@ def build_workload(
             key=lambda n: position[id(n)],
         )
         merged.append(members)
-        first_pos.append(position[id(members[0])])
+        first_pos.append(int(position[id(members[0])]))
     order = list(nx.lexicographical_topological_sort(condensed, key=lambda c: first_pos[c]))
     units_nodes = [merged[c] for c in order]
 
@@ -108,6 +110,13 @@ def build_workload(
     for index, members in enumerate(units_nodes):
         for node in members:
             unit_of[id(node)] = index
+    if _own_shape_values(graph, units_nodes, unit_of, position, const, users):
+        # Sizes no unit reads any more are dropped, and units left empty with them.
+        _drop_dead_sizes(graph, units_nodes)
+        units_nodes = [members for members in units_nodes if members]
+        unit_of = {id(n): index for index, members in enumerate(units_nodes) for n in members}
+        nodes = list(graph)
+        users = subgraph_users(nodes)
     # Constant-only nodes are costed with the first unit that uses them.
     for node in reversed(nodes):
         if id(node) in const:
@@ -118,6 +127,7 @@ def build_workload(
         if id(node) in const:
             annotate(node, CONST, True)
 
+    _local_shape_reads(graph, nodes, unit_of, const)
     binding = _binding(model)
     concrete: Mapping[str, tuple[int, ...]] = model.meta.get("lamc.concrete_shapes", {})
     n_units = len(units_nodes)
@@ -134,6 +144,7 @@ def build_workload(
     live_delta = [0] * (end + 2)
     cut_members: list[list[CutTensor]] = [[] for _ in range(n_units + 1)]
     edges: dict[tuple[int, int], int] = defaultdict(int)
+    flows: dict[str, Flow] = {}
 
     def track(value: ir.Value, producer_unit: int, birth: int) -> None:
         consumers = [u for u in users(value) if id(u) not in const]
@@ -150,6 +161,13 @@ def build_workload(
         )
         for k in range(producer_unit + 1, last_unit + 1):
             cut_members[k].append(tensor)
+        if tensor.name:
+            flows[tensor.name] = Flow(
+                tensor,
+                producer_unit,
+                tuple(sorted(set(consumer_units) - {producer_unit})),
+                id(value) in graph_outputs,
+            )
         for c in set(consumer_units):
             if c != producer_unit and producer_unit >= 0:
                 edges[(producer_unit, c)] += size
@@ -236,7 +254,314 @@ def build_workload(
         cuts=cuts,
         shared_params=shared,
         edges=dict(sorted(edges.items())),
+        flows=flows,
     )
+
+
+# Ops a dim size is computed with (from `Shape` of a model input): cheap enough to compute
+# again wherever a size is needed.
+_SHAPE_OPS = frozenset(
+    {"Shape", "Squeeze", "Unsqueeze", "Gather", "Slice", "Concat", "Cast", "Reshape",
+     "Identity", "Add", "Sub", "Mul", "Div", "Max", "Min"}
+)  # fmt: skip
+_SHAPE_CONE = 8  # nodes at most
+
+
+def _shape_cone(value: ir.Value, const: set[int]) -> list[ir.Node] | None:
+    """The nodes that compute `value` from the shapes of model inputs and constants only
+    (None if anything else feeds it, or it takes more than a few nodes)."""
+    cone: list[ir.Node] = []
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        current = stack.pop()
+        if current.is_initializer():
+            continue
+        node = current.producer()
+        if node is None or id(node) in const:
+            if node is None:
+                return None  # a model input read for its values
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type not in _SHAPE_OPS or node.domain not in ("", "ai.onnx"):
+            return None
+        cone.append(node)
+        if len(cone) > _SHAPE_CONE:
+            return None
+        if node.op_type == "Shape":
+            source = node.inputs[0]
+            if source is None or not source.is_graph_input():
+                return None
+            continue
+        stack.extend(v for v in node.inputs if v is not None)
+    return cone
+
+
+def _own_shape_values(
+    graph: ir.Graph,
+    units_nodes: list[list[ir.Node]],
+    unit_of: dict[int, int],
+    position: dict[int, float],
+    const: set[int],
+    users: Callable[[ir.Value], list[ir.Node]],
+) -> bool:
+    """A dim size (the batch, from `Shape` of an input) that the exporter computed once and
+    every unit reads is computed again in each unit that reads it, so that units of
+    independent branches do not depend on each other for a size. Returns whether the
+    graph changed."""
+    # Which units each unit depends on for data (sizes aside): a unit downstream of the
+    # one computing a size keeps reading it from there.
+    sizes: dict[int, bool] = {}
+
+    def is_size(value: ir.Value) -> bool:
+        if id(value) not in sizes:
+            sizes[id(value)] = _shape_cone(value, const) is not None
+        return sizes[id(value)]
+
+    ancestors: list[set[int]] = []
+    for unit, members in enumerate(units_nodes):
+        found: set[int] = set()
+        for node in members:
+            for value in node_inputs(node):
+                producer = value.producer()
+                if producer is None or id(producer) not in unit_of:
+                    continue
+                other = unit_of[id(producer)]
+                if other != unit and other < unit and not is_size(value):
+                    found |= {other, *ancestors[other]}
+        ancestors.append(found)
+    changed = False
+    made: list[int] = []  # one entry per copy of a cone (its names' serial number)
+    for members in list(units_nodes):
+        for node in list(members):
+            if node.op_type not in _SHAPE_OPS:
+                continue
+            home = unit_of[id(node)]
+            for value in node.outputs:
+                readers = [
+                    u
+                    for u in users(value)
+                    if unit_of.get(id(u), home) != home and home not in ancestors[unit_of[id(u)]]
+                ]
+                if not readers or value.is_graph_output():
+                    continue
+                cone = _shape_cone(value, const)
+                if cone is None:
+                    continue
+                cone.sort(key=lambda n: position[id(n)])
+                by_unit: dict[int, list[ir.Node]] = {}
+                for reader in readers:
+                    by_unit.setdefault(unit_of[id(reader)], []).append(reader)
+                cloned: dict[int, ir.Value] = {}  # unit -> its copy of the size
+                for unit, readers_here in sorted(by_unit.items()):
+                    upstream = [w for w in cloned if w in ancestors[unit]]
+                    if upstream:  # a unit before it in its branch computes it already
+                        new_value = cloned[upstream[0]]
+                    else:
+                        anchor = min(readers_here, key=lambda n: position[id(n)])
+                        copies = _clone_cone(graph, cone, anchor, f"u{unit}c{len(made)}")
+                        made.append(unit)
+                        for n in copies.values():
+                            unit_of[id(n)] = unit
+                            position[id(n)] = position[id(anchor)] - 0.5
+                            units_nodes[unit].append(n)
+                        new_value = copies[id(node)].outputs[list(node.outputs).index(value)]
+                        cloned[unit] = new_value
+                    for reader in readers_here:
+                        for i, inp in enumerate(reader.inputs):
+                            if inp is value:
+                                reader.replace_input_with(i, new_value)
+                    changed = True
+    if changed:
+        for members in units_nodes:
+            members.sort(key=lambda n: position[id(n)])
+    return changed
+
+
+def _drop_dead_sizes(graph: ir.Graph, units_nodes: list[list[ir.Node]]) -> None:
+    """Remove size computations whose every value lost its last reader to a copy."""
+    while True:
+        dead = [
+            node
+            for members in units_nodes
+            for node in members
+            if node.op_type in _SHAPE_OPS
+            and not any(v.uses() or v.is_graph_output() for v in node.outputs)
+        ]
+        if not dead:
+            return
+        gone = {id(n) for n in dead}
+        for members in units_nodes:
+            members[:] = [n for n in members if id(n) not in gone]
+        for node in dead:
+            graph.remove(node, safe=True)
+
+
+def _clone_cone(
+    graph: ir.Graph, cone: list[ir.Node], anchor: ir.Node, tag: str
+) -> dict[int, ir.Node]:
+    """Copies of `cone` (in graph order) inserted before `anchor`, their names suffixed
+    with `tag`: old node id -> copy."""
+    mapping: dict[int, ir.Value] = {}
+    copies: dict[int, ir.Node] = {}
+    for node in cone:
+        inputs = [mapping.get(id(v), v) if v is not None else None for v in node.inputs]
+        copy = ir.Node(
+            node.domain,
+            node.op_type,
+            inputs,
+            list(node.attributes.values()),
+            num_outputs=len(node.outputs),
+            name=f"{node.name}_{tag}",
+            metadata_props=dict(node.metadata_props),
+        )
+        copy.meta.update(node.meta)
+        for old, new in zip(node.outputs, copy.outputs):
+            new.name = f"{old.name}_{tag}"
+            new.dtype = old.dtype  # type: ignore[assignment]
+            new.shape = old.shape
+            mapping[id(old)] = new
+        graph.insert_before(anchor, copy)
+        copies[id(node)] = copy
+    return copies
+
+
+def _local_shape_reads(
+    graph: ir.Graph, nodes: list[ir.Node], unit_of: dict[int, int], const: set[int]
+) -> None:
+    """A unit that reads a model input only for the size of a dim it shares by name with
+    an input the unit reads anyway (the exporter takes `batch` from whichever input came
+    first) reads that size from its own input instead. Otherwise a camera tower would
+    need the microphone's samples just to learn the batch size, and branches that are
+    independent would not be."""
+    inputs = {id(v): v for v in graph.inputs}
+    direct: dict[int, set[int]] = defaultdict(set)  # unit -> inputs it reads for values
+    before: dict[int, set[int]] = defaultdict(set)  # unit -> units it reads from
+    for node in nodes:
+        if id(node) in const or node.op_type == "Shape":
+            continue
+        here = unit_of[id(node)]
+        for value in node_inputs(node):
+            producer = value.producer()
+            if id(value) in inputs:
+                direct[here].add(id(value))
+            elif (
+                producer is not None and id(producer) not in const and unit_of[id(producer)] != here
+            ):
+                before[here].add(unit_of[id(producer)])
+    # The inputs a unit's values come from, itself or through the units before it: a
+    # size is best read from an input the unit reads, else from one its branch reads.
+    reach: dict[int, set[int]] = {}
+    for unit in sorted(set(unit_of.values())):
+        reach[unit] = set(direct[unit]).union(*(reach.get(p, set()) for p in before[unit]))
+    for node in nodes:
+        if node.op_type != "Shape" or node.domain not in ("", "ai.onnx") or id(node) in const:
+            continue
+        source = node.inputs[0]
+        if source is None or id(source) not in inputs or source.shape is None:
+            continue
+        unit = unit_of[id(node)]
+        if id(source) in direct[unit]:
+            continue
+        rank = len(source.shape)
+        start_attr, end_attr = node.attributes.get("start"), node.attributes.get("end")
+        start = start_attr.as_int() if start_attr is not None else 0
+        end = end_attr.as_int() if end_attr is not None else rank
+        start, end = (start + rank if start < 0 else start), (end + rank if end < 0 else end)
+        if end != start + 1 or not 0 <= start < rank:
+            continue
+        name = source.shape[start]
+        if not isinstance(name, ir.SymbolicDim) or name.value is None:
+            continue
+        candidates = [
+            *sorted(direct[unit], key=lambda i: inputs[i].name or ""),
+            *sorted(reach[unit] - direct[unit], key=lambda i: inputs[i].name or ""),
+        ]
+        if id(source) in reach[unit]:
+            continue  # the branch reads this input anyway
+        for other_id in candidates:
+            other = inputs[other_id]
+            dims = list(other.shape) if other.shape is not None else []
+            axis = next(
+                (
+                    j
+                    for j, d in enumerate(dims)
+                    if isinstance(d, ir.SymbolicDim) and d.value == name.value
+                ),
+                None,
+            )
+            if axis is None:
+                continue
+            node.replace_input_with(0, other)
+            node.attributes["start"] = ir.AttrInt64("start", axis)
+            node.attributes["end"] = ir.AttrInt64("end", axis + 1)
+            break
+
+
+def split_glue(
+    groups: list[list[ir.Node]], users: Callable[[ir.Value], list[ir.Node]]
+) -> list[list[ir.Node]]:
+    """Glue between blocks of independent branches (a vision tower's last norm and an
+    audio tower's first convolution, in one run of the node order) split into one unit per
+    branch, so that the towers stay apart. Glue nodes stay together when data flows
+    between them or when they read from or feed the same other unit (a mask and the
+    embeddings both feeding the first layer). Both feeding a glue unit (the fusion after
+    the towers) does not hold them together."""
+    group_of = {
+        id(n): g
+        for g, members in enumerate(groups)
+        if any(m.meta.get("lamc.block") for m in members)
+        for n in members
+    }
+    result: list[list[ir.Node]] = []
+    for members in groups:
+        if len(members) < 2 or any(n.meta.get("lamc.block") for n in members):
+            result.append(members)
+            continue
+        parent = list(range(len(members)))
+        find = _finder(parent)
+        index = {id(n): i for i, n in enumerate(members)}
+        anchor: dict[int, int] = {}  # a block -> the first member touching it
+        for i, node in enumerate(members):
+            touched: list[int] = []
+            for value in node.outputs:
+                for user in users(value):
+                    if id(user) in index:
+                        parent[find(index[id(user)])] = find(i)
+                    elif id(user) in group_of:
+                        touched.append(group_of[id(user)])
+            for value in node_inputs(node):
+                producer = value.producer()
+                if producer is None:
+                    continue
+                if id(producer) in index:
+                    parent[find(index[id(producer)])] = find(i)
+                elif id(producer) in group_of:
+                    touched.append(group_of[id(producer)])
+            for other in touched:
+                if other in anchor:
+                    parent[find(i)] = find(anchor[other])
+                else:
+                    anchor[other] = i
+        parts: dict[int, list[ir.Node]] = {}
+        for i, node in enumerate(members):
+            parts.setdefault(find(i), []).append(node)
+        result.extend(parts.values())
+    return result
+
+
+def _finder(parent: list[int]) -> Callable[[int], int]:
+    """Union-find's `find` over `parent` (with path halving)."""
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    return find
 
 
 def _constant_nodes(nodes: list[ir.Node]) -> set[int]:

@@ -34,6 +34,15 @@ def plan_options(fn: Any) -> Any:
             "the topology's inputs:).",
         ),
         click.option(
+            "--branches",
+            type=click.Choice(["auto", "off"]),
+            default="auto",
+            show_default=True,
+            help="A model whose inputs enter independent branches (CLIP's towers, an encoder "
+            "per sensor): auto plans a DAG of stages, the branches side by side on devices "
+            "of their own, when that beats the best chain; off: chains only.",
+        ),
+        click.option(
             "--objective",
             type=click.Choice(["auto", "throughput", "latency", "generate"]),
             default="auto",
@@ -160,6 +169,7 @@ def plan_request(
     context: int = 0,
     new_tokens: int = 128,
     input_on: tuple[str, ...] = (),
+    branches: str = "auto",
 ) -> Any:
     from lamc.passes.partition.planner import PlanRequest
     from lamc.topology import Budgets, Constraints, parse_fraction
@@ -196,6 +206,7 @@ def plan_request(
         context=context,
         new_tokens=new_tokens,
         input_origins=parse_mapping(input_on, "--input-on"),
+        branches=branches,
     )
 
 
@@ -219,6 +230,7 @@ def request_from_options(options: dict[str, Any], compare: bool) -> Any:
         options.get("context") or 0,
         options.get("new_tokens") or 128,
         tuple(options.get("input_on") or ()),
+        options.get("branches") or "auto",
     )
 
 

@@ -35,6 +35,9 @@ def render_plan(best: Any, cost: Any, *, explain: bool) -> None:
             if s.transfer_bytes
             else "-"
         )
+        if best.is_dag:  # the stage it sends to is not always the next row
+            target = "client" if s.to is None else f"stage {s.to}"
+            to_next = f"to {target}: {to_next}"
         table.add_row(
             str(s.index),
             f"{s.device} ({s.kind}, {s.backend})",
@@ -46,6 +49,10 @@ def render_plan(best: Any, cost: Any, *, explain: bool) -> None:
             to_next,
         )
     console.print(table)
+    if best.is_dag:
+        console.print(f"branch-parallel: {best.text}")
+    for note in best.notes:
+        console.print(f"note: {note}")
     console.print(
         f"predicted: {best.throughput_rps:.3g} req/s (bottleneck {format_ms(best.bottleneck_ms)}, limited by {best.bottleneck}); "
         f"latency {format_ms(best.latency_ms)}; fluid bound {format_ms(best.fluid_bound_ms)} "
@@ -58,7 +65,8 @@ def render_plan(best: Any, cost: Any, *, explain: bool) -> None:
     measure = {"throughput": "bottleneck", "latency": "latency"}.get(
         best.objective, f"prefill + {best.generation.get('new_tokens', 0)} decode steps"
     )
-    console.print(f"best {measure} by number of stages: {counts}")
+    if counts:
+        console.print(f"best {measure} by number of stages: {counts}")
     if best.search != "exact":
         console.print(f"search: {best.search}; plan at {best.fluid_ratio:.2f}x the fluid bound")
     if best.generation:
@@ -133,8 +141,8 @@ def explain_data(best: Any, cost: Any) -> list[dict[str, Any]]:
         d = index[s.device]
         device = cost.devices[d]
         units = []
-        cached = cost.weights_cached(d, s.start_unit, s.end_unit)
-        for u in range(s.start_unit, s.end_unit):
+        cached = not s.unit_indices and cost.weights_cached(d, s.start_unit, s.end_unit)
+        for u in s.unit_set:
             t = (cost.cached_times if cached else cost.unit_times)[d][u]
             units.append(
                 {
@@ -149,6 +157,10 @@ def explain_data(best: Any, cost: Any) -> list[dict[str, Any]]:
                 }
             )
         mem = cost.memory(d, s.start_unit, s.end_unit)
+        if s.unit_indices:  # a branch-parallel stage: its own chain's figures
+            mem = type(mem)(
+                s.params_bytes, s.activation_bytes, s.runtime_bytes, s.kv_bytes, s.capacity_bytes
+            )
         out.append(
             {
                 "stage": s.index,

@@ -177,7 +177,6 @@ def serve_command(
         from lamc.runtime.hosts import load_hosts
 
         endpoints = load_hosts(hosts_file)
-        next_address = next_address or endpoints.stages.get(stage + 1)
         next_tls = endpoints.tls
         token = token or endpoints.token
     if next_tls is None and tls_ca is not None:
@@ -199,6 +198,10 @@ def serve_command(
     # Begun before the command line was parsed (`lamc.cli.main`), or now: the session is
     # built on its own thread while gRPC and the server are imported.
     load = take(out, stage, without=lost, providers=chosen, threads=threads)
+    if hosts_file is not None and next_address is None:
+        # The stage this one hands to: the next, or in a branch-parallel pipeline the one
+        # its manifest names.
+        next_address = endpoints.stages.get(load.manifest.successor(stage))
     import asyncio
 
     from lamc.runtime.lifecycle import serve_forever

@@ -142,6 +142,22 @@ def _build_pipeline(
         raise DoesNotFitError(f"the plan breaks a budget: {broken}")
     methods = {s.index: s.precision for s in best.stages}
     checks: list[str] = []
+    if best.is_dag:
+        refused = [
+            flag
+            for flag, asked in (
+                ("--failover", bool(options.failover)),
+                ("--variants", bool(options.variants)),
+            )
+            if asked
+        ]
+        if refused:
+            raise UsageError(
+                f"{' and '.join(refused)} are not built for branch-parallel plans (this plan runs "
+                f"branches side by side: {best.text})",
+                hint="pass --branches off to plan a chain",
+            )
+        checks.append("branch-parallel: stages on the branches run side by side; no failover plans")
     with atomic_directory(out) as tmp, contextlib.closing(SharedWeights(tmp)) as shared:
         graphs, artifacts = _make_stages(analysed, topology, best, tmp, options, timer, shared)
         if options.check:

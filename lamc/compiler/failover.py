@@ -83,8 +83,10 @@ def plan_failovers(
     compress: str | None = None,
     backend: str = "auto",
 ) -> list[Planned]:
-    """Each failover case with its full plan (what the compiler builds stages for)."""
-    if depth <= 0:
+    """Each failover case with its full plan (what the compiler builds stages for).
+    Failover plans are chains (what the failover runtime switches between); a
+    branch-parallel primary gets none."""
+    if depth <= 0 or primary.is_dag:
         return []
     sets = lost_sets(topology, depth)
     if len(sets) > MAX_FAILOVER_PLANS:
@@ -95,7 +97,7 @@ def plan_failovers(
         )
     used = {s.device for s in primary.stages}
     # Resolved once (a decoder's decode-step workload is not made again for every plan).
-    request = prepare_request(request or PlanRequest(), analysed)
+    request = replace(prepare_request(request or PlanRequest(), analysed), branches="off")
     found: list[Planned] = []
     for lost in sets:
         if not used & set(lost):

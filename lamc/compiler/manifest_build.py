@@ -50,9 +50,18 @@ def build_manifest(
     values = _values(captured.model)
     stages: list[StageSpec] = []
     names: set[str] = set(captured.input_names) | set(captured.output_names)
+    routes = (
+        dag_edges(plan, graphs, captured.input_names, captured.output_names)
+        if plan.is_dag
+        else None
+    )
     for graph, artifact, planned in zip(graphs, artifacts, plan.stages):
-        receives = [t.name for t in workload.cuts[planned.start_unit].tensors]
-        sends = [t.name for t in workload.cuts[planned.end_unit].tensors]
+        if routes is None:
+            receives = [t.name for t in workload.cuts[planned.start_unit].tensors]
+            sends = [t.name for t in workload.cuts[planned.end_unit].tensors]
+        else:
+            receives = sorted(n for (_, t), ns in routes.items() if t == planned.index for n in ns)
+            sends = sorted(n for (s, _), ns in routes.items() if s == planned.index for n in ns)
         _check_boundaries(graph, receives, sends)
         names |= set(receives) | set(sends) | set(graph.inputs) | set(graph.outputs)
         shared = sorted({ref.file for ref in artifact.weights})
@@ -82,6 +91,7 @@ def build_manifest(
                 },
                 kv_cache=_kv_ownership(captured, graph, context),
                 weights=artifact.weights,
+                to=None if routes is None else _to(plan, planned.index),
             )
         )
     # Token-id inputs get the range of the table they index, checked at the first hop.
@@ -93,7 +103,17 @@ def build_manifest(
         name: _spec(values[name], ranges.get(name), shaped.get(name)) for name in sorted(names)
     }
     edges = []
-    for k in range(len(stages) + 1):
+    sizes = {t.name: t.bytes for c in workload.cuts for t in c.tensors}
+    for (source, target), carried in sorted((routes or {}).items()):
+        edges.append(
+            Edge(
+                source=source,
+                target=target,
+                tensors=tuple(EdgeTensor(name, "raw") for name in sorted(carried)),
+                bytes=sum(sizes.get(name, 0) for name in carried),
+            )
+        )
+    for k in range(len(stages) + 1 if routes is None else 0):
         cut = workload.cuts[
             plan.stages[k].start_unit if k < len(stages) else workload.cuts[-1].index
         ]
@@ -126,6 +146,61 @@ def build_manifest(
         edges=tuple(edges),
         plan=PlanSummary.of(plan),
     )
+
+
+def _to(plan: Plan, index: int) -> int:
+    nxt = plan.successor(index)
+    return len(plan.stages) if nxt is None else nxt
+
+
+def dag_edges(
+    plan: Plan,
+    graphs: Sequence[StageGraph],
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+) -> dict[tuple[int, int], set[str]]:
+    """What travels on each edge of a branch-parallel pipeline: (source, target) -> tensor
+    names, source -1 the client and target len(stages) the client.
+
+    A stage receives what its engine consumes and what it must hand on. A tensor a stage
+    produces reaches a later one along the stages between them; a model input enters at
+    the first stage of the chain that needs it (a branch's first stage, or the join for
+    the main chain), from the client, as the planner charged it."""
+    n = len(plan.stages)
+    produced_by = {name: g.index for g in graphs for name in g.outputs}
+    ahead: dict[int, set[int]] = {}  # stage -> the stages upstream of it, itself included
+    for stage in plan.stages:
+        ahead[stage.index] = {stage.index}.union(*(ahead[p] for p in (stage.after or ())))
+    # Each stage's chain head: a branch's first stage, the join for the main chain.
+    head: dict[int, int] = {}
+    for stage in plan.stages:
+        after = stage.after or ()
+        head[stage.index] = stage.index if not after or stage.index == plan.join else head[after[0]]
+    routes: dict[tuple[int, int], set[str]] = {}
+    need: dict[int, set[str]] = {k: set(g.inputs) for k, g in enumerate(graphs)}
+    need[n] = set(outputs)
+
+    def deliver(name: str, target: int) -> None:
+        """`name` reaches `target` from the right source, and that source needs it in turn
+        unless it produces it."""
+        if target < n and name in graphs[target].outputs:
+            return
+        if target == n:
+            source = n - 1  # the last stage answers the client
+        elif name in inputs and name not in produced_by:
+            chain_head = head[target]
+            source = -1 if target == chain_head else plan.stages[target].after[0]  # type: ignore[index]
+        else:
+            origin = produced_by[name]
+            source = next(p for p in (plan.stages[target].after or ()) if origin in ahead[p])
+        routes.setdefault((source, target), set()).add(name)
+        if source >= 0 and name not in graphs[source].outputs:
+            deliver(name, source)
+
+    for target in [n, *range(n - 1, -1, -1)]:
+        for name in sorted(need[target]):
+            deliver(name, target)
+    return routes
 
 
 def _check_boundaries(graph: StageGraph, receives: list[str], sends: list[str]) -> None:

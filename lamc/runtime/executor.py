@@ -205,6 +205,10 @@ class Pipeline:
         tensors and the outputs no presents. With `timings`, the seconds each stage's hop
         took (its engine's run and the checks around it) are recorded by stage index."""
         manifest = self.manifest
+        if manifest.is_dag:
+            if sequence is not None:
+                raise UsageError("a branch-parallel pipeline keeps no KV caches")
+            return self._run_dag(feeds, trace, timings)
         takes, gives = manifest.inputs, manifest.outputs
         if sequence is not None:
             if self.local_kv is not None:
@@ -244,6 +248,43 @@ class Pipeline:
                 self.release(sequence.id)  # stages before the failure have moved on
             raise
         return {name: env[name] for name in gives}
+
+    def _run_dag(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        trace: dict[int, dict[str, np.ndarray]] | None,
+        timings: dict[int, float] | None,
+    ) -> dict[str, np.ndarray]:
+        """A branch-parallel pipeline in one process: the stages in index order (an order
+        in which every stage comes after those it receives from), each taking what its
+        edges deliver. Across hosts the branches run at the same time."""
+        manifest = self.manifest
+        unknown = sorted(set(feeds) - set(manifest.inputs))
+        if unknown:
+            raise TensorMismatch(
+                f"input: unknown tensor(s) {', '.join(unknown)}; the model takes "
+                f"{', '.join(manifest.inputs)}"
+            )
+        binding: dict[str, int] = {}
+        env = check_all(manifest.inputs, manifest.tensors, feeds, manifest.dims, binding, "input")
+        for stage in self.stages:
+            spec = stage.spec
+            arriving = check_all(
+                spec.receives,
+                manifest.tensors,
+                env,
+                manifest.dims,
+                binding,
+                f"stage {spec.index} ({spec.device}) input",
+            )
+            started = time.perf_counter()
+            produced, _ = stage.hop(manifest, arriving, binding)
+            if timings is not None:
+                timings[spec.index] = time.perf_counter() - started
+            if trace is not None:
+                trace[spec.index] = produced
+            env.update(produced)
+        return {name: env[name] for name in manifest.outputs}
 
     def release(self, sequence_id: str) -> None:
         """Drop a sequence's KV caches from every stage (a generation stopped early)."""

@@ -25,8 +25,10 @@ class Forwarder:
         max_message: int,
         codecs: dict[str, str],
         delay_ms: float = 0.0,
+        target: int | None = None,
     ) -> None:
         self.stage = stage  # the stage that forwards
+        self.target = stage + 1 if target is None else target  # the stage it hands to
         self.address = address
         self.tls = tls
         self.token = token
@@ -69,7 +71,7 @@ class Forwarder:
         )
         if self.delay_ms > 0:
             await asyncio.sleep(self.delay_ms / 1000.0)
-        following = f"stage {self.stage + 1} at {self.address}"
+        following = f"stage {self.target} at {self.address}"
         backoff = 0.01
         last_problem = "no answer"
         while True:

@@ -96,7 +96,9 @@ class RemotePipeline(Failover, Adapt, Follow):
         self._client_secret = uuid.uuid4().hex + uuid.uuid4().hex  # sent on Subscribe only
         self.client_id = wire.client_id_of(self._client_secret)
         self.counts: collections.Counter[str] = collections.Counter()
-        self.codec_in = {t.name: t.codec for t in self.manifest.edges[0].tensors}
+        self.codec_in = {
+            t.name: t.codec for e in self.manifest.edges if e.source == -1 for t in e.tensors
+        }
         self._pending: dict[str, _Pending] = {}
         self._up = [False] * len(self.addresses)
         self._loop = asyncio.new_event_loop()
@@ -293,48 +295,60 @@ class RemotePipeline(Failover, Adapt, Follow):
             raise TensorMismatch(
                 f"input: unknown tensor(s) {', '.join(unknown)}; the model takes {', '.join(takes)}"
             )
-        receives = [n for n in manifest.stages[0].receives if n in set(takes)]
-        inputs = check_all(receives, manifest.tensors, feeds, manifest.dims, {}, "input")
+        # Each input to the stage it enters at: stage 0 of a chain; in a branch-parallel
+        # pipeline, the first stage of each branch that reads it (and the join).
+        entries = (
+            {e.target: [t.name for t in e.tensors] for e in manifest.edges if e.source == -1}
+            if manifest.is_dag
+            else {0: [n for n in manifest.stages[0].receives if n in set(takes)]}
+        )
+        wanted = sorted({n for names in entries.values() for n in names})
+        inputs = check_all(wanted, manifest.tensors, feeds, manifest.dims, {}, "input")
         request_id = uuid.uuid4().hex
         remaining = deadline - time.monotonic()
-        message = wire.SubmitRequest(
-            request_id=request_id,
-            client_id=self.client_id,
-            timeout_ms=remaining * 1000.0,
-            sequence_id=sequence.id if sequence else "",
-            position=sequence.position if sequence else 0,
-            end=sequence.end if sequence else False,
-            attempt=attempt,
-            tensors=[
-                wire.encode(name, value, self.codec_in.get(name, "raw"))
-                for name, value in inputs.items()
-            ],
-        )
         loop = asyncio.get_running_loop()
         pending = _Pending(loop.create_future(), deadline, time.monotonic(), gives)
         self._pending[request_id] = pending
         self.counts["submitted"] += 1
-        call = self._channels[0].unary_unary(
-            wire.method("Submit"),
-            request_serializer=wire.SubmitRequest.SerializeToString,
-            response_deserializer=wire.Ack.FromString,
+        acks = await asyncio.gather(
+            *(
+                self._submit_part(
+                    stage,
+                    wire.SubmitRequest(
+                        request_id=request_id,
+                        client_id=self.client_id,
+                        timeout_ms=remaining * 1000.0,
+                        sequence_id=sequence.id if sequence else "",
+                        position=sequence.position if sequence else 0,
+                        end=sequence.end if sequence else False,
+                        attempt=attempt,
+                        tensors=[
+                            wire.encode(name, inputs[name], self.codec_in.get(name, "raw"))
+                            for name in names
+                        ],
+                    ),
+                    remaining,
+                )
+                for stage, names in sorted(entries.items())
+            ),
+            return_exceptions=True,
         )
-        try:
-            ack = await call(
-                message, timeout=max(remaining, 0.001), metadata=auth_metadata(self.endpoints.token)
-            )
-        except grpc.aio.AioRpcError as exc:
-            self._pending.pop(request_id, None)
-            self.counts["rejected"] += 1
-            raise StageFailure(
-                f"stage 0 at {self.addresses[0]}: {exc.code().name}: {exc.details()}"
-            ) from None
-        if not ack.accepted:
-            self._pending.pop(request_id, None)
-            self.counts["rejected"] += 1
-            if ack.code == "INVALID_ARGUMENT":
-                raise TensorMismatch(ack.message)
-            raise Rejected(ack.code, f"stage 0 at {self.addresses[0]}: {ack.message}")
+        for stage, ack in zip(sorted(entries), acks):
+            if isinstance(ack, BaseException):
+                self._pending.pop(request_id, None)
+                self.counts["rejected"] += 1
+                if isinstance(ack, grpc.aio.AioRpcError):
+                    raise StageFailure(
+                        f"stage {stage} at {self.addresses[stage]}: {ack.code().name}: "
+                        f"{ack.details()}"
+                    ) from None
+                raise ack
+            if not ack.accepted:
+                self._pending.pop(request_id, None)
+                self.counts["rejected"] += 1
+                if ack.code == "INVALID_ARGUMENT":
+                    raise TensorMismatch(ack.message)
+                raise Rejected(ack.code, f"stage {stage} at {self.addresses[stage]}: {ack.message}")
         self.counts["accepted"] += 1
         timer = loop.call_later(
             max(deadline - time.monotonic(), 0.0),
@@ -350,6 +364,16 @@ class RemotePipeline(Failover, Adapt, Follow):
         finally:
             timer.cancel()
             self._pending.pop(request_id, None)
+
+    async def _submit_part(self, stage: int, message: Any, remaining: float) -> Any:
+        call = self._channels[stage].unary_unary(
+            wire.method("Submit"),
+            request_serializer=wire.SubmitRequest.SerializeToString,
+            response_deserializer=wire.Ack.FromString,
+        )
+        return await call(
+            message, timeout=max(remaining, 0.001), metadata=auth_metadata(self.endpoints.token)
+        )
 
     def _on_delivery(self, delivery: Any) -> None:
         pending = self._pending.get(delivery.request_id)

@@ -88,9 +88,13 @@ class StageService:
         self.last = index == len(self.manifest.stages) - 1
         if not self.last and next_address is None:
             raise UsageError(
-                f"stage {index} needs the address of stage {index + 1}",
+                f"stage {index} needs the address of stage {self.manifest.successor(index)}",
                 hint="pass --next HOST:PORT or --hosts hosts.yaml",
             )
+        # A branch-parallel join takes a request once every stage (and the client) that
+        # sends it a part has: the parts wait here, each until its request's deadline.
+        self.parts_needed = len(self.manifest.sources(index)) if self.manifest.is_dag else 1
+        self._parts: dict[str, tuple[float, dict[str, np.ndarray], int]] = {}
         self.listen = listen
         self.next_address = next_address
         self.token = token
@@ -133,18 +137,22 @@ class StageService:
 
     def forwarder(self, index: int, address: str) -> Forwarder:
         """The hand-off from stage `index` (of the current plan) to the next at `address`."""
+        target = self.manifest.successor(index)
         return Forwarder(
             index,
             address,
             tls=self.next_tls,
             token=self.token,
             max_message=self.max_message,
-            codecs=self._codecs(index + 1),
+            codecs=self._codecs(index, target),
             delay_ms=self.delay_ms,
+            target=target,
         )
 
-    def _codecs(self, edge_index: int) -> dict[str, str]:
-        edge = next((e for e in self.manifest.edges if e.target == edge_index), None)
+    def _codecs(self, source: int, target: int) -> dict[str, str]:
+        edge = next(
+            (e for e in self.manifest.edges if e.target == target and e.source == source), None
+        )
         return {t.name: t.codec for t in edge.tensors} if edge else {}
 
     # ------------------------------------------------------------------------- lifecycle
@@ -205,6 +213,11 @@ class StageService:
             unknown = sorted(set(arriving) - set(receives))
             if unknown:
                 raise TensorMismatch(f"stage {self.index}: unknown tensor(s) {', '.join(unknown)}")
+            if self.parts_needed > 1:
+                whole = self._join(request, arriving, timeout_ms)
+                if isinstance(whole, wire.Ack):
+                    return whole
+                arriving = whole
             tensors = check_all(
                 receives,
                 self.manifest.tensors,
@@ -243,6 +256,51 @@ class StageService:
             )
         self.ledger.accepted(job)
         return wire.Ack(accepted=True)
+
+    def _join(
+        self, request: Any, arriving: dict[str, np.ndarray], timeout_ms: float
+    ) -> dict[str, np.ndarray] | Any:
+        """One part of a request at a join: the whole request once its last part is here,
+        else the answer to this part (held, refused as a duplicate, or no room)."""
+        held = self._parts.get(request.request_id)
+        if held is None:
+            if len(self._parts) >= self.queue_size:
+                self.counts["rejected"] += 1
+                return wire.Ack(
+                    accepted=False,
+                    code="RESOURCE_EXHAUSTED",
+                    message=f"stage {self.index} holds {self.queue_size} incomplete requests",
+                )
+            deadline = time.monotonic() + timeout_ms / 1000.0
+            held = (deadline, {}, 0)
+            asyncio.get_running_loop().call_later(
+                timeout_ms / 1000.0, self._expire_parts, request.request_id, request.client_id
+            )
+        deadline, tensors, parts = held
+        twice = sorted(set(arriving) & set(tensors))
+        if twice:
+            raise TensorMismatch(f"stage {self.index}: {', '.join(twice)} arrived twice")
+        tensors.update(arriving)
+        if parts + 1 < self.parts_needed:
+            self._parts[request.request_id] = (deadline, tensors, parts + 1)
+            self.counts["parts"] += 1
+            return wire.Ack(accepted=True)
+        self._parts.pop(request.request_id, None)
+        return tensors
+
+    def _expire_parts(self, request_id: str, client_id: str) -> None:
+        """A join's request whose parts did not all arrive by its deadline fails here."""
+        held = self._parts.pop(request_id, None)
+        if held is None:
+            return
+        _, tensors, parts = held
+        job = Job(request_id, client_id, time.monotonic(), tensors)
+        self.ledger.accepted(job)
+        self.ledger.fail(
+            job,
+            f"stage {self.index} received {parts} of the {self.parts_needed} parts of the "
+            "request before its deadline",
+        )
 
     async def subscribe(self, request: Any, context: Any) -> AsyncIterator[Any]:
         if not token_matches(self.token, context.invocation_metadata()):
@@ -346,7 +404,7 @@ class StageService:
     ) -> None:
         """Hand the request to the next stage; retry only while it has not accepted it."""
         self.ledger.state(job.request_id, "forwarding")
-        following = f"stage {forwarder.stage + 1} at {forwarder.address}"
+        following = f"stage {forwarder.target} at {forwarder.address}"
         try:
             started = time.perf_counter()
             problem = await forwarder.send(job, tensors)

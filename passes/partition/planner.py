@@ -15,6 +15,7 @@ from lamc.cost import CostModel
 from lamc.errors import ConfigError, DoesNotFitError, UnsupportedOpError
 from lamc.passes.partition import constraints as cons
 from lamc.passes.partition.baselines import alternatives, fluid_bound_ms
+from lamc.passes.partition.branch_plan import best_dag, why_not_dag
 from lamc.passes.partition.budgets import apply_budgets, budget_checks, meet_latency
 from lamc.passes.partition.dp import LATENCY, THROUGHPUT, PartitionProblem, Solution, solve
 from lamc.passes.partition.explain import (
@@ -25,7 +26,7 @@ from lamc.passes.partition.explain import (
 )
 from lamc.passes.partition.generation import Generation, explain_generation, links
 from lamc.passes.partition.methods import set_precisions, with_methods
-from lamc.plan import Plan, StagePlan
+from lamc.plan import Alternative, Plan, StagePlan
 from lamc.topology import Budgets, Constraints, Topology
 from lamc.workload import Workload
 
@@ -57,6 +58,10 @@ class PlanRequest:
     unsupported: dict[str, dict[int, str]] | None = None
     # `--input-on`: where inputs originate, on top of the topology's `inputs:`.
     input_origins: dict[str, str] = field(default_factory=dict)
+    # `--branches`: auto plans a model with independent branches (CLIP's towers, an
+    # encoder per sensor) as a DAG of stages when that beats the best chain; off keeps
+    # chains.
+    branches: str = "auto"
 
 
 def plan(
@@ -179,7 +184,97 @@ def plan(
     )
     if request.compare:
         result = replace(result, alternatives=alternatives(base, fits, cost, usable, objective))
+    result = _branch_parallel(workload, topology, request, result, applied, budgets, step)
     return result, cost
+
+
+def _branch_parallel(
+    workload: Workload,
+    topology: Topology,
+    request: PlanRequest,
+    chain: Plan,
+    applied: list[cons.Constraint],
+    budgets: Budgets,
+    step: Generation | None,
+) -> Plan:
+    """The branch-parallel plan instead of `chain` when it is strictly better; with
+    `--compare` the other one is listed beside it. Searched only for plans without
+    constraints, budgets, per-device methods or a decode step (said in the notes)."""
+    if request.branches == "off":
+        return chain
+    reason = why_not_dag(workload, topology)
+    if reason is not None:
+        return chain
+    blocked = [
+        what
+        for what, present in (
+            ("constraints", bool(applied)),
+            ("budgets", budgets != Budgets()),
+            ("--methods", bool(request.methods)),
+            ("a decode step (objective generate)", step is not None),
+            ("KV caches", request.kv_tokens > 0),
+            ("backends that refuse some units", bool(request.unsupported)),
+        )
+        if present
+    ]
+    if blocked:
+        note = (
+            "the model has independent branches, but branch-parallel plans are not searched "
+            f"with {', '.join(blocked)}: the plan is a chain"
+        )
+        return replace(chain, notes=(*chain.notes, note))
+    codec = request.codec if request.codec in ("fp16", "int8") else "raw"
+    dag = best_dag(workload, topology, chain.objective, codec)
+    if dag is None:
+        return chain
+    if chain.objective == LATENCY:
+        better = dag.latency_ms < chain.latency_ms * (1 - 1e-9)
+    else:
+        lower = dag.bottleneck_ms < chain.bottleneck_ms * (1 - 1e-9)
+        tie = abs(dag.bottleneck_ms - chain.bottleneck_ms) <= chain.bottleneck_ms * 1e-9
+        better = lower or (tie and dag.latency_ms < chain.latency_ms * (1 - 1e-9))
+    if not better:
+        if not request.compare:
+            return chain
+        return replace(chain, alternatives=(*chain.alternatives, _as_alternative(dag, "dag")))
+    used = {s.device for s in dag.stages}
+    unused = {
+        name: "a branch-parallel plan without it is as good"
+        for name in topology.names()
+        if name not in used
+    }
+    return replace(
+        dag,
+        fluid_bound_ms=chain.fluid_bound_ms,
+        unused=unused,
+        notes=(
+            *chain.notes,
+            f"branch-parallel: {len(dag.stages)} stages; the best chain's bottleneck is "
+            f"{chain.bottleneck_ms:.4g} ms and latency {chain.latency_ms:.4g} ms",
+        ),
+        alternatives=(*chain.alternatives, _as_alternative(chain, "chain"))
+        if request.compare
+        else (),
+        budgets=budget_checks(dag, budgets),
+    )
+
+
+def _as_alternative(plan: Plan, name: str) -> Alternative:
+    """A chain or branch-parallel plan beside the chosen one under `--compare`."""
+    description = (
+        "the best single chain of stages"
+        if name == "chain"
+        else "the best branch-parallel plan (towers on devices of their own)"
+    )
+    return Alternative(
+        name=name,
+        description=f"{description}: {plan.text}",
+        feasible=True,
+        devices=tuple(s.device for s in plan.stages),
+        bottleneck_ms=plan.bottleneck_ms,
+        latency_ms=plan.latency_ms,
+        unit_ranges=tuple((s.start_unit, s.end_unit) for s in plan.stages),
+    )
 
 
 def _support_mask(

@@ -16,10 +16,13 @@ from lamc.plan import Plan
 
 
 def unit_stages(plan: Plan, n_units: int) -> list[int]:
-    """Stage of every unit, from the plan's contiguous stages."""
+    """Stage of every unit, from the plan's stages (ranges of the pipeline order, or a
+    branch-parallel plan's unit sets)."""
     stages = [-1] * n_units
     for stage in plan.stages:
-        for u in range(stage.start_unit, stage.end_unit):
+        for u in stage.unit_set:
+            if stages[u] != -1:
+                raise InternalError(f"the plan puts unit {u} on two stages")
             stages[u] = stage.index
     if -1 in stages:
         raise InternalError("the plan leaves a unit without a stage")
