@@ -7,7 +7,10 @@ client (the edge server); the bytes it really moves are then counted with the fr
 where they are. With `inputs:` the planner charges moving them, and may put the encoder
 next to the camera.
 
-    .venv/bin/python benchmarks/locality.py [--models zoo:vit zoo:resnet clip]
+    .venv/bin/python benchmarks/locality.py [--models zoo:fusion clip zoo:vit zoo:resnet]
+        [--topologies T.yaml ...]
+
+Models are planned from shapes only (no weights), CLIP from a checkpoint it writes.
 """
 
 from __future__ import annotations
@@ -48,48 +51,64 @@ def main() -> None:
 
     from lamc.compiler import analyse, plan_model
     from lamc.cost import CostModel
+    from lamc.frontend import CaptureOptions
+    from lamc.passes.partition.branch_plan import inputs_moved
     from lamc.topology import load_topology
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", nargs="+", default=["zoo:vit", "zoo:resnet", "clip"])
     parser.add_argument(
-        "--topology", type=Path, default=ROOT / "examples/topologies/camera-mic-edge.yaml"
+        "--models", nargs="+", default=["zoo:fusion", "clip", "zoo:vit", "zoo:resnet"]
+    )
+    parser.add_argument(
+        "--topologies",
+        nargs="+",
+        type=Path,
+        default=[
+            ROOT / "examples/topologies/camera-mic-edge.yaml",
+            ROOT / "examples/topologies/sensor-hub-wifi4.yaml",
+        ],
     )
     args = parser.parse_args()
-    sited_topology = load_topology(args.topology)
-    blind_topology = replace(sited_topology, inputs={}, _routes={})
     rows = []
     with tempfile.TemporaryDirectory(prefix="lamc-locality-") as tmp:
-        for model in args.models:
-            ref = clip_checkpoint(Path(tmp) / "clip") if model == "clip" else model
-            analysed = analyse(ref)
-            blind, _ = plan_model(analysed, blind_topology)
-            sited, _ = plan_model(analysed, sited_topology)
-            # The blind plan where the inputs really are: its first stage's device must
-            # receive them from their origins.
-            truth = CostModel(analysed.workload, sited_topology)
-            first = [d.name for d in truth.devices].index(blind.stages[0].device)
-            blind_bytes = truth.inbound_bytes(first) + sum(s.transfer_bytes for s in blind.stages)
-            blind_in_ms = truth.client_ms(first, 0, inbound=True)
-            rows.append(
-                (
-                    model,
-                    blind,
-                    blind_bytes,
-                    blind.latency_ms - blind.inbound_ms + blind_in_ms,
-                    sited,
-                )
+        analysed = {
+            model: analyse(
+                clip_checkpoint(Path(tmp) / "clip") if model == "clip" else model,
+                CaptureOptions(weights=model == "clip"),
             )
-    print(f"{'model':<12} {'plan':<48} {'link bytes':>12} {'latency ms':>11}")
-    for model, blind, blind_bytes, blind_latency, sited in rows:
+            for model in args.models
+        }
+        for path in args.topologies:
+            sited_topology = load_topology(path)
+            blind_topology = replace(sited_topology, inputs={}, _routes={})
+            for model, work in analysed.items():
+                blind, _ = plan_model(work, blind_topology)
+                sited, _ = plan_model(work, sited_topology)
+                # The blind plan where the inputs really are: the stages that take them
+                # receive them from their origins.
+                blind_bytes = inputs_moved(blind, work.workload, sited_topology) + sum(
+                    s.transfer_bytes for s in blind.stages
+                )
+                blind_latency = None
+                if not blind.is_dag:
+                    truth = CostModel(work.workload, sited_topology)
+                    first = [d.name for d in truth.devices].index(blind.stages[0].device)
+                    in_ms = truth.client_ms(first, 0, inbound=True)
+                    blind_latency = blind.latency_ms - blind.inbound_ms + in_ms
+                rows.append((sited_topology.name, model, blind, blind_bytes, blind_latency, sited))
+    print(f"{'topology':<18} {'model':<11} {'plan':<78} {'link bytes':>11} {'latency ms':>10}")
+    for topology, model, blind, blind_bytes, blind_latency, sited in rows:
+        latency = f"{blind_latency:.1f}" if blind_latency is not None else "-"
         print(
-            f"{model:<12} {'without inputs: ' + blind.text:<48} {blind_bytes:>12,.0f} {blind_latency:>11.1f}"
+            f"{topology:<18} {model:<11} {'without inputs: ' + blind.text:<78} "
+            f"{blind_bytes:>11,.0f} {latency:>10}"
         )
         print(
-            f"{'':<12} {'with inputs:    ' + sited.text:<48} {sited.link_bytes:>12,.0f} {sited.latency_ms:>11.1f}"
+            f"{'':<18} {'':<11} {'with inputs:    ' + sited.text:<78} "
+            f"{sited.link_bytes:>11,.0f} {sited.latency_ms:>10.1f}"
         )
         ratio = blind_bytes / sited.link_bytes if sited.link_bytes else float("inf")
-        print(f"{'':<12} {'bytes moved, without / with':<48} {ratio:>11.1f}x")
+        print(f"{'':<18} {'':<11} {'bytes moved, without / with':<78} {ratio:>10.1f}x")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -52,7 +53,7 @@ def show_manifest(out: Path, *, as_json: bool) -> str:
             units,
             f"{len(s.files)} file(s), {format_bytes(size)}",
             ", ".join(s.receives),
-            ", ".join(s.sends),
+            ", ".join(s.sends) + (_to_text(manifest, s.index) if manifest.is_dag else ""),
             f"{format_ms(predicted.get('compute_ms', 0.0))}, {format_bytes(predicted.get('memory_bytes', 0.0))}",
         )
     console.print(table)
@@ -68,8 +69,16 @@ def show_manifest(out: Path, *, as_json: bool) -> str:
     console.print(
         f"plan: {plan['objective']}, bottleneck {format_ms(plan['bottleneck_ms'])}, latency {format_ms(plan['latency_ms'])}, limited by {plan.get('limited_by', '?')}"
     )
+    if manifest.is_dag:
+        console.print(f"branch-parallel: {plan.text}")
     if manifest.failover:
         from lamc.cli.plan_view import render_failover
 
         render_failover(manifest.failover, plan.text)
     return f"{out}: {manifest.model['name']} in {len(manifest.stages)} stage(s) on {manifest.topology['name']}"
+
+
+def _to_text(manifest: Any, index: int) -> str:
+    """Where a branch-parallel stage sends: a later stage, or the client."""
+    to = manifest.successor(index)
+    return " -> client" if to == len(manifest.stages) else f" -> stage {to}"

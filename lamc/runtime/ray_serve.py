@@ -313,6 +313,7 @@ def deploy(
     listen = _host_port(http) if http is not None else None
     out = Path(out)
     manifest = verify(out)
+    _require_chain(manifest)
     if listen is not None:
         from lamc.runtime.kserve import check_servable
 
@@ -331,6 +332,17 @@ def deploy(
     return names
 
 
+def _require_chain(manifest: Manifest) -> None:
+    """The Serve application hands each request from stage to stage; a branch-parallel
+    pipeline's join is not built for it."""
+    if manifest.is_dag:
+        raise UsageError(
+            "this artifact's pipeline is branch-parallel; Ray Serve deploys chains of stages",
+            hint="serve each stage with `lamc serve OUT --stage K --hosts hosts.yaml`, or "
+            "compile with --branches off",
+        )
+
+
 def build_app(args: dict[str, str]) -> Any:
     """`serve run lamc.runtime.ray_serve:build_app out=OUT [providers=cpu] [token=T]`: the
     pipeline with its REST ingress, as a Serve application (the token defaults to
@@ -342,6 +354,7 @@ def build_app(args: dict[str, str]) -> Any:
         raise UsageError("give out=OUT, the compiled pipeline's directory")
     out = Path(args["out"])
     manifest = verify(out)
+    _require_chain(manifest)
     token = args.get("token") or os.environ.get("LAMC_TOKEN") or None
     bound, _ = _bind(
         serve, out, manifest, parse_providers(args.get("providers")), http=True, token=token

@@ -189,3 +189,26 @@ def _to_plan(
         search="exact (branch-parallel: fork-join plans)",
         join=join_index,
     )
+
+
+def inputs_moved(plan: Plan, workload: Workload, topology: Topology) -> float:
+    """Bytes of model input a plan moves over links to reach the stages that take it,
+    with the inputs where `topology` says they originate: what a plan made without
+    knowing that really moves."""
+    cost = CostModel(workload, topology)
+    names = [d.name for d in topology.devices]
+    if not plan.is_dag:
+        return cost.inbound_bytes(names.index(plan.stages[0].device))
+    total = 0.0
+    for stage in plan.stages:
+        if stage.after == () or stage.index == plan.join:
+            # The inputs this stage's chain reads enter here.
+            units: list[int] = []
+            k: int | None = stage.index
+            while k is not None:
+                units.extend(plan.stages[k].unit_set)
+                nxt = plan.stages[k].to
+                k = nxt if nxt is not None and nxt != plan.join else None
+            reads = inputs_read(workload, units)
+            total += cost.inputs_bytes(names.index(stage.device), reads)
+    return total

@@ -121,6 +121,16 @@ class StageServers:
         self.env = {**os.environ, **(env or {})}
         self.log_dir = log_dir
         self.processes: list[subprocess.Popen[bytes] | None] = [None] * stages
+        # Where each stage hands on: the next, or in a branch-parallel pipeline the stage
+        # its manifest names.
+        from lamc.verify import read_manifest
+
+        manifest = read_manifest(out)
+        self.successor = {
+            k: manifest.successor(k) for k in range(min(stages, len(manifest.stages)))
+        }
+        if manifest.is_dag and net is not None:
+            raise ValueError("emulated links chain the stages; serve a DAG on loopback")
 
     def command(self, k: int) -> list[str]:
         net = self.net
@@ -140,9 +150,10 @@ class StageServers:
             *self.common,
             *self.extra.get(k, ()),
         ]
-        if k + 1 < len(self.addresses):
+        to = self.successor.get(k, k + 1)
+        if to < len(self.addresses):
             nxt = net.next_address(k) if net else "127.0.0.1"
-            command += ["--next", f"{nxt}:{self.ports[k + 1]}"]
+            command += ["--next", f"{nxt}:{self.ports[to]}"]
         return command
 
     def start(self, k: int, wait: bool = True) -> None:
