@@ -126,7 +126,10 @@ def test_a_missing_tower_fails_the_request_naming_it(compiled: Path) -> None:
         (lambda m: m["stages"][0].update(to=1), "sends"),  # camera into the microphone's tower
         (lambda m: m["stages"][2].update(to=2), "stages/2/to"),  # the last stage onto itself
         (lambda m: m["edges"].pop(2), "receives"),  # a tower's hand-off dropped
-        (lambda m: m["edges"][0]["tensors"].append({"name": "add_615", "codec": "raw"}), "not inputs"),
+        (
+            lambda m: m["edges"][0]["tensors"].append({"name": "add_615", "codec": "raw"}),
+            "not inputs",
+        ),
     ],
 )
 def test_an_inconsistent_dag_manifest_is_refused(
