@@ -147,3 +147,21 @@ def test_an_inconsistent_dag_manifest_is_refused(
     (copy / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(IntegrityError, match=message):
         read_manifest(copy)
+
+
+def test_the_towers_run_at_the_same_time(compiled: Path) -> None:
+    """Each tower's stage hands on after 400 ms of emulated link delay: a request takes
+    about one delay, not two, because the client starts both towers at once and the join
+    runs when the later part arrives."""
+    import time
+
+    delay = ["--delay-ms", "400"]
+    with (
+        StageServers(compiled, 3, extra={0: delay, 1: delay}) as servers,
+        RemotePipeline(compiled, Endpoints(dict(enumerate(servers.addresses)))) as client,
+    ):
+        client.run(_feeds(1, 0))  # connections and sessions warm
+        started = time.perf_counter()
+        client.run(_feeds(1, 1))
+        elapsed = time.perf_counter() - started
+    assert 0.4 <= elapsed < 0.75, f"{elapsed:.3f} s: the towers did not overlap"
