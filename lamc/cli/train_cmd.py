@@ -160,6 +160,14 @@ from lamc.errors import ExitCode, UsageError
     help="With --resume: these devices are gone; plan the rest of the run anew over the "
     "run's topology without them.",
 )
+@click.option(
+    "--data-parallel",
+    "data_parallel",
+    is_flag=True,
+    help="Run data parallelism instead of the pipeline: every device a replica of the "
+    "whole model with a share of each step's micro-batches by its speed, gradients "
+    "all-reduced (the plan's `data parallel` row; refused where it does not fit).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (or each step) as JSON.")
 @model_options
 @lamc_command("train")
@@ -186,6 +194,7 @@ def train_command(
     checkpoint_every: int,
     resume_dir: Path | None,
     without: str | None,
+    data_parallel: bool,
     as_json: bool,
     **options: Any,
 ) -> str:
@@ -253,6 +262,8 @@ def train_command(
         f"{model} {method} on {topology.name}: {len(plan.solution.segments)} stage(s), "
         f"step {plan.solution.step_ms:.1f} ms, {planned['samples_per_s']:.1f} samples/s"
     )
+    if data_parallel:
+        planned = _data_parallel_plan(plan, planned, f"{model} on {topology.name}")
     if not dry_run:
         assert data is not None and run_dir is not None
         from lamc.cli.train_run import RunSettings, run_plan
@@ -274,6 +285,35 @@ def train_command(
             f"({plan.replicated.description})"
         )
     return summary
+
+
+def _data_parallel_plan(plan: Any, planned: dict[str, Any], what: str) -> dict[str, Any]:
+    """The plan summary of the data-parallel run `--data-parallel` asks for: its predicted
+    step and each replica's memory; exit 6 where the whole training state does not fit."""
+    from lamc.passes.partition.training_baselines import data_parallel
+
+    replicas = data_parallel(plan.cost, plan.problem)
+    if not replicas.segments:
+        raise CommandOutcome(
+            int(ExitCode.NO_FIT), f"{what}: no data-parallel run: {replicas.reason}"
+        )
+    names = [d.name for d in plan.cost.devices]
+    n = plan.cost.n
+    return {
+        **planned,
+        "choice": "data parallel",
+        "step_ms": replicas.step_ms,
+        "replicas": list(replicas.shares),
+        "stages": [
+            {
+                "device": names[s.device],
+                "start_unit": 0,
+                "end_unit": n,
+                "memory_bytes": {"total": plan.cost.memory(s.device, 0, n, 1).total},
+            }
+            for s in replicas.segments
+        ],
+    }
 
 
 def replan_training(model: str, replan: dict[str, Any], gone: tuple[str, ...]) -> Any:

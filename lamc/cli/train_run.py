@@ -54,12 +54,14 @@ def run_plan(
 
     check_source(model)
     spec = plan.cost.spec
+    replicas = tuple(planned.get("replicas", ()))  # --data-parallel
     job = Job(
         model=model,
         method=spec.method,
         data=str(data.resolve()),
-        split_points=split_points(plan.solution.segments, analysed),
-        devices=plan_devices(plan),
+        split_points=() if replicas else split_points(plan.solution.segments, analysed),
+        devices=tuple(s["device"] for s in planned["stages"]) if replicas else plan_devices(plan),
+        replicas=replicas,
         micro_batches=spec.micro_batches,
         micro_batch_size=int(analysed.workload.binding.get("batch", 1)),
         steps=settings.steps,
@@ -122,6 +124,11 @@ def resume_run(run_dir: Path, as_json: bool, without: tuple[str, ...] = ()) -> s
     except (ValueError, TypeError, KeyError) as exc:
         raise UsageError(f"--resume {run_dir}: job.json or plan.json is damaged ({exc})") from None
     start = checkpoint.latest(run_dir) or 0
+    if without and job.replicas:
+        raise UsageError(
+            f"--resume {run_dir} --without: a data-parallel run resumes on its own replicas",
+            hint="resume it without --without",
+        )
     if without:
         from lamc.cli.train_cmd import replan_training
 
@@ -203,7 +210,7 @@ def _execute(job: Any, where: Path, planned: dict[str, Any], as_json: bool, show
         for k, entry in enumerate(memory):
             if entry["peak_rss_bytes"]:
                 click.echo(
-                    f"stage {k} on {entry['device']}: peak memory "
+                    f"{'replica' if job.replicas else 'stage'} {k} on {entry['device']}: peak memory "
                     f"{entry['peak_rss_bytes'] / 2**20:.0f} MiB, planned "
                     f"{entry['predicted_bytes'] / 2**20:.0f} MiB "
                     f"({entry['peak_rss_bytes'] / entry['predicted_bytes']:.2f}x)"
@@ -212,6 +219,6 @@ def _execute(job: Any, where: Path, planned: dict[str, Any], as_json: bool, show
     replace_file(where / "run.json", lambda path: path.write_text(text))
     return (
         f"{job.model} {job.method} -> {shown}/{result.name}: {job.steps} steps on "
-        f"{len(job.devices)} stage process(es), loss {records[0]['loss']:.4f} -> "
+        f"{len(job.devices)} {'replica' if job.replicas else 'stage'} process(es), loss {records[0]['loss']:.4f} -> "
         f"{records[-1]['loss']:.4f}, step {measured:.0f} ms (predicted {predicted:.0f} ms)"
     )

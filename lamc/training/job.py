@@ -38,7 +38,15 @@ class Job:
     labels: int = 0  # classify: the number of classes (the head the model gets)
     checkpoint_every: int = 0  # steps between checkpoints (0: none)
     start_step: int = 0  # a resumed run starts here, from the checkpoint of this step
+    # Data parallelism: each replica's micro-batches of every step (one process a device,
+    # each the whole model); empty: a pipeline of stages.
+    replicas: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def processes(self) -> int:
+        """One process a stage, or a replica."""
+        return len(self.replicas) if self.replicas else len(self.split_points) + 1
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
@@ -46,8 +54,8 @@ class Job:
     @classmethod
     def read(cls, path: Path) -> Job:
         data = json.loads(path.read_text())
-        for key in ("split_points", "devices", "lora_targets"):
-            data[key] = tuple(data[key])
+        for key in ("split_points", "devices", "lora_targets", "replicas"):
+            data[key] = tuple(data.get(key, ()))
         return cls(**data)
 
 

@@ -41,7 +41,7 @@ def run_local(
     how the benchmarks emulate devices); `master_addr`: where the others reach stage 0
     (its namespace's address); `extra_env`: more environment for every stage (gloo's
     interface)."""
-    world = len(job.split_points) + 1
+    world = job.processes
     run_dir.mkdir(parents=True, exist_ok=True)
     job.write(run_dir / "job.json")
     env = {
@@ -93,7 +93,7 @@ def run_local(
                 code = process.poll()
                 if code not in (None, 0):
                     raise RuntimeEnvironmentError(
-                        f"stage {rank} on {job.devices[rank]} exited with {code}: "
+                        f"{_what(job)} {rank} on {job.devices[rank]} exited with {code}: "
                         f"{_tail(run_dir / f'stage-{rank}.log')}"
                     )
             if time.monotonic() > deadline:
@@ -102,8 +102,8 @@ def run_local(
         for rank, process in enumerate(processes):
             if process.returncode != 0:
                 raise RuntimeEnvironmentError(
-                    f"stage {rank} on {job.devices[rank]} exited with {process.returncode}: "
-                    f"{_tail(run_dir / f'stage-{rank}.log')}"
+                    f"{_what(job)} {rank} on {job.devices[rank]} exited with "
+                    f"{process.returncode}: {_tail(run_dir / f'stage-{rank}.log')}"
                 )
     finally:
         for process in processes:
@@ -118,6 +118,10 @@ def run_local(
             f"the last stage reported {len(records)} of {job.steps - job.start_step} steps"
         )
     return records
+
+
+def _what(job: Job) -> str:
+    return "replica" if job.replicas else "stage"
 
 
 STEPS = "steps.jsonl"
@@ -148,7 +152,7 @@ def gather(job: Job, run_dir: Path) -> Path:
     """The stages' trainable weights, as one result: RUN/adapter (peft) or RUN/model.safetensors."""
     from safetensors.torch import load_file, save_file
 
-    world = len(job.split_points) + 1
+    world = 1 if job.replicas else len(job.split_points) + 1  # replica 0 saves for all
     module = build_module(job)
     # A tied weight is saved by whichever stage owned it, under the name that stage
     # knew it by: one name per weight, the module's own.

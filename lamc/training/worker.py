@@ -1,5 +1,6 @@
-"""One stage of a pipelined training run: `python -m lamc.training.worker RUN` with RANK,
-WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (the launcher sets them).
+"""One stage of a pipelined training run, or one replica of a data-parallel one:
+`python -m lamc.training.worker RUN` with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
+set (the launcher sets them).
 
 Every process builds the module the same way (seeded), torch.distributed.pipelining splits
 it at the plan's cuts and keeps this rank's stage. Weights tied across stages (GPT-2's
@@ -155,6 +156,72 @@ def run_stage(job: Job, run_dir: Path, rank: int, world: int) -> None:
     dist.destroy_process_group()
 
 
+def run_replica(job: Job, run_dir: Path, rank: int, world: int) -> None:
+    """One replica of a data-parallel run: the whole model on its share of every step's
+    micro-batches (`job.replicas[rank]`, gradients of loss / m accumulated), then one
+    all-reduce of every trainable gradient over the replicas before each update: the
+    same update as one process taking all m micro-batches."""
+    import torch
+    import torch.distributed as dist
+
+    torch.manual_seed(job.seed)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    data = load_data(job.data, job.model)
+    module = build_module(job)
+    with_mask = takes_mask(module)
+    loss_fn = loss_of(job.task)
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    trainable = [p for _, p in named]
+    optimizer = make_optimizer(job, trainable)
+    if job.start_step > 0:
+        checkpoint.restore(
+            run_dir, job.start_step, rank, named, optimizer, tied_groups(module), world
+        )
+    first, mine = sum(job.replicas[:rank]), job.replicas[rank]
+    per_step = job.micro_batches * job.micro_batch_size
+    samples = len(data.input_ids)
+    last = rank == world - 1
+    for step in range(job.start_step, job.steps):
+        started = time.perf_counter()
+        inputs, target = batch_of(data, step_rows(step, per_step, samples), with_mask)
+        optimizer.zero_grad()
+        parts = [x.split(job.micro_batch_size) for x in (*inputs, target)]
+        summed = torch.zeros(1, dtype=torch.float64)
+        for i, (*micro, micro_target) in enumerate(zip(*parts, strict=True)):
+            if first <= i < first + mine:
+                loss = loss_fn(module(*micro), micro_target)
+                (loss / job.micro_batches).backward()
+                summed += float(loss.detach())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)  # every trainable gradient, summed over the replicas, at once
+        offset = 0
+        for parameter, grad in zip(trainable, grads):
+            parameter.grad = flat[offset : offset + grad.numel()].view_as(grad).clone()
+            offset += grad.numel()
+        dist.all_reduce(summed)
+        if job.clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, job.clip)
+        optimizer.step()
+        if last:
+            elapsed = time.perf_counter() - started
+            loss_mean = float(summed) / job.micro_batches
+            line = {"step": step, "loss": loss_mean, "step_ms": elapsed * 1000, "samples": per_step}
+            print(json.dumps(line), flush=True)
+        done = step + 1
+        if job.checkpoint_every and done % job.checkpoint_every == 0 and done < job.steps:
+            if rank == 0:  # the replicas hold the same weights: one saves them
+                checkpoint.save(run_dir, done, 0, named, optimizer, set())
+            dist.barrier()
+            if rank == 0:
+                checkpoint.mark_complete(run_dir, done, 1)
+    if rank == 0:
+        _save(module, run_dir / "stage-0.safetensors", set())
+    (run_dir / f"stage-{rank}.json").write_text(json.dumps({"peak_rss_bytes": peak_rss()}) + "\n")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def peak_rss() -> int:
     """This process's peak resident memory, in bytes: Linux's VmHWM, the high-water mark
     of this program's own memory. (`ru_maxrss` is not: it outlives exec, so a stage
@@ -218,7 +285,8 @@ def run_reference(job: Job) -> tuple[list[float], dict[str, np.ndarray]]:
 def main() -> None:
     run_dir = Path(sys.argv[1])
     job = Job.read(run_dir / "job.json")
-    run_stage(job, run_dir, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    run = run_replica if job.replicas else run_stage
+    run(job, run_dir, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ class TrainingAlternative:
     step_ms: float  # inf: does not fit
     segments: tuple[Segment, ...]
     reason: str = ""  # why it does not fit
+    # Data parallelism: each replica's micro-batches a step (the segments' devices).
+    shares: tuple[int, ...] = ()
 
 
 def alternatives(cost: TrainingCost, problem: TrainingProblem) -> tuple[TrainingAlternative, ...]:
@@ -70,20 +72,20 @@ def alternatives(cost: TrainingCost, problem: TrainingProblem) -> tuple[Training
     return tuple(out)
 
 
-def data_parallel(cost: TrainingCost, problem: TrainingProblem) -> TrainingAlternative:
+def data_parallel(
+    cost: TrainingCost, problem: TrainingProblem, *, memory: bool = True
+) -> TrainingAlternative:
+    """Every device a replica. With `memory=False` the step is costed even where the
+    training state does not fit (`reason` says where): what a testbed that does not hold
+    the devices to their memory measures."""
     n, m = cost.n, cost.spec.micro_batches
     devices = list(range(len(cost.devices)))
     # Gradient accumulation: one micro-batch's activations at a time.
     need = problem.base_memory[:, 0, n] + problem.activations[0, n]
     short = [cost.devices[d].name for d in devices if need[d] > problem.capacity[d]]
-    if short:
-        return TrainingAlternative(
-            "data parallel",
-            f"{len(devices)} replicas",
-            math.inf,
-            (),
-            f"the whole training state does not fit on {', '.join(short)}",
-        )
+    over = f"the whole training state does not fit on {', '.join(short)}" if short else ""
+    if short and memory:
+        return TrainingAlternative("data parallel", f"{len(devices)} replicas", math.inf, (), over)
     work = [float(problem.work[d, 0, n]) for d in devices]
     shares = _shares(work, m)
     compute = max(k * w for k, w in zip(shares, work))
@@ -106,6 +108,8 @@ def data_parallel(cost: TrainingCost, problem: TrainingProblem) -> TrainingAlter
         f"{used} replicas, micro-batches {'/'.join(str(k) for k in shares)}",
         compute + reduce_ms + update,
         tuple(Segment(d, 0, n) for d, k in zip(devices, shares) if k),
+        reason=over,
+        shares=tuple(k for k in shares if k),
     )
 
 

@@ -66,6 +66,26 @@ def test_a_run_writes_its_result_and_one_json_line_per_step(setup: tuple[Path, P
     assert "PASSED train" in final
 
 
+def test_a_data_parallel_run(setup: tuple[Path, Path]) -> None:
+    """`--data-parallel`: a replica of the whole model on each device, micro-batches shared
+    by speed; the result and its record as a pipeline's, the replicas' memory beside the
+    plan's; a device that cannot hold a replica refuses it (exit 6)."""
+    topology, data = setup
+    out = data.parent / "dp"
+    code, stdout, final = _train(topology, data, out, "--data-parallel")
+    assert code == 0, stdout + final
+    run = json.loads((out / "run.json").read_text())
+    assert run["job"]["replicas"] == [2, 2] and run["job"]["split_points"] == []
+    assert run["plan"]["choice"] == "data parallel"
+    assert [m["device"] for m in run["memory"]] == ["cpu0", "cpu1"]
+    assert all(m["peak_rss_bytes"] > 2**20 for m in run["memory"])
+    assert (out / "model.safetensors").is_file() and "2 replica process(es)" in final
+    small = topology.parent / "small.yaml"
+    small.write_text(TWO.replace("memory: 4GiB", "memory: 300MiB", 1))
+    code, stdout, final = _train(small, data, data.parent / "dp2", "--data-parallel")
+    assert code == 6 and "no data-parallel run" in final and "cpu0" in final, final
+
+
 def test_a_prompt_tuning_run_writes_a_peft_adapter(setup: tuple[Path, Path]) -> None:
     topology, data = setup
     out = data.parent / "run"
