@@ -8,7 +8,7 @@ ranges. Dims that share a name are the same symbol (batch on every input, say).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -99,6 +99,10 @@ class ModelSpec:
     # Examples are traced at sizes >= 2 so torch.export does not specialise a dim to 1,
     # while the operating point can be batch 1.
     operating_point: dict[str, int] = field(default_factory=dict)
+    # `lamc train`: the loss of a step, `loss(outputs, target)` -> a scalar tensor, where
+    # the target is the data's `labels` (or, without labels, its `input_ids`). None: the
+    # task's own (a causal LM's next-token loss, a classifier's cross entropy).
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def dims(self) -> dict[str, Dim]:
         """Every dynamic dim by name; a name used with two ranges is an error."""

@@ -50,9 +50,11 @@ def run_plan(
 ) -> str:
     """`dataset`: `data` as loaded (and checked) by the command, before any process starts."""
     from lamc.atomic import atomic_directory
-    from lamc.training.job import Job, check_source
+    from lamc.training.job import Job, check_source, user_loss
 
     check_source(model)
+    # A factory's ModelSpec may name the loss (`loss(outputs, target)`): the task is then its.
+    task = "custom" if user_loss(model) is not None else dataset.task
     spec = plan.cost.spec
     replicas = tuple(planned.get("replicas", ()))  # --data-parallel
     job = Job(
@@ -74,7 +76,7 @@ def run_plan(
         lora_alpha=settings.lora_alpha,
         lora_targets=plan.targets,
         prompt_tokens=plan.prompt_tokens,
-        task=dataset.task,
+        task=task,
         labels=len(dataset.label_names) if dataset.labels is not None else 0,
         checkpoint_every=settings.checkpoint_every,
         dropout=settings.dropout,

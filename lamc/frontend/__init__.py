@@ -130,7 +130,20 @@ def _capture_zoo(ref: str, options: CaptureOptions) -> Captured:
 
 
 def _capture_factory(ref: str, options: CaptureOptions) -> Captured:
-    from lamc.frontend.torch import capture_spec, user_source_line
+    from lamc.frontend.torch import capture_spec
+
+    spec = factory_spec(ref, weights=options.weights)
+    if not options.weights:
+        spec.example_inputs = {k: v.to("meta") for k, v in spec.example_inputs.items()}
+    reference = _adapt(spec, options)
+    captured = capture_spec(spec, source=ref, dynamic_overrides=options.dynamic)
+    return _adapted(captured, reference, options)
+
+
+def factory_spec(ref: str, *, weights: bool = True) -> Any:
+    """Import a factory (`file.py:name` or `pkg.module:name`) and call it: its ModelSpec
+    (built on PyTorch's meta device without `weights`)."""
+    from lamc.frontend.torch import user_source_line
 
     target, _, attr = ref.rpartition(":")
     if target.endswith(".py"):
@@ -165,7 +178,7 @@ def _capture_factory(ref: str, options: CaptureOptions) -> Captured:
 
     import torch
 
-    placement = contextlib.nullcontext() if options.weights else torch.device("meta")
+    placement = contextlib.nullcontext() if weights else torch.device("meta")
     try:
         with placement:
             result = factory(None) if _takes_argument(factory) else factory()
@@ -180,12 +193,7 @@ def _capture_factory(ref: str, options: CaptureOptions) -> Captured:
             f"factory {ref} raised {type(exc).__name__}: {exc}"
             + (f" (at {where})" if where else "")
         ) from exc
-    spec = _as_spec(result, ref)
-    if not options.weights:
-        spec.example_inputs = {k: v.to("meta") for k, v in spec.example_inputs.items()}
-    reference = _adapt(spec, options)
-    captured = capture_spec(spec, source=ref, dynamic_overrides=options.dynamic)
-    return _adapted(captured, reference, options)
+    return _as_spec(result, ref)
 
 
 def _capture_hf(path: Path, options: CaptureOptions) -> Captured:

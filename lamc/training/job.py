@@ -33,7 +33,7 @@ class Job:
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ()
     prompt_tokens: int = 20  # prompt: the soft prompt's virtual tokens
-    task: str = "causal-lm"  # causal-lm | classify (sequence classification)
+    task: str = "causal-lm"  # causal-lm | classify (sequence classification) | custom
     dropout: float | None = None  # every dropout layer's probability (None: the model's)
     labels: int = 0  # classify: the number of classes (the head the model gets)
     checkpoint_every: int = 0  # steps between checkpoints (0: none)
@@ -115,10 +115,25 @@ def module_prefix(job: Job) -> str:
 
 def check_source(ref: str) -> None:
     """Refuse, with the reason, a model a training run cannot build in its processes."""
-    if not ref.startswith("zoo:") and not Path(ref).is_dir():
+    if not ref.startswith("zoo:") and not Path(ref).is_dir() and not is_factory(ref):
         raise UsageError(
-            f"{ref}: lamc train runs zoo models and Hugging Face checkpoint directories"
+            f"{ref}: lamc train runs zoo models, Hugging Face checkpoint directories and "
+            "factories (file.py:factory, pkg.module:factory)"
         )
+
+
+def is_factory(ref: str) -> bool:
+    """`file.py:factory` or `pkg.module:factory` (not a zoo name, not a path on disk)."""
+    return ":" in ref and not ref.startswith("zoo:") and not Path(ref).exists()
+
+
+def user_loss(ref: str) -> Any:
+    """The loss a factory's ModelSpec names (`loss`), or None."""
+    if not is_factory(ref):
+        return None
+    from lamc.frontend import factory_spec
+
+    return factory_spec(ref).loss
 
 
 def load_module(ref: str, labels: int = 0) -> Any:
@@ -132,6 +147,10 @@ def load_module(ref: str, labels: int = 0) -> Any:
 
         _, name, *rest = ref.split(":", 2)
         return models.build(name, rest[0] if rest else None).module
+    if is_factory(ref):
+        from lamc.frontend import factory_spec
+
+        return factory_spec(ref).module
     from lamc.frontend.hf import spec_from_checkpoint
 
     spec = spec_from_checkpoint(
@@ -273,7 +292,13 @@ def classify_loss(logits: Any, labels: Any) -> Any:
     return torch.nn.functional.cross_entropy(logits, labels)
 
 
-def loss_of(task: str) -> Any:
+def loss_of(task: str, model: str = "") -> Any:
+    """The loss of a step: a factory's own (task `custom`), a classifier's, a causal LM's."""
+    if task == "custom":
+        loss = user_loss(model)
+        if loss is None:
+            raise UsageError(f"{model}: its ModelSpec names no loss")
+        return loss
     return classify_loss if task == "classify" else causal_lm_loss
 
 

@@ -102,7 +102,7 @@ def run_stage(job: Job, run_dir: Path, rank: int, world: int) -> None:
     if job.start_step > 0:
         checkpoint.restore(run_dir, job.start_step, rank, named, optimizer, groups, world)
     kind = Schedule1F1B if job.schedule == "1f1b" else ScheduleGPipe
-    schedule = kind(stage, job.micro_batches, loss_fn=loss_of(job.task))
+    schedule = kind(stage, job.micro_batches, loss_fn=loss_of(job.task, job.model))
     last = rank == world - 1
     for step in range(job.start_step, job.steps):
         started = time.perf_counter()
@@ -169,7 +169,7 @@ def run_replica(job: Job, run_dir: Path, rank: int, world: int) -> None:
     data = load_data(job.data, job.model)
     module = build_module(job)
     with_mask = takes_mask(module)
-    loss_fn = loss_of(job.task)
+    loss_fn = loss_of(job.task, job.model)
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     trainable = [p for _, p in named]
     optimizer = make_optimizer(job, trainable)
@@ -259,7 +259,7 @@ def run_reference(job: Job) -> tuple[list[float], dict[str, np.ndarray]]:
     data = load_data(job.data, job.model)
     module = build_module(job)
     with_mask = takes_mask(module)
-    loss_fn = loss_of(job.task)
+    loss_fn = loss_of(job.task, job.model)
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     optimizer = make_optimizer(job, params)
