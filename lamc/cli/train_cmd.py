@@ -168,6 +168,23 @@ from lamc.errors import ExitCode, UsageError
     "whole model with a share of each step's micro-batches by its speed, gradients "
     "all-reduced (the plan's `data parallel` row; refused where it does not fit).",
 )
+@click.option(
+    "--hosts",
+    "hosts_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Run across hosts: the hosts file lists one HOST:PORT a stage (as for serving); "
+    "stage 0 runs here, each other stage K joins from its host with `lamc train --join "
+    "hosts.yaml --stage K`. Inside a trusted network: gloo does not encrypt.",
+)
+@click.option(
+    "--join",
+    "join_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Join a run launched with --hosts on another host, as stage --stage K.",
+)
+@click.option(
+    "--stage", "join_stage", type=click.IntRange(min=1), help="With --join: this host's stage."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (or each step) as JSON.")
 @model_options
 @lamc_command("train")
@@ -195,11 +212,25 @@ def train_command(
     resume_dir: Path | None,
     without: str | None,
     data_parallel: bool,
+    hosts_file: Path | None,
+    join_file: Path | None,
+    join_stage: int | None,
     as_json: bool,
     **options: Any,
 ) -> str:
     """Plan fine-tuning MODEL over the devices of a topology, and run it with --data and
     -o. The micro-batch's shape is the analysed one (`--dims batch=4,seq=128`)."""
+    if join_file is not None:
+        if model is not None or topology_path is not None or join_stage is None:
+            raise UsageError(
+                "--join HOSTS --stage K takes no MODEL and no -t: the run comes from stage 0"
+            )
+        require_compile_extra()
+        from lamc.cli.train_run import join_run
+
+        return join_run(join_file, join_stage, run_dir)
+    if join_stage is not None:
+        raise UsageError("--stage K applies to --join HOSTS")
     if resume_dir is not None:
         if model is not None or topology_path is not None or dry_run:
             raise UsageError(
@@ -268,7 +299,10 @@ def train_command(
         assert data is not None and run_dir is not None
         from lamc.cli.train_run import RunSettings, run_plan
 
-        settings = RunSettings(steps, lr, seed, clip, lora_alpha, checkpoint_every, dropout)
+        settings = RunSettings(
+            steps, lr, seed, clip, lora_alpha, checkpoint_every, dropout,
+            hosts=_training_hosts(hosts_file, len(planned["stages"]), checkpoint_every),
+        )  # fmt: skip
         # What planning took, so that --resume --without can plan the rest anew.
         replan = {
             "topology": topology_path.read_text(),
@@ -285,6 +319,33 @@ def train_command(
             f"({plan.replicated.description})"
         )
     return summary
+
+
+def _training_hosts(
+    path: Path | None, processes: int, checkpoint_every: int
+) -> tuple[str, int] | None:
+    """Stage 0's HOST and PORT from a hosts file that lists one host a process of the run."""
+    if path is None:
+        return None
+    from lamc.runtime.hosts import load_hosts
+
+    endpoints = load_hosts(path)
+    if len(endpoints.stages) != processes:
+        raise UsageError(
+            f"{path} lists {len(endpoints.stages)} host(s); the run has {processes} "
+            "process(es), one a stage (or replica)",
+            hint="list one HOST:PORT for each, in the plan's order",
+        )
+    if endpoints.tls is not None:
+        raise UsageError(
+            f"{path}: tls: training runs on gloo, which does not encrypt",
+            hint="run inside a trusted network (or a VPN between the hosts) with a hosts "
+            "file without tls:",
+        )
+    if checkpoint_every:
+        raise UsageError("--checkpoint-every with --hosts is not built: each host keeps its part")
+    host, _, port = endpoints.stages[0].rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def _data_parallel_plan(plan: Any, planned: dict[str, Any], what: str) -> dict[str, Any]:

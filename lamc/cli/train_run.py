@@ -34,6 +34,7 @@ class RunSettings:
     lora_alpha: int = 16
     checkpoint_every: int = 0
     dropout: float | None = None
+    hosts: tuple[str, int] | None = None  # --hosts: stage 0's HOST and PORT
 
 
 def run_plan(
@@ -96,7 +97,7 @@ def run_plan(
         return _execute(job, run_dir, planned, as_json, shown=run_dir)
     with atomic_directory(run_dir, owner_file="run.json") as tmp:
         (tmp / "plan.json").write_text(plan_text)
-        return _execute(job, tmp, planned, as_json, shown=run_dir)
+        return _execute(job, tmp, planned, as_json, shown=run_dir, hosts=settings.hosts)
 
 
 def split_points(segments: Any, analysed: Any) -> tuple[str, ...]:
@@ -155,7 +156,50 @@ def resume_run(run_dir: Path, as_json: bool, without: tuple[str, ...] = ()) -> s
     )
 
 
-def _execute(job: Any, where: Path, planned: dict[str, Any], as_json: bool, shown: Path) -> str:
+def join_run(hosts_file: Path, stage: int, work: Path | None) -> str:
+    """`lamc train --join HOSTS --stage K`: this host's stage of a run launched on stage 0's
+    host with --hosts. The job and the data come from there; the trained weights go back."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from lamc.errors import RuntimeEnvironmentError
+    from lamc.runtime.hosts import load_hosts
+
+    endpoints = load_hosts(hosts_file)
+    if stage >= len(endpoints.stages):
+        raise UsageError(
+            f"--stage {stage}: {hosts_file} lists stages 0..{len(endpoints.stages) - 1}"
+        )
+    host, _, port = endpoints.stages[0].rpartition(":")
+    env = {
+        **os.environ,
+        "MASTER_ADDR": host.strip("[]"),
+        "MASTER_PORT": port,
+        "WORLD_SIZE": str(len(endpoints.stages)),
+        "RANK": str(stage),
+        "LAMC_TRAIN_HOSTS": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
+    with tempfile.TemporaryDirectory(prefix=f"lamc-train-stage{stage}-") as scratch:
+        where = work or Path(scratch)
+        code = subprocess.call([sys.executable, "-m", "lamc.training.worker", str(where)], env=env)
+    if code != 0:
+        raise RuntimeEnvironmentError(
+            f"stage {stage} of the run at {endpoints.stages[0]} exited with {code}"
+        )
+    return f"stage {stage} of the run at {endpoints.stages[0]}: done, its weights handed to stage 0"
+
+
+def _execute(
+    job: Any,
+    where: Path,
+    planned: dict[str, Any],
+    as_json: bool,
+    shown: Path,
+    hosts: tuple[str, int] | None = None,
+) -> str:
     from lamc.training import checkpoint
     from lamc.training.launch import STEPS, gather, read_steps, run_local
 
@@ -172,7 +216,7 @@ def _execute(job: Any, where: Path, planned: dict[str, Any], as_json: bool, show
             )
 
     try:
-        run_local(job, where, progress=progress)
+        run_local(job, where, progress=progress, hosts=hosts)
     except LamcError as exc:
         saved = checkpoint.latest(where) if job.checkpoint_every else None
         if saved is not None:

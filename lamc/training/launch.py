@@ -35,12 +35,14 @@ def run_local(
     prefix: Mapping[int, Sequence[str]] | None = None,
     master_addr: str = "127.0.0.1",
     extra_env: Mapping[str, str] | None = None,
+    hosts: tuple[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Run `job` with one process per stage here; returns the last stage's step records.
     `prefix[k]`: a command stage k's process runs under (a cgroup, a network namespace:
     how the benchmarks emulate devices); `master_addr`: where the others reach stage 0
     (its namespace's address); `extra_env`: more environment for every stage (gloo's
-    interface)."""
+    interface). `hosts`: stage 0's HOST and PORT, where the other stages join from their
+    own hosts (`lamc train --join`); only stage 0 runs here, and reports every step."""
     world = job.processes
     run_dir.mkdir(parents=True, exist_ok=True)
     job.write(run_dir / "job.json")
@@ -52,9 +54,12 @@ def run_local(
         "WORLD_SIZE": str(world),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
+    if hosts is not None:
+        env.update(MASTER_ADDR=hosts[0], MASTER_PORT=str(hosts[1]), LAMC_TRAIN_HOSTS="1")
+    local = [0] if hosts is not None else list(range(world))
     processes = []
     logs = []
-    for rank in range(world):
+    for rank in local:
         log = (run_dir / f"stage-{rank}.log").open("w")
         logs.append(log)
         processes.append(
@@ -67,7 +72,7 @@ def run_local(
                     str(run_dir),
                 ],
                 env={**env, "RANK": str(rank)},
-                stdout=subprocess.PIPE if rank == world - 1 else log,
+                stdout=subprocess.PIPE if rank == local[-1] else log,
                 stderr=log,
                 text=True,
             )
@@ -89,7 +94,7 @@ def run_local(
         # A stage that dies leaves the others blocked in a collective: watch them all,
         # and end the run at the first failure, naming the stage and its device.
         while any(p.poll() is None for p in processes):
-            for rank, process in enumerate(processes):
+            for rank, process in zip(local, processes):
                 code = process.poll()
                 if code not in (None, 0):
                     raise RuntimeEnvironmentError(
@@ -99,7 +104,7 @@ def run_local(
             if time.monotonic() > deadline:
                 raise RuntimeEnvironmentError(f"the run took longer than {timeout_s:.0f} s")
             time.sleep(0.1)
-        for rank, process in enumerate(processes):
+        for rank, process in zip(local, processes):
             if process.returncode != 0:
                 raise RuntimeEnvironmentError(
                     f"{_what(job)} {rank} on {job.devices[rank]} exited with "

@@ -56,7 +56,8 @@ def tied_groups(module: Any) -> list[list[str]]:
     return sorted(sorted(names) for names in by_tensor.values() if len(names) > 1)
 
 
-def run_stage(job: Job, run_dir: Path, rank: int, world: int) -> None:
+def run_stage(job: Job, run_dir: Path, rank: int, world: int, relay: Relay | None = None) -> None:
+    """This rank's stage of the pipeline, in a process group already set up."""
     import torch
     import torch.distributed as dist
     from torch.distributed.pipelining import (
@@ -67,7 +68,6 @@ def run_stage(job: Job, run_dir: Path, rank: int, world: int) -> None:
     )
 
     torch.manual_seed(job.seed)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     data = load_data(job.data, job.model)
     module = build_module(job)
     with_mask = takes_mask(module)
@@ -143,7 +143,9 @@ def run_stage(job: Job, run_dir: Path, rank: int, world: int) -> None:
             loss = float(torch.stack(losses).mean())
             elapsed = time.perf_counter() - started
             line = {"step": step, "loss": loss, "step_ms": elapsed * 1000, "samples": per_step}
-            print(json.dumps(line), flush=True)
+            report(line, relay)
+        elif relay is not None and rank == 0:
+            relay.forward(step)
         done = step + 1
         if job.checkpoint_every and done % job.checkpoint_every == 0 and done < job.steps:
             checkpoint.save(run_dir, done, rank, named, optimizer, skip)
@@ -152,11 +154,9 @@ def run_stage(job: Job, run_dir: Path, rank: int, world: int) -> None:
                 checkpoint.mark_complete(run_dir, done, world)
     _save(stage.submod, run_dir / f"stage-{rank}.safetensors", skip)
     (run_dir / f"stage-{rank}.json").write_text(json.dumps({"peak_rss_bytes": peak_rss()}) + "\n")
-    dist.barrier()
-    dist.destroy_process_group()
 
 
-def run_replica(job: Job, run_dir: Path, rank: int, world: int) -> None:
+def run_replica(job: Job, run_dir: Path, rank: int, world: int, relay: Relay | None = None) -> None:
     """One replica of a data-parallel run: the whole model on its share of every step's
     micro-batches (`job.replicas[rank]`, gradients of loss / m accumulated), then one
     all-reduce of every trainable gradient over the replicas before each update: the
@@ -165,7 +165,6 @@ def run_replica(job: Job, run_dir: Path, rank: int, world: int) -> None:
     import torch.distributed as dist
 
     torch.manual_seed(job.seed)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     data = load_data(job.data, job.model)
     module = build_module(job)
     with_mask = takes_mask(module)
@@ -207,7 +206,9 @@ def run_replica(job: Job, run_dir: Path, rank: int, world: int) -> None:
             elapsed = time.perf_counter() - started
             loss_mean = float(summed) / job.micro_batches
             line = {"step": step, "loss": loss_mean, "step_ms": elapsed * 1000, "samples": per_step}
-            print(json.dumps(line), flush=True)
+            report(line, relay)
+        elif relay is not None and rank == 0:
+            relay.forward(step)
         done = step + 1
         if job.checkpoint_every and done % job.checkpoint_every == 0 and done < job.steps:
             if rank == 0:  # the replicas hold the same weights: one saves them
@@ -218,8 +219,70 @@ def run_replica(job: Job, run_dir: Path, rank: int, world: int) -> None:
     if rank == 0:
         _save(module, run_dir / "stage-0.safetensors", set())
     (run_dir / f"stage-{rank}.json").write_text(json.dumps({"peak_rss_bytes": peak_rss()}) + "\n")
-    dist.barrier()
-    dist.destroy_process_group()
+
+
+def report(line: dict[str, Any], relay: Relay | None) -> None:
+    """The last rank's step record: printed (the launcher reads it), and across hosts also
+    handed to rank 0, whose host launched the run."""
+    print(json.dumps(line), flush=True)
+    if relay is not None:
+        relay.put(line)
+
+
+class Relay:
+    """Across hosts (`lamc train --hosts`): a torch.distributed TCPStore beside the
+    process group, served by rank 0 (at stage 0's port + 1). Rank 0 hands the others the
+    job and the data; the last rank hands rank 0 each step's record; at the end every rank
+    hands rank 0 its trained weights and its peak memory."""
+
+    def __init__(self, host: str, port: int, rank: int, world: int, timeout_s: float) -> None:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        self.rank = rank
+        self.store = dist.TCPStore(
+            host, port, world, is_master=rank == 0, timeout=timedelta(seconds=timeout_s)
+        )
+
+    def publish(self, run_dir: Path) -> None:
+        job = Job.read(run_dir / "job.json")
+        self.store.set("lamc/job", (run_dir / "job.json").read_bytes())  # type: ignore[arg-type]  # bytes pass as they are
+        self.store.set("lamc/data", Path(job.data).read_bytes())  # type: ignore[arg-type]
+        self.store.set("lamc/data-suffix", Path(job.data).suffix or ".npz")
+
+    def fetch(self, run_dir: Path) -> Job:
+        import dataclasses
+
+        (run_dir / "job.json").write_bytes(self.store.get("lamc/job"))
+        job = Job.read(run_dir / "job.json")
+        suffix = self.store.get("lamc/data-suffix").decode()
+        data = run_dir / f"data{suffix}"
+        data.write_bytes(self.store.get("lamc/data"))
+        job = dataclasses.replace(job, data=str(data))
+        job.write(run_dir / "job.json")
+        return job
+
+    def put(self, line: dict[str, Any]) -> None:
+        self.store.set(f"lamc/step/{line['step']}", json.dumps(line))
+
+    def forward(self, step: int) -> None:
+        """Rank 0: print the last rank's record of `step` (for the launcher to read)."""
+        print(self.store.get(f"lamc/step/{step}").decode(), flush=True)
+
+    def ship(self, run_dir: Path, world: int) -> None:
+        """Every rank's weights and memory report into rank 0's run directory."""
+        names = [f"stage-{self.rank}.safetensors", f"stage-{self.rank}.json"]
+        if self.rank != 0:
+            for name in names:
+                path = run_dir / name
+                self.store.set(f"lamc/file/{name}", path.read_bytes() if path.is_file() else b"")  # type: ignore[arg-type]
+            return
+        for other in range(1, world):
+            for name in (f"stage-{other}.safetensors", f"stage-{other}.json"):
+                content = self.store.get(f"lamc/file/{name}")
+                if content:
+                    (run_dir / name).write_bytes(content)
 
 
 def peak_rss() -> int:
@@ -283,10 +346,39 @@ def run_reference(job: Job) -> tuple[list[float], dict[str, np.ndarray]]:
 
 
 def main() -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
     run_dir = Path(sys.argv[1])
-    job = Job.read(run_dir / "job.json")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    relay = None
+    # Across hosts, a peer that never joins or stops answering fails the run after 5
+    # minutes (LAMC_TRAIN_TIMEOUT_S), not gloo's 30.
+    across = os.environ.get("LAMC_TRAIN_HOSTS") == "1"
+    default = "300" if across else "1800"
+    timeout = timedelta(seconds=float(os.environ.get("LAMC_TRAIN_TIMEOUT_S", default)))
+    if across:
+        relay = Relay(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]) + 1,
+            rank,
+            world,
+            timeout.total_seconds(),
+        )
+        if rank == 0:
+            relay.publish(run_dir)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    job = (
+        relay.fetch(run_dir) if relay is not None and rank != 0 else Job.read(run_dir / "job.json")
+    )
     run = run_replica if job.replicas else run_stage
-    run(job, run_dir, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    run(job, run_dir, rank, world, relay)
+    if relay is not None:
+        relay.ship(run_dir, world)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -86,6 +86,50 @@ def test_a_data_parallel_run(setup: tuple[Path, Path]) -> None:
     assert code == 6 and "no data-parallel run" in final and "cpu0" in final, final
 
 
+def test_a_run_across_hosts(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """`--hosts`: stage 0 runs where the run is launched, stage 1 joins from "its host"
+    (`lamc train --join hosts.yaml --stage 1`, a process of its own here, on another
+    port); the job and the data reach it from stage 0, its weights come back, and the
+    run equals one launched on this machine."""
+    from tests.runtime.servers import free_port
+
+    topology, data = setup
+    hosts = tmp_path / "hosts.yaml"
+    port = free_port()
+    hosts.write_text(f"stages:\n  - 127.0.0.1:{port}\n  - 127.0.0.1:{free_port()}\n")
+    joined = subprocess.Popen(
+        [sys.executable, "-m", "lamc", "train", "--join", str(hosts), "--stage", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        code, stdout, final = _train(topology, data, tmp_path / "far", "--hosts", str(hosts))
+        joined_out, _ = joined.communicate(timeout=120)
+    finally:
+        joined.kill()
+    assert code == 0, stdout + final
+    assert joined.returncode == 0 and "handed to stage 0" in joined_out, joined_out
+    far = json.loads((tmp_path / "far" / "run.json").read_text())
+    assert [m["device"] for m in far["memory"]] == ["cpu0", "cpu1"]
+    assert all(m["peak_rss_bytes"] for m in far["memory"])  # stage 1's report came back
+    code, stdout, final = _train(topology, data, tmp_path / "near")
+    assert code == 0, stdout + final
+    near = json.loads((tmp_path / "near" / "run.json").read_text())
+    assert [s["loss"] for s in far["steps"]] == pytest.approx(
+        [s["loss"] for s in near["steps"]], rel=1e-6
+    )
+    from safetensors.numpy import load_file
+
+    a = load_file(str(tmp_path / "far" / "model.safetensors"))
+    b = load_file(str(tmp_path / "near" / "model.safetensors"))
+    assert set(a) == set(b) and all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # A hosts file that does not list one host a stage, or asks for TLS, is refused.
+    hosts.write_text(f"stages:\n  - 127.0.0.1:{port}\n")
+    code, _, final = _train(topology, data, tmp_path / "bad", "--hosts", str(hosts))
+    assert code == 2 and "lists 1 host(s); the run has 2" in final, final
+
+
 def test_a_prompt_tuning_run_writes_a_peft_adapter(setup: tuple[Path, Path]) -> None:
     topology, data = setup
     out = data.parent / "run"
