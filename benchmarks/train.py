@@ -27,7 +27,7 @@ of 4, 1F1B, AdamW.
    replica exceeds a device's declared memory (the testbed does not enforce it), and its
    row says so.
 
-    .venv/bin/python benchmarks/train.py [--steps 6]
+    .venv/bin/python benchmarks/train.py [--steps 6] [--rounds 2]
 
 Needs root, `ip` and `tc` (iproute2), and the cgroup v1 cpu controller at
 /sys/fs/cgroup/cpu (skipped, with the reason, where the machine denies it).
@@ -155,6 +155,7 @@ def topology_text(rates: dict[str, float], link_mbit: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--link-mbit", type=float, default=100.0)
     args = parser.parse_args()
     cgroups = groups()
@@ -193,7 +194,7 @@ def main() -> None:
 
         def run(
             segments: tuple[Any, ...], names: list[str], label: str, replicas: tuple[int, ...] = ()
-        ) -> float:
+        ) -> list[float]:
             devices = tuple(names[s.device] for s in segments)
             job = Job(
                 model=str(checkpoint), method="lora", data=str(DATA),
@@ -219,7 +220,7 @@ def main() -> None:
                 peak = json.loads((where / f"stage-{k}.json").read_text())["peak_rss_bytes"]
                 ratios.append(peak / predicted)
             memory[label] = ratios
-            return statistics.median(r["step_ms"] for r in records[1:])
+            return [float(r["step_ms"]) for r in records[1:]]
 
         # 1. Calibration: the whole model on each device, measured, and the rate (of one
         # full CPU) at which the cost model predicts that time there: t(rate) = a / rate + b,
@@ -235,34 +236,34 @@ def main() -> None:
             d = names.index(device)
             return float(problem.micro_batches * problem.work[d, 0, n] + problem.update[d, 0, n])
 
-        rates: dict[str, float] = {}
-        measured_one: dict[str, float] = {}
-        for device, _, _ in DEVICES:
-            whole = (Segment(names.index(device), 0, n),)
-            measured_one[device] = run(whole, names, f"calibration-{device}")
-            t1 = predicted_one(device, flat)
-            t2 = predicted_one(device, {d: 20.0 for d in flat})
-            a = (t1 - t2) / (1 / 10.0 - 1 / 20.0)
-            b = t1 - a / 10.0
-            rates[device] = a / (measured_one[device] - b) if measured_one[device] > b else 10.0
-        plan = plan_at(rates)
+        def calibrate(samples: dict[str, list[float]]) -> dict[str, float]:
+            rates = {}
+            for device, _, _ in DEVICES:
+                measured = statistics.median(samples[device])
+                t1 = predicted_one(device, flat)
+                t2 = predicted_one(device, {d: 20.0 for d in flat})
+                a = (t1 - t2) / (1 / 10.0 - 1 / 20.0)
+                b = t1 - a / 10.0
+                rates[device] = a / (measured - b) if measured > b else 10.0
+            return rates
+
+        def measure_whole(samples: dict[str, list[float]], round_: int) -> None:
+            for device, _, _ in DEVICES:
+                whole = (Segment(names.index(device), 0, n),)
+                samples.setdefault(device, []).extend(
+                    run(whole, names, f"calibration-{device}-{round_}")
+                )
+
+        # Calibrated before the runs (which plan is run), and again after them: the
+        # predictions printed are at the rates of both calibrations together.
+        calibration: dict[str, list[float]] = {}
+        measure_whole(calibration, 0)
+        plan = plan_at(calibrate(calibration))
         per_step = spec.micro_batches * batch
         print(
             f"# testbed: {', '.join(f'{d} {c:g} CPU {m} MiB' for d, c, m in DEVICES)}; "
             f"link {args.link_mbit:g} Mbit/s (tc tbf, both ways)"
         )
-        for device, _, _ in DEVICES:
-            print(
-                f"# calibration: whole model on {device} measured {measured_one[device]:.0f} "
-                f"ms/step -> {rates[device]:.2f} GFLOP/s per full CPU (predicted there "
-                f"{predicted_one(device, rates):.0f} ms)"
-            )
-        print()
-        print(
-            "| plan | stages | predicted ms/step | measured ms/step | measured / predicted | "
-            "samples/s | peak / planned memory per stage |"
-        )
-        print("|---|---|---|---|---|---|---|")
         configs: list[tuple[str, tuple[Any, ...], float, str, tuple[int, ...]]] = []
         assert plan.solution is not None
         configs.append(("lamc", plan.solution.segments, plan.solution.step_ms, "", ()))
@@ -281,22 +282,53 @@ def main() -> None:
                     baseline.shares,
                 )
             )
-        results = {}
         over_memory = {label for label, _, _, reason, shares in configs if shares and reason}
+        # Each run `--rounds` times, round-robin (this machine's load drifts over minutes).
+        samples: dict[str, list[float]] = {}
+        for round_ in range(args.rounds):
+            for label, segments, predicted, _, shares in configs:
+                if math.isfinite(predicted) and segments:
+                    key = label.replace(" ", "-")
+                    samples.setdefault(label, []).extend(
+                        run(segments, names, f"{key}-{round_}", shares)
+                    )
+        measure_whole(calibration, 1)
+        rates = calibrate(calibration)
+        final = plan_at(rates)
+        for device, _, _ in DEVICES:
+            print(
+                f"# calibration: whole model on {device} measured "
+                f"{statistics.median(calibration[device]):.0f} ms/step (before and after the "
+                f"runs) -> {rates[device]:.2f} GFLOP/s per full CPU (predicted there "
+                f"{predicted_one(device, rates):.0f} ms)"
+            )
+        print()
+        print(
+            "| plan | stages | predicted ms/step | measured ms/step | measured / predicted | "
+            "samples/s | peak / planned memory per stage |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        results = {}
         for label, segments, predicted, reason, shares in configs:
             description = (
                 " > ".join(f"{names[s.device]}[{s.start}:{s.end}]" for s in segments) or "-"
             )
-            if not math.isfinite(predicted) or not segments:
+            if label not in samples:
                 print(
                     f"| {label} | {description} | - | not run: {reason or 'no pipeline'} "
                     "| - | - | - |"
                 )
                 continue
-            key = label.replace(" ", "-")
-            measured = run(segments, names, key, shares)
+            # The prediction of what ran, at the final rates.
+            if shares:
+                predicted = data_parallel(final.cost, final.problem, memory=False).step_ms
+            else:
+                evaluated = final.problem.evaluate(segments)
+                predicted = evaluated.step_ms if evaluated is not None else math.inf
+            measured = statistics.median(samples[label])
             results[label] = measured
-            ratios = " / ".join(f"{r:.2f}" for r in memory[key])
+            key = label.replace(" ", "-")
+            ratios = " / ".join(f"{r:.2f}" for r in memory[f"{key}-0"])
             if shares:
                 description = " + ".join(
                     f"{names[s.device]} x{k}" for s, k in zip(segments, shares)
@@ -306,7 +338,9 @@ def main() -> None:
                 f"{measured / predicted:.2f} | {per_step * 1000 / measured:.2f} | {ratios} |",
                 flush=True,
             )
-        worst = max(r for ratios in memory.values() for r in ratios)
+        worst = max(
+            r for key, ratios in memory.items() if not key.startswith("calib") for r in ratios
+        )
         print()
         print(f"largest peak / planned memory of any stage process: {worst:.2f}x")
         fitting = [v for k, v in results.items() if k != "lamc" and k not in over_memory]

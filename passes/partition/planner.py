@@ -214,6 +214,7 @@ def _branch_parallel(
             ("a decode step (objective generate)", step is not None),
             ("KV caches", request.kv_tokens > 0),
             ("backends that refuse some units", bool(request.unsupported)),
+            ("a link codec", request.codec != "raw"),
         )
         if present
     ]
@@ -223,8 +224,7 @@ def _branch_parallel(
             f"with {', '.join(blocked)}: the plan is a chain"
         )
         return replace(chain, notes=(*chain.notes, note))
-    codec = request.codec if request.codec in ("fp16", "int8") else "raw"
-    dag = best_dag(workload, topology, chain.objective, codec)
+    dag = best_dag(workload, topology, chain.objective)
     if dag is None:
         return chain
     if chain.objective == LATENCY:
