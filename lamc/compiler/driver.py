@@ -29,7 +29,7 @@ from lamc.compiler.compression import (
     step_back,
 )
 from lamc.compiler.failover import Planned, default_depth, plan_failovers
-from lamc.compiler.manifest_build import build_manifest
+from lamc.compiler.manifest_build import build_manifest, model_sha256
 from lamc.compiler.planning import plan_model, with_compression
 from lamc.compiler.variants import build_variants
 from lamc.errors import AccuracyError, DoesNotFitError, UsageError
@@ -95,6 +95,11 @@ def compile_model(
         raise UsageError(
             "a shapes-only capture (--no-weights) cannot be compiled: the stages need the weights"
         )
+    captured = analysed.captured
+    if captured.source_sha256 is None:
+        # The model's identity, taken before a plan's stage tags are set on its nodes:
+        # the same model has the same sha256 in the manifest, however it was split.
+        captured.source_sha256 = model_sha256(captured.model)
     request = with_compression(options.request or PlanRequest(), options.compress, topology)
     notes: list[str] = []
     while True:
