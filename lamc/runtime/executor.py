@@ -199,16 +199,15 @@ class Pipeline:
         sequence: Step | None = None,
         timings: dict[int, float] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run one request through every stage; tensors are checked at every hop. With
+        """Run one request through every stage (a branch-parallel pipeline's in index order,
+        one after another); tensors are checked at every hop. With
         `trace`, each stage's outputs are recorded in it by stage index. With `sequence`
         (a decoder step), each stage keeps its own KV caches: `feeds` hold no cache
         tensors and the outputs no presents. With `timings`, the seconds each stage's hop
         took (its engine's run and the checks around it) are recorded by stage index."""
         manifest = self.manifest
-        if manifest.is_dag:
-            if sequence is not None:
-                raise UsageError("a branch-parallel pipeline keeps no KV caches")
-            return self._run_dag(feeds, trace, timings)
+        if manifest.is_dag and sequence is not None:
+            raise UsageError("a branch-parallel pipeline keeps no KV caches")
         takes, gives = manifest.inputs, manifest.outputs
         if sequence is not None:
             if self.local_kv is not None:
@@ -233,7 +232,11 @@ class Pipeline:
                     f"stage {spec.index} ({spec.device}) input",
                 )
                 started = time.perf_counter()
-                produced, env = stage.hop(manifest, arriving, binding, caches, sequence)
+                produced, sends = stage.hop(manifest, arriving, binding, caches, sequence)
+                # A chain hands each stage's sends to the next; in a branch-parallel
+                # pipeline (stages in an order where each follows those it receives
+                # from) a later stage may read what any earlier one produced.
+                env = {**env, **produced} if manifest.is_dag else sends
                 if timings is not None:
                     timings[spec.index] = time.perf_counter() - started
                 if trace is not None:
@@ -248,43 +251,6 @@ class Pipeline:
                 self.release(sequence.id)  # stages before the failure have moved on
             raise
         return {name: env[name] for name in gives}
-
-    def _run_dag(
-        self,
-        feeds: Mapping[str, np.ndarray],
-        trace: dict[int, dict[str, np.ndarray]] | None,
-        timings: dict[int, float] | None,
-    ) -> dict[str, np.ndarray]:
-        """A branch-parallel pipeline in one process: the stages in index order (an order
-        in which every stage comes after those it receives from), each taking what its
-        edges deliver. Across hosts the branches run at the same time."""
-        manifest = self.manifest
-        unknown = sorted(set(feeds) - set(manifest.inputs))
-        if unknown:
-            raise TensorMismatch(
-                f"input: unknown tensor(s) {', '.join(unknown)}; the model takes "
-                f"{', '.join(manifest.inputs)}"
-            )
-        binding: dict[str, int] = {}
-        env = check_all(manifest.inputs, manifest.tensors, feeds, manifest.dims, binding, "input")
-        for stage in self.stages:
-            spec = stage.spec
-            arriving = check_all(
-                spec.receives,
-                manifest.tensors,
-                env,
-                manifest.dims,
-                binding,
-                f"stage {spec.index} ({spec.device}) input",
-            )
-            started = time.perf_counter()
-            produced, _ = stage.hop(manifest, arriving, binding)
-            if timings is not None:
-                timings[spec.index] = time.perf_counter() - started
-            if trace is not None:
-                trace[spec.index] = produced
-            env.update(produced)
-        return {name: env[name] for name in manifest.outputs}
 
     def release(self, sequence_id: str) -> None:
         """Drop a sequence's KV caches from every stage (a generation stopped early)."""

@@ -184,13 +184,8 @@ def run_replica(job: Job, run_dir: Path, rank: int, world: int, relay: Relay | N
         started = time.perf_counter()
         inputs, target = batch_of(data, step_rows(step, per_step, samples), with_mask)
         optimizer.zero_grad()
-        parts = [x.split(job.micro_batch_size) for x in (*inputs, target)]
-        summed = torch.zeros(1, dtype=torch.float64)
-        for i, (*micro, micro_target) in enumerate(zip(*parts, strict=True)):
-            if first <= i < first + mine:
-                loss = loss_fn(module(*micro), micro_target)
-                (loss / job.micro_batches).backward()
-                summed += float(loss.detach())
+        mine_losses = accumulate(job, module, loss_fn, inputs, target, range(first, first + mine))
+        summed = torch.tensor([sum(mine_losses)], dtype=torch.float64)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)  # every trainable gradient, summed over the replicas, at once
@@ -312,6 +307,21 @@ def _save(submod: Any, path: Path, skip: set[int]) -> None:
     save_file(tensors, str(path))
 
 
+def accumulate(
+    job: Job, module: Any, loss_fn: Any, inputs: tuple[Any, ...], target: Any, which: range
+) -> list[float]:
+    """Forward and backward of the step's micro-batches `which` (gradients of loss / m
+    accumulated, as a pipeline's schedule does): their losses."""
+    parts = [x.split(job.micro_batch_size) for x in (*inputs, target)]
+    losses = []
+    for i, (*micro, micro_target) in enumerate(zip(*parts, strict=True)):
+        if i in which:
+            loss = loss_fn(module(*micro), micro_target)
+            (loss / job.micro_batches).backward()
+            losses.append(float(loss.detach()))
+    return losses
+
+
 def run_reference(job: Job) -> tuple[list[float], dict[str, np.ndarray]]:
     """The same training in one process, without pipelining: the same module, data order,
     micro-batching (gradients of loss / m accumulated) and optimiser. The losses per step,
@@ -331,12 +341,7 @@ def run_reference(job: Job) -> tuple[list[float], dict[str, np.ndarray]]:
     for step in range(job.steps):
         inputs, target = batch_of(data, step_rows(step, per_step, len(data.input_ids)), with_mask)
         optimizer.zero_grad()
-        step_losses = []
-        parts = [x.split(job.micro_batch_size) for x in (*inputs, target)]
-        for *micro, micro_target in zip(*parts, strict=True):
-            loss = loss_fn(module(*micro), micro_target)
-            (loss / job.micro_batches).backward()
-            step_losses.append(float(loss.detach()))
+        step_losses = accumulate(job, module, loss_fn, inputs, target, range(job.micro_batches))
         if job.clip > 0:
             torch.nn.utils.clip_grad_norm_(params, job.clip)
         optimizer.step()
