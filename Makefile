@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade "pip>=23.2"
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# An editable install leaves lamc's own modules uncompiled, and where
+	# PYTHONDONTWRITEBYTECODE is set every start compiles them again (a stage server's
+	# cold start imports about a hundred of them): compile them once here.
+	$(BIN)/python -m compileall -q lamc passes backends models > /dev/null
 	# The stubs declare tensorrt as a dependency, which cannot be built without NVIDIA's index.
 	$(BIN)/pip install --quiet --no-deps "tensorrt-stubs>=10"
 	@$(BIN)/python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else f'torch {v} was installed instead of $(TORCH)')"

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from lamc.atomic import atomic_directory, check_writable
 from lamc.errors import UsageError
-from lamc.verify import safe_path, verify
+from lamc.paths import safe_path
+from lamc.verify import verify
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import mmap
-import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 from lamc.errors import IntegrityError, RuntimeEnvironmentError, UsageError
 from lamc.integrity import check_consistency, check_requires, check_unlisted
 from lamc.manifest import FILENAME, MIN_ONNXRUNTIME, VERSION, ArtifactFile, Manifest
+from lamc.paths import safe_path, sha256_file
 
 
 def schema() -> dict[str, Any]:
@@ -45,21 +44,6 @@ def _valid() -> Callable[[Any], bool]:
     return compile_schema(schema())
 
 
-def sha256_file(path: Path) -> str:
-    """The file's sha256, hashed from a read-only mapping (no copy into Python buffers;
-    the hashing releases the GIL), or read in blocks where the file cannot be mapped."""
-    with path.open("rb") as f:
-        try:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                return hashlib.sha256(mapped).hexdigest()
-        except (ValueError, OSError):  # empty, or a file system without mappings
-            digest = hashlib.sha256()
-            f.seek(0)
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-            return digest.hexdigest()
-
-
 def files_sha256(files: Iterable[Path]) -> str:
     """One sha256 over several files, in the order given: each file's name, then its
     bytes (a checkpoint directory's or an adapter's files, pinned in the manifest)."""
@@ -70,29 +54,6 @@ def files_sha256(files: Iterable[Path]) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 total.update(block)
     return total.hexdigest()
-
-
-def safe_path(root: Path, relative: str, what: str) -> Path:
-    """`root/relative`, refusing absolute paths, `..`, and symlinks at any level."""
-    if (
-        not relative
-        or relative.startswith(("/", "\\"))
-        or os.path.isabs(relative)
-        or "\\" in relative
-    ):
-        raise IntegrityError(f"{what}: path {relative!r} is not a plain relative path")
-    parts = Path(relative).parts
-    if ".." in parts or "." in parts:
-        raise IntegrityError(f"{what}: path {relative!r} leaves or re-enters its directory")
-    current = root
-    for part in parts:
-        current = current / part
-        if current.is_symlink():
-            raise IntegrityError(f"{what}: {current.relative_to(root)} is a symlink")
-    resolved = current.resolve()
-    if not resolved.is_relative_to(root.resolve()):
-        raise IntegrityError(f"{what}: path {relative!r} points outside {root}")
-    return current
 
 
 def read_manifest(out_dir: Path) -> Manifest:

@@ -13,7 +13,7 @@ import onnx_ir as ir
 from lamc.errors import CaptureError, UsageError
 from lamc.frontend.capture import Captured
 from lamc.ir import index_ranges
-from lamc.verify import sha256_file
+from lamc.paths import sha256_file
 
 
 def capture_onnx(

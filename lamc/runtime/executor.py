@@ -17,6 +17,7 @@ import numpy as np
 
 from lamc.errors import UsageError
 from lamc.manifest import Manifest, StageSpec
+from lamc.runtime.early import PROVIDER_ALIASES, parse_providers  # noqa: F401  (imported from here too)
 from lamc.runtime.kvcache import StageCaches, Step, local_inputs, local_outputs, unsupported
 from lamc.runtime.tensors import TensorMismatch, check_all
 from lamc.verify import verify
@@ -26,27 +27,6 @@ RUN_MODULES = {
     "onnxruntime": "lamc.backends.onnxruntime.run",
     "tensorrt": "lamc.backends.tensorrt.run",
 }
-PROVIDER_ALIASES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "rocm": "ROCMExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-}
-
-
-def parse_providers(text: str | None) -> tuple[str, ...] | None:
-    """`--providers cpu` or `cuda,cpu` -> execution provider names (None: as the manifest says)."""
-    if not text:
-        return None
-    names = []
-    for item in text.split(","):
-        key = item.strip()
-        if not key:
-            continue
-        names.append(PROVIDER_ALIASES.get(key.lower(), key))
-    return tuple(names)
 
 
 @dataclass

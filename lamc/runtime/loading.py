@@ -19,6 +19,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from lamc.manifest import ArtifactFile, Manifest, StageSpec
+from lamc.runtime import early
+from lamc.runtime.early import ServeKey, devices  # noqa: F401  (imported from here too)
 from lamc.runtime.executor import StageRunner, load_stage
 from lamc.verify import verify, verify_files
 
@@ -48,6 +50,13 @@ class StageLoad:
         self.manifest = self.full_manifest.without(without) if without else self.full_manifest
         self.spec: StageSpec = self.manifest.stages[index]
         self.verified = time.perf_counter()
+        # A session `lamc.runtime.early` began building before lamc was imported, taken
+        # only when this check passed and names exactly the graph, weights and options it
+        # was built from.
+        chosen = tuple(providers) if providers is not None else None
+        key: ServeKey = (out_dir, index, tuple(without), chosen, threads)
+        self.head = early.take(key, self.spec)
+        self.head_start = False
         # Parts of the build hold the GIL; a short switch interval hands it to the build
         # soon while the caller imports (restored once the session is built).
         interval = sys.getswitchinterval()
@@ -66,6 +75,11 @@ class StageLoad:
     ) -> tuple[StageRunner, float]:
         started = time.perf_counter()
         try:
+            if self.head is not None:
+                with contextlib.suppress(Exception):  # built afresh below, reporting its error
+                    runner, ms = self.head.result()
+                    self.head_start = True
+                    return StageRunner(self.spec, runner), ms
             runner = load_stage(self.out_dir, self.spec, providers=providers, threads=threads)
         finally:
             sys.setswitchinterval(interval)
@@ -90,9 +104,7 @@ class StageLoad:
         return (time.perf_counter() - started) * 1000
 
 
-# `lamc serve`'s options that take no value; every other `--option` takes one.
-_FLAGS = frozenset({"--require-client-cert", "--insecure", "--standby"})
-_early: tuple[tuple[object, ...], StageLoad] | None = None
+_early: tuple[ServeKey, StageLoad] | None = None
 
 
 def begin_early(args: Sequence[str]) -> None:
@@ -104,32 +116,9 @@ def begin_early(args: Sequence[str]) -> None:
     parsed, so every check and every error message is still the command's own."""
     global _early
     try:
-        values: dict[str, str] = {}
-        positional: list[str] = []
-        items = iter(args)
-        for item in items:
-            if item in ("-h", "--help", "--ray") or item.startswith("--ray="):
-                return
-            if item in _FLAGS:
-                continue
-            if item.startswith("--"):
-                name, eq, value = item.partition("=")
-                values[name] = value if eq else next(items)
-            elif item.startswith("-"):
-                return
-            else:
-                positional.append(item)
-        if len(positional) != 1 or "--stage" not in values:
+        key = early.serve_key(args)
+        if key is None:
             return
-        from lamc.runtime.executor import parse_providers
-
-        key = (
-            Path(positional[0]),
-            int(values["--stage"]),
-            devices(values.get("--without")),
-            parse_providers(values.get("--providers")),
-            int(values["--threads"]) if "--threads" in values else None,
-        )
         out_dir, index, without, providers, threads = key
         load = StageLoad(out_dir, index, without=without, providers=providers, threads=threads)
         _early = (key, load)
@@ -151,8 +140,3 @@ def take(
     if early is not None and early[0] == (out_dir, index, without, providers, threads):
         return early[1]
     return StageLoad(out_dir, index, without=without, providers=providers, threads=threads)
-
-
-def devices(text: str | None) -> tuple[str, ...]:
-    """`--without a,b` -> ("a", "b")."""
-    return tuple(d.strip() for d in (text or "").split(",") if d.strip())

@@ -9,11 +9,30 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from lamc.errors import IntegrityError
-from lamc.manifest import WeightRef
+
+
+class WeightLike(Protocol):
+    """A weight as the manifest lists it (`lamc.manifest.WeightRef`, or the early start's
+    reading of the same fields, `lamc.runtime.early.Weight`)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def file(self) -> str: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
 
 _LOCK = threading.Lock()
 # (resolved path, size, mtime_ns) -> the whole file, mapped read-only.
@@ -31,7 +50,7 @@ def _mapping(path: Path) -> np.memmap:
         return mapped
 
 
-def map_weights(out_dir: Path, refs: Iterable[WeightRef]) -> dict[str, np.ndarray]:
+def map_weights(out_dir: Path, refs: Iterable[WeightLike]) -> dict[str, np.ndarray]:
     """name -> a read-only array viewing the bytes of `out_dir/ref.file` (no copy)."""
     arrays: dict[str, np.ndarray] = {}
     for ref in refs:

@@ -432,6 +432,67 @@ def test_a_stage_load_begun_early_is_handed_over_for_the_same_arguments_only(
         assert loading._early is None, args
 
 
+def test_a_head_start_is_taken_only_for_the_stage_the_full_check_names(copy: Path) -> None:
+    """`lamc serve` begins building its session before lamc is imported
+    (`lamc.runtime.early`), from the manifest read with `json` alone; the server takes that
+    session only once the whole artifact checked and names the same graph, weights and
+    options, and builds afresh otherwise."""
+    from lamc.runtime import early, loading
+
+    args = [str(copy), "--stage", "1", "--listen", "127.0.0.1:1"]
+    early.begin(args)
+    head = early._begun
+    assert head is not None and head.under_way.is_set()
+    loading.begin_early(args)
+    assert loading._early is not None and early._begun is None
+    load = loading._early[1]
+    loading._early = None
+    runner, _ = load.session.result(timeout=120)
+    assert load.head is head and load.head_start and runner.runner is head.result()[0]
+    assert runner.spec == executor.Pipeline.open(copy).stages[1].spec
+
+    # The manifest changed between the head start and the check (other session options):
+    # the check's stage is built, not the head start's.
+    early.begin(args)
+    head = early._begun
+    assert head is not None
+    _edit(copy, lambda d: d["stages"][1]["session"].update(threads=1))
+    rebuilt = loading.StageLoad(copy, 1)
+    runner, _ = rebuilt.session.result(timeout=120)
+    assert rebuilt.head is None and not rebuilt.head_start
+    assert runner.runner is not head.result()[0]
+    # Arguments other than those it began for: dropped.
+    early.begin([*args, "--threads", "2"])
+    assert early._begun is not None
+    assert loading.StageLoad(copy, 1).head is None and early._begun is None
+
+
+def test_a_head_start_begins_nothing_for_a_graph_that_does_not_match(copy: Path) -> None:
+    """The head start hashes every file the session parses before ONNX Runtime opens it: a
+    modified stage graph, a path out of the artifact or a failover plan's stage begin
+    nothing, and the server's own check names the file (exit 9)."""
+    from lamc.runtime import early
+    from lamc.runtime.loading import StageLoad
+
+    data = json.loads((copy / "manifest.json").read_text())
+    graph = copy / data["stages"][1]["model"]
+    original = graph.read_bytes()
+    graph.write_bytes(original[:-1] + bytes([original[-1] ^ 0x01]))
+    early.begin([str(copy), "--stage", "1"])
+    assert early._begun is None
+    with pytest.raises(IntegrityError) as info:
+        StageLoad(copy, 1)
+    assert info.value.exit_code == ExitCode.INTEGRITY
+    assert f"{data['stages'][1]['model']}: sha256" in info.value.message
+    graph.write_bytes(original)
+    lost = data["stages"][0]["device"]
+    early.begin([str(copy), "--stage", "0", "--without", lost])
+    assert early._begun is None
+    _edit(copy, lambda d: d["stages"][1].update(model="../" + d["stages"][1]["model"]))
+    early.begin([str(copy), "--stage", "1"])
+    assert early._begun is None
+
+
 def test_a_switch_asked_for_while_the_stage_starts_is_refused(compiled: Path) -> None:
     """A stage server listens before its session is built and checked; a reconfigure or
     variant switch before then is answered UNAVAILABLE (after the token check)."""

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from lamc.manifest import ArtifactFile
+from lamc.paths import sha256_file
 from lamc.runtime import stamps
-from lamc.verify import sha256_file
 
 
 def _artifact(out: Path, name: str, data: bytes) -> ArtifactFile:
