@@ -240,7 +240,7 @@ def train_command(
         from lamc.cli.train_run import resume_run
         from lamc.runtime.loading import devices
 
-        return resume_run(resume_dir, as_json, without=devices(without))
+        return resume_run(resume_dir, as_json, without=devices(without), hosts_file=hosts_file)
     if without is not None:
         raise UsageError("--without DEVICE applies to --resume RUN")
     if model is None or topology_path is None:
@@ -301,7 +301,7 @@ def train_command(
 
         settings = RunSettings(
             steps, lr, seed, clip, lora_alpha, checkpoint_every, dropout,
-            hosts=_training_hosts(hosts_file, len(planned["stages"]), checkpoint_every),
+            hosts=training_hosts(hosts_file, len(planned["stages"])),
         )  # fmt: skip
         # What planning took, so that --resume --without can plan the rest anew.
         replan = {
@@ -321,9 +321,7 @@ def train_command(
     return summary
 
 
-def _training_hosts(
-    path: Path | None, processes: int, checkpoint_every: int
-) -> tuple[str, int] | None:
+def training_hosts(path: Path | None, processes: int) -> tuple[str, int] | None:
     """Stage 0's HOST and PORT from a hosts file that lists one host a process of the run."""
     if path is None:
         return None
@@ -342,8 +340,6 @@ def _training_hosts(
             hint="run inside a trusted network (or a VPN between the hosts) with a hosts "
             "file without tls:",
         )
-    if checkpoint_every:
-        raise UsageError("--checkpoint-every with --hosts is not built: each host keeps its part")
     host, _, port = endpoints.stages[0].rpartition(":")
     return host.strip("[]"), int(port)
 

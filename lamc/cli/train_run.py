@@ -94,7 +94,7 @@ def run_plan(
         (run_dir / "plan.json").write_text(plan_text)
         if replan is not None:
             (run_dir / "replan.json").write_text(json.dumps(replan, indent=2) + "\n")
-        return _execute(job, run_dir, planned, as_json, shown=run_dir)
+        return _execute(job, run_dir, planned, as_json, shown=run_dir, hosts=settings.hosts)
     with atomic_directory(run_dir, owner_file="run.json") as tmp:
         (tmp / "plan.json").write_text(plan_text)
         return _execute(job, tmp, planned, as_json, shown=run_dir, hosts=settings.hosts)
@@ -110,10 +110,16 @@ def plan_devices(plan: Any) -> tuple[str, ...]:
     return tuple(plan.cost.devices[s.device].name for s in plan.solution.segments)
 
 
-def resume_run(run_dir: Path, as_json: bool, without: tuple[str, ...] = ()) -> str:
+def resume_run(
+    run_dir: Path,
+    as_json: bool,
+    without: tuple[str, ...] = (),
+    hosts_file: Path | None = None,
+) -> str:
     """Continue the run in `run_dir` from its newest complete checkpoint; `without`: on a
     plan made anew without these devices (the checkpoint names weights by the module's
-    own names, so it loads on any split)."""
+    own names, so it loads on any split); `hosts_file`: across hosts again (the others
+    join with `lamc train --join`, and receive the checkpoint from here)."""
     from lamc.training import checkpoint
     from lamc.training.job import Job
 
@@ -151,8 +157,16 @@ def resume_run(run_dir: Path, as_json: bool, without: tuple[str, ...] = ()) -> s
         click.echo(
             f"resuming {job.model} {job.method} at step {start + 1} of {job.steps} on {stages}"
         )
+    from lamc.cli.train_cmd import training_hosts
+
+    hosts = training_hosts(hosts_file, job.processes)
     return _execute(
-        dataclasses.replace(job, start_step=start), run_dir, planned, as_json, shown=run_dir
+        dataclasses.replace(job, start_step=start),
+        run_dir,
+        planned,
+        as_json,
+        shown=run_dir,
+        hosts=hosts,
     )
 
 

@@ -27,6 +27,7 @@ def spec_from_checkpoint(
     kv_cache: bool = False,
     labels: int | None = None,
     attention: str = "eager",
+    weights: bool = True,
 ) -> ModelSpec:
     """The checkpoint as a module with example inputs and dynamic dims. It is loaded with
     the head its config names (`architectures`: a causal LM's, a sequence classifier's), or
@@ -35,7 +36,9 @@ def spec_from_checkpoint(
     implementation; capture uses "eager" (plain ops in the graph), training "sdpa" (whose
     boolean masks let torch.distributed.pipelining run an encoder over 3 or more stages:
     it takes every floating tensor passed between stages to need a gradient, and refuses
-    one that skips a stage)."""
+    one that skips a stage). `weights=False`: the architecture alone, from its config, with
+    no weights read (a training stage builds it on the meta device and loads its own
+    slice of the weights)."""
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CaptureError(f"{directory} is not a Hugging Face checkpoint: it has no config.json")
@@ -104,13 +107,19 @@ def spec_from_checkpoint(
         # computation).
         for implementation in dict.fromkeys((attention, "eager")):
             try:
-                model = auto.from_pretrained(
-                    str(directory),
-                    local_files_only=True,
-                    use_safetensors=has_safetensors,
-                    attn_implementation=implementation,
-                    **extra,
-                )
+                if weights:
+                    model = auto.from_pretrained(
+                        str(directory),
+                        local_files_only=True,
+                        use_safetensors=has_safetensors,
+                        attn_implementation=implementation,
+                        **extra,
+                    )
+                else:  # the architecture alone (built where the caller says: the meta device)
+                    config_object = transformers.AutoConfig.from_pretrained(
+                        str(directory), local_files_only=True, **extra
+                    )
+                    model = auto.from_config(config_object, attn_implementation=implementation)
                 break
             except ValueError as exc:
                 if implementation == "eager" or "sdpa" not in str(exc).lower():

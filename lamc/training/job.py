@@ -59,12 +59,14 @@ class Job:
         return cls(**data)
 
 
-def build_module(job: Job) -> Any:
-    """The source module with what trains marked (the same on every process: seeded)."""
+def build_module(job: Job, weights: bool = True) -> Any:
+    """The source module with what trains marked (the same on every process: seeded).
+    `weights=False`: a Hugging Face checkpoint's architecture without reading its weights
+    (for a skeleton built on the meta device, `build_skeleton`)."""
     import torch
 
     torch.manual_seed(job.seed)  # a classification head is initialised from it
-    module = load_module(job.model, labels=job.labels)
+    module = load_module(job.model, labels=job.labels, weights=weights)
     if job.dropout is not None:
         for layer in module.modules():
             if isinstance(layer, torch.nn.Dropout):
@@ -96,6 +98,27 @@ def build_module(job: Job) -> Any:
         module = PromptTuned(module, prompt, causal=job.task != "classify")
     module.train()
     return module
+
+
+def build_skeleton(job: Job) -> Any:
+    """The module as `build_module` makes it, on PyTorch's meta device: its structure and
+    which parameters train, with no memory for weights (a stage then loads its own slice,
+    `lamc.training.slices`). A module that cannot be built there (a factory that reads its
+    own weights) is built whole, and says so on stderr."""
+    import sys
+
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return build_module(job, weights=False)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        print(
+            f"the module could not be built on the meta device ({reason}); building it whole",
+            file=sys.stderr,
+        )
+        return build_module(job)
 
 
 def head_modules(module: Any) -> list[str]:
@@ -136,9 +159,10 @@ def user_loss(ref: str) -> Any:
     return factory_spec(ref).loss
 
 
-def load_module(ref: str, labels: int = 0) -> Any:
+def load_module(ref: str, labels: int = 0, weights: bool = True) -> Any:
     """The PyTorch module of a zoo model or a Hugging Face checkpoint directory; with
-    `labels`, the checkpoint as a sequence classifier with that many classes."""
+    `labels`, the checkpoint as a sequence classifier with that many classes;
+    `weights=False`: a checkpoint's architecture, its weights not read."""
     check_source(ref)
     if ref.startswith("zoo:"):
         if labels:
@@ -154,7 +178,7 @@ def load_module(ref: str, labels: int = 0) -> Any:
     from lamc.frontend.hf import spec_from_checkpoint
 
     spec = spec_from_checkpoint(
-        Path(ref), trust_pickle=False, labels=labels or None, attention="sdpa"
+        Path(ref), trust_pickle=False, labels=labels or None, attention="sdpa", weights=weights
     )
     return spec.module
 

@@ -46,6 +46,10 @@ def run_local(
     world = job.processes
     run_dir.mkdir(parents=True, exist_ok=True)
     job.write(run_dir / "job.json")
+    if not job.replicas:  # each stage loads only its own weights
+        from lamc.training.worker import write_slices
+
+        write_slices(job, run_dir)
     env = {
         **os.environ,
         **(extra_env or {}),

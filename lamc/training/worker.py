@@ -2,8 +2,11 @@
 `python -m lamc.training.worker RUN` with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
 set (the launcher sets them).
 
-Every process builds the module the same way (seeded), torch.distributed.pipelining splits
-it at the plan's cuts and keeps this rank's stage. Weights tied across stages (GPT-2's
+The launching host builds the module once (seeded), splits it at the plan's cuts and
+writes each stage's weights to a slice of its own (`lamc.training.slices`). Every stage
+process builds the module's skeleton on the meta device, splits it the same way with
+torch.distributed.pipelining, keeps this rank's stage and loads only its slice (checked
+against its sha256). Weights tied across stages (GPT-2's
 embedding and output head) are copies that must stay one weight: their gradients are
 summed over the stages that hold them before each update. The last stage prints one JSON
 line per step (loss, step time); at the end each stage writes its trainable weights.
@@ -20,11 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from lamc.training import checkpoint
+from lamc.atomic import replace_file
+from lamc.training import checkpoint, slices
 from lamc.training.job import (
     Dataset,
     Job,
     build_module,
+    build_skeleton,
     load_data,
     loss_of,
     make_optimizer,
@@ -60,28 +65,20 @@ def run_stage(job: Job, run_dir: Path, rank: int, world: int, relay: Relay | Non
     """This rank's stage of the pipeline, in a process group already set up."""
     import torch
     import torch.distributed as dist
-    from torch.distributed.pipelining import (
-        Schedule1F1B,
-        ScheduleGPipe,
-        SplitPoint,
-        pipeline,
-    )
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
     torch.manual_seed(job.seed)
     data = load_data(job.data, job.model)
-    module = build_module(job)
+    module = build_skeleton(job)
     with_mask = takes_mask(module)
     groups = tied_groups(module)
     per_step = job.micro_batches * job.micro_batch_size
     samples = len(data.input_ids)
-    example, _ = batch_of(data, step_rows(0, job.micro_batch_size, samples), with_mask)
-    prefix = module_prefix(job)
-    pipe = pipeline(
-        module,
-        mb_args=example,
-        split_spec={prefix + p: SplitPoint.BEGINNING for p in job.split_points},
-    )
+    pipe = split_module(job, module, data)
+    del module
+    slices.load_into(pipe.get_stage_module(rank), run_dir, rank)
     stage = pipe.build_stage(rank, torch.device("cpu"))
+    torch.manual_seed(job.seed)  # the run's randomness (dropout) starts at the seed
     mine = dict(stage.submod.named_parameters(remove_duplicate=False))
     # Which ranks hold a copy of each tied weight: a group of its own to sum gradients in.
     everyone: list[Any] = [None] * world
@@ -149,11 +146,36 @@ def run_stage(job: Job, run_dir: Path, rank: int, world: int, relay: Relay | Non
         done = step + 1
         if job.checkpoint_every and done % job.checkpoint_every == 0 and done < job.steps:
             checkpoint.save(run_dir, done, rank, named, optimizer, skip)
+            if relay is not None:  # across hosts, every stage's part is kept on stage 0's
+                relay.gather_checkpoint(run_dir, done, world)
             dist.barrier()
             if rank == 0:
                 checkpoint.mark_complete(run_dir, done, world)
     _save(stage.submod, run_dir / f"stage-{rank}.safetensors", skip)
     (run_dir / f"stage-{rank}.json").write_text(json.dumps({"peak_rss_bytes": peak_rss()}) + "\n")
+
+
+def split_module(job: Job, module: Any, data: Dataset) -> Any:
+    """`module` split at the job's cuts by torch.distributed.pipelining (a `Pipe`), traced
+    on the first micro-batch: the same split on the launching host and in every stage."""
+    from torch.distributed.pipelining import SplitPoint, pipeline
+
+    rows = step_rows(0, job.micro_batch_size, len(data.input_ids))
+    example, _ = batch_of(data, rows, takes_mask(module))
+    return pipeline(
+        module,
+        mb_args=example,
+        split_spec={module_prefix(job) + p: SplitPoint.BEGINNING for p in job.split_points},
+    )
+
+
+def write_slices(job: Job, run_dir: Path) -> None:
+    """On the launching host: build the module (seeded) and write each stage's slice."""
+    import torch
+
+    torch.manual_seed(job.seed)
+    data = load_data(job.data, job.model)
+    slices.write(split_module(job, build_module(job), data), job.processes, run_dir)
 
 
 def run_replica(job: Job, run_dir: Path, rank: int, world: int, relay: Relay | None = None) -> None:
@@ -167,6 +189,7 @@ def run_replica(job: Job, run_dir: Path, rank: int, world: int, relay: Relay | N
     torch.manual_seed(job.seed)
     data = load_data(job.data, job.model)
     module = build_module(job)
+    torch.manual_seed(job.seed)  # the run's randomness (dropout) starts at the seed
     with_mask = takes_mask(module)
     loss_fn = loss_of(job.task, job.model)
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
@@ -227,7 +250,7 @@ def report(line: dict[str, Any], relay: Relay | None) -> None:
 class Relay:
     """Across hosts (`lamc train --hosts`): a torch.distributed TCPStore beside the
     process group, served by rank 0 (at stage 0's port + 1). Rank 0 hands the others the
-    job and the data; the last rank hands rank 0 each step's record; at the end every rank
+    job, the data and their stages' weight slices; the last rank hands rank 0 each step's record; at the end every rank
     hands rank 0 its trained weights and its peak memory."""
 
     def __init__(self, host: str, port: int, rank: int, world: int, timeout_s: float) -> None:
@@ -245,6 +268,18 @@ class Relay:
         self.store.set("lamc/job", (run_dir / "job.json").read_bytes())  # type: ignore[arg-type]  # bytes pass as they are
         self.store.set("lamc/data", Path(job.data).read_bytes())  # type: ignore[arg-type]
         self.store.set("lamc/data-suffix", Path(job.data).suffix or ".npz")
+        if job.start_step > 0:  # the checkpoint the run resumes from, for the other hosts
+            folder = checkpoint.step_dir(run_dir, job.start_step)
+            names = sorted(p.name for p in folder.iterdir() if p.is_file())
+            self.store.set("lamc/resume", json.dumps(names))
+            for name in names:
+                self.store.set(f"lamc/resume/{name}", (folder / name).read_bytes())  # type: ignore[arg-type]
+        if not job.replicas:  # each stage's slice, and their listing, for the other hosts
+            listing = run_dir / slices.SLICES / slices.LISTING
+            self.store.set("lamc/slices", listing.read_bytes())  # type: ignore[arg-type]
+            for rank in range(1, job.processes):
+                content = (run_dir / slices.stage_file(rank)).read_bytes()
+                self.store.set(f"lamc/slice/{rank}", content)  # type: ignore[arg-type]
 
     def fetch(self, run_dir: Path) -> Job:
         import dataclasses
@@ -256,7 +291,35 @@ class Relay:
         data.write_bytes(self.store.get("lamc/data"))
         job = dataclasses.replace(job, data=str(data))
         job.write(run_dir / "job.json")
+        if job.start_step > 0:
+            folder = checkpoint.step_dir(run_dir, job.start_step)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in json.loads(self.store.get("lamc/resume")):
+                if "/" in name or name.startswith("."):
+                    raise ValueError(f"checkpoint file name {name!r} from stage 0")
+                (folder / name).write_bytes(self.store.get(f"lamc/resume/{name}"))
+        if not job.replicas:  # checked against the listing's sha256 when loaded
+            (run_dir / slices.SLICES).mkdir(exist_ok=True)
+            listing = run_dir / slices.SLICES / slices.LISTING
+            listing.write_bytes(self.store.get("lamc/slices"))
+            slice_file = run_dir / slices.stage_file(self.rank)
+            slice_file.write_bytes(self.store.get(f"lamc/slice/{self.rank}"))
         return job
+
+    def gather_checkpoint(self, run_dir: Path, step: int, world: int) -> None:
+        """Every stage's part of the checkpoint of `step` into rank 0's run directory,
+        where `lamc train --resume` finds it (rank 0 then marks it complete)."""
+        folder = checkpoint.step_dir(run_dir, step)
+        if self.rank != 0:
+            name = f"stage-{self.rank}.safetensors"
+            self.store.set(f"lamc/checkpoint/{step}/{name}", (folder / name).read_bytes())  # type: ignore[arg-type]
+            return
+        for other in range(1, world):
+            name = f"stage-{other}.safetensors"
+            key = f"lamc/checkpoint/{step}/{name}"
+            content = self.store.get(key)
+            replace_file(folder / name, lambda path, c=content: path.write_bytes(c))  # type: ignore[misc]
+            self.store.delete_key(key)
 
     def put(self, line: dict[str, Any]) -> None:
         self.store.set(f"lamc/step/{line['step']}", json.dumps(line))
@@ -331,6 +394,7 @@ def run_reference(job: Job) -> tuple[list[float], dict[str, np.ndarray]]:
     torch.manual_seed(job.seed)
     data = load_data(job.data, job.model)
     module = build_module(job)
+    torch.manual_seed(job.seed)  # the run's randomness (dropout) starts at the seed
     with_mask = takes_mask(module)
     loss_fn = loss_of(job.task, job.model)
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]

@@ -4,6 +4,7 @@ why."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -256,3 +257,72 @@ def test_a_stage_killed_mid_run_resumes_from_its_checkpoint_with_the_same_losses
     assert (run / "model.safetensors").is_file() and not (run / "checkpoints").exists()
     again = lamc("train", "--resume", str(run))
     assert again.code == 2 and "the run has finished" in again.final
+
+
+def test_checkpoints_across_hosts_are_kept_where_the_run_was_launched(
+    setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`--hosts` with `--checkpoint-every`: every stage's part of each checkpoint reaches
+    stage 0's run directory. The host of stage 1 dies mid-run; `lamc train --resume RUN
+    --hosts` continues there with a new stage 1 joining, which receives the checkpoint,
+    and the losses equal an uninterrupted run's."""
+    from tests.runtime.servers import free_port
+
+    topology, data = setup
+    steps, every = 6, 2
+    code, _, final = _train(topology, data, tmp_path / "near", "--steps", str(steps))
+    assert code == 0, final
+    expected = [
+        s["loss"] for s in json.loads((tmp_path / "near" / "run.json").read_text())["steps"]
+    ]
+
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text(f"stages:\n  - 127.0.0.1:{free_port()}\n  - 127.0.0.1:{free_port()}\n")
+    env = {**os.environ, "LAMC_TRAIN_TIMEOUT_S": "60"}
+    join = [sys.executable, "-m", "lamc", "train", "--join", str(hosts), "--stage", "1"]
+    joined = subprocess.Popen(
+        join, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
+    )
+    run = tmp_path / "far"
+    command = [
+        sys.executable, "-m", "lamc", "train", MODEL, "-t", str(topology), "--method", "full",
+        "--data", str(data), "-o", str(run), "--steps", str(steps), "--micro-batches", "4",
+        "--dims", "batch=2", "--optimizer", "sgd", "--json", "--checkpoint-every", str(every),
+        "--hosts", str(hosts),
+    ]  # fmt: skip
+    launched = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    assert launched.stdout is not None
+    try:
+        for line in launched.stdout:
+            if line.startswith("{") and json.loads(line)["step"] == 2:
+                os.killpg(joined.pid, signal.SIGKILL)  # stage 1's host is gone
+                break
+        _, stderr = launched.communicate(timeout=180)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(joined.pid, signal.SIGKILL)
+        launched.kill()
+    assert launched.returncode == 10, stderr
+    assert "lamc train --resume" in stderr, stderr
+    saved = sorted((run / "checkpoints").glob("step-*/complete.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text())["step"] == 2
+    assert sorted(p.name for p in saved[0].parent.glob("stage-*")) == [
+        "stage-0.safetensors",
+        "stage-1.safetensors",
+    ]
+
+    rejoined = subprocess.Popen(
+        join, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    try:
+        outcome = lamc("train", "--resume", str(run), "--hosts", str(hosts), "--json")
+        rejoined_out, _ = rejoined.communicate(timeout=120)
+    finally:
+        rejoined.kill()
+    assert outcome.code == 0, outcome.stdout + outcome.final
+    assert rejoined.returncode == 0, rejoined_out
+    record = json.loads((run / "run.json").read_text())
+    assert [s["step"] for s in record["steps"]] == list(range(steps))
+    np.testing.assert_allclose([s["loss"] for s in record["steps"]], expected, rtol=1e-5)
