@@ -64,12 +64,26 @@ def compile_with(
     return time.perf_counter() - started
 
 
-def session_only(out: Path, stage: int) -> float:
-    """Seconds from process launch to one ready ONNX Runtime session of `stage` (it says so
-    on stdout), in a fresh
-    interpreter that imports nothing but ONNX Runtime, numpy and lamc's session options:
-    the stage's graph, its weights memory-mapped and handed over as a stage server does.
-    Reading the manifest is left to the parent (a server pays for it; this does not)."""
+# A fresh interpreter's least work for one stage's session: argv[1] the stage graph, argv[2]
+# its weights (file, name, offset, length, dtype, shape), mapped and handed over as a
+# stage server does.
+BARE_SESSION = (
+    "import json, sys\n"
+    "import numpy as np\n"
+    "from lamc.backends.onnxruntime.run import load\n"
+    "model, weights = sys.argv[1], json.loads(sys.argv[2])\n"
+    "files, arrays = {}, {}\n"
+    "for path, name, offset, length, dtype, shape in weights:\n"
+    "    if path not in files:\n"
+    "        files[path] = np.memmap(path, dtype=np.uint8, mode='r')\n"
+    "    raw = files[path][offset : offset + length]\n"
+    "    arrays[name] = raw.view(np.dtype(dtype)).reshape(shape)\n"
+    "runner = load(model, ['CPUExecutionProvider'], initializers=arrays)\n"
+)
+
+
+def _stage_files(out: Path, stage: int) -> tuple[str, str]:
+    """The stage graph's path and its weights as BARE_SESSION takes them (JSON)."""
     import json
 
     from lamc.verify import read_manifest
@@ -79,26 +93,21 @@ def session_only(out: Path, stage: int) -> float:
         [str(out / w.file), w.name, w.offset, w.length, w.dtype, list(w.shape)]
         for w in spec.weights
     ]
-    code = (
-        "import json, sys\n"
-        "import numpy as np\n"
-        "from lamc.backends.onnxruntime.run import load\n"
-        "model, weights = sys.argv[1], json.loads(sys.argv[2])\n"
-        "files, arrays = {}, {}\n"
-        "for path, name, offset, length, dtype, shape in weights:\n"
-        "    if path not in files:\n"
-        "        files[path] = np.memmap(path, dtype=np.uint8, mode='r')\n"
-        "    raw = files[path][offset : offset + length]\n"
-        "    arrays[name] = raw.view(np.dtype(dtype)).reshape(shape)\n"
-        "load(model, ['CPUExecutionProvider'], initializers=arrays)\n"
-        "print('ready', flush=True)\n"
-    )
-    model = str(out / spec.model)
+    return str(out / spec.model), json.dumps(weights)
+
+
+def session_only(out: Path, stage: int) -> float:
+    """Seconds from process launch to one ready ONNX Runtime session of `stage` (it says so
+    on stdout), in a fresh interpreter that imports nothing but ONNX Runtime, numpy and
+    lamc's session options (BARE_SESSION). Reading the manifest is left to the parent (a
+    server pays for it; this does not)."""
+    model, weights = _stage_files(out, stage)
+    code = BARE_SESSION + "print('ready', flush=True)\n"
     started = time.perf_counter()
     # Timed to the session being ready, not to the process's exit (tearing the session
     # and the interpreter down takes another 60-100 ms, which a server never pays).
     process = subprocess.Popen(
-        [sys.executable, "-c", code, model, json.dumps(weights)],
+        [sys.executable, "-c", code, model, weights],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -115,29 +124,12 @@ def floor_server(out: Path, stage: int) -> float:
     the bare session above, then asyncio, gRPC and its health service imported and a
     grpc.aio server started with SERVING set (no manifest, no checks, no warm-up, no lamc).
     What lamc serve adds beyond it is lamc's own cost."""
-    import json
-
     from lamc.runtime import wire
-    from lamc.verify import read_manifest
-    from tests.runtime.servers import free_port, wait_serving
+    from tests.runtime.servers import free_port
 
-    spec = read_manifest(out).stages[stage]
-    weights = [
-        [str(out / w.file), w.name, w.offset, w.length, w.dtype, list(w.shape)]
-        for w in spec.weights
-    ]
-    code = (
-        "import json, sys\n"
-        "import numpy as np\n"
-        "from lamc.backends.onnxruntime.run import load\n"
-        "model, weights, address, service = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]\n"
-        "files, arrays = {}, {}\n"
-        "for path, name, offset, length, dtype, shape in weights:\n"
-        "    if path not in files:\n"
-        "        files[path] = np.memmap(path, dtype=np.uint8, mode='r')\n"
-        "    raw = files[path][offset : offset + length]\n"
-        "    arrays[name] = raw.view(np.dtype(dtype)).reshape(shape)\n"
-        "runner = load(model, ['CPUExecutionProvider'], initializers=arrays)\n"
+    model, weights = _stage_files(out, stage)
+    code = BARE_SESSION + (
+        "address, service = sys.argv[3], sys.argv[4]\n"
         "import asyncio, grpc\n"
         "from grpc_health.v1 import _async as health_aio, health_pb2, health_pb2_grpc\n"
         "async def main():\n"
@@ -151,13 +143,15 @@ def floor_server(out: Path, stage: int) -> float:
         "asyncio.run(main())\n"
     )
     address = f"127.0.0.1:{free_port()}"
+    return _to_serving([sys.executable, "-c", code, model, weights, address, wire.SERVICE], address)
+
+
+def _to_serving(command: list[str], address: str) -> float:
+    """Seconds from launching `command` to health SERVING at `address` (then stopped)."""
+    from tests.runtime.servers import wait_serving
+
     started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-c", code, str(out / spec.model), json.dumps(weights), address,
-         wire.SERVICE],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_serving(address, timeout_s=300, process=process)
         return time.perf_counter() - started
@@ -191,22 +185,13 @@ def optimisation_levels(out: Path, stage: int, repeats: int) -> dict[str, float]
 
 def server_start(out: Path, stage: int) -> float:
     """Seconds from `lamc serve` launch to health SERVING."""
-    from tests.runtime.servers import free_port, wait_serving
+    from tests.runtime.servers import free_port
 
     address = f"127.0.0.1:{free_port()}"
     # The next stage is not running: a stage server connects to it lazily.
     command = [sys.executable, "-m", "lamc", "serve", str(out), "--stage", str(stage)]
     command += ["--next", f"127.0.0.1:{free_port()}"]
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [*command, "--listen", address], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        wait_serving(address, timeout_s=300, process=process)
-        return time.perf_counter() - started
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+    return _to_serving([*command, "--listen", address], address)
 
 
 def _standby_ready(logs: Path, stages: int, timeout_s: float = 300.0) -> None:
