@@ -169,6 +169,15 @@ from lamc.errors import ExitCode, UsageError
     "all-reduced (the plan's `data parallel` row; refused where it does not fit).",
 )
 @click.option(
+    "--replicate",
+    type=click.Choice(["auto", "off"]),
+    default="auto",
+    show_default=True,
+    help="auto: a stage may run on a group of devices (each a share of the micro-batches, "
+    "gradients all-reduced in the group) where that beats every chain and data "
+    "parallelism; off: chains only.",
+)
+@click.option(
     "--hosts",
     "hosts_file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -212,6 +221,7 @@ def train_command(
     resume_dir: Path | None,
     without: str | None,
     data_parallel: bool,
+    replicate: str,
     hosts_file: Path | None,
     join_file: Path | None,
     join_stage: int | None,
@@ -277,7 +287,13 @@ def train_command(
     }
     spec = _training_options(training).spec
     analysed = analyse_model(model, options)
-    plan = plan_training(analysed, topology, _training_options(training), compare=compare)
+    plan = plan_training(
+        analysed,
+        topology,
+        _training_options(training),
+        compare=compare,
+        replicate=replicate == "auto" and not data_parallel,
+    )
     planned = _plan_data(plan)
     if dry_run and as_json:
         click.echo(json.dumps(_finite(planned), indent=2, sort_keys=True))
@@ -295,6 +311,13 @@ def train_command(
     )
     if data_parallel:
         planned = _data_parallel_plan(plan, planned, f"{model} on {topology.name}")
+    elif plan.hybrid is not None:
+        planned = _hybrid_plan(plan, planned)
+        summary = (
+            f"{model} {method} on {topology.name}: {len(plan.hybrid.stages)} stage(s) on "
+            f"{len(planned['stages'])} devices (replicated), step {plan.hybrid.step_ms:.1f} ms, "
+            f"{planned['samples_per_s']:.1f} samples/s"
+        )
     if not dry_run:
         assert data is not None and run_dir is not None
         from lamc.cli.train_run import RunSettings, run_plan
@@ -331,7 +354,7 @@ def training_hosts(path: Path | None, processes: int) -> tuple[str, int] | None:
     if len(endpoints.stages) != processes:
         raise UsageError(
             f"{path} lists {len(endpoints.stages)} host(s); the run has {processes} "
-            "process(es), one a stage (or replica)",
+            "process(es), one a stage (or a stage's member, or a replica)",
             hint="list one HOST:PORT for each, in the plan's order",
         )
     if endpoints.tls is not None:
@@ -342,6 +365,44 @@ def training_hosts(path: Path | None, processes: int) -> tuple[str, int] | None:
         )
     host, _, port = endpoints.stages[0].rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def _hybrid_plan(plan: Any, planned: dict[str, Any]) -> dict[str, Any]:
+    """The plan summary of a run with replicated stages: one entry a process (a stage's
+    member, with its micro-batches and memory: the whole stage and its share's
+    activations)."""
+    found, cost = plan.hybrid, plan.cost
+    names = [d.name for d in cost.devices]
+    units = cost.inference.workload.units
+    stages = []
+    for position, group in enumerate(found.stages):
+        for device, share in zip(group.members, group.shares):
+            memory = cost.memory(device, group.start, group.end, 1)
+            kept = float(cost.saved[group.start, group.end]) * share
+            stages.append(
+                {
+                    "stage": position,
+                    "device": names[device],
+                    "units": [units[group.start].name, units[group.end - 1].name],
+                    "start_unit": group.start,
+                    "end_unit": group.end,
+                    "micro_batches": share,
+                    "memory_bytes": {
+                        "total": memory.total - memory.activations + kept,
+                        "capacity": memory.capacity,
+                    },
+                }
+            )
+    return {
+        **planned,
+        "choice": "replicated stages",
+        "step_ms": found.step_ms,
+        "bottleneck_ms": found.bottleneck_ms,
+        "samples_per_s": plan.samples_per_s(found.step_ms),
+        "stage_groups": [list(g.shares) for g in found.stages],
+        "stage_starts": [g.start for g in found.stages],
+        "stages": stages,
+    }
 
 
 def _data_parallel_plan(plan: Any, planned: dict[str, Any], what: str) -> dict[str, Any]:
@@ -397,7 +458,9 @@ def replan_training(model: str, replan: dict[str, Any], gone: tuple[str, ...]) -
     if options.get("dump_ir") is not None:
         options["dump_ir"] = Path(options["dump_ir"])
     analysed = analyse_model(model, options)
-    plan = plan_training(analysed, topology.without(set(gone)), _training_options(training))
+    plan = plan_training(
+        analysed, topology.without(set(gone)), _training_options(training), replicate=False
+    )
     if plan.solution is None:
         raise CommandOutcome(
             int(ExitCode.NO_FIT),
@@ -458,8 +521,16 @@ def _plan_data(plan: Any) -> dict[str, Any]:
         "bottleneck_ms": solution.bottleneck_ms if solution is not None else math.inf,
         "samples_per_s": plan.samples_per_s(step),
         "bottleneck_candidates": solution.candidates if solution is not None else 0,
-        "choice": "pipeline" if plan.replicated is None else "data parallel",
+        "choice": (
+            "replicated stages"
+            if plan.hybrid is not None
+            else "pipeline"
+            if plan.replicated is None
+            else "data parallel"
+        ),
         "data_parallel_step_ms": plan.replicated.step_ms if plan.replicated else None,
+        "replicated_stages": _hybrid_data(plan),
+        "notes": [plan.hybrid_note] if plan.hybrid_note else [],
         "compare": [
             {
                 "name": b.name,
@@ -470,6 +541,28 @@ def _plan_data(plan: Any) -> dict[str, Any]:
                 "reason": b.reason,
             }
             for b in plan.baselines
+        ],
+    }
+
+
+def _hybrid_data(plan: Any) -> dict[str, Any] | None:
+    """The faster plan with replicated stages, when there is one."""
+    found = plan.hybrid
+    if found is None:
+        return None
+    names = [d.name for d in plan.cost.devices]
+    units = plan.cost.inference.workload.units
+    return {
+        "step_ms": found.step_ms,
+        "samples_per_s": plan.samples_per_s(found.step_ms),
+        "all_reduce_ms": found.reduce_ms,
+        "stages": [
+            {
+                "devices": [names[e] for e in s.members],
+                "micro_batches": list(s.shares),
+                "units": [units[s.start].name, units[s.end - 1].name],
+            }
+            for s in found.stages
         ],
     }
 
@@ -518,6 +611,25 @@ def _render(data: dict[str, Any]) -> None:
             f"data parallelism over every device beats every pipeline: "
             f"{data['data_parallel_step_ms']:.2f} ms per step"
         )
+    hybrid = data.get("replicated_stages")
+    if hybrid:
+        stages = "; ".join(
+            f"{'+'.join(s['devices'])} [{' .. '.join(dict.fromkeys(s['units']))}]"
+            + (
+                f" micro-batches {'/'.join(str(k) for k in s['micro_batches'])}"
+                if len(s["devices"]) > 1
+                else ""
+            )
+            for s in hybrid["stages"]
+        )
+        console.print(
+            f"replicated stages beat every chain and data parallelism: "
+            f"{hybrid['step_ms']:.2f} ms per step ({hybrid['samples_per_s']:.1f} samples/s; "
+            f"all-reduce {hybrid['all_reduce_ms']:.2f} ms): {stages}. A run takes them "
+            "(--replicate off: the chain above)"
+        )
+    for note in data.get("notes", ()):
+        console.print(note)
     if data["compare"]:
         compare = Table(title="against")
         for column in ("plan", "how", "step ms", "samples/s", "vs lamc"):

@@ -58,13 +58,26 @@ def run_plan(
     task = "custom" if user_loss(model) is not None else dataset.task
     spec = plan.cost.spec
     replicas = tuple(planned.get("replicas", ()))  # --data-parallel
+    groups = tuple(tuple(g) for g in planned.get("stage_groups", ()))  # replicated stages
+    units = analysed.workload.units
+    if replicas:
+        cuts: tuple[str, ...] = ()
+    elif groups:
+        cuts = tuple(units[k].name.split("+")[0] for k in planned["stage_starts"][1:])
+    else:
+        cuts = split_points(plan.solution.segments, analysed)
     job = Job(
         model=model,
         method=spec.method,
         data=str(data.resolve()),
-        split_points=() if replicas else split_points(plan.solution.segments, analysed),
-        devices=tuple(s["device"] for s in planned["stages"]) if replicas else plan_devices(plan),
+        split_points=cuts,
+        devices=(
+            tuple(s["device"] for s in planned["stages"])
+            if replicas or groups
+            else plan_devices(plan)
+        ),
         replicas=replicas,
+        stage_groups=groups,
         micro_batches=spec.micro_batches,
         micro_batch_size=int(analysed.workload.binding.get("batch", 1)),
         steps=settings.steps,
@@ -98,6 +111,14 @@ def run_plan(
     with atomic_directory(run_dir, owner_file="run.json") as tmp:
         (tmp / "plan.json").write_text(plan_text)
         return _execute(job, tmp, planned, as_json, shown=run_dir, hosts=settings.hosts)
+
+
+def _processes(job: Any) -> str:
+    if job.replicas:
+        return f"{len(job.devices)} replica process(es)"
+    if job.stage_groups:
+        return f"{job.stages} stage(s) on {job.processes} processes (replicated)"
+    return f"{len(job.devices)} stage process(es)"
 
 
 def split_points(segments: Any, analysed: Any) -> tuple[str, ...]:
@@ -149,6 +170,7 @@ def resume_run(
             job,
             split_points=split_points(plan.solution.segments, analysed),
             devices=plan_devices(plan),
+            stage_groups=(),  # the chain made anew
         )
         (run_dir / "plan.json").write_text(json.dumps(planned, indent=2, sort_keys=True) + "\n")
         job.write(run_dir / "job.json")
@@ -279,6 +301,6 @@ def _execute(
     replace_file(where / "run.json", lambda path: path.write_text(text))
     return (
         f"{job.model} {job.method} -> {shown}/{result.name}: {job.steps} steps on "
-        f"{len(job.devices)} {'replica' if job.replicas else 'stage'} process(es), loss {records[0]['loss']:.4f} -> "
+        f"{_processes(job)}, loss {records[0]['loss']:.4f} -> "
         f"{records[-1]['loss']:.4f}, step {measured:.0f} ms (predicted {predicted:.0f} ms)"
     )

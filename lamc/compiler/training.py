@@ -21,6 +21,7 @@ import numpy as np
 from lamc.compiler.analysis import Analysed
 from lamc.cost import CostModel
 from lamc.errors import UsageError
+from lamc.passes.partition import hybrid as hybrid_search
 from lamc.passes.partition.training import TrainingProblem, TrainingSolution, solve
 from lamc.passes.partition.training_baselines import (
     TrainingAlternative,
@@ -56,14 +57,26 @@ class TrainingPlan:
     samples_per_step: int
     lora_rank: int = 8
     prompt_tokens: int = 20
+    # The best pipeline whose stages may run on groups of devices, when one of its stages
+    # is replicated and it beats every chain and data parallelism (else None); `hybrid_note`
+    # says why it was not searched.
+    hybrid: hybrid_search.HybridSolution | None = None
+    hybrid_note: str = ""
 
     def samples_per_s(self, step_ms: float) -> float:
         return self.samples_per_step * 1000.0 / step_ms if math.isfinite(step_ms) else 0.0
 
 
 def plan_training(
-    analysed: Analysed, topology: Topology, options: TrainingOptions, *, compare: bool = False
+    analysed: Analysed,
+    topology: Topology,
+    options: TrainingOptions,
+    *,
+    compare: bool = False,
+    replicate: bool = True,
 ) -> TrainingPlan:
+    """The training plan; `replicate`: also search pipelines whose stages may run on groups
+    of devices (`passes.partition.hybrid`)."""
     module = _source_module(analysed)
     units = analysed.workload.units
     owners = _unit_modules(module, [u.name for u in units])
@@ -124,18 +137,65 @@ def plan_training(
         raise UsageError(str(exc)) from None
     everywhere = data_parallel(cost, problem)
     best_pipeline = solution.step_ms if solution is not None else math.inf
+    hybrid, hybrid_note = (
+        _hybrid(cost, problem, min(best_pipeline, everywhere.step_ms)) if replicate else (None, "")
+    )
+    if hybrid is not None:
+        everywhere_better = False
+    else:
+        everywhere_better = everywhere.step_ms < best_pipeline * (1 - 1e-9)
     return TrainingPlan(
         cost=cost,
         problem=problem,
         solution=solution,
         baselines=alternatives(cost, problem) if compare else (),
-        replicated=everywhere if everywhere.step_ms < best_pipeline * (1 - 1e-9) else None,
+        replicated=everywhere if everywhere_better else None,
         trainable_params=int(trainable.sum() // BYTES_PER_PARAM),
         targets=targets,
         samples_per_step=batch * options.spec.micro_batches,
         lora_rank=options.lora_rank,
         prompt_tokens=options.prompt_tokens,
+        hybrid=hybrid,
+        hybrid_note=hybrid_note,
     )
+
+
+def _hybrid(
+    cost: TrainingCost, problem: TrainingProblem, best_ms: float
+) -> tuple[hybrid_search.HybridSolution | None, str]:
+    """The best pipeline of device groups when a replicated stage makes it faster than
+    `best_ms` (the best chain's and data parallelism's step), with a note when the search
+    did not run."""
+    names = [d.name for d in cost.devices]
+    count = len(names)
+    if count < 2:
+        return None, ""
+    if count > hybrid_search.MAX_DEVICES:
+        return None, (
+            f"replicated stages not searched: {count} devices, the search takes at most "
+            f"{hybrid_search.MAX_DEVICES}"
+        )
+    topology = cost.inference.topology
+    latency = np.zeros((count, count))
+    per_byte = np.zeros((count, count))
+    probe = 1e6  # bytes: the slope of a transfer's time
+    for a in range(count):
+        for b in range(count):
+            if a != b:
+                fixed = topology.transfer_ms(names[a], names[b], 0.0)
+                latency[a, b] = fixed
+                per_byte[a, b] = (topology.transfer_ms(names[a], names[b], probe) - fixed) / probe
+    found = hybrid_search.solve(
+        hybrid_search.HybridProblem(problem, cost.trainable, latency, per_byte)
+    )
+    # One group of every device is data parallelism, costed as such beside the plan.
+    if found is None or not found.replicated:
+        return None, ""
+    if len(found.stages) == 1 and len(found.stages[0].members) == count:
+        return None, ""
+    if found.step_ms >= best_ms * (1 - 1e-9):
+        return None, ""
+    return found, ""
 
 
 def _source_module(analysed: Analysed) -> Any:

@@ -41,12 +41,33 @@ class Job:
     # Data parallelism: each replica's micro-batches of every step (one process a device,
     # each the whole model); empty: a pipeline of stages.
     replicas: tuple[int, ...] = ()
+    # Replicated stages: for each stage, each member's micro-batches of every step (one
+    # process a member, `devices` listing them stage by stage); empty: one process a stage.
+    stage_groups: tuple[tuple[int, ...], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def processes(self) -> int:
-        """One process a stage, or a replica."""
-        return len(self.replicas) if self.replicas else len(self.split_points) + 1
+        """One process a stage, a stage's member, or a replica."""
+        if self.replicas:
+            return len(self.replicas)
+        if self.stage_groups:
+            return sum(len(g) for g in self.stage_groups)
+        return len(self.split_points) + 1
+
+    @property
+    def stages(self) -> int:
+        return len(self.split_points) + 1
+
+    def stage_of(self, rank: int) -> int:
+        """The stage process `rank` runs (a replica runs the whole model: stage 0)."""
+        if self.replicas:
+            return 0
+        for stage, group in enumerate(self.stage_groups):
+            if rank < len(group):
+                return stage
+            rank -= len(group)
+        return rank
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
@@ -56,6 +77,7 @@ class Job:
         data = json.loads(path.read_text())
         for key in ("split_points", "devices", "lora_targets", "replicas"):
             data[key] = tuple(data.get(key, ()))
+        data["stage_groups"] = tuple(tuple(g) for g in data.get("stage_groups", ()))
         return cls(**data)
 
 

@@ -147,7 +147,7 @@ def run_stage(job: Job, run_dir: Path, rank: int, world: int, relay: Relay | Non
         if job.checkpoint_every and done % job.checkpoint_every == 0 and done < job.steps:
             checkpoint.save(run_dir, done, rank, named, optimizer, skip)
             if relay is not None:  # across hosts, every stage's part is kept on stage 0's
-                relay.gather_checkpoint(run_dir, done, world)
+                relay.gather_checkpoint(run_dir, done, job)
             dist.barrier()
             if rank == 0:
                 checkpoint.mark_complete(run_dir, done, world)
@@ -175,7 +175,7 @@ def write_slices(job: Job, run_dir: Path) -> None:
 
     torch.manual_seed(job.seed)
     data = load_data(job.data, job.model)
-    slices.write(split_module(job, build_module(job), data), job.processes, run_dir)
+    slices.write(split_module(job, build_module(job), data), job.stages, run_dir)
 
 
 def run_replica(job: Job, run_dir: Path, rank: int, world: int, relay: Relay | None = None) -> None:
@@ -278,7 +278,7 @@ class Relay:
             listing = run_dir / slices.SLICES / slices.LISTING
             self.store.set("lamc/slices", listing.read_bytes())  # type: ignore[arg-type]
             for rank in range(1, job.processes):
-                content = (run_dir / slices.stage_file(rank)).read_bytes()
+                content = (run_dir / slices.stage_file(job.stage_of(rank))).read_bytes()
                 self.store.set(f"lamc/slice/{rank}", content)  # type: ignore[arg-type]
 
     def fetch(self, run_dir: Path) -> Job:
@@ -302,24 +302,29 @@ class Relay:
             (run_dir / slices.SLICES).mkdir(exist_ok=True)
             listing = run_dir / slices.SLICES / slices.LISTING
             listing.write_bytes(self.store.get("lamc/slices"))
-            slice_file = run_dir / slices.stage_file(self.rank)
+            slice_file = run_dir / slices.stage_file(job.stage_of(self.rank))
             slice_file.write_bytes(self.store.get(f"lamc/slice/{self.rank}"))
         return job
 
-    def gather_checkpoint(self, run_dir: Path, step: int, world: int) -> None:
-        """Every stage's part of the checkpoint of `step` into rank 0's run directory,
-        where `lamc train --resume` finds it (rank 0 then marks it complete)."""
+    def gather_checkpoint(self, run_dir: Path, step: int, job: Job) -> None:
+        """Every stage's part of the checkpoint of `step` (saved by the stage's first
+        process) into rank 0's run directory, where `lamc train --resume` finds it (rank 0
+        then marks it complete)."""
         folder = checkpoint.step_dir(run_dir, step)
-        if self.rank != 0:
-            name = f"stage-{self.rank}.safetensors"
-            self.store.set(f"lamc/checkpoint/{step}/{name}", (folder / name).read_bytes())  # type: ignore[arg-type]
-            return
-        for other in range(1, world):
-            name = f"stage-{other}.safetensors"
+        savers: dict[int, int] = {}
+        for rank in range(job.processes):
+            savers.setdefault(job.stage_of(rank), rank)
+        for stage, saver in savers.items():
+            name = f"stage-{stage}.safetensors"
             key = f"lamc/checkpoint/{step}/{name}"
-            content = self.store.get(key)
-            replace_file(folder / name, lambda path, c=content: path.write_bytes(c))  # type: ignore[misc]
-            self.store.delete_key(key)
+            if saver == 0:
+                continue
+            if self.rank == saver:
+                self.store.set(key, (folder / name).read_bytes())  # type: ignore[arg-type]
+            elif self.rank == 0:
+                content = self.store.get(key)
+                replace_file(folder / name, lambda path, c=content: path.write_bytes(c))  # type: ignore[misc]
+                self.store.delete_key(key)
 
     def put(self, line: dict[str, Any]) -> None:
         self.store.set(f"lamc/step/{line['step']}", json.dumps(line))
@@ -442,8 +447,14 @@ def main() -> None:
     job = (
         relay.fetch(run_dir) if relay is not None and rank != 0 else Job.read(run_dir / "job.json")
     )
-    run = run_replica if job.replicas else run_stage
-    run(job, run_dir, rank, world, relay)
+    if job.replicas:
+        run_replica(job, run_dir, rank, world, relay)
+    elif job.stage_groups:
+        from lamc.training.groups import run_group_member
+
+        run_group_member(job, run_dir, rank, world, relay)
+    else:
+        run_stage(job, run_dir, rank, world, relay)
     if relay is not None:
         relay.ship(run_dir, world)
     dist.barrier()

@@ -326,3 +326,40 @@ def test_checkpoints_across_hosts_are_kept_where_the_run_was_launched(
     record = json.loads((run / "run.json").read_text())
     assert [s["step"] for s in record["steps"]] == list(range(steps))
     np.testing.assert_allclose([s["loss"] for s in record["steps"]], expected, rtol=1e-5)
+
+
+FAR = """lamc_topology: 1
+name: two-fast-one-far
+devices:
+  - {name: a, host: a, kind: cpu, memory: 4GiB, peak: {fp32: 100GFLOPS}, memory_bandwidth: 20GB/s}
+  - {name: b, host: b, kind: cpu, memory: 4GiB, peak: {fp32: 100GFLOPS}, memory_bandwidth: 20GB/s}
+  - {name: c, host: c, kind: cpu, memory: 4GiB, peak: {fp32: 5GFLOPS}, memory_bandwidth: 5GB/s}
+links:
+  - {a: a, b: b, bandwidth: 10Gbit/s, latency: 0.05ms}
+  - {a: a, b: c, bandwidth: 10Mbit/s, latency: 2ms}
+  - {a: b, b: c, bandwidth: 10Mbit/s, latency: 2ms}
+"""
+
+
+def test_a_run_with_a_replicated_stage(setup: tuple[Path, Path]) -> None:
+    """Two fast devices and a slow one behind a slow link: the plan replicates the model
+    on the two fast ones (every micro-batch shared, gradients all-reduced over their fast
+    link), which beats every chain and data parallelism over all three; the run takes it,
+    and its losses equal the chain's run (`--replicate off`)."""
+    _, data = setup
+    topology = data.parent / "far.yaml"
+    topology.write_text(FAR)
+    code, stdout, final = _train(topology, data, data.parent / "groups")
+    assert code == 0, stdout + final
+    assert "(replicated)" in final, final
+    run = json.loads((data.parent / "groups" / "run.json").read_text())
+    assert run["job"]["stage_groups"] == [[2, 2]]
+    assert [m["device"] for m in run["memory"]] == ["a", "b"]
+    assert all(m["peak_rss_bytes"] for m in run["memory"])
+    code, stdout, final = _train(topology, data, data.parent / "chain", "--replicate", "off")
+    assert code == 0, stdout + final
+    chain = json.loads((data.parent / "chain" / "run.json").read_text())
+    assert not chain["job"]["stage_groups"]
+    assert [s["loss"] for s in run["steps"]] == pytest.approx(
+        [s["loss"] for s in chain["steps"]], rel=1e-5
+    )
