@@ -154,7 +154,17 @@ def run_group_member(
     import torch
     import torch.distributed as dist
 
-    from lamc.training.worker import _save, batch_of, peak_rss, report, split_module, tied_groups
+    from lamc.training.worker import (
+        _save,
+        batch_of,
+        clip_norm,
+        peak_rss,
+        report,
+        split_module,
+        sum_tied,
+        tied_copies,
+        tied_groups,
+    )
 
     ranks, where = layout(job)
     stage, member = where[rank]
@@ -179,18 +189,8 @@ def run_group_member(
 
     # Every process creates every group, in the same order.
     stage_groups = [dist.new_group(r) if len(r) > 1 else None for r in ranks]
-    held = dict(submod.named_parameters(remove_duplicate=False))
-    everyone: list[Any] = [None] * world
-    dist.all_gather_object(everyone, sorted(held))
-    tied: list[tuple[Any, list[Any], bool]] = []
-    tied_ids: set[int] = set()
-    for names in tied_names:
-        holders = [r for r in range(world) if any(n in everyone[r] for n in names)]
-        group = dist.new_group(holders) if len(holders) > 1 else None
-        if rank in holders:
-            copies = list({id(held[n]): held[n] for n in names if n in held}.values())
-            tied.append((group, copies, rank == holders[0]))
-            tied_ids.update(id(p) for p in copies)
+    tied = tied_copies(tied_names, submod, rank, world)
+    tied_ids = {id(p) for _, copies, _ in tied for p in copies}
     # Counted once in the gradient norm and when saving: member 0's, and of a tied weight
     # its first holder's first copy.
     skip = {id(p) for _, copies, owner in tied for p in (copies if not owner else copies[1:])}
@@ -252,12 +252,7 @@ def run_group_member(
         for work in pending:
             work.wait()
         # Gradients: a stage's over its members, a tied weight's over every holder.
-        for group, copies, _ in tied:
-            total = sum((p.grad for p in copies if p.grad is not None), torch.zeros_like(copies[0]))
-            if group is not None:
-                dist.all_reduce(total, group=group)
-            for parameter in copies:
-                parameter.grad = total.clone()
+        sum_tied(tied)
         if stage_groups[stage] is not None:
             for parameter in trainable:
                 if id(parameter) in tied_ids:
@@ -266,22 +261,7 @@ def run_group_member(
                     parameter.grad = torch.zeros_like(parameter)
                 dist.all_reduce(parameter.grad, group=stage_groups[stage])
         if job.clip > 0:
-            local = (
-                sum(
-                    float(p.grad.pow(2).sum())
-                    for p in trainable
-                    if p.grad is not None and id(p) not in skip
-                )
-                if member == 0
-                else 0.0
-            )
-            total_norm = torch.tensor([local], dtype=torch.float64)
-            dist.all_reduce(total_norm)
-            coef = job.clip / (float(total_norm.sqrt()) + 1e-6)
-            if coef < 1.0:
-                for p in trainable:
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
+            clip_norm(job.clip, trainable, skip, counted=member == 0)
         optimizer.step()
         if stage == last_stage:
             summed = torch.tensor([sum(losses)], dtype=torch.float64)

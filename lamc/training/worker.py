@@ -79,18 +79,7 @@ def run_stage(job: Job, run_dir: Path, rank: int, world: int, relay: Relay | Non
     slices.load_into(pipe.get_stage_module(rank), run_dir, rank)
     stage = pipe.build_stage(rank, torch.device("cpu"))
     torch.manual_seed(job.seed)  # the run's randomness (dropout) starts at the seed
-    mine = dict(stage.submod.named_parameters(remove_duplicate=False))
-    # Which ranks hold a copy of each tied weight: a group of its own to sum gradients in.
-    everyone: list[Any] = [None] * world
-    dist.all_gather_object(everyone, sorted(mine))
-    tied: list[tuple[Any, list[Any], bool]] = []  # (group or None, my copies, I own it)
-    for names in groups:
-        holders = [r for r in range(world) if any(n in everyone[r] for n in names)]
-        group = dist.new_group(holders) if len(holders) > 1 else None
-        if rank in holders:
-            copies = list({id(mine[n]): mine[n] for n in names if n in mine}.values())
-            if group is not None or len(copies) > 1:  # a stage alone may hold two copies
-                tied.append((group, copies, rank == holders[0]))
+    tied = tied_copies(groups, stage.submod, rank, world)
     # Counted once (gradient norm, saving): the owner's first copy of each tied weight.
     skip = {id(p) for _, copies, owner in tied for p in (copies if not owner else copies[1:])}
     named = [(n, p) for n, p in stage.submod.named_parameters() if p.requires_grad]
@@ -114,27 +103,9 @@ def run_stage(job: Job, run_dir: Path, rank: int, world: int, relay: Relay | Non
             schedule.step(target=target, losses=losses)
         else:
             schedule.step()
-        for group, copies, _ in tied:
-            # One weight: the sum of every copy's gradient, on every copy (one collective
-            # per group on every holder, whichever of its copies the stage used).
-            total = sum((p.grad for p in copies if p.grad is not None), torch.zeros_like(copies[0]))
-            if group is not None:
-                dist.all_reduce(total, group=group)
-            for parameter in copies:
-                parameter.grad = total.clone()
+        sum_tied(tied)
         if job.clip > 0:
-            local = sum(
-                float(p.grad.pow(2).sum())
-                for p in trainable
-                if p.grad is not None and id(p) not in skip
-            )
-            total = torch.tensor([local], dtype=torch.float64)
-            dist.all_reduce(total)
-            coef = job.clip / (float(total.sqrt()) + 1e-6)
-            if coef < 1.0:
-                for p in trainable:
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
+            clip_norm(job.clip, trainable, skip)
         optimizer.step()
         if last:
             loss = float(torch.stack(losses).mean())
@@ -153,6 +124,66 @@ def run_stage(job: Job, run_dir: Path, rank: int, world: int, relay: Relay | Non
                 checkpoint.mark_complete(run_dir, done, world)
     _save(stage.submod, run_dir / f"stage-{rank}.safetensors", skip)
     (run_dir / f"stage-{rank}.json").write_text(json.dumps({"peak_rss_bytes": peak_rss()}) + "\n")
+
+
+def tied_copies(
+    groups: list[list[str]], stage: Any, rank: int, world: int
+) -> list[tuple[Any, list[Any], bool]]:
+    """For each weight tied across the module (`groups` of names) that this rank's `stage`
+    holds: (the process group of every rank holding a copy, or None, this rank's copies,
+    whether this rank owns it). Every rank takes part in creating every group."""
+    import torch.distributed as dist
+
+    mine = dict(stage.named_parameters(remove_duplicate=False))
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, sorted(mine))
+    tied: list[tuple[Any, list[Any], bool]] = []
+    for names in groups:
+        holders = [r for r in range(world) if any(n in everyone[r] for n in names)]
+        group = dist.new_group(holders) if len(holders) > 1 else None
+        if rank in holders:
+            copies = list({id(mine[n]): mine[n] for n in names if n in mine}.values())
+            if group is not None or len(copies) > 1:  # a stage alone may hold two copies
+                tied.append((group, copies, rank == holders[0]))
+    return tied
+
+
+def sum_tied(tied: list[tuple[Any, list[Any], bool]]) -> None:
+    """One weight: the sum of every copy's gradient, on every copy (one collective per
+    group on every holder, whichever of its copies the stage used)."""
+    import torch
+    import torch.distributed as dist
+
+    for group, copies, _ in tied:
+        total = sum((p.grad for p in copies if p.grad is not None), torch.zeros_like(copies[0]))
+        if group is not None:
+            dist.all_reduce(total, group=group)
+        for parameter in copies:
+            parameter.grad = total.clone()
+
+
+def clip_norm(clip: float, trainable: list[Any], skip: set[int], counted: bool = True) -> None:
+    """Scale every gradient so that the global norm over all processes is at most `clip`;
+    `counted`: this process's gradients count in the norm (one of a stage's members)."""
+    import torch
+    import torch.distributed as dist
+
+    local = (
+        sum(
+            float(p.grad.pow(2).sum())
+            for p in trainable
+            if p.grad is not None and id(p) not in skip
+        )
+        if counted
+        else 0.0
+    )
+    total = torch.tensor([local], dtype=torch.float64)
+    dist.all_reduce(total)
+    coef = clip / (float(total.sqrt()) + 1e-6)
+    if coef < 1.0:
+        for p in trainable:
+            if p.grad is not None:
+                p.grad.mul_(coef)
 
 
 def split_module(job: Job, module: Any, data: Dataset) -> Any:
