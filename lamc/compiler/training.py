@@ -170,10 +170,11 @@ def _hybrid(
     count = len(names)
     if count < 2:
         return None, ""
-    if count > hybrid_search.MAX_DEVICES:
+    if not hybrid_search.searchable(count, cost.n):
         return None, (
-            f"replicated stages not searched: {count} devices, the search takes at most "
-            f"{hybrid_search.MAX_DEVICES}"
+            f"replicated stages not searched: {count} devices and {cost.n} units are past "
+            f"the exact search's budget (4^devices x (units + 1)^2 <= "
+            f"{hybrid_search.WORK_BUDGET:,}: 4 devices and 12 units, 3 and 25, 2 and 51)"
         )
     topology = cost.inference.topology
     latency = np.zeros((count, count))

@@ -22,7 +22,7 @@ parallelism, so the search covers both. It is exact over ordered sequences of di
 groups, as `passes.partition.training` is over ordered devices: the bottleneck B is fixed
 to each candidate value in turn and a DP over (devices used, first group) minimises the
 rest; `brute_force` checks it on small instances. The state space is 3^D, so the search
-takes at most `MAX_DEVICES` devices.
+takes at most `MAX_DEVICES` devices, and only within `WORK_BUDGET`.
 """
 
 from __future__ import annotations
@@ -36,6 +36,15 @@ import numpy as np
 from lamc.passes.partition.training import TrainingProblem
 
 MAX_DEVICES = 5
+# The search's work grows as 4^D (n+1)^2 (device sets, first groups, the groups after, and
+# the cuts): 4 devices and 12 units take about 1.5 s here, 4 and 24 about 8 s. Past this
+# budget it does not run (a plan says so).
+WORK_BUDGET = 45_000
+
+
+def searchable(devices: int, units: int) -> bool:
+    """Whether the search takes `devices` devices and `units` units within its budget."""
+    return devices <= MAX_DEVICES and 4**devices * (units + 1) ** 2 <= WORK_BUDGET
 
 
 @dataclass(frozen=True)

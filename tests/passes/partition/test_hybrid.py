@@ -125,3 +125,8 @@ def test_more_devices_than_the_search_takes_are_refused() -> None:
     hybrid = hy.HybridProblem(problem, np.zeros((3, 3)), np.zeros((d, d)), np.zeros((d, d)))
     with pytest.raises(ValueError, match=f"at most {hy.MAX_DEVICES} devices"):
         hy.solve(hybrid)
+
+
+def test_the_search_runs_within_its_budget_only() -> None:
+    assert hy.searchable(4, 12) and hy.searchable(3, 25) and hy.searchable(2, 51)
+    assert not hy.searchable(4, 24) and not hy.searchable(hy.MAX_DEVICES + 1, 1)
