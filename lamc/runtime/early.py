@@ -118,7 +118,7 @@ class HeadStart:
     built (concurrent.futures is not imported this early)."""
 
     def __init__(self, key: ServeKey, stage: Mapping[str, Any]) -> None:
-        from lamc.paths import safe_path
+        from lamc.paths import safe_path, sha256_file
 
         self.key = key
         out_dir = key[0]
@@ -134,11 +134,8 @@ class HeadStart:
             file = safe_path(out_dir, path, "files")
             if file.stat().st_size != int(item["size"]):
                 raise ValueError(f"{path}: size")
-            if path not in bulk:
-                from lamc.paths import sha256_file
-
-                if sha256_file(file) != item["sha256"]:
-                    raise ValueError(f"{path}: sha256")
+            if path not in bulk and sha256_file(file) != item["sha256"]:
+                raise ValueError(f"{path}: sha256")
         self.model_sha256 = str(files[self.model]["sha256"])
         session = stage.get("session") or {}
         self.threads = key[4] if key[4] is not None else int(session.get("threads", 0))

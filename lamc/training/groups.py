@@ -22,6 +22,7 @@ block: no cycle can wait on itself.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,4 @@ def run_group_member(
                 checkpoint.mark_complete(run_dir, done, stages)
     if member == 0:
         _save(submod, run_dir / f"stage-{stage}.safetensors", skip)
-    import json
-
     (run_dir / f"stage-{rank}.json").write_text(json.dumps({"peak_rss_bytes": peak_rss()}) + "\n")

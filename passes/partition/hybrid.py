@@ -122,9 +122,9 @@ class HybridProblem:
                 )  # [n+1, n+1]: the ring's slowest hop
                 self.reduce[g] = np.where(trainable > 0, 2 * (k - 1) * hop, 0.0)
 
-    def fits(self, g: int, from_end: int) -> np.ndarray:
+    def fits(self, g: int) -> np.ndarray:
         """[n+1, n+1] bool: every member holds the stage with its share's activations
-        (GPipe's order: all of them; `from_end` kept for the search's bookkeeping)."""
+        (GPipe's order keeps all of them, wherever the stage is in the pipeline)."""
         p = self.problem
         members = list(self.members[g])
         kept = self.shares[g]
@@ -155,7 +155,7 @@ class HybridProblem:
             used |= g
         works, links, reduces = [], [], []
         for position, (g, i, j) in enumerate(stages):
-            if not self.fits(g, len(stages) - position)[i, j]:
+            if not self.fits(g)[i, j]:
                 return None
             works.append(float(self.busy[g][i, j]) / self.m)
             reduces.append(float(self.reduce[g][i, j]))
@@ -195,7 +195,7 @@ def solve(hybrid: HybridProblem) -> HybridSolution | None:
             f"replicated stages are searched over at most {MAX_DEVICES} devices; "
             f"the topology has {hybrid.D}"
         )
-    fits = {(g, r): hybrid.fits(g, r) for g in hybrid.groups for r in range(1, hybrid.D + 1)}
+    fits = {g: hybrid.fits(g) for g in hybrid.groups}
     unbounded = _least(hybrid, fits, math.inf)
     if unbounded is None:
         return None
@@ -217,17 +217,17 @@ def solve(hybrid: HybridProblem) -> HybridSolution | None:
 
 
 def _least(
-    hybrid: HybridProblem, fits: dict[tuple[int, int], np.ndarray], bound: float
+    hybrid: HybridProblem, fits: dict[int, np.ndarray], bound: float
 ) -> tuple[float, tuple[tuple[int, int, int], ...]] | None:
     """The least sum of works, links, all-reduces and the first stage's update over
     pipelines of groups whose every stage and link is at most `bound`, with its stages.
 
-    g[(S, G, c)][i]: units [i, n) on c stages whose groups cover the device set S, the
-    first of them G: that stage is c from the end, so its memory check is exact."""
+    g[(S, G)][i]: units [i, n) on stages whose groups cover the device set S, the first of
+    them G (a stage's memory does not depend on its place: GPipe's order)."""
     n, m = hybrid.n, hybrid.m
-    values: dict[tuple[int, int, int], np.ndarray] = {}
-    back: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
-    best: tuple[float, int, int, int] | None = None
+    values: dict[tuple[int, int], np.ndarray] = {}
+    back: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    best: tuple[float, int, int] | None = None
     for S in sorted(range(1, 1 << hybrid.D), key=lambda s: bin(s).count("1")):
         for G in hybrid.groups:
             if G & ~S:
@@ -236,47 +236,43 @@ def _least(
             per = hybrid.busy[G] / m
             stage = np.where(per <= bound, per + hybrid.reduce[G], math.inf)
             stage[0] = stage[0] + hybrid.update[G][0]  # a first stage's update ends the step
-            most = bin(S).count("1")
-            for c in range(1, most + 1):
-                if (c == 1) != (rest == 0):
-                    continue
-                if c == 1:
-                    after = np.full(n + 1, math.inf)
-                    after[n] = 0.0
-                    via = np.full(n + 1, -1)
-                else:
-                    options, keys = [], []
-                    for H in hybrid.groups:
-                        following = values.get((rest, H, c - 1))
-                        if H & ~rest or following is None:
-                            continue
-                        link = hybrid.link_row(G, H)
-                        options.append(np.where(link <= bound, link, math.inf) + following)
-                        keys.append(H)
-                    if not options:
+            if rest == 0:
+                after = np.full(n + 1, math.inf)
+                after[n] = 0.0
+                via = np.full(n + 1, -1)
+            else:
+                options, keys = [], []
+                for H in hybrid.groups:
+                    following = values.get((rest, H))
+                    if H & ~rest or following is None:
                         continue
-                    stacked = np.stack(options)
-                    via = np.array(keys)[stacked.argmin(axis=0)]
-                    after = stacked.min(axis=0)
-                total = np.where(fits[(G, c)], stage + after[None, :], math.inf)  # [i, j]
-                cut = total.argmin(axis=1)
-                value = total[np.arange(n + 1), cut]
-                values[(S, G, c)] = value
-                back[(S, G, c)] = (cut, via)
-                if math.isfinite(value[0]) and (best is None or value[0] < best[0] * (1 - 1e-12)):
-                    best = (float(value[0]), S, G, c)
+                    link = hybrid.link_row(G, H)
+                    options.append(np.where(link <= bound, link, math.inf) + following)
+                    keys.append(H)
+                if not options:
+                    continue
+                stacked = np.stack(options)
+                via = np.array(keys)[stacked.argmin(axis=0)]
+                after = stacked.min(axis=0)
+            total = np.where(fits[G], stage + after[None, :], math.inf)  # [i, j]
+            cut = total.argmin(axis=1)
+            value = total[np.arange(n + 1), cut]
+            values[(S, G)] = value
+            back[(S, G)] = (cut, via)
+            if math.isfinite(value[0]) and (best is None or value[0] < best[0] * (1 - 1e-12)):
+                best = (float(value[0]), S, G)
     if best is None:
         return None
     stages = []
-    _, S, G, c = best
+    _, S, G = best
     i = 0
     while True:
-        cut, via = back[(S, G, c)]
+        cut, via = back[(S, G)]
         j = int(cut[i])
         stages.append((G, i, j))
         if j == n:
             break
-        S, G, c, i = S & ~G, int(via[j]), c - 1, j
+        S, G, i = S & ~G, int(via[j]), j
     return best[0], tuple(stages)
 
 

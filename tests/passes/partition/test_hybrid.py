@@ -77,20 +77,27 @@ def _uniform(devices: list[float], units: int, m: int, memory: float = 1e9) -> T
     )
 
 
+def _gradients(
+    problem: TrainingProblem, per_unit: float, latency: float, per_byte: float
+) -> hy.HybridProblem:
+    """`problem` with `per_unit` trainable bytes a unit and uniform links."""
+    n, d = problem.n_units, problem.n_devices
+    t = np.concatenate([[0.0], np.cumsum(np.full(n, per_unit))])
+    return hy.HybridProblem(
+        problem,
+        np.maximum(t[None, :] - t[:, None], 0.0),
+        np.full((d, d), latency),
+        np.full((d, d), per_byte),
+    )
+
+
 def test_the_heavy_stage_replicated_beats_a_deeper_pipeline() -> None:
     """Two fast devices and a slow one, 8 micro-batches: the best chain cannot split 6
     units evenly between speeds 1, 1 and 4; two fast devices sharing every micro-batch
     (pure data parallelism with a small all-reduce) or with the slow one as a short
     stage beats it, and the plan says which members take how many micro-batches."""
     problem = _uniform([1.0, 1.0, 4.0], units=6, m=8)
-    n = problem.n_units
-    t = np.concatenate([[0.0], np.cumsum(np.full(n, 0.1))])
-    hybrid = hy.HybridProblem(
-        problem,
-        np.maximum(t[None, :] - t[:, None], 0.0),
-        np.full((3, 3), 0.05),
-        np.full((3, 3), 0.01),
-    )
+    hybrid = _gradients(problem, per_unit=0.1, latency=0.05, per_byte=0.01)
     solution = hy.solve(hybrid)
     chain = solve_chain(problem)
     assert solution is not None and chain is not None
@@ -105,13 +112,7 @@ def test_replication_is_not_chosen_when_gradients_are_heavy_and_links_slow() -> 
     """Full training over a slow link: the all-reduce of a stage's whole gradient costs
     more than splitting its micro-batches saves, and the plan stays a chain."""
     problem = _uniform([1.0, 1.0], units=4, m=4)
-    t = np.concatenate([[0.0], np.cumsum(np.full(4, 1e4))])
-    hybrid = hy.HybridProblem(
-        problem,
-        np.maximum(t[None, :] - t[:, None], 0.0),
-        np.full((2, 2), 0.1),
-        np.full((2, 2), 1.0),
-    )
+    hybrid = _gradients(problem, per_unit=1e4, latency=0.1, per_byte=1.0)
     solution = hy.solve(hybrid)
     chain = solve_chain(problem)
     assert solution is not None and chain is not None
