@@ -111,7 +111,11 @@ def control_command(
                 len(pipeline.ladder),
                 slo_ms,
             )
-        while not stopping.wait(0.2):
+
+        def log_switches() -> None:
+            # Each switch is logged once, by its index: one that lands while this runs, or
+            # just before a stop signal, is logged on the next pass or the last one.
+            nonlocal seen
             for switch in pipeline.switches[seen:]:
                 logging.getLogger("lamc.control").info(
                     "switched to the plan without %s (%d stages) in %.0f ms",
@@ -119,8 +123,12 @@ def control_command(
                     switch["stages"],
                     switch["switch_ms"],
                 )
-            seen = len(pipeline.switches)
+                seen += 1
+
+        while not stopping.wait(0.2):
+            log_switches()
         asyncio.run_coroutine_threadsafe(controller.stop(), loop).result(timeout=30)
+        log_switches()
         switches = len(pipeline.switches)
         lost = ", ".join(pipeline.lost) or "none"
         variant_switches, level = len(pipeline.variant_switches), pipeline.level
