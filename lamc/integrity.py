@@ -161,6 +161,18 @@ def _check_stage(manifest: Manifest, stage: StageSpec, path: Path) -> None:
         raise IntegrityError(
             f"{path}: stages/{stage.index}/model: {stage.model!r} is not one of the stage's files"
         )
+    if stage.replicas:
+        where = f"{path}: stages/{stage.index}/replicas"
+        devices = [r.device for r in stage.replicas]
+        if devices[0] != stage.device:
+            raise IntegrityError(
+                f"{where}: the first is {devices[0]!r}, not the stage's device {stage.device!r}"
+            )
+        if len(set(devices)) != len(devices):
+            raise IntegrityError(f"{where}: a device serves the stage twice")
+        total = sum(r.share for r in stage.replicas)
+        if abs(total - 1.0) > 1e-3:
+            raise IntegrityError(f"{where}: the shares sum to {total:.6g}, not 1")
 
 
 def _check_stages(manifest: Manifest, stages: tuple[StageSpec, ...], path: Path) -> None:

@@ -24,6 +24,7 @@ from lamc.stagespec import (  # noqa: F401  (the manifest's parts, imported from
     Edge,
     EdgeTensor,
     KVCache,
+    StageReplica,
     StageSpec,
     TensorSpec,
     WeightRef,
@@ -211,6 +212,8 @@ class Manifest:
         for stage in stages:
             if stage.get("to") is None:
                 stage.pop("to", None)  # a chain's stages send to the next
+            if not stage.get("replicas"):
+                stage.pop("replicas", None)
         data["dims"] = {k: asdict(v) for k, v in sorted(self.dims.items())}
         data["tensors"] = {
             k: {f: x for f, x in asdict(v).items() if not (f in ("range", "value") and x is None)}
@@ -221,6 +224,19 @@ class Manifest:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def refuse_replicated(self, what: str) -> None:
+        """Exit 2 when a stage is replicated: `what` (gRPC stage servers and their clients)
+        runs one device a stage; Ray Serve runs replicas."""
+        replicated = [s for s in self.stages if s.replicas]
+        if replicated:
+            stage = replicated[0]
+            raise UsageError(
+                f"stage {stage.index} is replicated over "
+                f"{', '.join(r.device for r in stage.replicas)}; {what} runs one device a stage",
+                hint="serve it on Ray Serve (`lamc serve OUT --ray ADDRESS`, `lamc run OUT "
+                "--ray ADDRESS`), or compile with --replicate off",
+            )
 
     @property
     def is_dag(self) -> bool:

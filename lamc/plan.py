@@ -17,8 +17,21 @@ import itertools
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+
+@dataclass(frozen=True)
+class Replica:
+    """A member of a replicated stage (`--replicate`): it holds the whole stage and takes
+    `share` of the requests (round-robin by speed)."""
+
+    device: str
+    host: str
+    share: float
+    compute_ms: float  # the stage's time on this member
+    memory_bytes: float
+    capacity_bytes: float
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,13 @@ class StagePlan:
     unit_indices: tuple[int, ...] = ()
     after: tuple[int, ...] | None = None
     to: int | None = None
+    # Replicated stages only: every member, this stage's own device first. compute_ms and
+    # transfer_ms are then the group's periods per request (see passes.partition.replicate).
+    replicas: tuple[Replica, ...] = ()
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(r.device for r in self.replicas) or (self.device,)
 
     @property
     def unit_set(self) -> tuple[int, ...]:
@@ -108,7 +128,7 @@ class Placement:
 
 
 _STAGE_TEXT = re.compile(
-    r"^(?P<device>[^\s\[\]>]+)\[(?P<start>\d+):(?P<end>\d+)\](?P<precision>[\w.-]+)$"
+    r"^(?P<device>[^\s\[\]>|]+)\[(?P<start>\d+):(?P<end>\d+)\](?P<precision>[\w.-]+)$"
 )
 
 
@@ -205,6 +225,14 @@ class Plan:
         return index + 1 if index + 1 < len(self.stages) else None
 
     @property
+    def replicated(self) -> bool:
+        return any(s.replicas for s in self.stages)
+
+    @property
+    def devices_used(self) -> set[str]:
+        return {d for s in self.stages for d in s.devices}
+
+    @property
     def placement(self) -> tuple[Placement, ...]:
         return tuple(
             Placement(s.device, s.start_unit, s.end_unit, s.precision, s.codec) for s in self.stages
@@ -215,6 +243,13 @@ class Plan:
         """The placement in its compact text form (see `parse_placement`). A DAG plan's
         text shows its branches side by side, `(a[0:4]fp32 >raw> b[4:9]fp32 & c{9:12}fp32)
         >raw> d[12:14]fp32`; it is for reading, and does not parse back."""
+        if self.replicated:  # `a|b[0:4]fp32`: a stage served by a and b (for reading)
+            return format_placement(
+                tuple(
+                    replace(p, device="|".join(s.devices))
+                    for p, s in zip(self.placement, self.stages, strict=True)
+                )
+            )
         if not self.is_dag:
             return format_placement(self.placement)
         assert self.join is not None
@@ -254,13 +289,16 @@ class Plan:
     def bottleneck(self) -> str:
         """Which stage or link limits throughput."""
         worst = max(
-            [(s.compute_ms, f"stage {s.index} compute on {s.device}") for s in self.stages]
+            [
+                (s.compute_ms, f"stage {s.index} compute on {'|'.join(s.devices)}")
+                for s in self.stages
+            ]
             + [
                 (
                     s.transfer_ms,
-                    f"link {s.device} -> {self.stages[nxt].device}"
+                    f"link {'|'.join(s.devices)} -> {'|'.join(self.stages[nxt].devices)}"
                     if nxt is not None
-                    else f"{s.device} -> client",
+                    else f"{'|'.join(s.devices)} -> client",
                 )
                 for s in self.stages
                 for nxt in [self.successor(s.index)]
@@ -272,10 +310,10 @@ class Plan:
     @property
     def headroom(self) -> float:
         """The smallest fraction of a used device's memory the plan leaves free."""
-        return min(
-            ((s.capacity_bytes - s.memory_bytes) / s.capacity_bytes for s in self.stages),
-            default=1.0,
-        )
+        held = [(s.capacity_bytes, s.memory_bytes) for s in self.stages] + [
+            (r.capacity_bytes, r.memory_bytes) for s in self.stages for r in s.replicas
+        ]
+        return min(((c - m) / c for c, m in held), default=1.0)
 
     @property
     def budgets_ok(self) -> bool:

@@ -78,6 +78,15 @@ class WeightRef:
 
 
 @dataclass(frozen=True)
+class StageReplica:
+    """A device serving a replicated stage, and the share of the requests it takes."""
+
+    device: str
+    host: str
+    share: float
+
+
+@dataclass(frozen=True)
 class StageSpec:
     index: int
     device: str
@@ -101,6 +110,13 @@ class StageSpec:
     # the client); what each receives, and from where, is in the manifest's edges. None:
     # a chain, where stage k sends to k + 1.
     to: int | None = None
+    # A replicated stage (`--replicate`): every device serving it, its own first, each
+    # taking its share of the requests round-robin (empty: the stage's device alone).
+    replicas: tuple[StageReplica, ...] = ()
+
+    @property
+    def members(self) -> tuple[StageReplica, ...]:
+        return self.replicas or (StageReplica(self.device, self.host, 1.0),)
 
 
 def parse_kv(raw: dict[str, Any] | None) -> KVCache | None:
@@ -149,6 +165,10 @@ def parse_stage(s: dict[str, Any]) -> StageSpec:
             for w in s.get("weights", ())
         ),
         to=int(s["to"]) if s.get("to") is not None else None,
+        replicas=tuple(
+            StageReplica(str(r["device"]), str(r["host"]), float(r["share"]))
+            for r in s.get("replicas", ())
+        ),
     )
 
 

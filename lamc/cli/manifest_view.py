@@ -48,7 +48,12 @@ def show_manifest(out: Path, *, as_json: bool) -> str:
         predicted = s.predicted
         table.add_row(
             str(s.index),
-            f"{s.device} @ {s.host} ({s.kind})",
+            f"{s.device} @ {s.host} ({s.kind})"
+            + (
+                "; replicated: " + ", ".join(f"{r.device} {r.share:.0%}" for r in s.replicas)
+                if s.replicas
+                else ""
+            ),
             f"{s.backend} [{', '.join(s.providers)}] {s.precision}",
             units,
             f"{len(s.files)} file(s), {format_bytes(size)}",

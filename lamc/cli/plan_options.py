@@ -43,6 +43,17 @@ def plan_options(fn: Any) -> Any:
             "of their own, when that beats the best chain; off: chains only.",
         ),
         click.option(
+            "--replicate",
+            type=click.Choice(["auto", "off"]),
+            is_flag=False,
+            flag_value="auto",
+            default="off",
+            show_default=True,
+            help="auto (or the flag alone): a stage may also run on a group of devices of the "
+            "same kind, requests reaching them round-robin by speed, when that raises "
+            "throughput over the best chain (served on Ray Serve); off: one device a stage.",
+        ),
+        click.option(
             "--objective",
             type=click.Choice(["auto", "throughput", "latency", "generate"]),
             default="auto",
@@ -170,6 +181,7 @@ def plan_request(
     new_tokens: int = 128,
     input_on: tuple[str, ...] = (),
     branches: str = "auto",
+    replicate: str = "off",
 ) -> Any:
     from lamc.passes.partition.planner import PlanRequest
     from lamc.topology import Budgets, Constraints, parse_fraction
@@ -207,6 +219,7 @@ def plan_request(
         new_tokens=new_tokens,
         input_origins=parse_mapping(input_on, "--input-on"),
         branches=branches,
+        replicate=replicate,
     )
 
 
@@ -231,6 +244,7 @@ def request_from_options(options: dict[str, Any], compare: bool) -> Any:
         options.get("new_tokens") or 128,
         tuple(options.get("input_on") or ()),
         options.get("branches") or "auto",
+        options.get("replicate") or "off",
     )
 
 

@@ -38,9 +38,14 @@ def render_plan(best: Any, cost: Any, *, explain: bool) -> None:
         if best.is_dag:  # the stage it sends to is not always the next row
             target = "client" if s.to is None else f"stage {s.to}"
             to_next = f"to {target}: {to_next}"
+        device = f"{s.device} ({s.kind}, {s.backend})"
+        if s.replicas:  # each member with its share and its own time for the stage
+            device = f"{len(s.replicas)} replicas ({s.kind}, {s.backend}): " + ", ".join(
+                f"{r.device} {r.share:.0%} ({format_ms(r.compute_ms)})" for r in s.replicas
+            )
         table.add_row(
             str(s.index),
-            f"{s.device} ({s.kind}, {s.backend})",
+            device,
             units,
             format_bytes(s.params_bytes),
             s.precision,
@@ -51,6 +56,11 @@ def render_plan(best: Any, cost: Any, *, explain: bool) -> None:
     console.print(table)
     if best.is_dag:
         console.print(f"branch-parallel: {best.text}")
+    if best.replicated:
+        console.print(
+            f"replicated: {best.text} (a replicated stage's compute and transfer are per "
+            "request, its devices together)"
+        )
     for note in best.notes:
         console.print(f"note: {note}")
     console.print(

@@ -164,8 +164,11 @@ def serve_command(
         names = deploy(
             out, ray_address, providers=parse_providers(providers), http=http_listen, token=token
         )
-        stages = sum(1 for n in names if n.startswith("stage"))
+        stages = sum(1 for n in names if n.startswith("stage") and "-r" not in n)
+        replicas = sum(1 for n in names if n.startswith("stage") and "-r" in n)
         rest = f", KServe v2 REST on http://{http_listen}/v2" if http_listen else ""
+        if replicas:
+            rest = f", {replicas} more replica(s) of replicated stages{rest}"
         return f"{out}: deployed {stages} stage(s) on Ray Serve at {ray_address} ({', '.join(names)}){rest}"
     if http_listen is not None:
         raise UsageError("--http is for --ray: a stage server speaks gRPC (see `lamc ingress`)")

@@ -163,6 +163,25 @@ def _build_pipeline(
                 hint="pass --branches off to plan a chain",
             )
         checks.append("branch-parallel: stages on the branches run side by side; no failover plans")
+    if best.replicated:
+        refused = [
+            flag
+            for flag, asked in (
+                ("--failover", bool(options.failover)),
+                ("--variants", bool(options.variants)),
+            )
+            if asked
+        ]
+        if refused:
+            raise UsageError(
+                f"{' and '.join(refused)} are not built for plans with replicated stages (this "
+                f"plan: {best.text}; Ray Serve, which serves it, replaces a lost replica itself)",
+                hint="pass --replicate off to plan one device a stage",
+            )
+        checks.append(
+            "replicated stages: each engine built once for all its devices; serve with "
+            "`lamc serve OUT --ray ADDRESS`; no failover plans"
+        )
     with atomic_directory(out) as tmp, contextlib.closing(SharedWeights(tmp)) as shared:
         graphs, artifacts = _make_stages(analysed, topology, best, tmp, options, timer, shared)
         if options.check:

@@ -85,8 +85,9 @@ def plan_failovers(
 ) -> list[Planned]:
     """Each failover case with its full plan (what the compiler builds stages for).
     Failover plans are chains (what the failover runtime switches between); a
-    branch-parallel primary gets none."""
-    if depth <= 0 or primary.is_dag:
+    branch-parallel primary gets none, nor one with replicated stages (Ray Serve, which
+    serves it, replaces a lost replica itself)."""
+    if depth <= 0 or primary.is_dag or primary.replicated:
         return []
     sets = lost_sets(topology, depth)
     if len(sets) > MAX_FAILOVER_PLANS:
@@ -97,7 +98,9 @@ def plan_failovers(
         )
     used = {s.device for s in primary.stages}
     # Resolved once (a decoder's decode-step workload is not made again for every plan).
-    request = replace(prepare_request(request or PlanRequest(), analysed), branches="off")
+    request = replace(
+        prepare_request(request or PlanRequest(), analysed), branches="off", replicate="off"
+    )
     found: list[Planned] = []
     for lost in sets:
         if not used & set(lost):

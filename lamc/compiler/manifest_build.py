@@ -28,6 +28,7 @@ from lamc.manifest import (
     KVCache,
     Manifest,
     PlanSummary,
+    StageReplica,
     StageSpec,
     TensorSpec,
 )
@@ -92,6 +93,7 @@ def build_manifest(
                 kv_cache=_kv_ownership(captured, graph, context),
                 weights=artifact.weights,
                 to=None if routes is None else _to(plan, planned.index),
+                replicas=tuple(StageReplica(r.device, r.host, r.share) for r in planned.replicas),
             )
         )
     # Token-id inputs get the range of the table they index, checked at the first hop.

@@ -133,6 +133,7 @@ class StageDeployment:
         index: int,
         providers: Sequence[str] | None,
         next_stage: Any = None,
+        member: int = 0,
     ) -> None:
         from lamc.runtime.executor import load_stage
         from lamc.runtime.tensors import check_all
@@ -142,10 +143,17 @@ class StageDeployment:
         self.manifest = verify(self.out)
         self.spec = self.manifest.stages[index]
         self.stage = load_stage(self.out, self.spec, providers=providers)
-        self.next_stage = next_stage
+        # The next stage: one handle, or a replicated stage's handles with their shares.
+        self.next_stage = Members(next_stage) if isinstance(next_stage, list) else next_stage
         edge = next((e for e in self.manifest.edges if e.source == index), None)
         self.codecs = {t.name: t.codec for t in edge.tensors} if edge else {}
-        self.where = f"stage {index} ({self.spec.device}) on Ray Serve"
+        self.device = self.spec.members[member].device
+        self.where = f"stage {index} ({self.device}) on Ray Serve"
+        self.calls = 0
+
+    async def served(self) -> dict[str, Any]:
+        """The stage, the device this replica stands for, and the requests it ran."""
+        return {"stage": self.spec.index, "device": self.device, "calls": self.calls}
 
     async def __call__(self, payload: Any) -> Any:
         if isinstance(payload, dict):  # a plain call with the model's inputs
@@ -173,6 +181,7 @@ class StageDeployment:
             f"{self.where} input",
         )
         produced = self.stage.run(arriving)
+        self.calls += 1
         sends = {
             name: produced[name] if name in produced else arriving[name] for name in spec.sends
         }
@@ -181,6 +190,31 @@ class StageDeployment:
             return encoded
         result: bytes = await self.next_stage.remote(encoded)
         return result
+
+
+class Members:
+    """The deployments of a replicated stage, each taking its share of the requests
+    round-robin (`lamc.runtime.spread`); a caller awaits `remote(payload)` as on a handle."""
+
+    def __init__(self, members: Sequence[Sequence[Any]]) -> None:
+        from lamc.runtime.spread import Spread
+
+        self.handles = [handle for handle, _ in members]
+        self.spread = Spread([float(share) for _, share in members])
+
+    def remote(self, payload: Any) -> Any:
+        return self.handles[self.spread.pick()].remote(payload)
+
+
+class Front:
+    """The application's ingress when the first stage is replicated: it hands each call
+    (encoded bytes or a dict of arrays) to one of the first stage's deployments."""
+
+    def __init__(self, members: Sequence[Sequence[Any]]) -> None:
+        self.members = Members(members)
+
+    async def __call__(self, payload: Any) -> Any:
+        return await self.members.remote(payload)
 
 
 class HttpIngress:
@@ -270,16 +304,25 @@ def _bind(
     bound: Any = None
     names = []
     for spec in reversed(manifest.stages):
-        deployment_name = f"stage{spec.index}"
-        names.append(deployment_name)
-        deployment = serve.deployment(
-            name=deployment_name,
-            num_replicas=1,
-            ray_actor_options=stage_resources(spec),
-        )(StageDeployment)
-        bound = deployment.bind(
-            str(out.resolve()), spec.index, list(providers) if providers else None, bound
-        )
+        # A replicated stage is one deployment per device (`stageK`, `stageK-r1`, ...), each
+        # standing for one member; the stage before it spreads its requests by share.
+        members = []
+        for m, member in enumerate(spec.members):
+            deployment_name = f"stage{spec.index}" if m == 0 else f"stage{spec.index}-r{m}"
+            names.append(deployment_name)
+            deployment = serve.deployment(
+                name=deployment_name,
+                num_replicas=1,
+                ray_actor_options=stage_resources(spec),
+            )(StageDeployment)
+            member_bound = deployment.bind(
+                str(out.resolve()), spec.index, list(providers) if providers else None, bound, m
+            )
+            members.append([member_bound, member.share])
+        bound = members[0][0] if len(members) == 1 else members
+    if isinstance(bound, list):
+        names.append("front")
+        bound = serve.deployment(name="front", num_replicas=1)(Front).bind(bound)
     if http:
         names.append("http")
         ingress = serve.deployment(name="http", num_replicas=1)(HttpIngress)

@@ -72,6 +72,7 @@ class RemotePipeline(Failover, Adapt, Follow):
         observe_servers: bool = False,
     ) -> None:
         self.full_manifest = self.manifest = read_manifest(Path(out_dir))
+        self.full_manifest.refuse_replicated("a pipeline over gRPC stage servers")
         if without:  # servers started on a failover plan (`lamc serve --without`)
             self.manifest = self.full_manifest.without(without)
         self.endpoints = endpoints

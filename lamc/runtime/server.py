@@ -75,6 +75,7 @@ class StageService:
         if load is None:
             load = StageLoad(out_dir, index, without=without, providers=providers, threads=threads)
         self.full_manifest = load.full_manifest
+        self.full_manifest.refuse_replicated("a gRPC stage server")
         self.manifest = load.manifest
         # What a reconfigure needs: every plan of the artifact, and the files checked so far.
         self.out_dir = out_dir

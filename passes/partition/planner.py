@@ -14,6 +14,7 @@ import numpy as np
 from lamc.cost import CostModel
 from lamc.errors import ConfigError, DoesNotFitError, UnsupportedOpError
 from lamc.passes.partition import constraints as cons
+from lamc.passes.partition import replicate, replicate_plan
 from lamc.passes.partition.baselines import alternatives, fluid_bound_ms
 from lamc.passes.partition.branch_plan import best_dag, why_not_dag
 from lamc.passes.partition.budgets import apply_budgets, budget_checks, meet_latency
@@ -62,6 +63,10 @@ class PlanRequest:
     # encoder per sensor) as a DAG of stages when that beats the best chain; off keeps
     # chains.
     branches: str = "auto"
+    # `--replicate`: auto also searches plans whose stages may run on a group of devices,
+    # requests reaching the members round-robin by speed (objective throughput), and takes
+    # one when its bottleneck beats the chain's; off (the default) keeps one device a stage.
+    replicate: str = "off"
 
 
 def plan(
@@ -185,7 +190,102 @@ def plan(
     if request.compare:
         result = replace(result, alternatives=alternatives(base, fits, cost, usable, objective))
     result = _branch_parallel(workload, topology, request, result, applied, budgets, step)
+    result = _replicated(workload, topology, request, result, base, cost, applied, budgets, step)
     return result, cost
+
+
+def _replicated(
+    workload: Workload,
+    topology: Topology,
+    request: PlanRequest,
+    chain: Plan,
+    base: PartitionProblem,
+    cost: CostModel,
+    applied: list[cons.Constraint],
+    budgets: Budgets,
+    step: Generation | None,
+) -> Plan:
+    """With `--replicate auto`: the plan with replicated stages instead of `chain` when its
+    bottleneck is strictly lower; the notes say what was searched and why not otherwise."""
+    if request.replicate != "auto":
+        return chain
+    blocked = [
+        what
+        for what, present in (
+            (
+                f"objective {request.objective} (replicas raise throughput only)",
+                request.objective != THROUGHPUT,
+            ),
+            ("constraints", bool(applied)),
+            ("budgets", budgets != Budgets()),
+            ("--methods", bool(request.methods)),
+            (
+                "KV caches (a sequence stays on one device)",
+                request.kv_tokens > 0 or step is not None,
+            ),
+            ("backends that refuse some units", bool(request.unsupported)),
+            ("a link codec", request.codec != "raw"),
+            ("a branch-parallel plan", chain.is_dag),
+        )
+        if present
+    ]
+    if blocked:
+        note = f"replicated stages are not searched with {', '.join(blocked)}: each stage has one device"
+        return replace(chain, notes=(*chain.notes, note))
+    D, n = base.n_devices, base.n_units
+    if not replicate.searchable(D, n):
+        note = (
+            f"replicated stages are searched over at most {replicate.MAX_DEVICES} devices, within "
+            f"a budget on the work (4^D (n+1)^3): {D} devices and {n} units are beyond it; each "
+            "stage has one device"
+        )
+        return replace(chain, notes=(*chain.notes, note))
+    devices = cost.devices
+    # One engine serves every member: the same kind of device and the same backend.
+    problem = replicate.ReplicatedProblem(
+        base,
+        lambda a, b: (
+            (devices[a].kind, devices[a].backends[0]) == (devices[b].kind, devices[b].backends[0])
+        ),
+    )
+    found = replicate.solve(problem)
+    if found is None or not found.replicated:
+        note = "replicated stages searched: no plan with one beats the chain"
+        return replace(chain, notes=(*chain.notes, note))
+    solution = replicate_plan.as_solution(found, chain.objective)
+    base_plan = to_plan(
+        workload, topology, cost, solution, chain.objective, applied, "raw", chain.support
+    )
+    plan = replicate_plan.as_plan(base_plan, found, cost, chain)
+    if found.bottleneck_ms >= chain.bottleneck_ms * (1 - 1e-9):
+        note = (
+            f"replicated stages searched: the best ({plan.text}, bottleneck "
+            f"{found.bottleneck_ms:.4g} ms) does not beat the chain"
+        )
+        alternatives = chain.alternatives
+        if request.compare:
+            alternatives = (*alternatives, _as_alternative(plan, "replicated"))
+        return replace(chain, notes=(*chain.notes, note), alternatives=alternatives)
+    used = plan.devices_used
+    return replace(
+        plan,
+        unused={
+            name: "a plan without it (replicated stages searched) is as good"
+            for name in topology.names()
+            if name not in used
+        },
+        notes=(
+            *chain.notes,
+            f"replicated stages: requests reach a stage's devices round-robin by speed; the "
+            f"best chain's bottleneck is {chain.bottleneck_ms:.4g} ms, this plan's "
+            f"{plan.bottleneck_ms:.4g} ms ({chain.bottleneck_ms / plan.bottleneck_ms:.3g}x "
+            "the throughput)",
+        ),
+        alternatives=(*chain.alternatives, _as_alternative(chain, "chain"))
+        if request.compare
+        else (),
+        budgets=budget_checks(plan, budgets),
+    )
 
 
 def _branch_parallel(
@@ -261,16 +361,15 @@ def _branch_parallel(
 
 def _as_alternative(plan: Plan, name: str) -> Alternative:
     """A chain or branch-parallel plan beside the chosen one under `--compare`."""
-    description = (
-        "the best single chain of stages"
-        if name == "chain"
-        else "the best branch-parallel plan (towers on devices of their own)"
-    )
+    description = {
+        "chain": "the best single chain of stages",
+        "replicated": "the best plan with replicated stages (round-robin by speed)",
+    }.get(name, "the best branch-parallel plan (towers on devices of their own)")
     return Alternative(
         name=name,
         description=f"{description}: {plan.text}",
         feasible=True,
-        devices=tuple(s.device for s in plan.stages),
+        devices=tuple(d for s in plan.stages for d in s.devices),
         bottleneck_ms=plan.bottleneck_ms,
         latency_ms=plan.latency_ms,
         unit_ranges=tuple((s.start_unit, s.end_unit) for s in plan.stages),

@@ -175,3 +175,69 @@ def test_build_app_for_serve_run(tmp_path: Path) -> None:
     assert isinstance(build_app({"out": str(out), "token": "t"}), Application)
     with pytest.raises(UsageError, match="give out=OUT"):
         build_app({})
+
+
+def test_a_replicated_stage_spreads_requests_by_speed(
+    ray_head: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """`--replicate`: the middle stage runs on two PCs (one deployment each); stage 0 hands
+    each request to one of them round-robin by the plan's shares, and every answer equals
+    the in-process pipeline's."""
+    import json
+
+    from lamc.compiler import CompileOptions, compile_model
+    from lamc.passes.partition.planner import PlanRequest
+    from lamc.runtime.executor import Pipeline
+    from tests.conftest import analysed_model
+
+    address, env = ray_head
+    out = tmp_path / "replicated"
+    topology = Path(__file__).parent.parent / "data" / "two-boards-two-pcs.yaml"
+    compile_model(
+        "zoo:gpt2:test",
+        topology,
+        out,
+        CompileOptions(request=PlanRequest(replicate="auto")),
+        analysed=analysed_model("zoo:gpt2:test"),
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    replicated = [s for s in manifest["stages"] if s.get("replicas")]
+    assert [s["index"] for s in replicated] == [1], manifest["plan"]["text"]
+    shares = {r["device"]: r["share"] for r in replicated[0]["replicas"]}
+    assert set(shares) == {"pc-a", "pc-b"} and shares["pc-a"] > shares["pc-b"]
+
+    deployed = _lamc("serve", str(out), "--ray", address, env=env)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    assert "deployed 3 stage(s)" in deployed.stdout and "1 more replica(s)" in deployed.stdout
+
+    n = 40
+    script = (
+        "import json, sys, numpy as np, ray; from ray import serve\n"
+        "from lamc.runtime.ray_serve import RayPipeline, app_name\n"
+        f"out = {str(out)!r}\n"
+        f"client = RayPipeline(out, {address!r}, timeout_s=60)\n"
+        "rng = np.random.default_rng(11)\n"
+        f"for k in range({n}):\n"
+        "    ids = rng.integers(0, 500, size=(1, 7)).astype(np.int64)\n"
+        f"    np.save({str(tmp_path)!r} + f'/ids{{k}}.npy', ids)\n"
+        f"    np.save({str(tmp_path)!r} + f'/out{{k}}.npy', client.run({{'input_ids': ids}})['logits'])\n"
+        "calls = {}\n"
+        "for name in ('stage1', 'stage1-r1'):\n"
+        "    h = serve.get_deployment_handle(name, app_name=client.app)\n"
+        "    got = h.served.remote().result(timeout_s=60)\n"
+        "    calls[got['device']] = got['calls']\n"
+        "print(json.dumps(calls))\n"
+    )
+    called = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert called.returncode == 0, called.stderr[-3000:]
+    calls = json.loads(called.stdout.strip().splitlines()[-1])
+    # Smooth weighted round-robin: each member within one request of its share.
+    assert sum(calls.values()) == n, calls
+    for device, share in shares.items():
+        assert abs(calls[device] - n * share) <= 1.0, (calls, shares)
+    pipeline = Pipeline.open(out)
+    for k in range(n):
+        want = pipeline.run({"input_ids": np.load(tmp_path / f"ids{k}.npy")})["logits"]
+        assert np.array_equal(np.load(tmp_path / f"out{k}.npy"), want)

@@ -1,0 +1,65 @@
+"""`--replicate` from the command line: the plan shows each replicated stage's devices and
+shares, the compiled manifest records them (hash-checked like the rest), and what runs one
+device a stage (gRPC stage servers, failover plans) refuses such an artifact by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tests.cli.helpers import lamc
+
+TWO_BOARDS = Path(__file__).parent.parent / "data" / "two-boards-two-pcs.yaml"
+
+
+def test_plan_and_compile_a_replicated_stage(tmp_path: Path) -> None:
+    shown = lamc("plan", "zoo:gpt2:test", "-t", str(TWO_BOARDS), "--replicate", "--json")
+    assert shown.code == 0, shown.stdout + shown.stderr
+    data = json.loads(shown.stdout)
+    replicated = [s for s in data["stages"] if s["replicas"]]
+    assert [[r["device"] for r in s["replicas"]] for s in replicated] == [["pc-a", "pc-b"]]
+    assert "pc-a|pc-b[" in data["text"]
+    off = lamc("plan", "zoo:gpt2:test", "-t", str(TWO_BOARDS), "--json")
+    assert off.code == 0 and not any(s["replicas"] for s in json.loads(off.stdout)["stages"])
+    table = lamc("plan", "zoo:gpt2:test", "-t", str(TWO_BOARDS), "--replicate")
+    assert "2 replicas" in table.stdout and "round-robin by speed" in table.stdout
+
+    out = tmp_path / "out"
+    built = lamc("compile", "zoo:gpt2:test", "-t", str(TWO_BOARDS), "--replicate", "-o", str(out))
+    assert built.code == 0, built.stdout + built.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    stage = next(s for s in manifest["stages"] if s.get("replicas"))
+    assert stage["device"] == stage["replicas"][0]["device"] == "pc-a"
+    assert abs(sum(r["share"] for r in stage["replicas"]) - 1.0) < 1e-5
+    # In one process the replicas are one session: the answer is the pipeline's.
+    ran = lamc("run", str(out), "--random", "--seed", "2", "--output", str(tmp_path / "r"))
+    assert ran.code == 0, ran.stdout + ran.stderr
+    assert np.isfinite(np.load(tmp_path / "r" / "logits.npy")).all()
+    # A gRPC stage server runs one device a stage: it says which stage and where to go.
+    served = lamc("serve", str(out), "--stage", str(stage["index"]), "--listen", "127.0.0.1:45999")
+    assert served.code == 2
+    assert f"stage {stage['index']} is replicated over pc-a, pc-b" in served.final
+    assert "--ray" in served.stdout + served.stderr
+    # Failover plans are not made for it.
+    refused = lamc(
+        "compile", "zoo:gpt2:test", "-t", str(TWO_BOARDS), "--replicate", "--failover", "1",
+        "-o", str(tmp_path / "f"),
+    )  # fmt: skip
+    assert refused.code == 2 and "--failover" in refused.final
+    assert not (tmp_path / "f").exists()
+
+
+def test_a_manifest_whose_shares_were_edited_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    built = lamc("compile", "zoo:gpt2:test", "-t", str(TWO_BOARDS), "--replicate", "-o", str(out))
+    assert built.code == 0, built.stdout + built.stderr
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text())
+    stage = next(s for s in manifest["stages"] if s.get("replicas"))
+    stage["replicas"][1]["share"] = 0.9
+    path.write_text(json.dumps(manifest))
+    ran = lamc("run", str(out), "--random")
+    assert ran.code == 9, ran.stdout + ran.stderr
+    assert "replicas: the shares sum to" in ran.final
