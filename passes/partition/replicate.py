@@ -35,9 +35,9 @@ import numpy as np
 from lamc.passes.partition.dp import PartitionProblem
 
 MAX_DEVICES = 5
-# 4^D (n+1)^3 per bound tried, about 20 bounds: 4 devices and 24 units, 5 and 15, or 3 and
-# 38 take a second or two here.
-WORK_BUDGET = 4_000_000
+# 4^D (n+1)^3 per bound tried, about 20 bounds: 4 devices and 41 units, 5 and 25, or 3 and
+# 60 take 0.4-1.5 s here (and up to ~100 MB for the links' tables).
+WORK_BUDGET = 20_000_000
 _REL = 1e-9
 
 

@@ -113,8 +113,8 @@ def test_a_member_that_cannot_hold_the_stage_is_left_out() -> None:
 
 
 def test_search_limits() -> None:
-    assert rep.searchable(4, 24) and rep.searchable(5, 14)
-    assert not rep.searchable(6, 2) and not rep.searchable(4, 60)
+    assert rep.searchable(4, 41) and rep.searchable(5, 25) and rep.searchable(3, 60)
+    assert not rep.searchable(6, 2) and not rep.searchable(4, 42) and not rep.searchable(5, 26)
     with pytest.raises(ValueError, match="at most 5 devices"):
         rep.solve(rep.ReplicatedProblem(_uniform([1] * 6, 2, 1.0)))
 
