@@ -241,13 +241,18 @@ def _replicated(
         )
         return replace(chain, notes=(*chain.notes, note))
     devices = cost.devices
-    # One engine serves every member: the same kind of device and the same backend.
-    problem = replicate.ReplicatedProblem(
-        base,
-        lambda a, b: (
-            (devices[a].kind, devices[a].backends[0]) == (devices[b].kind, devices[b].backends[0])
-        ),
-    )
+
+    def same_engine(a: int, b: int) -> bool:
+        """One engine serves both: the same kind of device and backends; a TensorRT
+        engine is built for one GPU, so those devices must be alike as well."""
+        x, y = devices[a], devices[b]
+        if (x.kind, x.backends) != (y.kind, y.backends):
+            return False
+        if "tensorrt" in x.backends[0]:
+            return (x.peak_flops, x.memory_bandwidth) == (y.peak_flops, y.memory_bandwidth)
+        return True
+
+    problem = replicate.ReplicatedProblem(base, same_engine)
     found = replicate.solve(problem)
     if found is None or not found.replicated:
         note = "replicated stages searched: no plan with one beats the chain"

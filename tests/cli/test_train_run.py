@@ -363,3 +363,29 @@ def test_a_run_with_a_replicated_stage(setup: tuple[Path, Path]) -> None:
     assert [s["loss"] for s in run["steps"]] == pytest.approx(
         [s["loss"] for s in chain["steps"]], rel=1e-5
     )
+    # Across hosts: each member of the replicated stage is a host of the hosts file, in
+    # the plan's order; the second joins from "its host" and the run equals the local one.
+    from tests.runtime.servers import free_port
+
+    hosts = data.parent / "hosts.yaml"
+    hosts.write_text(f"stages:\n  - 127.0.0.1:{free_port()}\n  - 127.0.0.1:{free_port()}\n")
+    joined = subprocess.Popen(
+        [sys.executable, "-m", "lamc", "train", "--join", str(hosts), "--stage", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        code, stdout, final = _train(topology, data, data.parent / "far", "--hosts", str(hosts))
+        joined_out, _ = joined.communicate(timeout=180)
+    finally:
+        joined.kill()
+    assert code == 0, stdout + final
+    assert "(replicated)" in final, final
+    assert joined.returncode == 0, joined_out
+    far = json.loads((data.parent / "far" / "run.json").read_text())
+    assert far["job"]["stage_groups"] == [[2, 2]]
+    assert all(m["peak_rss_bytes"] for m in far["memory"])  # the joiner's report came back
+    assert [s["loss"] for s in far["steps"]] == pytest.approx(
+        [s["loss"] for s in run["steps"]], rel=1e-6
+    )

@@ -172,3 +172,25 @@ def test_the_front_of_a_replicated_first_stage_hands_each_call_on_by_share() -> 
     answers = asyncio.run(calls())
     assert answers == [("answer", k) for k in range(8)]
     assert len(a.payloads) == 6 and len(b.payloads) == 2
+
+
+def test_tensorrt_devices_share_a_stage_only_with_alike_gpus() -> None:
+    """A TensorRT engine is built for one GPU: two Orins may serve a stage together, an
+    Orin and an L4 may not; with CUDA's ONNX Runtime (one portable model) they may."""
+    import dataclasses
+
+    path = Path(__file__).parent.parent.parent.parent / "examples/topologies/agx-orin-l4-10gbe.yaml"
+    topology = load_topology(path)
+    workload = analysed_model("zoo:gpt2:test").workload
+    best, _ = plan(workload, topology, PlanRequest(replicate="auto"))
+    groups = [set(s.devices) for s in best.stages if s.replicas]
+    assert groups == [{"orin-a", "orin-b"}], best.text
+    cuda = dataclasses.replace(
+        topology,
+        devices=tuple(
+            dataclasses.replace(d, backends=("onnxruntime-cuda", "onnxruntime"))
+            for d in topology.devices
+        ),
+    )
+    portable, _ = plan(workload, cuda, PlanRequest(replicate="auto"))
+    assert [set(s.devices) for s in portable.stages] == [{"orin-a", "orin-b", "l4"}]
