@@ -44,10 +44,12 @@ def bundle(out: Path, device: str, target: Path) -> Bundle:
         (label, stage.index)
         for label, stages, _ in manifest.pipelines()
         for stage in stages
-        if stage.device == device
+        if any(m.device == device for m in stage.members)  # a replicated stage's members too
     )
     if not roles:
-        running = sorted({s.device for _, stages, _ in manifest.pipelines() for s in stages})
+        running = sorted(
+            {m.device for _, stages, _ in manifest.pipelines() for s in stages for m in s.members}
+        )
         raise UsageError(
             f"--device {device}: it runs no stage in any plan of {out}",
             hint=f"devices with stages: {', '.join(running)}",

@@ -268,7 +268,12 @@ class Manifest:
         that uses them, in every plan); with `device`, those of the stages it runs."""
         stages = [s for _, plan, _ in self.pipelines() for s in plan]
         stages += [v.spec for v in self.variants]
-        return {f.path: f for s in stages if device is None or s.device == device for f in s.files}
+        return {
+            f.path: f
+            for s in stages
+            if device is None or any(m.device == device for m in s.members)
+            for f in s.files
+        }
 
     def at_level(self, level: int) -> Manifest:
         """The primary pipeline with the first `level` steps of the variants ladder on."""

@@ -37,6 +37,12 @@ def test_plan_and_compile_a_replicated_stage(tmp_path: Path) -> None:
     ran = lamc("run", str(out), "--random", "--seed", "2", "--output", str(tmp_path / "r"))
     assert ran.code == 0, ran.stdout + ran.stderr
     assert np.isfinite(np.load(tmp_path / "r" / "logits.npy")).all()
+    # Each member's bundle holds the replicated stage's files (here pc-b, not the stage's
+    # own device).
+    bundled = lamc("bundle", str(out), "--device", "pc-b", "-o", str(tmp_path / "pc-b"))
+    assert bundled.code == 0, bundled.stdout + bundled.stderr
+    for item in stage["files"]:
+        assert (tmp_path / "pc-b" / item["path"]).is_file(), item["path"]
     # A gRPC stage server runs one device a stage: it says which stage and where to go.
     served = lamc("serve", str(out), "--stage", str(stage["index"]), "--listen", "127.0.0.1:45999")
     assert served.code == 2
