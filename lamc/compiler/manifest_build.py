@@ -85,7 +85,12 @@ def build_manifest(
                 receives=tuple(receives),
                 sends=tuple(sends),
                 predicted={
-                    "compute_ms": planned.compute_ms,
+                    # A replicated stage: its own device's time for one request (what a
+                    # session measures), and the group's period per request beside it.
+                    "compute_ms": planned.replicas[0].compute_ms
+                    if planned.replicas
+                    else planned.compute_ms,
+                    **({"period_ms": planned.compute_ms} if planned.replicas else {}),
                     "memory_bytes": planned.memory_bytes,
                     "transfer_ms": planned.transfer_ms,
                     "transfer_bytes": planned.transfer_bytes,

@@ -33,6 +33,9 @@ def test_plan_and_compile_a_replicated_stage(tmp_path: Path) -> None:
     stage = next(s for s in manifest["stages"] if s.get("replicas"))
     assert stage["device"] == stage["replicas"][0]["device"] == "pc-a"
     assert abs(sum(r["share"] for r in stage["replicas"]) - 1.0) < 1e-5
+    # Its prediction is pc-a's own time for a request (what a session measures), the
+    # group's period beside it.
+    assert stage["predicted"]["period_ms"] < stage["predicted"]["compute_ms"]
     # In one process the replicas are one session: the answer is the pipeline's.
     ran = lamc("run", str(out), "--random", "--seed", "2", "--output", str(tmp_path / "r"))
     assert ran.code == 0, ran.stdout + ran.stderr
