@@ -14,10 +14,12 @@ The workload: all-MiniLM-L6-v2 (real weights) as a topic classifier, LoRA (rank 
 query,value; the head trained whole), examples/data/topics-train.jsonl, 4 micro-batches
 of 4, 1F1B, AdamW.
 
-1. Calibration, one measurement a device: the whole model as one stage on it. Each
-   device's compute rate is set so that the cost model predicts that measured step time
-   (the rate of a full CPU for this workload in PyTorch, scaled by its quota; a third of
-   a CPU does not run at exactly a third of the speed, so each device has its own).
+1. Calibration, one measurement a device: the whole model trained on it without a
+   pipeline schedule (one replica taking every micro-batch), before the runs and after
+   them. Each device's compute rate is set so that the cost model predicts that measured
+   step time (the rate of a full CPU for this workload in PyTorch, scaled by its quota;
+   a third of a CPU does not run at exactly a third of the speed, so each device has its
+   own). The "one device" baseline runs the same way.
 2. lamc's plan and each baseline the planner compares (equal split, memory-proportional
    split, one device, data parallelism): each that fits the declared memory is run for
    `--steps` steps inside the quotas, and its samples/s (median step, the first left
@@ -36,6 +38,7 @@ Needs root, `ip` and `tc` (iproute2), and the cgroup v1 cpu controller at
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -248,10 +251,12 @@ def main() -> None:
             return rates
 
         def measure_whole(samples: dict[str, list[float]], round_: int) -> None:
+            # Plain training of the whole model on the device (every micro-batch of a
+            # step, no pipeline schedule): the device's own speed, not a runtime's.
             for device, _, _ in DEVICES:
                 whole = (Segment(names.index(device), 0, n),)
                 samples.setdefault(device, []).extend(
-                    run(whole, names, f"calibration-{device}-{round_}")
+                    run(whole, names, f"calibration-{device}-{round_}", (spec.micro_batches,))
                 )
 
         # Calibrated before the runs (which plan is run), and again after them: the
@@ -273,6 +278,10 @@ def main() -> None:
                 # (the testbed does not hold it to it): its speed, measured, and the row
                 # says it would not fit.
                 baseline = data_parallel(plan.cost, plan.problem, memory=False)
+            if baseline.name == "one device" and len(baseline.segments) == 1:
+                # The whole model on one device trains without a pipeline schedule (the
+                # baseline at its best: one replica taking every micro-batch).
+                baseline = dataclasses.replace(baseline, shares=(spec.micro_batches,))
             configs.append(
                 (
                     baseline.name,
@@ -320,7 +329,7 @@ def main() -> None:
                 )
                 continue
             # The prediction of what ran, at the final rates.
-            if shares:
+            if label == "data parallel":
                 predicted = data_parallel(final.cost, final.problem, memory=False).step_ms
             else:
                 evaluated = final.problem.evaluate(segments)
