@@ -53,7 +53,7 @@ PYTEST_WORKERS ?= 2
 PYTEST_ARGS := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
 pytest: install
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q $(PYTEST_ARGS) --durations=20
 
 # The inner loop: lint, types, layers and every test but the slow end-to-end ones.
 test-fast: install lint

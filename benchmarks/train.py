@@ -14,12 +14,13 @@ The workload: all-MiniLM-L6-v2 (real weights) as a topic classifier, LoRA (rank 
 query,value; the head trained whole), examples/data/topics-train.jsonl, 4 micro-batches
 of 4, 1F1B, AdamW.
 
-1. Calibration, one measurement a device: the whole model trained on it without a
-   pipeline schedule (one replica taking every micro-batch), before the runs and after
-   them. Each device's compute rate is set so that the cost model predicts that measured
-   step time (the rate of a full CPU for this workload in PyTorch, scaled by its quota;
-   a third of a CPU does not run at exactly a third of the speed, so each device has its
-   own). The "one device" baseline runs the same way.
+1. Calibration, one measurement a device, before the runs and after them: the whole
+   model as one stage on it (`--calibrate pipeline`, the default), or trained without a
+   pipeline schedule (`--calibrate plain`: one replica taking every micro-batch; the
+   "one device" baseline then runs the same way). Each device's compute rate is set so
+   that the cost model predicts that measured step time (the rate of a full CPU for this
+   workload in PyTorch, scaled by its quota; a third of a CPU does not run at exactly a
+   third of the speed, so each device has its own).
 2. lamc's plan and each baseline the planner compares (equal split, memory-proportional
    split, one device, data parallelism): each that fits the declared memory is run for
    `--steps` steps inside the quotas, and its samples/s (median step, the first left
@@ -29,7 +30,7 @@ of 4, 1F1B, AdamW.
    replica exceeds a device's declared memory (the testbed does not enforce it), and its
    row says so.
 
-    .venv/bin/python benchmarks/train.py [--steps 6] [--rounds 2]
+    .venv/bin/python benchmarks/train.py [--steps 6] [--rounds 2] [--calibrate plain]
 
 Needs root, `ip` and `tc` (iproute2), and the cgroup v1 cpu controller at
 /sys/fs/cgroup/cpu (skipped, with the reason, where the machine denies it).
@@ -160,6 +161,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--link-mbit", type=float, default=100.0)
+    parser.add_argument(
+        "--calibrate",
+        choices=("pipeline", "plain"),
+        default="pipeline",
+        help="calibrate each device on a one-stage pipeline (default) or on plain training",
+    )
     args = parser.parse_args()
     cgroups = groups()
     link = ShapedLink([d[0] for d in DEVICES], args.link_mbit)
@@ -250,13 +257,23 @@ def main() -> None:
                 rates[device] = a / (measured - b) if measured > b else 10.0
             return rates
 
+        # `--calibrate pipeline`: the whole model as a one-stage pipeline on the device
+        # (the runtime lamc's plans run); `plain`: plain training (every micro-batch of a
+        # step, no pipeline schedule), the device's own speed. The cost model charges
+        # neither runtime's own overhead, so pipelines are predicted best by the first and
+        # data parallelism (plain training on each replica) by the second.
+        plain = args.calibrate == "plain"
+
         def measure_whole(samples: dict[str, list[float]], round_: int) -> None:
-            # Plain training of the whole model on the device (every micro-batch of a
-            # step, no pipeline schedule): the device's own speed, not a runtime's.
             for device, _, _ in DEVICES:
                 whole = (Segment(names.index(device), 0, n),)
                 samples.setdefault(device, []).extend(
-                    run(whole, names, f"calibration-{device}-{round_}", (spec.micro_batches,))
+                    run(
+                        whole,
+                        names,
+                        f"calibration-{device}-{round_}",
+                        (spec.micro_batches,) if plain else (),
+                    )
                 )
 
         # Calibrated before the runs (which plan is run), and again after them: the
@@ -278,7 +295,7 @@ def main() -> None:
                 # (the testbed does not hold it to it): its speed, measured, and the row
                 # says it would not fit.
                 baseline = data_parallel(plan.cost, plan.problem, memory=False)
-            if baseline.name == "one device" and len(baseline.segments) == 1:
+            if plain and baseline.name == "one device" and len(baseline.segments) == 1:
                 # The whole model on one device trains without a pipeline schedule (the
                 # baseline at its best: one replica taking every micro-batch).
                 baseline = dataclasses.replace(baseline, shares=(spec.micro_batches,))
