@@ -147,41 +147,38 @@ def _build_pipeline(
         raise DoesNotFitError(f"the plan breaks a budget: {broken}")
     methods = {s.index: s.precision for s in best.stages}
     checks: list[str] = []
-    if best.is_dag:
-        refused = [
-            flag
-            for flag, asked in (
-                ("--failover", bool(options.failover)),
-                ("--variants", bool(options.variants)),
-            )
-            if asked
-        ]
-        if refused:
-            raise UsageError(
-                f"{' and '.join(refused)} are not built for branch-parallel plans (this plan runs "
-                f"branches side by side: {best.text})",
-                hint="pass --branches off to plan a chain",
-            )
-        checks.append("branch-parallel: stages on the branches run side by side; no failover plans")
-    if best.replicated:
-        refused = [
-            flag
-            for flag, asked in (
-                ("--failover", bool(options.failover)),
-                ("--variants", bool(options.variants)),
-            )
-            if asked
-        ]
-        if refused:
-            raise UsageError(
-                f"{' and '.join(refused)} are not built for plans with replicated stages (this "
-                f"plan: {best.text}; Ray Serve, which serves it, replaces a lost replica itself)",
-                hint="pass --replicate off to plan one device a stage",
-            )
-        checks.append(
+    # Failover plans and variants are chains of one device a stage: not built for plans
+    # whose stages run side by side or on several devices.
+    shapes = (
+        (
+            best.is_dag,
+            f"branch-parallel plans (this plan runs branches side by side: {best.text})",
+            "pass --branches off to plan a chain",
+            "branch-parallel: stages on the branches run side by side; no failover plans",
+        ),
+        (
+            best.replicated,
+            f"plans with replicated stages (this plan: {best.text}; Ray Serve, which serves "
+            "it, replaces a lost replica itself)",
+            "pass --replicate off to plan one device a stage",
             "replicated stages: each engine built once for all its devices; serve with "
-            "`lamc serve OUT --ray ADDRESS`; no failover plans"
-        )
+            "`lamc serve OUT --ray ADDRESS`; no failover plans",
+        ),
+    )
+    for present, what, hint, check in shapes:
+        if not present:
+            continue
+        refused = [
+            flag
+            for flag, asked in (
+                ("failover plans (--failover)", bool(options.failover)),
+                ("variants (--variants)", bool(options.variants)),
+            )
+            if asked
+        ]
+        if refused:
+            raise UsageError(f"{' and '.join(refused)} are not built for {what}", hint=hint)
+        checks.append(check)
     with atomic_directory(out) as tmp, contextlib.closing(SharedWeights(tmp)) as shared:
         graphs, artifacts = _make_stages(analysed, topology, best, tmp, options, timer, shared)
         if options.check:

@@ -280,19 +280,8 @@ def brute_force(hybrid: HybridProblem) -> HybridSolution | None:
     """Every ordered sequence of disjoint groups and every cut placement (for tests)."""
     n = hybrid.n
     best: HybridSolution | None = None
-
-    def sequences(used: int, count: int) -> list[tuple[int, ...]]:
-        if count == 0:
-            return [()]
-        out = []
-        for g in hybrid.groups:
-            if g & used:
-                continue
-            out += [(g, *rest) for rest in sequences(used | g, count - 1)]
-        return out
-
     for count in range(1, min(hybrid.D, n) + 1):
-        for groups in sequences(0, count):
+        for groups in disjoint_sequences(hybrid.groups, count):
             for cuts in itertools.combinations(range(1, n), count - 1):
                 bounds = (0, *cuts, n)
                 stages = tuple((g, bounds[k], bounds[k + 1]) for k, g in enumerate(groups))
@@ -300,3 +289,16 @@ def brute_force(hybrid: HybridProblem) -> HybridSolution | None:
                 if solution is not None and (best is None or solution.step_ms < best.step_ms):
                     best = solution
     return best
+
+
+def disjoint_sequences(groups: list[int], count: int, used: int = 0) -> list[tuple[int, ...]]:
+    """Every ordered sequence of `count` pairwise disjoint device masks from `groups`
+    (none sharing a device with `used`): what brute force enumerates."""
+    if count == 0:
+        return [()]
+    out = []
+    for g in groups:
+        if g & used:
+            continue
+        out += [(g, *rest) for rest in disjoint_sequences(groups, count - 1, used | g)]
+    return out

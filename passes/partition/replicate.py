@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lamc.passes.partition.dp import PartitionProblem
+from lamc.passes.partition.hybrid import disjoint_sequences
 
 MAX_DEVICES = 5
 # 4^D (n+1)^3 per bound tried, about 20 bounds: 4 devices and 41 units, 5 and 25, or 3 and
@@ -286,19 +287,8 @@ def brute_force(rp: ReplicatedProblem) -> ReplicatedSolution | None:
     """Every ordered sequence of disjoint groups and every cut placement (for tests)."""
     n = rp.n
     best: ReplicatedSolution | None = None
-
-    def sequences(used: int, count: int) -> list[tuple[int, ...]]:
-        if count == 0:
-            return [()]
-        out = []
-        for g in rp.groups:
-            if g & used:
-                continue
-            out += [(g, *rest) for rest in sequences(used | g, count - 1)]
-        return out
-
     for count in range(1, min(rp.D, n) + 1):
-        for groups in sequences(0, count):
+        for groups in disjoint_sequences(rp.groups, count):
             for cuts in itertools.combinations(range(1, n), count - 1):
                 bounds = (0, *cuts, n)
                 stages = tuple((g, bounds[k], bounds[k + 1]) for k, g in enumerate(groups))

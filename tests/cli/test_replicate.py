@@ -57,7 +57,7 @@ def test_plan_and_compile_a_replicated_stage(tmp_path: Path) -> None:
         "compile", "zoo:gpt2:test", "-t", str(TWO_BOARDS), "--replicate", "--failover", "1",
         "-o", str(tmp_path / "f"),
     )  # fmt: skip
-    assert refused.code == 2 and "--failover" in refused.final
+    assert refused.code == 2 and "failover plans (--failover) are not built" in refused.final
     assert not (tmp_path / "f").exists()
     # Shares edited in the manifest: every command refuses it, naming the field (exit 9).
     path = out / "manifest.json"

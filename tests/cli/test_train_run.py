@@ -87,6 +87,26 @@ def test_a_data_parallel_run(setup: tuple[Path, Path]) -> None:
     assert code == 6 and "no data-parallel run" in final and "cpu0" in final, final
 
 
+def _train_with_joiner(
+    topology: Path, data: Path, out: Path, hosts: Path
+) -> tuple[int, str, str, tuple[int, str]]:
+    """A run launched with `--hosts`, its second host joining from a process of its own
+    (`lamc train --join hosts.yaml --stage 1`): the run's outcome, and the joiner's exit
+    code and output."""
+    joined = subprocess.Popen(
+        [sys.executable, "-m", "lamc", "train", "--join", str(hosts), "--stage", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        code, stdout, final = _train(topology, data, out, "--hosts", str(hosts))
+        joined_out, _ = joined.communicate(timeout=180)
+    finally:
+        joined.kill()
+    return code, stdout, final, (joined.returncode, joined_out)
+
+
 def test_a_run_across_hosts(setup: tuple[Path, Path], tmp_path: Path) -> None:
     """`--hosts`: stage 0 runs where the run is launched, stage 1 joins from "its host"
     (`lamc train --join hosts.yaml --stage 1`, a process of its own here, on another
@@ -98,19 +118,11 @@ def test_a_run_across_hosts(setup: tuple[Path, Path], tmp_path: Path) -> None:
     hosts = tmp_path / "hosts.yaml"
     port = free_port()
     hosts.write_text(f"stages:\n  - 127.0.0.1:{port}\n  - 127.0.0.1:{free_port()}\n")
-    joined = subprocess.Popen(
-        [sys.executable, "-m", "lamc", "train", "--join", str(hosts), "--stage", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    code, stdout, final, (joined_code, joined_out) = _train_with_joiner(
+        topology, data, tmp_path / "far", hosts
     )
-    try:
-        code, stdout, final = _train(topology, data, tmp_path / "far", "--hosts", str(hosts))
-        joined_out, _ = joined.communicate(timeout=120)
-    finally:
-        joined.kill()
     assert code == 0, stdout + final
-    assert joined.returncode == 0 and "handed to stage 0" in joined_out, joined_out
+    assert joined_code == 0 and "handed to stage 0" in joined_out, joined_out
     far = json.loads((tmp_path / "far" / "run.json").read_text())
     assert [m["device"] for m in far["memory"]] == ["cpu0", "cpu1"]
     assert all(m["peak_rss_bytes"] for m in far["memory"])  # stage 1's report came back
@@ -369,20 +381,12 @@ def test_a_run_with_a_replicated_stage(setup: tuple[Path, Path]) -> None:
 
     hosts = data.parent / "hosts.yaml"
     hosts.write_text(f"stages:\n  - 127.0.0.1:{free_port()}\n  - 127.0.0.1:{free_port()}\n")
-    joined = subprocess.Popen(
-        [sys.executable, "-m", "lamc", "train", "--join", str(hosts), "--stage", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    code, stdout, final, (joined_code, joined_out) = _train_with_joiner(
+        topology, data, data.parent / "far", hosts
     )
-    try:
-        code, stdout, final = _train(topology, data, data.parent / "far", "--hosts", str(hosts))
-        joined_out, _ = joined.communicate(timeout=180)
-    finally:
-        joined.kill()
     assert code == 0, stdout + final
     assert "(replicated)" in final, final
-    assert joined.returncode == 0, joined_out
+    assert joined_code == 0, joined_out
     far = json.loads((data.parent / "far" / "run.json").read_text())
     assert far["job"]["stage_groups"] == [[2, 2]]
     assert all(m["peak_rss_bytes"] for m in far["memory"])  # the joiner's report came back
