@@ -14,13 +14,15 @@ The workload: all-MiniLM-L6-v2 (real weights) as a topic classifier, LoRA (rank 
 query,value; the head trained whole), examples/data/topics-train.jsonl, 4 micro-batches
 of 4, 1F1B, AdamW.
 
-1. Calibration, one measurement a device, before the runs and after them: the whole
-   model as one stage on it (`--calibrate pipeline`, the default), or trained without a
-   pipeline schedule (`--calibrate plain`: one replica taking every micro-batch; the
-   "one device" baseline then runs the same way). Each device's compute rate is set so
-   that the cost model predicts that measured step time (the rate of a full CPU for this
-   workload in PyTorch, scaled by its quota; a third of a CPU does not run at exactly a
-   third of the speed, so each device has its own).
+1. Calibration, before the runs and after them: the whole model trained on each device
+   without a pipeline schedule (one replica taking every micro-batch), and as a one-stage
+   pipeline. Each device's compute rate is set so that the cost model predicts the first
+   (the rate of a full CPU for this workload in PyTorch, scaled by its quota; a third of
+   a CPU does not run at exactly a third of the speed, so each device has its own), and
+   the difference, per micro-batch, is its `training_schedule_overhead`, charged to
+   pipeline stages and not to data-parallel replicas. `--calibrate pipeline` or `plain`
+   takes the rate from one of them alone, with no schedule overhead (with `plain`, the
+   "one device" baseline runs as plain training).
 2. lamc's plan and each baseline the planner compares (equal split, memory-proportional
    split, one device, data parallelism): each that fits the declared memory is run for
    `--steps` steps inside the quotas, and its samples/s (median step, the first left
@@ -30,7 +32,7 @@ of 4, 1F1B, AdamW.
    replica exceeds a device's declared memory (the testbed does not enforce it), and its
    row says so.
 
-    .venv/bin/python benchmarks/train.py [--steps 6] [--rounds 2] [--calibrate plain]
+    .venv/bin/python benchmarks/train.py [--steps 6] [--rounds 2] [--calibrate both|pipeline|plain]
 
 Needs root, `ip` and `tc` (iproute2), and the cgroup v1 cpu controller at
 /sys/fs/cgroup/cpu (skipped, with the reason, where the machine denies it).
@@ -138,15 +140,19 @@ class ShapedLink:
         self.close()
 
 
-def topology_text(rates: dict[str, float], link_mbit: float) -> str:
+def topology_text(
+    rates: dict[str, float], link_mbit: float, overheads: dict[str, float] | None = None
+) -> str:
     """The testbed at `rates[device]` GFLOP/s for one full CPU, scaled by each device's
-    quota."""
+    quota, with each device's pipeline schedule overhead per micro-batch (ms)."""
     lines = ["lamc_topology: 1", "name: cpu-quota-testbed", "devices:"]
     for name, cpus, mib in DEVICES:
+        overhead = (overheads or {}).get(name, 0.0)
         lines.append(
             f"  - {{name: {name}, host: {name}, kind: cpu, memory: {mib}MiB, "
             f"peak: {{fp32: {rates[name] * cpus:.4f}GFLOPS}}, "
-            f"memory_bandwidth: {10 * cpus:.3f}GB/s}}"
+            f"memory_bandwidth: {10 * cpus:.3f}GB/s, "
+            f"training_schedule_overhead: {overhead:.3f}ms}}"
         )
     lines.append("links:")
     names = [d[0] for d in DEVICES]
@@ -163,9 +169,10 @@ def main() -> None:
     parser.add_argument("--link-mbit", type=float, default=100.0)
     parser.add_argument(
         "--calibrate",
-        choices=("pipeline", "plain"),
-        default="pipeline",
-        help="calibrate each device on a one-stage pipeline (default) or on plain training",
+        choices=("both", "pipeline", "plain"),
+        default="both",
+        help="each device's rate from plain training and its schedule overhead from a "
+        "one-stage pipeline (both, the default), or its rate from either alone",
     )
     args = parser.parse_args()
     cgroups = groups()
@@ -195,9 +202,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name, link:
         tmp = Path(tmp_name)
 
-        def plan_at(rates: dict[str, float]) -> Any:
-            path = tmp / ("testbed-" + "-".join(f"{rates[d[0]]:.4f}" for d in DEVICES) + ".yaml")
-            path.write_text(topology_text(rates, args.link_mbit))
+        overheads: dict[str, float] = {}
+
+        def plan_at(rates: dict[str, float], overhead: dict[str, float] | None = None) -> Any:
+            per = overhead if overhead is not None else overheads
+            path = tmp / (
+                "testbed-"
+                + "-".join(f"{rates[d[0]]:.4f}-{per.get(d[0], 0.0):.3f}" for d in DEVICES)
+                + ".yaml"
+            )
+            path.write_text(topology_text(rates, args.link_mbit, per))
             return plan_training(analysed, load_topology(path), options, compare=True)
 
         memory: dict[str, list[float]] = {}
@@ -242,7 +256,8 @@ def main() -> None:
         n = probe.cost.n
 
         def predicted_one(device: str, rates: dict[str, float]) -> float:
-            problem = plan_at(rates).problem
+            """The whole model's step on `device` as calibrated (no schedule overhead)."""
+            problem = plan_at(rates, {}).problem
             d = names.index(device)
             return float(problem.micro_batches * problem.work[d, 0, n] + problem.update[d, 0, n])
 
@@ -257,12 +272,13 @@ def main() -> None:
                 rates[device] = a / (measured - b) if measured > b else 10.0
             return rates
 
-        # `--calibrate pipeline`: the whole model as a one-stage pipeline on the device
-        # (the runtime lamc's plans run); `plain`: plain training (every micro-batch of a
-        # step, no pipeline schedule), the device's own speed. The cost model charges
-        # neither runtime's own overhead, so pipelines are predicted best by the first and
-        # data parallelism (plain training on each replica) by the second.
-        plain = args.calibrate == "plain"
+        # `plain`: the whole model trained on the device without a pipeline schedule
+        # (every micro-batch of a step on one replica), the device's own speed;
+        # `pipeline`: as a one-stage pipeline (the runtime lamc's plans run); `both`: the
+        # rate from the first, and the difference, per micro-batch, as the device's
+        # `training_schedule_overhead` (charged to pipeline stages, not to replicas).
+        plain = args.calibrate in ("plain", "both")
+        piped: dict[str, list[float]] = {}
 
         def measure_whole(samples: dict[str, list[float]], round_: int) -> None:
             for device, _, _ in DEVICES:
@@ -275,11 +291,28 @@ def main() -> None:
                         (spec.micro_batches,) if plain else (),
                     )
                 )
+                if args.calibrate == "both":
+                    piped.setdefault(device, []).extend(
+                        run(whole, names, f"calibration-pipeline-{device}-{round_}")
+                    )
+
+        def schedule_overheads(samples: dict[str, list[float]]) -> dict[str, float]:
+            if args.calibrate != "both":
+                return {}
+            return {
+                device: max(
+                    0.0,
+                    (statistics.median(piped[device]) - statistics.median(samples[device]))
+                    / spec.micro_batches,
+                )
+                for device, _, _ in DEVICES
+            }
 
         # Calibrated before the runs (which plan is run), and again after them: the
         # predictions printed are at the rates of both calibrations together.
         calibration: dict[str, list[float]] = {}
         measure_whole(calibration, 0)
+        overheads.update(schedule_overheads(calibration))
         plan = plan_at(calibrate(calibration))
         per_step = spec.micro_batches * batch
         print(
@@ -295,7 +328,11 @@ def main() -> None:
                 # (the testbed does not hold it to it): its speed, measured, and the row
                 # says it would not fit.
                 baseline = data_parallel(plan.cost, plan.problem, memory=False)
-            if plain and baseline.name == "one device" and len(baseline.segments) == 1:
+            if (
+                args.calibrate == "plain"
+                and baseline.name == "one device"
+                and len(baseline.segments) == 1
+            ):
                 # The whole model on one device trains without a pipeline schedule (the
                 # baseline at its best: one replica taking every micro-batch).
                 baseline = dataclasses.replace(baseline, shares=(spec.micro_batches,))
@@ -320,6 +357,7 @@ def main() -> None:
                     )
         measure_whole(calibration, 1)
         rates = calibrate(calibration)
+        overheads.update(schedule_overheads(calibration))
         final = plan_at(rates)
         for device, _, _ in DEVICES:
             print(
@@ -327,6 +365,12 @@ def main() -> None:
                 f"{statistics.median(calibration[device]):.0f} ms/step (before and after the "
                 f"runs) -> {rates[device]:.2f} GFLOP/s per full CPU (predicted there "
                 f"{predicted_one(device, rates):.0f} ms)"
+                + (
+                    f"; as a one-stage pipeline {statistics.median(piped[device]):.0f} ms/step "
+                    f"-> schedule overhead {overheads[device]:.1f} ms a micro-batch"
+                    if device in piped
+                    else ""
+                )
             )
         print()
         print(

@@ -138,7 +138,12 @@ class TrainingCost:
     def work_ms(self, d: int, j: int, k: int) -> float:
         """Forward and backward of one micro-batch of units [j, k) on device d."""
         device = self.devices[d]
-        return float(2 * device.call_overhead_ms + self._prefix[d, k] - self._prefix[d, j])
+        return float(
+            2 * device.call_overhead_ms
+            + device.training_schedule_overhead_ms
+            + self._prefix[d, k]
+            - self._prefix[d, j]
+        )
 
     def update_ms(self, d: int, j: int, k: int) -> float:
         """The optimiser's update of the stage's trainable weights (memory bound)."""
@@ -178,7 +183,12 @@ class TrainingCost:
         table = np.full((len(self.devices), self.n + 1, self.n + 1), math.inf)
         upper = np.triu_indices(self.n + 1, k=1)
         for d, device in enumerate(self.devices):
-            full = self._prefix[d][None, :] - self._prefix[d][:, None] + 2 * device.call_overhead_ms
+            full = (
+                self._prefix[d][None, :]
+                - self._prefix[d][:, None]
+                + 2 * device.call_overhead_ms
+                + device.training_schedule_overhead_ms
+            )
             table[d][upper] = full[upper]
         return table
 

@@ -31,6 +31,7 @@ DEVICE_KEYS = {
     "call_overhead",
     "runtime_memory",
     "training_runtime_memory",
+    "training_schedule_overhead",
     "include",
     "lamc_device",
     "cache",
@@ -196,6 +197,11 @@ def device_from(entry: LinedDict, where: str, source: Source, base: Path) -> Dev
         training_runtime = quantity(
             merged, "training_runtime_memory", where, source, parse_bytes, positive=True
         )
+    schedule_overhead = 0.0
+    if "training_schedule_overhead" in merged:
+        schedule_overhead = quantity(
+            merged, "training_schedule_overhead", where, source, parse_duration_ms, positive=False
+        )
     cache_bytes = cache_bandwidth = 0.0
     if "cache" in merged:
         cache = _sub_mapping(merged, "cache", "{size: 32MiB, bandwidth: 100GB/s}", where, source)
@@ -252,6 +258,7 @@ def device_from(entry: LinedDict, where: str, source: Source, base: Path) -> Dev
         call_overhead_ms=call_overhead * scale,
         runtime_memory_bytes=runtime_memory,
         training_runtime_memory_bytes=training_runtime,
+        training_schedule_overhead_ms=schedule_overhead * scale,
         line=entry.line,
         cache_bytes=cache_bytes,
         cache_bandwidth=cache_bandwidth / scale,

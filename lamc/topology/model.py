@@ -75,6 +75,10 @@ class Device:
     serialize_bandwidth: float = 0.0
     # What a training stage process takes before its model (0: the kind's default).
     training_runtime_memory_bytes: float = 0.0
+    # What a pipeline schedule spends on its own per micro-batch of a training stage
+    # (forward and backward, besides the compute): plain training (a data-parallel
+    # replica) does not pay it. 0: not modelled.
+    training_schedule_overhead_ms: float = 0.0
 
     @property
     def training_runtime_bytes(self) -> float:

@@ -86,7 +86,11 @@ def data_parallel(
     over = f"the whole training state does not fit on {', '.join(short)}" if short else ""
     if short and memory:
         return TrainingAlternative("data parallel", f"{len(devices)} replicas", math.inf, (), over)
-    work = [float(problem.work[d, 0, n]) for d in devices]
+    # Plain training on each replica: no pipeline schedule to pay for.
+    work = [
+        float(problem.work[d, 0, n]) - cost.devices[d].training_schedule_overhead_ms
+        for d in devices
+    ]
     shares = _shares(work, m)
     compute = max(k * w for k, w in zip(shares, work))
     gradient = float(cost.trainable[0, n])

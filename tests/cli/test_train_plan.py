@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lamc.compiler.training import TrainingOptions, plan_training
+from lamc.errors import ConfigError
 from lamc.passes.partition.dp import Segment
 from lamc.passes.partition.training import brute_force
 from lamc.topology import load_topology
@@ -165,3 +166,38 @@ def test_a_training_stage_is_charged_the_training_runtime(tmp_path: Path) -> Non
     assert cost.memory(2, 0, n, 1).total > cost.memory(2, 0, n, 1).capacity
     assert plan.solution is not None
     assert all(cost.devices[s.device].name != "small" for s in plan.solution.segments)
+
+
+def test_a_pipeline_schedule_overhead_is_charged_to_stages_not_to_replicas(
+    tmp_path: Path,
+) -> None:
+    """`training_schedule_overhead`: what a pipeline schedule spends per micro-batch of a
+    stage, besides the compute. Every stage's work carries it; a data-parallel replica,
+    plain training, does not."""
+    from lamc.passes.partition.training_baselines import data_parallel
+
+    analysed = analysed_model(MODEL)
+    plans = []
+    for extra in ("", ", training_schedule_overhead: 7ms"):
+        text = "lamc_topology: 1\nname: t\ndevices:\n" + "".join(
+            f"  - {{name: {n}, host: {n}, kind: cpu, memory: 4GiB, peak: {{fp32: 50GFLOPS}}, "
+            f"memory_bandwidth: 20GB/s{extra}}}\n"
+            for n in ("a", "b")
+        )
+        text += "links:\n  - {a: a, b: b, bandwidth: 1Gbit/s, latency: 0.2ms}\n"
+        path = tmp_path / "t.yaml"
+        path.write_text(text)
+        plans.append(
+            plan_training(analysed, load_topology(path), TrainingOptions(TrainingSpec("lora")))
+        )
+    bare, charged = plans
+    n = bare.cost.n
+    assert charged.problem.work[0, 0, n] == pytest.approx(bare.problem.work[0, 0, n] + 7.0)
+    assert charged.problem.work[1, 2, 5] == pytest.approx(bare.problem.work[1, 2, 5] + 7.0)
+    replicas = [data_parallel(p.cost, p.problem) for p in plans]
+    assert replicas[1].step_ms == pytest.approx(replicas[0].step_ms)
+    # A bad value names the field.
+    path = tmp_path / "bad.yaml"
+    path.write_text(text.replace("7ms", "seven"))
+    with pytest.raises(ConfigError, match="training_schedule_overhead"):
+        load_topology(path)
