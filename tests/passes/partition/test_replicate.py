@@ -137,6 +137,10 @@ def test_the_planner_replicates_the_stage_a_chain_cannot_widen() -> None:
     )
     assert not pinned.replicated
     assert any("not searched with constraints" in n for n in pinned.notes)
+    # Replicas do not shorten one request: objective latency keeps a chain, and says why.
+    fastest, _ = plan(workload, topology, PlanRequest(replicate="auto", objective="latency"))
+    assert not fastest.replicated
+    assert any("objective latency (replicas raise throughput only)" in n for n in fastest.notes)
 
 
 def test_spread_keeps_every_member_within_one_request_of_its_share() -> None:
