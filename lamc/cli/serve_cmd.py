@@ -162,7 +162,12 @@ def serve_command(
         from lamc.runtime.ray_serve import deploy
 
         names = deploy(
-            out, ray_address, providers=parse_providers(providers), http=http_listen, token=token
+            out,
+            ray_address,
+            providers=parse_providers(providers),
+            http=http_listen,
+            token=token,
+            threads=threads,
         )
         stages = sum(1 for n in names if n.startswith("stage") and "-r" not in n)
         replicas = sum(1 for n in names if n.startswith("stage") and "-r" in n)

@@ -71,9 +71,10 @@ def _require_token_auth() -> None:
         )
 
 
-def stage_resources(spec: StageSpec) -> dict[str, Any]:
-    """Ray actor options for one stage, from its device kind and the plan's prediction."""
-    threads = int(spec.session.get("threads", 0) or 0)
+def stage_resources(spec: StageSpec, threads: int | None = None) -> dict[str, Any]:
+    """Ray actor options for one stage, from its device kind and the plan's prediction
+    (`threads`: the session's intra-op threads, when set at deploy time)."""
+    threads = threads or int(spec.session.get("threads", 0) or 0)
     options: dict[str, Any] = {"num_cpus": max(1, threads)}
     uses_gpu = spec.kind == "gpu" and any(p != "CPUExecutionProvider" for p in spec.providers)
     if uses_gpu:
@@ -134,6 +135,7 @@ class StageDeployment:
         providers: Sequence[str] | None,
         next_stage: Any = None,
         member: int = 0,
+        threads: int | None = None,
     ) -> None:
         from lamc.runtime.executor import load_stage
         from lamc.runtime.tensors import check_all
@@ -142,7 +144,7 @@ class StageDeployment:
         self.out = Path(out)
         self.manifest = verify(self.out)
         self.spec = self.manifest.stages[index]
-        self.stage = load_stage(self.out, self.spec, providers=providers)
+        self.stage = load_stage(self.out, self.spec, providers=providers, threads=threads)
         # The next stage: one handle, or a replicated stage's handles with their shares.
         self.next_stage = Members(next_stage) if isinstance(next_stage, list) else next_stage
         edge = next((e for e in self.manifest.edges if e.source == index), None)
@@ -298,6 +300,7 @@ def _bind(
     *,
     http: bool,
     token: str | None,
+    threads: int | None = None,
 ) -> tuple[Any, list[str]]:
     """The application: the stages chained from the last to the first, then (with `http`)
     the REST ingress in front; and the deployment names, the application's ingress first."""
@@ -313,10 +316,15 @@ def _bind(
             deployment = serve.deployment(
                 name=deployment_name,
                 num_replicas=1,
-                ray_actor_options=stage_resources(spec),
+                ray_actor_options=stage_resources(spec, threads),
             )(StageDeployment)
             member_bound = deployment.bind(
-                str(out.resolve()), spec.index, list(providers) if providers else None, bound, m
+                str(out.resolve()),
+                spec.index,
+                list(providers) if providers else None,
+                bound,
+                m,
+                threads,
             )
             members.append([member_bound, member.share])
         bound = members[0][0] if len(members) == 1 else members
@@ -345,6 +353,7 @@ def deploy(
     name: str | None = None,
     http: str | None = None,
     token: str | None = None,
+    threads: int | None = None,
 ) -> list[str]:
     """Deploy every stage of `out` on the Ray cluster at `address`; returns the deployment
     names, the application's ingress first. With `http` (HOST:PORT), Serve's HTTP proxy
@@ -370,7 +379,9 @@ def deploy(
         serve.start(proxy_location="Disabled")
     else:
         serve.start(proxy_location="HeadOnly", http_options={"host": listen[0], "port": listen[1]})
-    bound, names = _bind(serve, out, manifest, providers, http=listen is not None, token=token)
+    bound, names = _bind(
+        serve, out, manifest, providers, http=listen is not None, token=token, threads=threads
+    )
     serve.run(bound, name=app, route_prefix="/" if listen else None, blocking=False)
     return names
 
