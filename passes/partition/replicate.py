@@ -98,11 +98,19 @@ class ReplicatedProblem:
             speed = (1.0 / safe).sum(axis=0)
             self.shares[g] = np.where(usable[None], (1.0 / safe) / speed[None], 0.0)
             self.period[g] = np.where(usable, 1.0 / speed, math.inf)
+        # Computed once each, not at every bound the search tries.
         self._links: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._ends: dict[tuple[int, bool], tuple[np.ndarray, np.ndarray]] = {}
 
     def ends(self, g: int, inbound: bool) -> tuple[np.ndarray, np.ndarray]:
         """(period, expected ms) of the client's link to g on [0, j), per j (inbound), or
         of g's on [i, n) to the client, per i."""
+        cached = self._ends.get((g, inbound))
+        if cached is None:
+            cached = self._ends[(g, inbound)] = self._client_link(g, inbound)
+        return cached
+
+    def _client_link(self, g: int, inbound: bool) -> tuple[np.ndarray, np.ndarray]:
         p = self.problem
         w = self.shares[g][:, 0, :] if inbound else self.shares[g][:, :, self.n]
         cost = (p.inbound if inbound else p.outbound)[list(self.members[g])][:, None]
@@ -207,18 +215,20 @@ def solve(rp: ReplicatedProblem) -> ReplicatedSolution | None:
             p, _ = rp.link(g, h)
             values.append(p[np.isfinite(p)])
     candidates = np.unique(np.concatenate(values))
-    if candidates.size == 0 or _least(rp, float(candidates[-1])) is None:
+    if candidates.size == 0:
         return None
-    lo, hi = 0, candidates.size - 1  # the least feasible bound is candidates[hi]
+    best = _least(rp, float(candidates[-1]) * (1 + _REL))
+    if best is None:
+        return None
+    lo, hi = 0, candidates.size - 1  # the least feasible bound is candidates[hi]: `best`
     while lo < hi:
         mid = (lo + hi) // 2
-        if _least(rp, float(candidates[mid]) * (1 + _REL)) is None:
+        found = _least(rp, float(candidates[mid]) * (1 + _REL))
+        if found is None:
             lo = mid + 1
         else:
-            hi = mid
-    found = _least(rp, float(candidates[hi]) * (1 + _REL))
-    assert found is not None
-    return rp.evaluate(found)
+            hi, best = mid, found
+    return rp.evaluate(best)
 
 
 def _least(rp: ReplicatedProblem, bound: float) -> tuple[tuple[int, int, int], ...] | None:
