@@ -16,7 +16,10 @@
    a fresh Python process that only creates the same ONNX Runtime session (same weights,
    mapped the same way, no manifest read), and against the least a Python gRPC server
    does (that session, then gRPC's health service SERVING on a grpc.aio server); medians
-   of `--repeats` runs, interleaved.
+   of `--repeats` runs, interleaved. The same launch with LAMC_AGENT set (a `lamc agent`
+   started once by the benchmark forks the server, everything already imported), set
+   against both the fresh process's session and the time to create the session in a
+   process that has ONNX Runtime imported already.
 """
 
 from __future__ import annotations
@@ -146,12 +149,19 @@ def floor_server(out: Path, stage: int) -> float:
     return _to_serving([sys.executable, "-c", code, model, weights, address, wire.SERVICE], address)
 
 
-def _to_serving(command: list[str], address: str) -> float:
+def _to_serving(command: list[str], address: str, env: dict[str, str] | None = None) -> float:
     """Seconds from launching `command` to health SERVING at `address` (then stopped)."""
+    import os
+
     from tests.runtime.servers import wait_serving
 
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
     try:
         wait_serving(address, timeout_s=300, process=process)
         return time.perf_counter() - started
@@ -183,15 +193,45 @@ def optimisation_levels(out: Path, stage: int, repeats: int) -> dict[str, float]
     return {level: statistics.median(values) for level, values in times.items()}
 
 
-def server_start(out: Path, stage: int) -> float:
-    """Seconds from `lamc serve` launch to health SERVING."""
+def server_start(out: Path, stage: int, agent: Path | None = None) -> float:
+    """Seconds from `lamc serve` launch to health SERVING (with `agent`: the launcher
+    hands the start to the `lamc agent` listening there)."""
+    from lamc.cli.handover import ENV
     from tests.runtime.servers import free_port
 
     address = f"127.0.0.1:{free_port()}"
     # The next stage is not running: a stage server connects to it lazily.
     command = [sys.executable, "-m", "lamc", "serve", str(out), "--stage", str(stage)]
     command += ["--next", f"127.0.0.1:{free_port()}"]
-    return _to_serving([*command, "--listen", address], address)
+    env = {ENV: str(agent)} if agent is not None else None
+    return _to_serving([*command, "--listen", address], address, env)
+
+
+class Agent:
+    """A `lamc agent` for the benchmark's launchers, on a socket of its own."""
+
+    def __init__(self, where: Path) -> None:
+        self.path = where / "agent" / "agent.sock"
+        self.log = where / "agent.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "lamc", "agent", "--socket", str(self.path)],
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120
+        while "listening on" not in self.log.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"lamc agent did not start: {self.log.read_text()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+        started = self.log.read_text().count(": lamc serve")
+        declined = self.log.read_text().count("declined")
+        if declined:
+            raise SystemExit(f"the agent declined {declined} launcher(s): {self.log.read_text()}")
+        print(f"(the agent started {started} stage server(s))")
 
 
 def _standby_ready(logs: Path, stages: int, timeout_s: float = 300.0) -> None:
@@ -277,6 +317,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     starts = []
+    agent = Agent(Path(tempfile.mkdtemp(prefix="lamc-bench-")))
     recoveries: list[tuple[str, dict[str, float]]] = []
     for name in args.models.split(","):
         ref = model_ref(name)
@@ -311,11 +352,12 @@ def main() -> None:
                 three = Path(tmp) / "three"
                 compile_with(ref, three, 1, analysed, exclude=("n100-d",))
                 recoveries.append((name, recovery(three, feeds, args.repeats)))
-            served, alone, floor = [], [], []
+            served, alone, floor, forked = [], [], [], []
             for _ in range(args.repeats):
                 alone.append(session_only(elastic, 1))
                 floor.append(floor_server(elastic, 1))
                 served.append(server_start(elastic, 1))
+                forked.append(server_start(elastic, 1, agent.path))
             levels = optimisation_levels(elastic, 1, max(args.repeats, 5))
             starts.append(
                 (
@@ -323,9 +365,11 @@ def main() -> None:
                     statistics.median(alone),
                     statistics.median(floor),
                     statistics.median(served),
+                    statistics.median(forked),
                     levels,
                 )
             )
+    agent.stop()
     print()
     print(
         "| model | warm re-plan s | warm, --standby s | cold restart s | cold / warm "
@@ -345,11 +389,24 @@ def main() -> None:
         "| session, optimisation all / none ms |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for name, alone_s, floor_s, served_s, levels in starts:
+    for name, alone_s, floor_s, served_s, _, levels in starts:
         print(
             f"| {name} | {alone_s:.3f} | {floor_s:.3f} | {served_s:.3f} "
             f"| {served_s / alone_s:.2f} | {floor_s / alone_s:.2f} | {served_s / floor_s:.2f} "
             f"| {levels['all'] * 1000:.0f} / {levels['disable'] * 1000:.0f} |"
+        )
+    print()
+    print(
+        "| model | session only (fresh process) s | session created in a running process s "
+        "| lamc serve to SERVING s | with lamc agent s | agent / fresh session "
+        "| agent / session in a running process | agent / serve |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, alone_s, _, served_s, forked_s, levels in starts:
+        print(
+            f"| {name} | {alone_s:.3f} | {levels['all']:.3f} | {served_s:.3f} | {forked_s:.3f} "
+            f"| {forked_s / alone_s:.2f} | {forked_s / levels['all']:.2f} "
+            f"| {forked_s / served_s:.2f} |"
         )
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 MODULES = {
+    "agent": "agent_cmd",
     "bench": "bench_cmd",
     "bundle": "bundle_cmd",
     "compile": "compile_cmd",
