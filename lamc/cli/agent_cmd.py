@@ -398,6 +398,10 @@ def agent_command(socket_path: Path | None) -> str:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    # numpy's BLAS would start a thread pool at import that a stage server never uses
+    # (ONNX Runtime does its arithmetic); without it there is one thread fewer to fork past.
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     missing = preload()
     agent = Agent(path.absolute())
     agent.bind()
