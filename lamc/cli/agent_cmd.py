@@ -138,7 +138,8 @@ class Agent:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.children: dict[int, socket.socket] = {}  # server pid -> its launcher
+        # server pid -> the connection to its launcher (None once the launcher is gone)
+        self.children: dict[int, socket.socket | None] = {}
         self.stopping = False
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = socket.socketpair()
@@ -155,7 +156,11 @@ class Agent:
                 "you alone",
                 hint="choose another with --socket",
             )
-        if self.path.exists() or self.path.is_symlink():
+        if self.path.is_symlink() or (
+            self.path.exists() and not stat.S_ISSOCK(self.path.stat().st_mode)
+        ):
+            raise ConfigError(f"{self.path}: exists and is not a socket; not replacing it")
+        if self.path.exists():
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(str(self.path))
@@ -205,16 +210,18 @@ class Agent:
         pass  # the wake-up fd carries the signal's number to the loop
 
     def _woken(self) -> None:
+        numbers = b""
         with contextlib.suppress(BlockingIOError):
-            numbers = self.wake_r.recv(256)
-            if any(n in (signal.SIGTERM, signal.SIGINT) for n in numbers) and not self.stopping:
-                self.stopping = True
-                self.selector.unregister(self.listener)
-                self.listener.close()
-                log.info("agent: stopping; %d server(s) to drain", len(self.children))
-                for pid in self.children:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGTERM)
+            while chunk := self.wake_r.recv(4096):
+                numbers += chunk
+        if any(n in (signal.SIGTERM, signal.SIGINT) for n in numbers) and not self.stopping:
+            self.stopping = True
+            self.selector.unregister(self.listener)
+            self.listener.close()
+            log.info("agent: stopping; %d server(s) to drain", len(self.children))
+            for pid in self.children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
         self._reap()
 
     def _reap(self) -> None:
@@ -245,6 +252,9 @@ class Agent:
             if conn.recv(1, socket.MSG_PEEK):
                 conn.recv(4096)  # nothing is expected; read and ignore it
                 return
+        self.selector.unregister(conn)
+        conn.close()
+        self.children[pid] = None  # reaped when it has died
         log.info("agent: the launcher of server %d is gone; killing it", pid)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -341,7 +351,8 @@ class Agent:
                 signal.signal(number, signal.SIG_DFL)
             self.selector.close()
             for other in [self.listener, self.wake_r, self.wake_w, conn, *self.children.values()]:
-                other.close()
+                if other is not None:
+                    other.close()
             os.setsid()
             _die_with_parent()
             for target, fd in enumerate(fds):

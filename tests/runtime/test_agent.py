@@ -230,6 +230,17 @@ def test_the_agent_refuses_a_shared_directory_and_a_taken_socket(
         timeout=60,
     )
     assert taken.returncode == 3 and "an agent already listens there" in taken.stdout
+    # A path that is not a socket is never replaced.
+    precious = agent.path.parent / "notes.txt"
+    precious.write_text("keep")
+    kept = subprocess.run(
+        [sys.executable, "-m", "lamc", "agent", "--socket", str(precious)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert kept.returncode == 3 and "is not a socket" in kept.stdout
+    assert precious.read_text() == "keep"
     assert agent.process.poll() is None
 
 
