@@ -48,9 +48,11 @@ layers: install
 
 # Two workers (pytest-xdist), a test file each at a time: the suite takes about 14
 # minutes on 2 cores instead of 24. Test ports come from a range per worker
-# (tests/runtime/servers.py). PYTEST_WORKERS=0 runs it in one process.
+# (tests/runtime/servers.py). Files are handed out longest first (tests/durations.json,
+# read by tests/conftest.py), not by their number of tests (xdist's reordering is off).
+# PYTEST_WORKERS=0 runs it in one process.
 PYTEST_WORKERS ?= 2
-PYTEST_ARGS := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
+PYTEST_ARGS := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 pytest: install
 	$(BIN)/pytest -q $(PYTEST_ARGS) --durations=20
