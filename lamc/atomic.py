@@ -103,7 +103,7 @@ def clean_stale(parent: Path, name: str) -> list[Path]:
         owner = re.match(rf"^\.{re.escape(name)}\.lamc-(?:old-)?(\d+)(?:-|$)", candidate.name)
         if owner is not None:
             pid = int(owner.group(1))
-            if pid != os.getpid() and not _alive(pid):
+            if pid != os.getpid() and not alive(pid):
                 shutil.rmtree(candidate, ignore_errors=True)
                 removed.append(candidate)
             continue
@@ -119,14 +119,15 @@ def clean_stale(parent: Path, name: str) -> list[Path]:
         except (OSError, ValueError):
             continue
         else:
-            stale = pid != os.getpid() and not _alive(pid)
+            stale = pid != os.getpid() and not alive(pid)
         if stale:
             shutil.rmtree(candidate, ignore_errors=True)
             removed.append(candidate)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -137,17 +137,9 @@ def _stand_in(conn: socket.socket, pid: int, path: str) -> int:
         return int(reply["exit"])
     # The agent went away: the server (which it started with a parent-death signal)
     # is draining; wait for it to be gone, then say what is known.
-    while _alive(pid):
+    from lamc.atomic import alive
+
+    while alive(pid):
         time.sleep(0.1)
     _say(f"the agent at {path} stopped; the stage server's exit status is unknown")
     return 1
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -251,3 +251,26 @@ def test_which_commands_go_to_an_agent() -> None:
     assert not handover.wants_agent(["serve", "out", "--stage", "1", "--help"])
     assert not handover.wants_agent(["serve", "out"])
     assert not handover.wants_agent(["run", "out", "--stage", "1"])
+
+
+def test_a_dead_agent_stops_its_servers_and_their_launchers_say_so(
+    gpt2_3: Path, agent: Running
+) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lamc", "serve", str(gpt2_3), "--stage", "2", "--listen", address],
+        env={**os.environ, handover.ENV: str(agent.path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_serving(address, process=process)  # type: ignore[arg-type]
+        agent.process.kill()  # the server gets SIGTERM (its parent-death signal) and drains
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 1
+    assert "PASSED serve stage 2" in out, out + err
+    assert "the stage server's exit status is unknown" in err, err
+    assert not _answers(address)
