@@ -31,8 +31,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tests.runtime.servers import AgentProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -221,31 +225,13 @@ def server_start(out: Path, stage: int, agent: Path | None = None) -> float:
     return _to_serving([*command, "--listen", address], address, env)
 
 
-class Agent:
-    """A `lamc agent` for the benchmark's launchers, on a socket of its own."""
-
-    def __init__(self, where: Path) -> None:
-        self.path = where / "agent" / "agent.sock"
-        self.log = where / "agent.log"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "lamc", "agent", "--socket", str(self.path)],
-            stdout=self.log.open("w"),
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 120
-        while "listening on" not in self.log.read_text():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"lamc agent did not start: {self.log.read_text()}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=60)
-        started = self.log.read_text().count(": lamc serve")
-        declined = self.log.read_text().count("declined")
-        if declined:
-            raise SystemExit(f"the agent declined {declined} launcher(s): {self.log.read_text()}")
-        print(f"(the agent started {started} stage server(s))")
+def stop_agent(agent: AgentProcess) -> None:
+    """Stop the benchmark's agent; every launcher must have been started by it."""
+    agent.stop()
+    declined = agent.text().count("declined")
+    if declined:
+        raise SystemExit(f"the agent declined {declined} launcher(s): {agent.text()}")
+    print(f"(the agent started {agent.text().count(': lamc serve')} stage server(s))")
 
 
 def _standby_ready(logs: Path, stages: int, timeout_s: float = 300.0) -> None:
@@ -331,7 +317,9 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     starts = []
-    agent = Agent(Path(tempfile.mkdtemp(prefix="lamc-bench-")))
+    from tests.runtime.servers import AgentProcess
+
+    agent = AgentProcess(Path(tempfile.mkdtemp(prefix="lamc-bench-")))
     recoveries: list[tuple[str, dict[str, float]]] = []
     for name in args.models.split(","):
         ref = model_ref(name)
@@ -385,7 +373,7 @@ def main() -> None:
                     levels,
                 )
             )
-    agent.stop()
+    stop_agent(agent)
     print()
     print(
         "| model | warm re-plan s | warm, --standby s | cold restart s | cold / warm "

@@ -93,18 +93,17 @@ def _peer(conn: socket.socket) -> tuple[int, int]:
     return pid, uid
 
 
-def _setting(pid: int | str) -> dict[str, Any]:
-    """What a process runs under that a forked server would take from the agent."""
+def _setting(pid: int) -> dict[str, Any]:
+    """What process `pid` (0: this one) runs under that a forked server would take from
+    the agent."""
     import resource
 
-    where = Path(f"/proc/{pid}")
+    where = Path(f"/proc/{pid or 'self'}")
     limits = {}
     for name in dir(resource):
         if name.startswith("RLIMIT_"):
             with contextlib.suppress(OSError, ValueError):
-                number = int(pid) if pid != "self" else 0
-                limits[name] = resource.prlimit(number, getattr(resource, name))
-    number = int(pid) if pid != "self" else 0
+                limits[name] = resource.prlimit(pid, getattr(resource, name))
     status = dict(
         line.split(":", 1) for line in (where / "status").read_text().splitlines() if ":" in line
     )
@@ -115,8 +114,8 @@ def _setting(pid: int | str) -> dict[str, Any]:
         },
         "control groups": (where / "cgroup").read_text(),
         "resource limits": limits,
-        "CPU affinity": sorted(os.sched_getaffinity(number)),
-        "niceness": os.getpriority(os.PRIO_PROCESS, number),
+        "CPU affinity": sorted(os.sched_getaffinity(pid)),
+        "niceness": os.getpriority(os.PRIO_PROCESS, pid),
     }
 
 
@@ -126,7 +125,7 @@ def mismatch(pid: int) -> str | None:
         theirs = _setting(pid)
     except OSError as exc:
         return f"cannot read the launcher's settings ({exc})"
-    ours = _setting("self")
+    ours = _setting(0)
     for key, value in ours.items():
         if theirs[key] != value:
             return f"the launcher and the agent differ in {key}"
@@ -266,8 +265,9 @@ class Agent:
         pid = 0
         try:
             pid, uid = _peer(conn)
-            message, fds, _flags, _address = socket.recv_fds(conn, handover.MAX_REQUEST + 4, 3)
-            request = self._request(conn, message, fds, pid, uid)
+            # The descriptors arrive with the first bytes: the length, read here.
+            start, fds, _flags, _address = socket.recv_fds(conn, 4, 3)
+            request = self._request(conn, start, fds, pid, uid)
         except (OSError, ValueError) as exc:
             for fd in fds:
                 os.close(fd)
@@ -297,38 +297,16 @@ class Agent:
         return 1
 
     def _request(
-        self, conn: socket.socket, message: bytes, fds: list[int], pid: int, uid: int
+        self, conn: socket.socket, start: bytes, fds: list[int], pid: int, uid: int
     ) -> dict[str, Any]:
         if uid != os.getuid():
             raise ValueError(f"the launcher runs as user {uid}, the agent as {os.getuid()}")
         if len(fds) != 3:
             raise ValueError(f"the launcher passed {len(fds)} file descriptors, not 3")
-        if len(message) < 4:
-            raise ValueError("a request without its length")
-        (size,) = struct.unpack("!I", message[:4])
-        if size > handover.MAX_REQUEST:
-            raise ValueError(f"a request of {size} bytes (at most {handover.MAX_REQUEST})")
-        body = message[4:]
-        while len(body) < size:
-            chunk = conn.recv(size - len(body))
-            if not chunk:
-                raise ValueError("the request ended early")
-            body += chunk
-        import json
-
-        try:
-            request = json.loads(body[:size])
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"the request is not JSON ({exc})") from None
-        argv, cwd, env = (
-            (
-                request.get("argv"),
-                request.get("cwd"),
-                request.get("env"),
-            )
-            if isinstance(request, dict)
-            else (None, None, None)
-        )
+        request = handover.read_message(conn, start=start) if start else None
+        if request is None:
+            raise ValueError("the launcher sent no request")
+        argv, cwd, env = request.get("argv"), request.get("cwd"), request.get("env")
         if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
             raise ValueError("the request's argv is not a list of strings")
         if not handover.wants_agent(argv):

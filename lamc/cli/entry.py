@@ -12,17 +12,17 @@ import sys
 def main(handover: bool = True) -> None:
     """`handover`: with LAMC_AGENT set, a stage server's start goes to that `lamc agent`
     (`lamc.cli.handover`), and this process stands in for the server it starts."""
-    if handover and sys.argv[1:2] == ["serve"]:
-        import os
-
-        from lamc.cli import handover as agent
-
-        path = os.environ.get(agent.ENV)
-        if path and agent.wants_agent(sys.argv[1:]):
-            code = agent.hand_over(path, sys.argv[1:])
-            if code is not None:
-                sys.exit(code)
     if sys.argv[1:2] == ["serve"]:
+        if handover:
+            import os
+
+            from lamc.cli import handover as agent
+
+            path = os.environ.get(agent.ENV)
+            if path and agent.wants_agent(sys.argv[1:]):
+                code = agent.hand_over(path, sys.argv[1:])
+                if code is not None:
+                    sys.exit(code)
         from lamc.runtime import early
 
         early.begin(sys.argv[2:])

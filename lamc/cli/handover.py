@@ -64,18 +64,26 @@ def encode(message: dict[str, Any]) -> bytes:
     return struct.pack("!I", len(body)) + body
 
 
-def read_message(conn: socket.socket, limit: int = MAX_REQUEST) -> dict[str, Any] | None:
-    """One length-prefixed JSON object; None at the end of the stream."""
-    head = _read_exactly(conn, 4)
-    if head is None:
+def read_message(
+    conn: socket.socket, limit: int = MAX_REQUEST, start: bytes = b""
+) -> dict[str, Any] | None:
+    """One length-prefixed JSON object (`start`: its first bytes, received already); None
+    at the end of the stream."""
+    more = _read_exactly(conn, 4 - len(start))
+    if more is None:
+        if start:
+            raise ValueError("the stream ended inside a message")
         return None
-    (size,) = struct.unpack("!I", head)
+    (size,) = struct.unpack("!I", start + more)
     if size > limit:
         raise ValueError(f"a message of {size} bytes (at most {limit})")
     body = _read_exactly(conn, size)
     if body is None:
         raise ValueError("the stream ended inside a message")
-    message = json.loads(body)
+    try:
+        message = json.loads(body)
+    except ValueError as exc:
+        raise ValueError(f"a message that is not JSON ({exc})") from None
     if not isinstance(message, dict):
         raise ValueError("a message that is not a JSON object")
     return message

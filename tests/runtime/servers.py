@@ -208,3 +208,31 @@ class StageServers:
         for process in self.processes:
             if process is not None:
                 process.wait(timeout=10)
+
+
+class AgentProcess:
+    """A `lamc agent` listening on a socket under `where`, started and ready."""
+
+    def __init__(self, where: Path, timeout_s: float = 120.0) -> None:
+        self.path = where / "sock" / "agent.sock"
+        self.log = where / "agent.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "lamc", "agent", "--socket", str(self.path)],
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout_s
+        while "listening on" not in self.text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError(f"lamc agent did not start: {self.text()}")
+            time.sleep(0.05)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> int:
+        """SIGTERM (its servers drain first); its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)

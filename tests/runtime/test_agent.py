@@ -22,7 +22,7 @@ from lamc.runtime.executor import Pipeline
 from lamc.runtime.hosts import Endpoints
 from lamc.runtime.remote import RemotePipeline
 from tests.compiled import compile_zoo
-from tests.runtime.servers import StageServers, free_port, wait_serving
+from tests.runtime.servers import AgentProcess, StageServers, free_port, wait_serving
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 
@@ -34,38 +34,11 @@ def gpt2_3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-class Running:
-    def __init__(self, path: Path, process: subprocess.Popen[str], log: Path) -> None:
-        self.path, self.process, self.log = path, process, log
-
-    def text(self) -> str:
-        return self.log.read_text()
-
-
-def start_agent(where: Path) -> Running:
-    path = where / "sock" / "agent.sock"
-    log = where / "agent.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "lamc", "agent", "--socket", str(path)],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while "listening on" not in log.read_text():
-        assert process.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "the agent did not start"
-        time.sleep(0.05)
-    return Running(path, process, log)
-
-
 @pytest.fixture
-def agent(tmp_path: Path) -> Iterator[Running]:
-    running = start_agent(tmp_path)
+def agent(tmp_path: Path) -> Iterator[AgentProcess]:
+    running = AgentProcess(tmp_path)
     yield running
-    if running.process.poll() is None:
-        running.process.send_signal(signal.SIGTERM)
-        running.process.wait(timeout=60)
+    running.stop()
 
 
 def _feeds(n: int) -> list[dict[str, np.ndarray]]:
@@ -83,7 +56,7 @@ def _answers(address: str) -> bool:
 
 
 def test_servers_forked_by_the_agent_serve_and_end_as_their_launchers_do(
-    gpt2_3: Path, agent: Running, tmp_path: Path
+    gpt2_3: Path, agent: AgentProcess, tmp_path: Path
 ) -> None:
     feeds = _feeds(8)
     local = Pipeline.open(gpt2_3)
@@ -130,7 +103,7 @@ def test_servers_forked_by_the_agent_serve_and_end_as_their_launchers_do(
 
 
 def test_a_launcher_unlike_the_agent_is_declined_and_starts_its_own_server(
-    gpt2_3: Path, agent: Running
+    gpt2_3: Path, agent: AgentProcess
 ) -> None:
     address = f"127.0.0.1:{free_port()}"
     # A launcher at another niceness: a server forked from the agent would not have it.
@@ -184,7 +157,7 @@ def _ask(path: Path, payload: bytes, fds: list[int]) -> dict[str, object] | None
 
 
 def test_hostile_requests_are_declined_and_the_agent_keeps_serving(
-    gpt2_3: Path, agent: Running
+    gpt2_3: Path, agent: AgentProcess
 ) -> None:
     fds = [0, 1, 2]
     request = {"argv": ["serve", str(gpt2_3), "--stage", "2"], "cwd": "/", "env": {}}
@@ -210,7 +183,7 @@ def test_hostile_requests_are_declined_and_the_agent_keeps_serving(
 
 
 def test_the_agent_refuses_a_shared_directory_and_a_taken_socket(
-    agent: Running, tmp_path: Path
+    agent: AgentProcess, tmp_path: Path
 ) -> None:
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o777)
@@ -254,7 +227,7 @@ def test_which_commands_go_to_an_agent() -> None:
 
 
 def test_a_dead_agent_stops_its_servers_and_their_launchers_say_so(
-    gpt2_3: Path, agent: Running
+    gpt2_3: Path, agent: AgentProcess
 ) -> None:
     address = f"127.0.0.1:{free_port()}"
     process = subprocess.Popen(
